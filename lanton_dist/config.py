@@ -1,0 +1,188 @@
+"""Run configuration: dataclasses, strict YAML loading and ``--section.key value`` overrides.
+
+Unknown keys (in YAML or on the command line) are errors that list the valid keys; values
+are converted to the field's declared type. One :class:`RunConfig` drives
+``launch/train.py``; every section is a plain dataclass so library users can build them in
+code.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+@dataclass
+class GroupValues:
+    """One value per geometry group."""
+
+    hidden: float
+    embed_head: float
+    vector: float
+
+    def get(self, geometry: str) -> float:
+        return float(getattr(self, geometry))
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer choice and hyper-parameters (see :class:`lanton_dist.lanton.LANTON`).
+
+    ``name``: ``lanton`` | ``scion`` (LANTON with ``noise_adaptive=False``) | ``dmuon`` | ``adamw``.
+    ``lr`` is per geometry group; for dmuon the embed_head/vector rates are AdamW rates, for
+    adamw all three are. ``overrides`` maps fnmatch patterns of parameter names to a geometry.
+    """
+
+    name: str = "lanton"
+    lr: GroupValues = field(default_factory=lambda: GroupValues(hidden=0.02, embed_head=0.002, vector=0.002))
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.9
+    alpha: GroupValues = field(default_factory=lambda: GroupValues(hidden=1.0, embed_head=1.0, vector=1.0))
+    nesterov: bool = False
+    estimate_every: int = 10
+    option: str = "I"
+    ratio_anchor: str = "max"
+    delay_lr_factor: bool = False
+    nuclear_estimator: str = "auto"
+    wd_lr: str = "group"
+    scale_mode: str = "spectral"
+    sign_scale: str = "scion"
+    ns_steps: int = 5
+    momentum: float = 0.95
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    adam_eps: float = 1e-8
+    overrides: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class ScheduleConfig:
+    """Linear warm-up then cosine decay to ``min_ratio``·lr over ``TrainConfig.steps``."""
+
+    warmup_steps: int = 20
+    min_ratio: float = 0.1
+
+
+def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
+    """Build dataclass ``cls`` from ``data``, recursively; unknown keys raise ``ValueError``."""
+    data = dict(data or {})
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = set(data) - set(fields)
+    if unknown:
+        raise ValueError(f"unknown config key(s) {sorted(unknown)} in {where or cls.__name__}; valid keys: {sorted(fields)}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, value in data.items():
+        default = _field_default(fields[name])
+        if dataclasses.is_dataclass(default) and isinstance(value, dict):
+            value = _merge(dataclasses.asdict(default), value)
+        kwargs[name] = _convert(hints[name], value, f"{where}.{name}" if where else name)
+    return cls(**kwargs)
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None if f.default is dataclasses.MISSING else f.default
+
+
+def _merge(base: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """``given`` over ``base``, recursively for nested mappings (so a partial section keeps defaults)."""
+    out = dict(base)
+    for k, v in given.items():
+        out[k] = _merge(out[k], v) if isinstance(out.get(k), dict) and isinstance(v, dict) else v
+    return out
+
+
+def _convert(tp: Any, value: Any, where: str) -> Any:
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, where)
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(args[0], value, where)
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)[:1] or (Any,)
+        return [_convert(item, v, where) for v in value]
+    if origin is dict:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, str):
+            low = value.lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(f"{where}: expected a boolean, got {value!r}")
+        return bool(value)
+    if tp in (int, float, str):
+        try:
+            if tp is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return tp(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}: expected {tp.__name__}, got {value!r}") from None
+    return value
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``["--optim.lr.hidden", "0.03", "--train.steps=50", ...]`` to a nested dict."""
+    data = _deepcopy(data)
+    i = 0
+    while i < len(overrides):
+        arg = overrides[i]
+        if not arg.startswith("--"):
+            raise ValueError(f"expected --section.key, got {arg!r}")
+        if "=" in arg:
+            key, value = arg[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(overrides):
+                raise ValueError(f"{arg} needs a value")
+            key, value = arg[2:], overrides[i + 1]
+            i += 2
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"--{key}: {part} is not a section")
+        node[parts[-1]] = value
+    return data
+
+
+def _deepcopy(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: _deepcopy(v) if isinstance(v, dict) else v for k, v in d.items()}
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: top level must be a mapping")
+    return data

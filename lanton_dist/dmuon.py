@@ -1,0 +1,75 @@
+"""D-Muon (Moonlight, Liu et al. 2025), the baseline LANTON is compared against.
+
+hidden: sum momentum ``M ← μM + G``, Nesterov direction ``G + μM``, Newton–Schulz with
+Moonlight's scale 0.2·√max(d_out, d_in) per logical block, ``W ← W(1 − ηλ) − η·0.2√max·NS``;
+embed_head and vector: AdamW (β = (0.9, 0.95)) with their group's own rate. Same param
+groups as :class:`~lanton_dist.lanton.LANTON`; single process.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+from lanton_dist.adamw import adamw_step_
+from lanton_dist.groups import Geometry
+from lanton_dist.lanton import check_param_groups
+from lanton_dist.lmo import LMOConfig, hidden_directions
+
+
+class DMuon(Optimizer):
+    """Args: lr, weight_decay (per group); momentum μ and nesterov for hidden; adam_betas,
+    adam_eps for the rest; ns_steps of the Newton–Schulz iteration."""
+
+    def __init__(
+        self,
+        params: Iterable[dict[str, Any]],
+        lr: float = 0.02,
+        weight_decay: float = 0.0,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        adam_betas: tuple[float, float] = (0.9, 0.95),
+        adam_eps: float = 1e-8,
+        *,
+        ns_steps: int = 5,
+        skip_nonfinite: bool = True,
+    ) -> None:
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+                        adam_betas=tuple(adam_betas), adam_eps=adam_eps, step=0)
+        super().__init__(params, defaults)
+        check_param_groups(self.param_groups)
+        self.lmo = LMOConfig(scale_mode="moonlight", ns_steps=ns_steps)
+        self.skip_nonfinite = skip_nonfinite
+        self.skipped_steps = 0
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        live = [(g, p, s) for g in self.param_groups for p, s in zip(g["params"], g["specs"]) if p.grad is not None]
+        if self.skip_nonfinite and live and not bool(torch.stack([torch.isfinite(p.grad).all() for _, p, _ in live]).all()):
+            self.skipped_steps += 1
+            return loss
+        for g in self.param_groups:
+            g["step"] += 1
+        hidden = [(g, p, s) for g, p, s in live if s.geometry is Geometry.HIDDEN]
+        updates = []
+        for g, p, s in hidden:
+            st = self.state[p]
+            buf = st.setdefault("momentum_buffer", torch.zeros_like(p))
+            buf.mul_(g["momentum"]).add_(p.grad)
+            updates.append(p.grad.add(buf, alpha=g["momentum"]) if g["nesterov"] else buf)
+        for (g, p, s), o in zip(hidden, hidden_directions([s for _, _, s in hidden], updates, self.lmo)):
+            p.mul_(1 - g["lr"] * g["weight_decay"]).add_(o, alpha=g["lr"])
+        for g, p, s in live:
+            if s.geometry is Geometry.HIDDEN:
+                continue
+            st = self.state[p]
+            if "exp_avg" not in st:
+                st["exp_avg"], st["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
+            adamw_step_(p, p.grad, st["exp_avg"], st["exp_avg_sq"], g["step"], g["lr"], g["adam_betas"], g["adam_eps"], g["weight_decay"])
+        return loss

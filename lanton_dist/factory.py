@@ -1,0 +1,69 @@
+"""Build LANTON / Scion / D-Muon / AdamW for a model from one :class:`OptimConfig`.
+
+All four share the same param groups (one per geometry, each with its ParamSpecs), so
+benchmarks compare like with like.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from lanton_dist.config import OptimConfig
+from lanton_dist.dmuon import DMuon
+from lanton_dist.groups import Block, Geometry, ParamSpec, classify_parameters
+from lanton_dist.lanton import LANTON
+from lanton_dist.lmo import LMOConfig
+
+OPTIMIZERS = ("lanton", "scion", "dmuon", "adamw")
+
+
+def param_groups(
+    model: nn.Module,
+    cfg: OptimConfig,
+    fused: dict[str, tuple[Block, ...]] | None = None,
+    specs: dict[str, ParamSpec] | None = None,
+) -> list[dict[str, Any]]:
+    """One torch param group per non-empty geometry: ``params``, ``specs``, ``names``, ``lr``, ``alpha``.
+
+    ``specs`` (name → ParamSpec) replaces classification, for integrations whose local
+    parameters are shards of the logical ones.
+    """
+    specs = specs or classify_parameters(model, cfg.overrides, fused)
+    groups = []
+    for geometry in Geometry:
+        names = [n for n, p in model.named_parameters() if n in specs and specs[n].geometry is geometry]
+        if not names:
+            continue
+        params = dict(model.named_parameters())
+        groups.append(dict(
+            params=[params[n] for n in names],
+            specs=[specs[n] for n in names],
+            names=names,
+            geometry=geometry.value,
+            lr=cfg.lr.get(geometry.value),
+            alpha=cfg.alpha.get(geometry.value),
+        ))
+    return groups
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, groups: list[dict[str, Any]] | None = None) -> torch.optim.Optimizer:
+    """The optimizer ``cfg.name`` over ``groups`` (default :func:`param_groups` of ``model``)."""
+    if cfg.name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {cfg.name!r}; choose one of {OPTIMIZERS}")
+    groups = groups if groups is not None else param_groups(model, cfg)
+    if cfg.name in ("lanton", "scion"):
+        return LANTON(
+            groups, weight_decay=cfg.weight_decay, beta1=cfg.beta1, beta2=cfg.beta2, nesterov=cfg.nesterov,
+            estimate_every=cfg.estimate_every, option=cfg.option, noise_adaptive=cfg.name == "lanton",
+            ratio_anchor=cfg.ratio_anchor, delay_lr_factor=cfg.delay_lr_factor,
+            nuclear_estimator=cfg.nuclear_estimator, wd_lr=cfg.wd_lr,
+            lmo=LMOConfig(scale_mode=cfg.scale_mode, sign_scale=cfg.sign_scale, ns_steps=cfg.ns_steps),
+        )
+    if cfg.name == "dmuon":
+        return DMuon(groups, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
+                     adam_betas=tuple(cfg.adam_betas), adam_eps=cfg.adam_eps, ns_steps=cfg.ns_steps)
+    for g in groups:
+        g.pop("specs"), g.pop("alpha")
+    return torch.optim.AdamW(groups, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps, weight_decay=cfg.weight_decay)

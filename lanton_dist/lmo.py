@@ -1,0 +1,147 @@
+"""Linear minimization oracles and dual norms of the three geometry groups (spec table 1).
+
+For a layer with norm ‖·‖ and radius ρ, ``lmo(B) = argmin_{‖O‖≤ρ} ⟨B, O⟩`` so that
+``⟨G, lmo(G)⟩ = −ρ·‖G‖_*``:
+
+===========  ==========================================  ==============================
+group        direction O = lmo(B)                        dual norm ‖G‖_*
+===========  ==========================================  ==============================
+hidden       −s·polar(B), s = √(d_out/d_in) (spectral)   √(d_out/d_in)·‖G‖_nuclear
+             or 0.2·√max(d_out, d_in) (moonlight)
+embed_head   −c·sign(B), c = 1 (embed); 1/d_in for the    Σ|G_ij|
+             head when ``sign_scale='scion'`` [verify]
+vector       −√d·B/‖B‖₂                                  √d·‖G‖₂
+===========  ==========================================  ==============================
+
+Hidden parameters act per logical :class:`~lanton_dist.groups.Block`; same-shape blocks
+are stacked and orthogonalised in one batched Newton–Schulz call. Everything here takes
+whole tensors except the ``*_partial`` helpers, which return per-shard sums that a caller
+adds over shards (the only reductions ℓ1 and ℓ2 norms need).
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+
+from lanton_dist.groups import Geometry, ParamSpec
+from lanton_dist.newton_schulz import DEFAULT_STEPS, newton_schulz
+from lanton_dist.nuclear import Estimator, nuclear_norm
+
+SCALE_MODES = ("spectral", "moonlight")
+SIGN_SCALES = ("scion", "unit")
+
+
+@dataclass(frozen=True)
+class LMOConfig:
+    """How directions are computed. ``ns_dtype=None`` → bf16 on GPU, fp32 on CPU."""
+
+    scale_mode: str = "spectral"
+    sign_scale: str = "scion"
+    ns_steps: int = DEFAULT_STEPS
+    ns_dtype: torch.dtype | None = None
+
+    def __post_init__(self) -> None:
+        if self.scale_mode not in SCALE_MODES:
+            raise ValueError(f"scale_mode must be one of {SCALE_MODES}, got {self.scale_mode!r}")
+        if self.sign_scale not in SIGN_SCALES:
+            raise ValueError(f"sign_scale must be one of {SIGN_SCALES}, got {self.sign_scale!r}")
+        if self.ns_steps < 1:
+            raise ValueError(f"ns_steps must be >= 1, got {self.ns_steps}")
+
+
+def hidden_scale(d_out: int, d_in: int, mode: str) -> float:
+    """Scale of the polar factor: Scion's √(d_out/d_in) or Moonlight's 0.2·√max(d_out, d_in)."""
+    if mode == "spectral":
+        return math.sqrt(d_out / d_in)
+    if mode == "moonlight":
+        return 0.2 * math.sqrt(max(d_out, d_in))
+    raise ValueError(f"unknown scale_mode {mode!r}")
+
+
+def sign_scale(spec: ParamSpec, mode: str) -> float:
+    """Radius of the sign LMO: 1, or 1/d_in for the LM head under ``'scion'`` (Scion's normalised Sign)."""
+    return 1.0 / spec.d_in if (mode == "scion" and spec.role == "head") else 1.0
+
+
+def polar_batched(mats: list[torch.Tensor], cfg: LMOConfig, refine_steps: int = 0) -> list[torch.Tensor]:
+    """Newton–Schulz of each matrix, one batched call per distinct shape. Returns in input order."""
+    out: list[torch.Tensor | None] = [None] * len(mats)
+    by_shape: dict[tuple[int, ...], list[int]] = defaultdict(list)
+    for i, m in enumerate(mats):
+        by_shape[tuple(m.shape)].append(i)
+    for idx in by_shape.values():
+        polar = newton_schulz(torch.stack([mats[i] for i in idx]), cfg.ns_steps, refine_steps, cfg.ns_dtype)
+        for j, i in enumerate(idx):
+            out[i] = polar[j]
+    return out  # type: ignore[return-value]
+
+
+def hidden_directions(specs: list[ParamSpec], moms: list[torch.Tensor], cfg: LMOConfig) -> list[torch.Tensor]:
+    """O = −s·polar(B) per block of each whole hidden parameter; returns one tensor per parameter."""
+    blocks = [(k, blk) for k, spec in enumerate(specs) for blk in spec.blocks]
+    polars = polar_batched([blk.gather(moms[k]) for k, blk in blocks], cfg)
+    outs = [torch.empty_like(m) for m in moms]
+    for (k, blk), pol in zip(blocks, polars):
+        blk.scatter_(outs[k], pol.mul_(-hidden_scale(blk.d_out, specs[k].d_in, cfg.scale_mode)))
+    return outs
+
+
+def sign_direction(spec: ParamSpec, b: torch.Tensor, cfg: LMOConfig) -> torch.Tensor:
+    """O = −c·sign(B), elementwise: valid on any shard of ``b``."""
+    return torch.sign(b).mul_(-sign_scale(spec, cfg.sign_scale))
+
+
+def vector_direction(b: torch.Tensor, norm: torch.Tensor, numel: int) -> torch.Tensor:
+    """O = −√d·B/‖B‖₂ with ``norm`` the whole tensor's ‖B‖₂ (so ``b`` may be a shard); 0 if B = 0."""
+    scale = torch.where(norm > 0, -math.sqrt(numel) / norm.clamp_min(torch.finfo(norm.dtype).tiny), 0.0)
+    return b * scale.to(b.dtype)
+
+
+def hidden_dual_norms(
+    specs: list[ParamSpec], diffs: list[torch.Tensor], estimator: Estimator, refine_steps: int | None = None
+) -> list[torch.Tensor]:
+    """√(d_out/d_in)·‖D_b‖_* for every block b of every whole hidden parameter, flattened in
+    (parameter, block) order; fp32 scalars. Same-shape blocks are estimated in one batch."""
+    blocks = [(k, blk) for k, spec in enumerate(specs) for blk in spec.blocks]
+    mats = [blk.gather(diffs[k]) for k, blk in blocks]
+    by_shape: dict[tuple[int, ...], list[int]] = defaultdict(list)
+    for i, m in enumerate(mats):
+        by_shape[tuple(m.shape)].append(i)
+    out: list[torch.Tensor | None] = [None] * len(mats)
+    for idx in by_shape.values():
+        nuc = nuclear_norm(torch.stack([mats[i] for i in idx]), estimator, refine_steps=refine_steps)
+        for j, i in enumerate(idx):
+            k, blk = blocks[i]
+            out[i] = nuc[j] * math.sqrt(blk.d_out / specs[k].d_in)
+    return out  # type: ignore[return-value]
+
+
+def l1_partial(d: torch.Tensor) -> torch.Tensor:
+    """Σ|D| over this shard (fp32); the embed_head dual norm is the sum over shards."""
+    return d.float().abs().sum()
+
+
+def sq_partial(d: torch.Tensor) -> torch.Tensor:
+    """Σ D² over this shard (fp32); ‖D‖₂² of the whole tensor is the sum over shards."""
+    return d.float().pow(2).sum()
+
+
+def dual_norm(spec: ParamSpec, d: torch.Tensor, estimator: Estimator = "exact") -> torch.Tensor:
+    """The dual norm of a whole tensor ``d`` of parameter ``spec`` (sum over its blocks for hidden)."""
+    if spec.geometry is Geometry.HIDDEN:
+        return torch.stack(hidden_dual_norms([spec], [d], estimator)).sum()
+    if spec.geometry is Geometry.EMBED_HEAD:
+        return l1_partial(d)
+    return math.sqrt(spec.numel) * sq_partial(d).sqrt()
+
+
+def direction(spec: ParamSpec, b: torch.Tensor, cfg: LMOConfig) -> torch.Tensor:
+    """lmo(B) of a whole tensor ``b`` of parameter ``spec``."""
+    if spec.geometry is Geometry.HIDDEN:
+        return hidden_directions([spec], [b], cfg)[0]
+    if spec.geometry is Geometry.EMBED_HEAD:
+        return sign_direction(spec, b, cfg)
+    return vector_direction(b, sq_partial(b).sqrt(), spec.numel)

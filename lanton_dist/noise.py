@@ -1,0 +1,54 @@
+"""LANTON's noise tracker and layerwise learning-rate factors (Algorithm 1, steps 4–6).
+
+Per logical layer ℓ: ``H ← β₂·H + (1−β₂)·‖G_t − G̃_t‖_*²`` on estimation steps
+(``t mod k == 0``), ``α^ℓ = α/√(α² + H^ℓ)``, and the rate factor
+``√(α^ℓ / α^m)`` with m the layer of the same geometry group with the largest α^ℓ
+(``ratio_anchor='max'``, the least noisy layer runs at the scheduled rate) or the smallest
+(``'min'``) — the anchor is one of the spec's [verify] points, so it is an option.
+
+Step numbering starts at t = 1. Option I compares with the previous step's gradient, so it
+keeps G_t only when t+1 is an estimation step; at t = 1 with k = 1 there is no previous
+gradient and H is left unchanged. Pure tensor math: callers supply whole-model vectors.
+"""
+from __future__ import annotations
+
+import torch
+
+OPTIONS = ("I", "II")
+ANCHORS = ("max", "min")
+
+
+def is_estimation_step(t: int, k: int) -> bool:
+    return t % k == 0
+
+
+def keeps_previous_gradient(t: int, k: int) -> bool:
+    """Option I: store G_t at step t iff step t+1 estimates."""
+    return (t + 1) % k == 0
+
+
+def update_tracker(h: torch.Tensor, sq_dual: torch.Tensor, beta2: float) -> torch.Tensor:
+    """``β₂·H + (1−β₂)·sq_dual`` (fp32, same shape as ``h``)."""
+    return h * beta2 + sq_dual.to(h.dtype) * (1.0 - beta2)
+
+
+def noise_alpha(h: torch.Tensor, alpha: torch.Tensor | float) -> torch.Tensor:
+    """α^ℓ = α/√(α² + H^ℓ); equals 1 where H = 0."""
+    alpha = torch.as_tensor(alpha, dtype=h.dtype, device=h.device)
+    return alpha / torch.sqrt(alpha * alpha + h)
+
+
+def lr_factors(alphas: torch.Tensor, group_ids: torch.Tensor, anchor: str = "max") -> torch.Tensor:
+    """√(α^ℓ / α^m) per layer, m the max-α (or min-α) layer of ℓ's group.
+
+    Args:
+        alphas: ``(L,)`` α^ℓ of every layer in the whole model.
+        group_ids: ``(L,)`` int64 geometry-group index of each layer.
+    """
+    if anchor not in ANCHORS:
+        raise ValueError(f"ratio_anchor must be one of {ANCHORS}, got {anchor!r}")
+    n_groups = int(group_ids.max().item()) + 1 if group_ids.numel() else 0
+    fill = float("-inf") if anchor == "max" else float("inf")
+    ref = torch.full((n_groups,), fill, dtype=alphas.dtype, device=alphas.device)
+    ref = ref.scatter_reduce(0, group_ids, alphas, reduce="amax" if anchor == "max" else "amin")
+    return torch.sqrt(alphas / ref[group_ids])
