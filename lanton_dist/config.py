@@ -186,3 +186,79 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"{path}: top level must be a mapping")
     return data
+
+
+@dataclass
+class ModelConfig:
+    """LLaMA-style decoder: RMSNorm, SwiGLU, RoPE, GQA, untied LM head, no biases."""
+
+    vocab_size: int = 256
+    dim: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 4
+    ffn_dim: int = 352
+    max_seq_len: int = 128
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+
+
+@dataclass
+class DataConfig:
+    """``source``: ``stdlib`` (the Python standard library's own source, byte-level tokens),
+    ``synthetic`` (seeded random tokens, for tests), or ``megatron`` (an indexed dataset at
+    ``path``, Megatron runs only)."""
+
+    source: str = "stdlib"
+    path: str = ""
+    seq_len: int = 128
+    val_fraction: float = 0.05
+    seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200
+    global_batch: int = 16
+    micro_batch: int = 0  # 0: the whole per-rank batch in one micro-batch
+    eval_every: int = 50
+    eval_batches: int = 8
+    log_every: int = 10
+    seed: int = 0
+    out_dir: str = "runs/tiny"
+    checkpoint_every: int = 0
+    resume: bool = False
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "fp32"  # fp32 | bf16 (autocast on GPU)
+
+
+@dataclass
+class ParallelConfig:
+    """``backend``: ``none`` | ``ddp`` | ``zero`` (the lanton_dist engine) | ``fsdp2`` | ``deepspeed`` | ``megatron``.
+    ``tp``/``pp``: Megatron tensor/pipeline sizes (data parallel = world / (tp·pp)).
+    ``overlap``: consume the variance all-reduce one step late (see ``delay_lr_factor``)."""
+
+    backend: str = "none"
+    tp: int = 1
+    pp: int = 1
+    bucket_mb: float = 25.0
+    overlap: bool = True
+    zero_stage: int = 1
+    timeout_s: float = 120.0
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+
+def load_run_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """YAML at ``path`` (or the defaults) with CLI ``overrides`` applied; strict about keys."""
+    data = load_yaml(path) if path else {}
+    return from_dict(RunConfig, apply_overrides(data, overrides or []))
