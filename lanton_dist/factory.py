@@ -48,22 +48,35 @@ def param_groups(
     return groups
 
 
+def hyper_parameters(cfg: OptimConfig) -> dict[str, Any]:
+    """Per-group defaults of ``cfg.name`` (what every implementation — reference, engine,
+    adapters — reads from its param groups)."""
+    if cfg.name in ("lanton", "scion"):
+        return dict(weight_decay=cfg.weight_decay, beta1=cfg.beta1, beta2=cfg.beta2, nesterov=cfg.nesterov)
+    if cfg.name == "dmuon":
+        return dict(weight_decay=cfg.weight_decay, momentum=cfg.momentum, nesterov=True,
+                    adam_betas=tuple(cfg.adam_betas), adam_eps=cfg.adam_eps)
+    return dict(weight_decay=cfg.weight_decay, adam_betas=tuple(cfg.adam_betas), adam_eps=cfg.adam_eps)
+
+
+def lanton_options(cfg: OptimConfig) -> dict[str, Any]:
+    """Optimizer-wide LANTON options shared by the reference and the sharded engine."""
+    return dict(estimate_every=cfg.estimate_every, option=cfg.option, ratio_anchor=cfg.ratio_anchor,
+                nuclear_estimator=cfg.nuclear_estimator, wd_lr=cfg.wd_lr,
+                lmo=LMOConfig(scale_mode=cfg.scale_mode, sign_scale=cfg.sign_scale, ns_steps=cfg.ns_steps))
+
+
 def build_optimizer(model: nn.Module, cfg: OptimConfig, groups: list[dict[str, Any]] | None = None) -> torch.optim.Optimizer:
-    """The optimizer ``cfg.name`` over ``groups`` (default :func:`param_groups` of ``model``)."""
+    """The single-process optimizer ``cfg.name`` over ``groups`` (default :func:`param_groups` of ``model``)."""
     if cfg.name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {cfg.name!r}; choose one of {OPTIMIZERS}")
     groups = groups if groups is not None else param_groups(model, cfg)
+    hyper = hyper_parameters(cfg)
     if cfg.name in ("lanton", "scion"):
-        return LANTON(
-            groups, weight_decay=cfg.weight_decay, beta1=cfg.beta1, beta2=cfg.beta2, nesterov=cfg.nesterov,
-            estimate_every=cfg.estimate_every, option=cfg.option, noise_adaptive=cfg.name == "lanton",
-            ratio_anchor=cfg.ratio_anchor, delay_lr_factor=cfg.delay_lr_factor,
-            nuclear_estimator=cfg.nuclear_estimator, wd_lr=cfg.wd_lr,
-            lmo=LMOConfig(scale_mode=cfg.scale_mode, sign_scale=cfg.sign_scale, ns_steps=cfg.ns_steps),
-        )
+        return LANTON(groups, **hyper, noise_adaptive=cfg.name == "lanton", delay_lr_factor=cfg.delay_lr_factor,
+                      **lanton_options(cfg))
     if cfg.name == "dmuon":
-        return DMuon(groups, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
-                     adam_betas=tuple(cfg.adam_betas), adam_eps=cfg.adam_eps, ns_steps=cfg.ns_steps)
+        return DMuon(groups, **hyper, ns_steps=cfg.ns_steps)
     for g in groups:
         g.pop("specs"), g.pop("alpha")
     return torch.optim.AdamW(groups, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps, weight_decay=cfg.weight_decay)

@@ -167,8 +167,9 @@ class LANTON(Optimizer):
         if "momentum_buffer" not in st:
             n = len(spec.blocks)
             st["momentum_buffer"] = torch.zeros_like(p)
-            st["H"] = torch.zeros(n, dtype=torch.float32, device=p.device)
-            st["lr_factor"] = torch.ones(n, dtype=torch.float32, device=p.device)
+            acc = torch.promote_types(p.dtype, torch.float32)
+            st["H"] = torch.zeros(n, dtype=acc, device=p.device)
+            st["lr_factor"] = torch.ones(n, dtype=acc, device=p.device)
         return st
 
     # ------------------------------------------------------------------ step
@@ -192,10 +193,16 @@ class LANTON(Optimizer):
                 self.skipped_steps += 1
                 return loss
         t = self.t + 1
-        for g in self.param_groups:
-            g["step"] = t
         k = self.estimate_every
         estimate = self.noise_adaptive and noise.is_estimation_step(t, k)
+        missing = [x[2].name for x in live if x[4] is None] if estimate and self.option == "II" else []
+        if missing:  # checked before any state changes, so the step can be retried
+            raise RuntimeError(
+                f"step {t} estimates with Option II but no half-batch gradient was stashed for {missing}: "
+                "call stash_half_gradient() between the two half-batch backward passes"
+            )
+        for g in self.param_groups:
+            g["step"] = t
 
         for g, p, spec, grad, _ in live:
             self._init_state(p, spec)["momentum_buffer"].lerp_(grad, 1 - g["beta1"])
@@ -254,7 +261,7 @@ class LANTON(Optimizer):
             else:
                 dual = lmo_mod.dual_norm(spec, diffs[i]).reshape(1)
             st = self.state[p]
-            st["H"] = noise.update_tracker(st["H"], dual.float() ** 2, g["beta2"])
+            st["H"] = noise.update_tracker(st["H"], dual.to(st["H"].dtype) ** 2, g["beta2"])
 
     def _rate_factors(self, estimate: bool) -> dict[torch.Tensor, torch.Tensor]:
         """Per-parameter ``(n_blocks,)`` factors used this step; refreshes them on estimation steps."""
@@ -264,7 +271,7 @@ class LANTON(Optimizer):
         if estimate and entries:
             hs = torch.cat([self.state[p]["H"] for _, p, _ in entries])
             dev = hs.device
-            alphas = torch.cat([torch.full((len(s.blocks),), g["alpha"], dtype=torch.float32, device=dev) for g, _, s in entries])
+            alphas = torch.cat([torch.full((len(s.blocks),), g["alpha"], dtype=hs.dtype, device=dev) for g, _, s in entries])
             gids = torch.cat([torch.full((len(s.blocks),), GEOMETRY_INDEX[s.geometry], dtype=torch.long, device=dev) for _, _, s in entries])
             new = noise.lr_factors(noise.noise_alpha(hs, alphas), gids, self.ratio_anchor).split([len(s.blocks) for _, _, s in entries])
             used = {}

@@ -119,14 +119,19 @@ def hidden_dual_norms(
     return out  # type: ignore[return-value]
 
 
+def _acc(d: torch.Tensor) -> torch.Tensor:
+    """``d`` in an accumulation dtype of at least fp32 (fp64 stays fp64)."""
+    return d.to(torch.promote_types(d.dtype, torch.float32))
+
+
 def l1_partial(d: torch.Tensor) -> torch.Tensor:
-    """Σ|D| over this shard (fp32); the embed_head dual norm is the sum over shards."""
-    return d.float().abs().sum()
+    """Σ|D| over this shard (≥ fp32); the embed_head dual norm is the sum over shards."""
+    return _acc(d).abs().sum()
 
 
 def sq_partial(d: torch.Tensor) -> torch.Tensor:
-    """Σ D² over this shard (fp32); ‖D‖₂² of the whole tensor is the sum over shards."""
-    return d.float().pow(2).sum()
+    """Σ D² over this shard (≥ fp32); ‖D‖₂² of the whole tensor is the sum over shards."""
+    return _acc(d).pow(2).sum()
 
 
 def dual_norm(spec: ParamSpec, d: torch.Tensor, estimator: Estimator = "exact") -> torch.Tensor:

@@ -16,9 +16,11 @@ DEFAULT_STEPS = 5
 _EPS = 1e-7
 
 
-def default_ns_dtype(device: torch.device) -> torch.dtype:
-    """bf16 on GPU (tensor-core rate), fp32 on CPU (CPU bf16 matmuls are slow and inexact)."""
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+def default_ns_dtype(x: torch.Tensor) -> torch.dtype:
+    """bf16 on GPU (tensor-core rate); on CPU fp32, or fp64 for fp64 input (CPU bf16 is slow and inexact)."""
+    if x.device.type == "cuda":
+        return torch.bfloat16
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def newton_schulz(
@@ -33,7 +35,7 @@ def newton_schulz(
         x: ``(..., m, n)``; leading dimensions are a batch of same-shape matrices.
         steps: quintic steps (coefficients :data:`QUINTIC_COEFFS`).
         refine_steps: cubic steps after the quintic ones (0 for the Muon/Scion update).
-        dtype: compute dtype; default :func:`default_ns_dtype` of ``x.device``.
+        dtype: compute dtype; default :func:`default_ns_dtype` of ``x``.
 
     Returns:
         ``(..., m, n)`` in ``x.dtype``. The iteration runs on the wide orientation
@@ -44,7 +46,7 @@ def newton_schulz(
     if steps < 0 or refine_steps < 0:
         raise ValueError("steps and refine_steps must be >= 0")
     out_dtype = x.dtype
-    dtype = dtype or default_ns_dtype(x.device)
+    dtype = dtype or default_ns_dtype(x)
     tall = x.size(-2) > x.size(-1)
     X = x.mT.contiguous() if tall else x
     X = X.to(dtype)

@@ -43,7 +43,7 @@ def nuclear_norm(
     power_iters: int = 2,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Nuclear norm of each matrix of ``d`` (``(..., m, n)`` → ``(...)``, fp32).
+    """Nuclear norm of each matrix of ``d`` (``(..., m, n)`` → ``(...)``, fp32, or fp64 for fp64 input).
 
     Args:
         estimator: see the module table.
@@ -52,18 +52,18 @@ def nuclear_norm(
     """
     if d.ndim < 2:
         raise ValueError(f"nuclear_norm needs (..., m, n), got {tuple(d.shape)}")
-    d32 = d.float()
+    d32 = d.to(torch.promote_types(d.dtype, torch.float32))
     if estimator == "exact":
         return torch.linalg.svdvals(d32).sum(-1)
     if estimator == "ns":
         if refine_steps is None:
             refine_steps = 3 if d.device.type == "cuda" else 6
-        polar = newton_schulz(d, refine_steps=refine_steps).float()
+        polar = newton_schulz(d, refine_steps=refine_steps).to(d32.dtype)
         return (d32 * polar).sum(dim=(-2, -1))
     if estimator == "rsvd":
         m, n = d.shape[-2:]
         r = min(rank, m, n)
-        omega = torch.randn(*d.shape[:-2], n, r, device=d.device, generator=generator)
+        omega = torch.randn(*d.shape[:-2], n, r, device=d.device, dtype=d32.dtype, generator=generator)
         y = d32 @ omega
         for _ in range(power_iters):
             q, _ = torch.linalg.qr(y)

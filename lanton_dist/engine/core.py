@@ -1,0 +1,338 @@
+"""The optimizer math over this rank's pieces of every parameter — shared by the ZeRO engine
+and every framework adapter.
+
+A :class:`LocalPiece` is elements ``[start, stop)`` of a parameter's row-major flattening
+that this rank updates: whole hidden matrices on their owner (ZeRO engine), row shards
+(FSDP2), flat partitions (DeepSpeed)… Elementwise work (momentum, sign LMO, AdamW, weight
+decay) runs on pieces. Whole-matrix work (Newton–Schulz, nuclear norms) goes through a
+:class:`MatrixExchange` that brings a matrix's pieces to its owner and the owner's result
+back; :class:`LocalExchange` is the no-traffic case where pieces are already whole.
+
+Reductions, all over the scalar group (every rank holding pieces):
+
+* ``finite`` — one flag per step: any non-finite gradient anywhere skips the step on all
+  ranks, state untouched.
+* ``norm`` — Σ B² of vector-group pieces (their RMS LMO needs ‖B‖₂), every step.
+* ``variance`` — on estimation steps, a ``(2L,)`` vector over all L logical layers of the
+  model: each layer's dual-norm contribution (owner's √(d_out/d_in)·‖D‖_* for hidden
+  blocks, partial Σ|D| or Σ D² for pieces) and a presence count. After the SUM every rank
+  updates the replicated trackers H and the rate factors, so the group-wide max α costs no
+  extra collective. With ``overlap=True`` the reduction is waited for at the start of the
+  next step and its factors apply from then on — the reference's ``delay_lr_factor=True``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from lanton_dist import lmo as lmo_mod
+from lanton_dist import noise
+from lanton_dist.adamw import adamw_step_
+from lanton_dist.engine.meter import Collectives
+from lanton_dist.groups import Geometry, ParamSpec
+from lanton_dist.lanton import GEOMETRY_INDEX, row_scale
+from lanton_dist.lmo import LMOConfig
+from lanton_dist.nuclear import resolve_estimator
+
+ALGORITHMS = ("lanton", "scion", "dmuon", "adamw")
+
+
+@dataclass
+class LocalPiece:
+    """This rank's elements ``[start, stop)`` of parameter ``spec`` (flattened, row-major).
+
+    ``param``/``grad`` are 1-D tensors of ``stop − start`` elements on this rank; ``param`` is
+    updated in place. ``diff2`` (Option II) is ∇_A − ∇_B of the same elements.
+    """
+
+    spec: ParamSpec
+    group: int
+    start: int
+    stop: int
+    param: torch.Tensor
+    grad: torch.Tensor | None = None
+    diff2: torch.Tensor | None = None
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def whole(self) -> bool:
+        return self.start == 0 and self.stop == self.spec.numel
+
+
+class MatrixExchange(Protocol):
+    """Moves hidden matrices between their pieces and their owner."""
+
+    def gather(self, pieces: list[LocalPiece], tensors: list[torch.Tensor], phase: str) -> dict[str, torch.Tensor]:
+        """Whole ``spec.shape`` matrices, keyed by name, of the parameters this rank owns,
+        assembled from every rank's ``tensors`` (1-D, aligned with ``pieces``)."""
+
+    def scatter(self, pieces: list[LocalPiece], owned: dict[str, torch.Tensor], phase: str) -> list[torch.Tensor]:
+        """This rank's 1-D piece of each owner result, aligned with ``pieces``."""
+
+
+class LocalExchange:
+    """Pieces are whole matrices on their owner: gather and scatter are views, no traffic."""
+
+    def gather(self, pieces, tensors, phase):
+        for p in pieces:
+            if not p.whole:
+                raise ValueError(f"{p.name}: LocalExchange needs whole hidden matrices, got elements {p.start}:{p.stop}")
+        return {p.name: t.view(p.spec.shape) for p, t in zip(pieces, tensors)}
+
+    def scatter(self, pieces, owned, phase):
+        return [owned[p.name].reshape(-1) for p in pieces]
+
+
+def piece_scale(piece: LocalPiece, factors: torch.Tensor) -> torch.Tensor:
+    """Per-element (or scalar) rate factor of ``piece`` from its parameter's per-block ``factors``."""
+    spec = piece.spec
+    if len(spec.blocks) == 1:
+        return factors[0]
+    rows = row_scale(spec, factors).reshape(-1, 1).expand(spec.shape[0], spec.numel // spec.shape[0])
+    return rows.reshape(-1)[piece.start : piece.stop]
+
+
+class ShardedCore:
+    """Optimizer state and math for this rank's pieces (see module doc).
+
+    Args:
+        specs: every parameter of the model, in the same order on every rank.
+        group_of: parameter name → index into ``param_groups`` (hyper-parameters, read live).
+        param_groups: the owning optimizer's param groups (``lr`` may be changed by schedulers).
+        algorithm: ``lanton`` | ``scion`` | ``dmuon`` | ``adamw``.
+        coll: metered collectives over the scalar group.
+        exchange: the :class:`MatrixExchange` for hidden matrices.
+        options: ``estimate_every``, ``option``, ``ratio_anchor``, ``overlap``,
+            ``nuclear_estimator``, ``wd_lr``, ``lmo`` (:class:`LMOConfig`), ``skip_nonfinite``.
+        dtype: the parameters' dtype; trackers and norm sums use it promoted to at least fp32
+            (the same on every rank, so the scalar collectives agree).
+    """
+
+    def __init__(self, specs: list[ParamSpec], group_of: dict[str, int], param_groups: list[dict[str, Any]],
+                 algorithm: str, coll: Collectives, exchange: MatrixExchange, *, estimate_every: int = 10,
+                 option: str = "I", ratio_anchor: str = "max", overlap: bool = True, nuclear_estimator: str = "auto",
+                 wd_lr: str = "group", lmo: LMOConfig | None = None, skip_nonfinite: bool = True,
+                 dtype: torch.dtype = torch.float32) -> None:
+        if algorithm not in ALGORITHMS:
+            raise ValueError(f"unknown algorithm {algorithm!r}; choose one of {ALGORITHMS}")
+        if not isinstance(estimate_every, int) or estimate_every < 1:
+            raise ValueError(f"estimate_every must be an integer >= 1, got {estimate_every!r}")
+        if option not in noise.OPTIONS:
+            raise ValueError(f"option must be 'I' or 'II', got {option!r}")
+        if ratio_anchor not in noise.ANCHORS:
+            raise ValueError(f"ratio_anchor must be one of {noise.ANCHORS}, got {ratio_anchor!r}")
+        self.algorithm, self.coll, self.exchange = algorithm, coll, exchange
+        self.param_groups, self.group_of = param_groups, group_of
+        self.k, self.option, self.anchor, self.overlap = estimate_every, option, ratio_anchor, overlap
+        self.estimator_name, self.wd_lr, self.skip_nonfinite = nuclear_estimator, wd_lr, skip_nonfinite
+        self.noise_adaptive = algorithm == "lanton"
+        self.lmo = LMOConfig(scale_mode="moonlight", ns_steps=(lmo or LMOConfig()).ns_steps) if algorithm == "dmuon" else (lmo or LMOConfig())
+        self.specs = {s.name: s for s in specs}
+        self.layer_start: dict[str, int] = {}
+        kinds, groups_, gids = [], [], []
+        for s in specs:
+            self.layer_start[s.name] = len(kinds)
+            for _ in s.blocks:
+                kinds.append(s.geometry)
+                groups_.append(group_of[s.name])
+                gids.append(GEOMETRY_INDEX[s.geometry])
+        self.n_layers = len(kinds)
+        self.layer_kind, self.layer_group = kinds, groups_
+        self.layer_gid = torch.tensor(gids, dtype=torch.long)
+        self._all_vector_names = [s.name for s in specs if s.geometry is Geometry.VECTOR]
+        self._vector_numel = [s.numel if k is Geometry.VECTOR else 0 for s in specs for k in [s.geometry] * len(s.blocks)]
+        self.acc_dtype = torch.promote_types(dtype, torch.float32)
+        self.H = torch.zeros(self.n_layers, dtype=self.acc_dtype)
+        self.F = torch.ones(self.n_layers, dtype=self.acc_dtype)
+        self.t = 0
+        self.skipped_steps = 0
+        self.state: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
+        self._pending: tuple[Any, torch.Tensor] | None = None
+
+    # ------------------------------------------------------------------ public
+    def needs_two_half_batches(self) -> bool:
+        return self.noise_adaptive and self.option == "II" and noise.is_estimation_step(self.t + 1, self.k)
+
+    def state_of(self, piece: LocalPiece) -> dict[str, torch.Tensor]:
+        return self.state.setdefault((piece.name, piece.start), {})
+
+    @torch.no_grad()
+    def step(self, pieces: list[LocalPiece]) -> bool:
+        """One optimizer step on ``pieces`` (gradients already reduced). False if skipped."""
+        device = pieces[0].param.device if pieces else torch.device("cpu")
+        self._to(device)
+        if self.skip_nonfinite:
+            bad = torch.zeros(1, device=device, dtype=self.acc_dtype)
+            for p in pieces:
+                if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+                    bad += 1
+            self.coll.all_reduce(bad, "finite").wait()
+            if bad.item() > 0:
+                self.skipped_steps += 1
+                return False
+        self.finish_variance()
+        self.t += 1
+        live = [p for p in pieces if p.grad is not None]
+        if self.algorithm in ("lanton", "scion"):
+            self._lanton(live)
+        elif self.algorithm == "dmuon":
+            self._dmuon(live)
+        else:
+            self._adamw(live)
+        return True
+
+    def finish_variance(self) -> None:
+        """Wait for a pending variance reduction and refresh H and the rate factors."""
+        if self._pending is None:
+            return
+        handle, vec = self._pending
+        self._pending = None
+        handle.wait()
+        L = self.n_layers
+        vals, present = vec[:L], vec[L:] > 0
+        sq = torch.empty_like(vals)
+        for i, kind in enumerate(self.layer_kind):
+            sq[i] = vals[i] * self._vector_numel[i] if kind is Geometry.VECTOR else vals[i] * vals[i]
+        beta2 = torch.tensor([self.param_groups[g]["beta2"] for g in self.layer_group], dtype=self.H.dtype, device=self.H.device)
+        alpha = torch.tensor([self.param_groups[g]["alpha"] for g in self.layer_group], dtype=self.H.dtype, device=self.H.device)
+        self.H = torch.where(present, self.H * beta2 + sq * (1 - beta2), self.H)
+        self.F = noise.lr_factors(noise.noise_alpha(self.H, alpha), self.layer_gid, self.anchor)
+
+    # ------------------------------------------------------------------ algorithms
+    def _lanton(self, live: list[LocalPiece]) -> None:
+        t = self.t
+        estimate = self.noise_adaptive and noise.is_estimation_step(t, self.k)
+        for p in live:
+            st = self.state_of(p)
+            mom = st.setdefault("momentum", torch.zeros_like(p.param))
+            mom.lerp_(p.grad, 1 - self.param_groups[p.group]["beta1"])
+        if estimate:
+            self._launch_variance(live)
+            if not self.overlap:
+                self.finish_variance()
+        if self.noise_adaptive and self.option == "I":
+            keep = noise.keeps_previous_gradient(t, self.k)
+            for p in live:
+                st = self.state_of(p)
+                if keep:
+                    st["prev_grad"] = p.grad.clone()
+                else:
+                    st.pop("prev_grad", None)
+        effective = []
+        for p in live:
+            mom = self.state_of(p)["momentum"]
+            g = self.param_groups[p.group]
+            effective.append(mom.lerp(p.grad, 1 - g["beta1"]) if g["nesterov"] else mom)
+        directions = self._directions(live, effective)
+        for p, o in zip(live, directions):
+            g = self.param_groups[p.group]
+            start = self.layer_start[p.name]
+            scale = piece_scale(p, self.F[start : start + len(p.spec.blocks)]).to(p.param.dtype)
+            if g["weight_decay"]:
+                p.param.mul_(1 - g["lr"] * g["weight_decay"] * (scale if self.wd_lr == "layer" else 1.0))
+            p.param.add_(o * (scale * g["lr"]))
+
+    def _dmuon(self, live: list[LocalPiece]) -> None:
+        hidden = [p for p in live if p.spec.geometry is Geometry.HIDDEN]
+        effective = []
+        for p in hidden:
+            g = self.param_groups[p.group]
+            mom = self.state_of(p).setdefault("momentum", torch.zeros_like(p.param))
+            mom.mul_(g["momentum"]).add_(p.grad)
+            effective.append(p.grad.add(mom, alpha=g["momentum"]) if g["nesterov"] else mom)
+        for p, o in zip(hidden, self._hidden_directions(hidden, effective)):
+            g = self.param_groups[p.group]
+            p.param.mul_(1 - g["lr"] * g["weight_decay"]).add_(o, alpha=g["lr"])
+        self._adamw([p for p in live if p.spec.geometry is not Geometry.HIDDEN])
+
+    def _adamw(self, pieces: list[LocalPiece]) -> None:
+        for p in pieces:
+            g = self.param_groups[p.group]
+            st = self.state_of(p)
+            if "exp_avg" not in st:
+                st["exp_avg"], st["exp_avg_sq"] = torch.zeros_like(p.param), torch.zeros_like(p.param)
+            adamw_step_(p.param, p.grad, st["exp_avg"], st["exp_avg_sq"], self.t, g["lr"],
+                        tuple(g["adam_betas"]), g["adam_eps"], g["weight_decay"])
+
+    # ------------------------------------------------------------------ pieces of the math
+    def _hidden_directions(self, hidden: list[LocalPiece], effective: list[torch.Tensor]) -> list[torch.Tensor]:
+        owned = self.exchange.gather(hidden, effective, "lmo_gather")
+        names = list(owned)
+        dirs = lmo_mod.hidden_directions([self.specs[n] for n in names], [owned[n] for n in names], self.lmo)
+        return self.exchange.scatter(hidden, dict(zip(names, dirs)), "lmo_scatter")
+
+    def _directions(self, live: list[LocalPiece], effective: list[torch.Tensor]) -> list[torch.Tensor]:
+        out: list[torch.Tensor | None] = [None] * len(live)
+        hidden = [i for i, p in enumerate(live) if p.spec.geometry is Geometry.HIDDEN]
+        for i, d in zip(hidden, self._hidden_directions([live[i] for i in hidden], [effective[i] for i in hidden])):
+            out[i] = d
+        vector_names = self._all_vector_names
+        if vector_names:
+            index = {n: j for j, n in enumerate(vector_names)}
+            sums = torch.zeros(len(vector_names), device=self.H.device, dtype=self.acc_dtype)
+            vectors = [i for i, p in enumerate(live) if p.spec.geometry is Geometry.VECTOR]
+            for i in vectors:
+                sums[index[live[i].name]] += lmo_mod.sq_partial(effective[i])
+            self.coll.all_reduce(sums, "norm").wait()
+            for i in vectors:
+                out[i] = lmo_mod.vector_direction(effective[i], sums[index[live[i].name]].sqrt(), live[i].spec.numel)
+        for i, p in enumerate(live):
+            if p.spec.geometry is Geometry.EMBED_HEAD:
+                out[i] = lmo_mod.sign_direction(p.spec, effective[i], self.lmo)
+        return out  # type: ignore[return-value]
+
+    def _launch_variance(self, live: list[LocalPiece]) -> None:
+        L = self.n_layers
+        vec = torch.zeros(2 * L, device=self.H.device, dtype=self.acc_dtype)
+        diffs: list[torch.Tensor | None] = []
+        for p in live:
+            if self.option == "II":
+                if p.diff2 is None:
+                    raise RuntimeError(f"step {self.t} estimates with Option II but {p.name} has no half-batch "
+                                       "gradient: call stash_half_gradient() between the two half-batch backward passes")
+                diffs.append(p.diff2)
+            else:
+                prev = self.state_of(p).get("prev_grad")
+                diffs.append(None if prev is None else p.grad - prev)
+        hidden = [(p, d) for p, d in zip(live, diffs) if p.spec.geometry is Geometry.HIDDEN and d is not None]
+        owned = self.exchange.gather([p for p, _ in hidden], [d for _, d in hidden], "variance_gather")
+        if owned:
+            names = list(owned)
+            estimator = resolve_estimator(self.estimator_name, next(iter(owned.values())).device)
+            norms = iter(lmo_mod.hidden_dual_norms([self.specs[n] for n in names], [owned[n] for n in names], estimator))
+            for n in names:
+                s = self.layer_start[n]
+                for b in range(len(self.specs[n].blocks)):
+                    vec[s + b] = next(norms)
+                    vec[L + s + b] = 1.0
+        for p, d in zip(live, diffs):
+            if d is None or p.spec.geometry is Geometry.HIDDEN:
+                continue
+            s = self.layer_start[p.name]
+            vec[s] += lmo_mod.l1_partial(d) if p.spec.geometry is Geometry.EMBED_HEAD else lmo_mod.sq_partial(d)
+            vec[L + s] += 1.0
+        self._pending = (self.coll.all_reduce(vec, "variance"), vec)
+
+    # ------------------------------------------------------------------ bookkeeping
+    def _to(self, device: torch.device) -> None:
+        if self.H.device != device:
+            self.H, self.F, self.layer_gid = self.H.to(device), self.F.to(device), self.layer_gid.to(device)
+
+    def layer_diagnostics(self) -> list[dict[str, Any]]:
+        """Per logical layer (replicated on every rank): name, geometry, H, α, factor, lr."""
+        rows = []
+        for name, s in self.specs.items():
+            g = self.param_groups[self.group_of[name]]
+            for b, blk in enumerate(s.blocks):
+                i = self.layer_start[name] + b
+                h = float(self.H[i])
+                rows.append(dict(name=blk.name, geometry=s.geometry.value, H=h,
+                                 alpha=g["alpha"] / math.sqrt(g["alpha"] ** 2 + h) if "alpha" in g else 1.0,
+                                 lr_factor=float(self.F[i]), lr=g["lr"] * float(self.F[i])))
+        return rows

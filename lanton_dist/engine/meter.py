@@ -1,0 +1,204 @@
+"""Communication meter and the metered collectives every engine and adapter issues.
+
+Each collective is recorded with its op, phase, process group, element count and two byte
+figures:
+
+* ``tensor_bytes`` — size of the collective's full buffer (the reduce-scatter input, the
+  all-gather output, the all-reduce tensor, the all-to-all send buffer of this rank);
+* ``sent_bytes`` — bytes this rank sends under the standard algorithms: ring reduce-scatter
+  and all-gather ``(W−1)·N/W``, ring all-reduce ``2·(W−1)·⌈N/W⌉``, all-to-all the send
+  buffer minus the part addressed to itself. All integers (``N`` is padded to ``W``).
+
+Phases: ``grad_reduce``, ``param_gather``, ``lmo_gather``/``lmo_scatter`` (adapters moving
+matrix shards to owners and back), and the scalar phases ``finite`` (the skip-step vote), ``norm`` (vector-group ‖B‖₂) and
+``variance`` (dual-norm contributions on estimation steps). :data:`SCALAR_PHASES` are the
+small per-layer reductions; everything else is tensor traffic.
+
+:class:`Collectives` also turns a failure on any rank into an error on every rank that
+names it: a rank that raises publishes ``rank R: <error>`` in the process group's store and
+peers whose collectives then fail (or time out) re-raise with that message.
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+# torch >= 2.12 names; older releases only have the *_tensor spellings.
+_REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+SCALAR_PHASES = frozenset({"finite", "norm", "variance"})
+ERROR_KEY = "lanton_dist/error"
+
+
+@dataclass(frozen=True)
+class CommRecord:
+    step: int
+    op: str
+    phase: str
+    group: str
+    group_size: int
+    numel: int
+    elem_size: int
+    tensor_bytes: int
+    sent_bytes: int
+
+
+def sent_bytes(op: str, numel: int, elem_size: int, world: int, self_numel: int = 0) -> int:
+    """Bytes one rank sends for ``op`` on ``numel`` elements over ``world`` ranks (see module doc)."""
+    if world == 1:
+        return 0
+    if op in ("reduce_scatter", "all_gather"):
+        return (world - 1) * (numel // world) * elem_size
+    if op == "all_reduce":
+        return 2 * (world - 1) * math.ceil(numel / world) * elem_size
+    if op == "all_to_all":
+        return (numel - self_numel) * elem_size
+    raise ValueError(f"unknown collective {op!r}")
+
+
+class CommMeter:
+    """Records :class:`CommRecord` per step. ``step`` is set by the engine before each step."""
+
+    def __init__(self) -> None:
+        self.records: list[CommRecord] = []
+        self.step = 0
+
+    def add(self, record: CommRecord) -> None:
+        self.records.append(record)
+
+    def for_step(self, step: int) -> list[CommRecord]:
+        return [r for r in self.records if r.step == step]
+
+    def by_phase(self, step: int | None = None, key: str = "sent_bytes") -> dict[str, int]:
+        """Sum of ``key`` per phase, over one step or all."""
+        out: dict[str, int] = defaultdict(int)
+        for r in self.records if step is None else self.for_step(step):
+            out[r.phase] += getattr(r, key)
+        return dict(out)
+
+    def tensor_bytes(self, step: int | None = None, key: str = "sent_bytes") -> int:
+        """Bytes of the non-scalar phases (what the AdamW comparison is about)."""
+        return sum(v for p, v in self.by_phase(step, key).items() if p not in SCALAR_PHASES)
+
+    def scalar_bytes(self, step: int | None = None, key: str = "sent_bytes") -> int:
+        return sum(v for p, v in self.by_phase(step, key).items() if p in SCALAR_PHASES)
+
+    def to_json(self) -> list[dict]:
+        return [asdict(r) for r in self.records]
+
+    def reset(self) -> None:
+        self.records.clear()
+
+
+class _Handle:
+    """An async work handle whose ``wait`` turns peer failures into named errors."""
+
+    def __init__(self, coll: "Collectives", work, op: str) -> None:
+        self._coll, self._work, self._op = coll, work, op
+
+    def wait(self) -> None:
+        if self._work is None:
+            return
+        try:
+            self._work.wait()
+        except Exception as exc:  # noqa: BLE001 - re-raised with the failing rank's name
+            self._coll.raise_peer_error(exc, self._op)
+        finally:
+            self._work = None
+
+
+class Collectives:
+    """Metered wrappers over ``torch.distributed`` for one process group (``None``: default group)."""
+
+    def __init__(self, meter: CommMeter, group: dist.ProcessGroup | None = None, name: str = "dp") -> None:
+        self.meter, self.group, self.name = meter, group, name
+        self.world = dist.get_world_size(group) if dist.is_initialized() else 1
+        self.rank = dist.get_rank(group) if dist.is_initialized() else 0
+
+    # -- bookkeeping
+    def _record(self, op: str, phase: str, t: torch.Tensor, self_numel: int = 0) -> None:
+        n, e = t.numel(), t.element_size()
+        self.meter.add(CommRecord(self.meter.step, op, phase, self.name, self.world, n, e, n * e,
+                                  sent_bytes(op, n, e, self.world, self_numel)))
+
+    def _run(self, op: str, fn):
+        try:
+            return _Handle(self, fn(), op)
+        except Exception as exc:  # noqa: BLE001
+            self.raise_peer_error(exc, op)
+
+    def raise_peer_error(self, exc: BaseException, op: str) -> None:
+        """Re-raise ``exc`` naming the rank that failed first, if one published an error."""
+        msg = self.peer_error()
+        if msg:
+            raise RuntimeError(f"lanton_dist: {op} aborted because {msg}") from exc
+        raise exc
+
+    def peer_error(self) -> str | None:
+        store = _default_store()
+        if store is None:
+            return None
+        try:
+            store.set_timeout(timedelta(seconds=2))
+            if store.check([ERROR_KEY]):
+                return store.get(ERROR_KEY).decode()
+        except Exception:  # noqa: BLE001 - the store may be gone with the failed rank
+            return None
+        return None
+
+    def publish_error(self, exc: BaseException) -> None:
+        """Tell every peer that this rank failed (first writer wins)."""
+        store = _default_store()
+        if store is not None:
+            try:
+                store.compare_set(ERROR_KEY, "", f"rank {dist.get_rank()} raised {type(exc).__name__}: {exc}")
+            except Exception:  # noqa: BLE001
+                pass
+
+    # -- collectives (all return a handle; call .wait())
+    def all_reduce(self, t: torch.Tensor, phase: str, op=dist.ReduceOp.SUM) -> _Handle:
+        self._record("all_reduce", phase, t)
+        if self.world == 1:
+            return _Handle(self, None, "all_reduce")
+        return self._run("all_reduce", lambda: dist.all_reduce(t, op=op, group=self.group, async_op=True))
+
+    def reduce_scatter(self, out: torch.Tensor, inp: torch.Tensor, phase: str) -> _Handle:
+        """SUM reduce-scatter of ``inp`` (``world·n``) into ``out`` (``n``)."""
+        self._record("reduce_scatter", phase, inp)
+        if self.world == 1:
+            out.copy_(inp)
+            return _Handle(self, None, "reduce_scatter")
+        return self._run("reduce_scatter", lambda: _REDUCE_SCATTER(out, inp, group=self.group, async_op=True))
+
+    def all_gather(self, out: torch.Tensor, inp: torch.Tensor, phase: str) -> _Handle:
+        """All-gather ``inp`` (``n``) into ``out`` (``world·n``); ``inp`` may be ``out``'s own slice."""
+        self._record("all_gather", phase, out)
+        if self.world == 1:
+            if out.data_ptr() != inp.data_ptr():
+                out.copy_(inp)
+            return _Handle(self, None, "all_gather")
+        return self._run("all_gather", lambda: _ALL_GATHER(out, inp, group=self.group, async_op=True))
+
+    def all_to_all(self, out: torch.Tensor, inp: torch.Tensor, out_splits: list[int], in_splits: list[int], phase: str) -> _Handle:
+        """``all_to_all_single`` with explicit splits (first dim)."""
+        row = inp[0].numel() if inp.ndim > 1 else 1
+        self._record("all_to_all", phase, inp, self_numel=in_splits[self.rank] * row)
+        if self.world == 1:
+            out.copy_(inp)
+            return _Handle(self, None, "all_to_all")
+        return self._run("all_to_all", lambda: dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.group, async_op=True))
+
+
+def _default_store():
+    if not dist.is_initialized():
+        return None
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except Exception:  # noqa: BLE001
+        return None

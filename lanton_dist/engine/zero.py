@@ -1,0 +1,235 @@
+"""ShardedLANTON: LANTON (and Scion, D-Muon, AdamW) over data-parallel ranks, ZeRO-1/2 style.
+
+Every rank holds the full model and computes gradients on its rows of the global batch.
+``step()``:
+
+1. copies ``p.grad`` into the owner-aligned bucket buffers (:mod:`.layout`) and
+   reduce-scatters them (async, all buckets in flight) — each owner receives whole reduced
+   gradients of its matrices, everyone else's copies are freed (``p.grad = None``, ZeRO-2);
+2. runs :class:`~lanton_dist.engine.core.ShardedCore` on this rank's segment: momentum,
+   Newton–Schulz and (every k steps) the nuclear norm of each owned matrix — once per matrix
+   across the job — elementwise work on the embed_head/vector pieces;
+3. all-gathers the updated segments (async per bucket) and copies them into the parameters.
+
+Tensor traffic is one reduce-scatter plus one all-gather of the padded model per step,
+exactly what ZeRO AdamW moves on the same layout; the extra is the scalar ``finite``,
+``norm`` and (estimation steps) ``variance`` all-reduces. Optimizer state lives only where
+its piece lives. Process group: ``process_group`` (default: the world); tensors of the
+buffers live on the parameters' device.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.optim import Optimizer
+
+from lanton_dist.engine.core import ALGORITHMS, LocalExchange, LocalPiece, ShardedCore
+from lanton_dist.engine.layout import Layout, build_layout
+from lanton_dist.engine.meter import Collectives, CommMeter
+from lanton_dist.engine.ownership import OwnershipPlan, plan_ownership
+from lanton_dist.lanton import check_param_groups
+from lanton_dist.lmo import LMOConfig
+
+DEFAULTS: dict[str, Any] = dict(lr=0.02, weight_decay=0.0, beta1=0.9, beta2=0.9, alpha=1.0, nesterov=False,
+                                momentum=0.95, adam_betas=(0.9, 0.95), adam_eps=1e-8)
+
+
+class ShardedLANTON(Optimizer):
+    """Data-parallel sharded optimizer (see module doc).
+
+    Args:
+        params: param groups with ``specs`` (``lanton_dist.param_groups``); the same on every rank.
+        algorithm: ``lanton`` | ``scion`` | ``dmuon`` | ``adamw``.
+        process_group: data-parallel group (``None``: world).
+        bucket_mb: target bucket size; fewer buckets are used if whole matrices would pad > 1%.
+        overlap: consume the variance all-reduce at the next step (one-step-late rate factors,
+            equal to the reference with ``delay_lr_factor=True``); False waits for it.
+        layout: ``owner`` (default) or ``plain`` (no owners: the plain ZeRO AdamW layout, only
+            for ``algorithm='adamw'``, as a traffic baseline).
+        meter: a :class:`CommMeter` to record into (a new one by default).
+        Remaining keyword arguments are the algorithm's hyper-parameters (as in
+        :class:`~lanton_dist.lanton.LANTON` / :class:`~lanton_dist.dmuon.DMuon`).
+    """
+
+    def __init__(self, params: Iterable[dict[str, Any]], algorithm: str = "lanton", *,
+                 process_group: dist.ProcessGroup | None = None, bucket_mb: float = 25.0, overlap: bool = True,
+                 layout: str = "owner", meter: CommMeter | None = None, estimate_every: int = 10, option: str = "I",
+                 ratio_anchor: str = "max", nuclear_estimator: str = "auto", wd_lr: str = "group",
+                 lmo: LMOConfig | None = None, skip_nonfinite: bool = True, **hyper: Any) -> None:
+        unknown = set(hyper) - set(DEFAULTS)
+        if unknown:
+            raise ValueError(f"unknown hyper-parameters {sorted(unknown)}; valid: {sorted(DEFAULTS)}")
+        if algorithm not in ALGORITHMS:
+            raise ValueError(f"unknown algorithm {algorithm!r}; choose one of {ALGORITHMS}")
+        if layout not in ("owner", "plain") or (layout == "plain" and algorithm != "adamw"):
+            raise ValueError("layout must be 'owner', or 'plain' with algorithm='adamw' (whole matrices need owners)")
+        if not dist.is_initialized():
+            raise RuntimeError("ShardedLANTON needs torch.distributed initialised (use LANTON for one process)")
+        super().__init__(params, {**DEFAULTS, **hyper})
+        check_param_groups(self.param_groups)
+        for g in self.param_groups:
+            if not g["alpha"] > 0:
+                raise ValueError(f"alpha must be > 0, got {g['alpha']}")
+        self.meter = meter or CommMeter()
+        self.coll = Collectives(self.meter, process_group, "dp")
+        self.world, self.rank = self.coll.world, self.coll.rank
+        self._params = [(p, s, gi) for gi, g in enumerate(self.param_groups) for p, s in zip(g["params"], g["specs"])]
+        specs = [s for _, s, _ in self._params]
+        self._check_same_model(specs, process_group)
+        ns_steps = (lmo or LMOConfig()).ns_steps
+        self.plan: OwnershipPlan = plan_ownership(specs, self.world, ns_steps)
+        elem = self._params[0][0].element_size() if self._params else 4
+        self.layout: Layout = build_layout(specs, None if layout == "plain" else self.plan, self.world,
+                                           int(bucket_mb * 2**20 / elem))
+        self._by_name = {s.name: (p, s, gi) for p, s, gi in self._params}
+        device = self._params[0][0].device if self._params else torch.device("cpu")
+        dtype = self._params[0][0].dtype if self._params else torch.float32
+        self._grad_bufs = [torch.zeros(b.segment * self.world, device=device, dtype=dtype) for b in self.layout.buckets]
+        self._param_bufs = [torch.zeros(b.segment * self.world, device=device, dtype=dtype) for b in self.layout.buckets]
+        self._half: dict[str, torch.Tensor] | None = None
+        self.pieces: list[LocalPiece] = []
+        for b, buf, gbuf in zip(self.layout.buckets, self._param_bufs, self._grad_bufs):
+            base = self.rank * b.segment
+            for pc in b.on_rank(self.rank):
+                p, s, gi = self._by_name[pc.name]
+                seg = slice(base + pc.offset, base + pc.offset + pc.numel)
+                buf[seg].copy_(p.detach().reshape(-1)[pc.start : pc.stop])
+                self.pieces.append(LocalPiece(s, gi, pc.start, pc.stop, buf[seg], gbuf[seg]))
+        self.core = ShardedCore(specs, {s.name: gi for _, s, gi in self._params}, self.param_groups, algorithm,
+                                self.coll, LocalExchange(), estimate_every=estimate_every, option=option,
+                                ratio_anchor=ratio_anchor, overlap=overlap, nuclear_estimator=nuclear_estimator,
+                                wd_lr=wd_lr, lmo=lmo, skip_nonfinite=skip_nonfinite, dtype=dtype)
+        self.meter.step = 0
+        self._all_gather_params("init_sync")
+
+    # ------------------------------------------------------------------ API
+    @property
+    def t(self) -> int:
+        return self.core.t
+
+    @property
+    def skipped_steps(self) -> int:
+        return self.core.skipped_steps
+
+    def needs_two_half_batches(self) -> bool:
+        return self.core.needs_two_half_batches()
+
+    @torch.no_grad()
+    def stash_half_gradient(self) -> None:
+        """Option II: keep the first half-batch's local gradients and clear ``p.grad``
+        (weight each half's loss by 1/2; both halves are reduce-scattered at ``step``)."""
+        self._half = {}
+        for p, s, _ in self._params:
+            if p.grad is not None:
+                self._half[s.name] = p.grad.detach().clone()
+                p.grad = None
+
+    @torch.no_grad()
+    def sync_from_model(self) -> None:
+        """Copy the model's parameters into this rank's pieces (after loading weights)."""
+        for pc in self.pieces:
+            pc.param.copy_(self._by_name[pc.name][0].detach().reshape(-1)[pc.start : pc.stop])
+
+    def layer_diagnostics(self) -> list[dict[str, Any]]:
+        return self.core.layer_diagnostics()
+
+    def ns_calls(self) -> dict[str, int]:
+        """Owned hidden matrices whose Newton–Schulz this rank runs each step (for counting)."""
+        return {pc.name: 1 for pc in self.pieces if pc.spec.geometry.value == "hidden" and self.core.algorithm != "adamw"}
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.meter.step = self.core.t + 1
+        try:
+            grads = self._reduce_scatter(lambda s: self._grad_of(s), "grad_reduce", self._grad_bufs)
+            halves = None
+            if self._half is not None:
+                half_bufs = [torch.zeros_like(b) for b in self._grad_bufs]
+                halves = self._reduce_scatter(lambda s: self._half.get(s.name), "grad_reduce_half", half_bufs)
+                self._half = None
+            for p, _, _ in self._params:
+                p.grad = None
+            for pc in self.pieces:
+                pc.grad = grads[(pc.name, pc.start)]
+                pc.diff2 = None
+                if halves is not None:
+                    half = halves[(pc.name, pc.start)]
+                    pc.diff2 = 2.0 * (half - pc.grad)
+                    pc.grad = pc.grad + half
+            if self.core.step(self.pieces):
+                self._all_gather_params("param_gather")
+        except Exception as exc:
+            self.coll.publish_error(exc)
+            raise
+        return loss
+
+    # ------------------------------------------------------------------ internals
+    def _grad_of(self, spec) -> torch.Tensor | None:
+        return self._by_name[spec.name][0].grad
+
+    def _reduce_scatter(self, source, phase: str, bufs: list[torch.Tensor]) -> dict[tuple[str, int], torch.Tensor]:
+        """Fill ``bufs`` from ``source(spec)`` (full local grads), reduce-scatter (mean) all buckets."""
+        handles, outs = [], []
+        for b, buf in zip(self.layout.buckets, bufs):
+            buf.zero_()
+            for pc in b.pieces:
+                g = source(self._by_name[pc.name][1])
+                if g is not None:
+                    at = pc.rank * b.segment + pc.offset
+                    buf[at : at + pc.numel].copy_(g.reshape(-1)[pc.start : pc.stop])
+            out = torch.empty(b.segment, device=buf.device, dtype=buf.dtype)
+            handles.append(self.coll.reduce_scatter(out, buf, phase))
+            outs.append(out)
+        result = {}
+        for b, h, out in zip(self.layout.buckets, handles, outs):
+            h.wait()
+            out.div_(self.world)
+            for pc in b.on_rank(self.rank):
+                result[(pc.name, pc.start)] = out[pc.offset : pc.offset + pc.numel]
+        return result
+
+    def _all_gather_params(self, phase: str) -> None:
+        handles = []
+        for b, buf in zip(self.layout.buckets, self._param_bufs):
+            mine = buf[self.rank * b.segment : (self.rank + 1) * b.segment]
+            handles.append(self.coll.all_gather(buf, mine, phase))
+        for b, buf, h in zip(self.layout.buckets, self._param_bufs, handles):
+            h.wait()
+            for pc in b.pieces:
+                p = self._by_name[pc.name][0]
+                at = pc.rank * b.segment + pc.offset
+                p.detach().view(-1)[pc.start : pc.stop].copy_(buf[at : at + pc.numel])
+
+    def _check_same_model(self, specs, group) -> None:
+        sig = [(s.name, s.shape, s.geometry.value, tuple(b.rows for b in s.blocks)) for s in specs]
+        gathered: list[Any] = [None] * self.world
+        dist.all_gather_object(gathered, sig, group=group)
+        for r, other in enumerate(gathered):
+            if other != sig:
+                raise ValueError(f"rank {self.rank}: rank {r} has a different model/parameter list; "
+                                 "every data-parallel rank must build the same model")
+
+    def state_dict(self) -> dict[str, Any]:
+        raise RuntimeError("ShardedLANTON state is sharded: save it with lanton_dist.engine.checkpoint.save(...)")
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        raise RuntimeError("ShardedLANTON state is sharded: load it with lanton_dist.engine.checkpoint.load(...)")
+
+
+def build_sharded_optimizer(model: torch.nn.Module, cfg, *, process_group: dist.ProcessGroup | None = None,
+                            bucket_mb: float = 25.0, overlap: bool = True, meter: CommMeter | None = None,
+                            groups: list[dict[str, Any]] | None = None) -> ShardedLANTON:
+    """:class:`ShardedLANTON` for ``cfg.name`` with the same hyper-parameters as
+    :func:`lanton_dist.factory.build_optimizer` (``cfg``: :class:`~lanton_dist.config.OptimConfig`)."""
+    from lanton_dist.factory import hyper_parameters, lanton_options, param_groups
+
+    groups = groups if groups is not None else param_groups(model, cfg)
+    return ShardedLANTON(groups, cfg.name, process_group=process_group, bucket_mb=bucket_mb, overlap=overlap,
+                         meter=meter, **lanton_options(cfg), **hyper_parameters(cfg))

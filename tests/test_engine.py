@@ -1,0 +1,238 @@
+"""Specification of the sharded engine (ShardedLANTON) on CPU gloo process groups."""
+from __future__ import annotations
+
+import os
+import tempfile
+
+import pytest
+import torch
+
+from distributed import run
+from engine_cases import batches, make_model, max_rel_err, reference_run, rows, sharded_run, backward_step
+from lanton_dist.config import OptimConfig
+from lanton_dist.engine import build_sharded_optimizer, checkpoint, plan_ownership
+from lanton_dist.factory import param_groups
+from lanton_dist.groups import classify_parameters
+
+pytestmark = pytest.mark.slow
+STEPS = 20
+VARIANTS = [  # (option, k, overlap)
+    ("I", 1, False), ("I", 5, False), ("II", 1, False), ("II", 5, False),
+    ("I", 1, True), ("I", 5, True), ("II", 5, True),
+]
+
+
+def _equivalence_worker(rank, world, dtype):
+    out = {}
+    for option, k, overlap in VARIANTS:
+        cfg = OptimConfig(name="lanton", option=option, estimate_every=k, nuclear_estimator="exact")
+        model = make_model(dtype)
+        opt = build_sharded_optimizer(model, cfg, overlap=overlap)
+        out[(option, k, overlap)] = sharded_run(rank, world, opt, model, STEPS)
+    return out
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_sharded_lanton_equals_reference_for_every_world_size_option_and_k(world):
+    """20 steps, fp64: Option I/II, k = 1 and 5, overlap off (against the reference) and on
+    (against the reference with delay_lr_factor=True). fp64 separates optimizer bugs from
+    reduction-order noise; the residue (≤ 3e-7) is the model's fp32 RMSNorm upcast."""
+    results = run(_equivalence_worker, world, torch.float64)
+    for option, k, overlap in VARIANTS:
+        cfg = OptimConfig(name="lanton", option=option, estimate_every=k, nuclear_estimator="exact")
+        ref = reference_run(cfg, STEPS, world, torch.float64, delay=overlap)
+        for r, res in enumerate(results):
+            err = max_rel_err(res[(option, k, overlap)], ref)
+            assert err <= 1e-6, f"world {world} rank {r} option {option} k {k} overlap {overlap}: rel err {err:.2e}"
+
+
+def _fp32_worker(rank, world, name):
+    cfg = OptimConfig(name=name, estimate_every=5, nuclear_estimator="exact")
+    model = make_model()
+    return sharded_run(rank, world, build_sharded_optimizer(model, cfg, overlap=False), model, STEPS)
+
+
+@pytest.mark.parametrize("name", ["lanton", "scion", "dmuon", "adamw"])
+def test_sharded_engine_equals_reference_in_fp32_on_3_ranks(name):
+    """fp32, uneven ownership (3 ranks), every algorithm sharing the engine."""
+    results = run(_fp32_worker, 3, name)
+    ref = reference_run(OptimConfig(name=name, estimate_every=5, nuclear_estimator="exact"), STEPS)
+    for r, res in enumerate(results):
+        assert max_rel_err(res, ref) <= 5e-5, f"rank {r}"
+        assert all(torch.equal(res[n], results[0][n]) for n in res), "ranks disagree on parameters"
+
+
+def _meter_worker(rank, world, name, option):
+    import lanton_dist.lmo as lmo
+
+    calls = []
+    real = lmo.newton_schulz
+    lmo.newton_schulz = lambda x, *a, **kw: (calls.append(x.shape[0] if x.ndim == 3 else 1), real(x, *a, **kw))[1]
+    try:
+        cfg = OptimConfig(name=name, estimate_every=2, option=option, nuclear_estimator="exact")
+        model = make_model()
+        opt = build_sharded_optimizer(model, cfg)
+        sharded_run(rank, world, opt, model, 4)
+    finally:
+        lmo.newton_schulz = real
+    meter = opt.meter
+    return {s: (meter.tensor_bytes(s), meter.scalar_bytes(s), meter.by_phase(s)) for s in range(1, 5)}, sum(calls)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_lanton_moves_exactly_adamw_tensor_bytes_and_runs_each_newton_schulz_once(world):
+    lanton = run(_meter_worker, world, "lanton", "I")
+    adamw = run(_meter_worker, world, "adamw", "I")
+    n_matrices = sum(len(s.blocks) for s in classify_parameters(make_model()).values() if s.geometry.value == "hidden")
+    for r in range(world):
+        for step in range(1, 5):
+            assert lanton[r][0][step][0] == adamw[r][0][step][0] > 0
+            phases = set(lanton[r][0][step][2])
+            assert phases - {"grad_reduce", "param_gather"} <= {"finite", "norm", "variance"}
+            assert ("variance" in phases) == (step % 2 == 0)
+    assert sum(res[1] for res in lanton) == 4 * n_matrices, "each matrix orthogonalised once per step across the job"
+    assert sum(res[1] for res in adamw) == 0
+
+
+def test_option_two_adds_one_gradient_reduce_scatter_on_estimation_steps_only():
+    res = run(_meter_worker, 2, "lanton", "II")
+    for step in range(1, 5):
+        phases = res[0][0][step][2]
+        if step % 2 == 0:
+            assert phases["grad_reduce_half"] == phases["grad_reduce"]
+        else:
+            assert "grad_reduce_half" not in phases
+
+
+def test_ownership_balances_newton_schulz_flops_deterministically():
+    specs = list(classify_parameters(make_model()).values())
+    a, b = plan_ownership(specs, 3), plan_ownership(list(reversed(specs)), 3)
+    assert a.owner == b.owner
+    assert a.imbalance < 1.35
+    assert set(a.owner) == {s.name for s in specs if s.geometry.value == "hidden"}
+
+
+def _resume_worker(rank, world, path, phase, dtype=torch.float32):
+    cfg = OptimConfig(name="lanton", estimate_every=3, nuclear_estimator="exact")
+    model = make_model(dtype)
+    opt = build_sharded_optimizer(model, cfg)
+    all_batches = batches(20)
+    if phase == "save":
+        for x in all_batches[:7]:
+            backward_step(model, opt, rows(x, rank, world))
+        checkpoint.save(opt, path, model)
+        return None
+    checkpoint.load(opt, path, model)
+    for x in all_batches[7:]:
+        backward_step(model, opt, rows(x, rank, world))
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _uninterrupted(rank, world, dtype=torch.float32):
+    cfg = OptimConfig(name="lanton", estimate_every=3, nuclear_estimator="exact")
+    model = make_model(dtype)
+    return sharded_run(rank, world, build_sharded_optimizer(model, cfg), model, 20)
+
+
+def test_kill_after_step_7_and_resume_matches_uninterrupted_run_bit_exactly():
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "ckpt")
+        run(_resume_worker, 3, path, "save")
+        resumed = run(_resume_worker, 3, path, "load")
+    full = run(_uninterrupted, 3)
+    for r in range(3):
+        for n in full[r]:
+            assert torch.equal(resumed[r][n], full[r][n]), f"rank {r} {n}"
+
+
+def test_resharded_resume_4_to_2_to_3_matches_to_1e6():
+    """Steps 1–7 on 4 ranks, 8–14 on 2, 15–20 on 3, against 20 steps on 3 ranks. In fp64, so
+    the bound tests the checkpoint, not fp32 reduction order (which differs by world size)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        p4, p2 = os.path.join(tmp, "w4"), os.path.join(tmp, "w2")
+        run(_resume_worker, 4, p4, "save", torch.float64)
+        run(_reshard_worker, 2, p4, p2)
+        resumed = run(_resume_from_14, 3, p2)
+    full = run(_uninterrupted, 3, torch.float64)
+    assert max_rel_err(resumed[0], full[0]) <= 1e-6
+
+
+def _reshard_worker(rank, world, src, dst):
+    cfg = OptimConfig(name="lanton", estimate_every=3, nuclear_estimator="exact")
+    model = make_model(torch.float64)
+    opt = build_sharded_optimizer(model, cfg)
+    checkpoint.load(opt, src, model)
+    for x in batches(20)[7:14]:
+        backward_step(model, opt, rows(x, rank, world))
+    checkpoint.save(opt, dst, model)
+
+
+def _resume_from_14(rank, world, path):
+    cfg = OptimConfig(name="lanton", estimate_every=3, nuclear_estimator="exact")
+    model = make_model(torch.float64)
+    opt = build_sharded_optimizer(model, cfg)
+    checkpoint.load(opt, path, model)
+    assert opt.t == 14
+    for x in batches(20)[14:]:
+        backward_step(model, opt, rows(x, rank, world))
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _failing_worker(rank, world):
+    cfg = OptimConfig(name="lanton", estimate_every=1, nuclear_estimator="exact")
+    model = make_model()
+    opt = build_sharded_optimizer(model, cfg)
+    for i, x in enumerate(batches(3)):
+        if i == 1 and rank == 1:
+            raise RuntimeError("injected failure in the forward pass")
+        backward_step(model, opt, rows(x, rank, world))
+
+
+def test_a_rank_that_raises_makes_every_rank_fail_naming_it_without_hanging():
+    import time
+
+    start = time.time()
+    results = run(_failing_worker, 3, timeout_s=20, expect_error=True)
+    assert time.time() - start < 90
+    assert all(status == "error" for status, _ in results)
+    assert "injected failure" in results[1][1]
+    for r in (0, 2):
+        assert "rank 1" in results[r][1], results[r][1][:500]
+
+
+def _nan_worker(rank, world):
+    cfg = OptimConfig(name="lanton", estimate_every=1, nuclear_estimator="exact")
+    model = make_model()
+    opt = build_sharded_optimizer(model, cfg)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    x = rows(batches(1)[0], rank, world)
+    from engine_cases import loss_fn
+
+    loss_fn(model, x).backward()
+    if rank == 2:
+        next(model.parameters()).grad[0, 0] = float("nan")
+    opt.step()
+    same = all(torch.equal(before[n], p) for n, p in model.named_parameters())
+    return same, opt.skipped_steps, opt.t, len(opt.core.state)
+
+
+def test_nan_gradient_on_one_rank_skips_the_step_on_every_rank_with_state_untouched():
+    for same, skipped, t, n_state in run(_nan_worker, 3):
+        assert same and skipped == 1 and t == 0 and n_state == 0
+
+
+def _mismatch_worker(rank, world):
+    model = make_model(seed=0)
+    if rank == 1:
+        model.lm_head = torch.nn.Linear(32, 65, bias=False)
+    build_sharded_optimizer(model, OptimConfig())
+
+
+def test_ranks_with_different_models_get_a_clear_error():
+    results = run(_mismatch_worker, 2, expect_error=True)
+    assert all(status == "error" and "different model" in msg for status, msg in results)
+
+
+def test_engine_refuses_to_run_without_a_process_group():
+    with pytest.raises(RuntimeError, match="torch.distributed"):
+        build_sharded_optimizer(make_model(), OptimConfig())
