@@ -281,6 +281,18 @@ class LANTON(Optimizer):
             return used
         return {p: self.state[p]["lr_factor"] for _, p, _ in entries}
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's, except that ``H`` and ``lr_factor`` keep their (≥ fp32) dtype: torch casts
+        every floating state tensor to its parameter's dtype, rounding them to bf16 for bf16 params."""
+        saved = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        keep = {p: {k: v for k, v in state_dict["state"].get(i, {}).items() if k in ("H", "lr_factor")}
+                for i, p in zip(saved, params)}
+        super().load_state_dict(state_dict)
+        for p, tensors in keep.items():
+            for k, v in tensors.items():
+                self.state[p][k] = v.to(device=p.device, copy=True)
+
     # ------------------------------------------------------------------ diagnostics
     def layer_diagnostics(self) -> list[dict[str, Any]]:
         """Per logical layer: name, geometry, H, α^ℓ, rate factor and effective lr (for logging)."""

@@ -178,26 +178,32 @@ def _resume_from_14(rank, world, path):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def _failing_worker(rank, world):
+def _failing_worker(rank, world, where):
+    from lanton_dist.engine.meter import fail_fast
+
     cfg = OptimConfig(name="lanton", estimate_every=1, nuclear_estimator="exact")
     model = make_model()
     opt = build_sharded_optimizer(model, cfg)
+    if where == "optimizer" and rank == 1:
+        opt.core._directions = lambda *a: (_ for _ in ()).throw(RuntimeError("injected failure in the LMO"))
     for i, x in enumerate(batches(3)):
-        if i == 1 and rank == 1:
-            raise RuntimeError("injected failure in the forward pass")
-        backward_step(model, opt, rows(x, rank, world))
+        with fail_fast():
+            if where == "forward" and i == 1 and rank == 1:
+                raise RuntimeError("injected failure in the forward pass")
+            backward_step(model, opt, rows(x, rank, world))
 
 
-def test_a_rank_that_raises_makes_every_rank_fail_naming_it_without_hanging():
+@pytest.mark.parametrize("where", ["forward", "optimizer"])
+def test_a_rank_that_raises_makes_every_rank_fail_naming_it_without_hanging(where):
     import time
 
     start = time.time()
-    results = run(_failing_worker, 3, timeout_s=20, expect_error=True)
+    results = run(_failing_worker, 3, where, timeout_s=20, expect_error=True)
     assert time.time() - start < 90
     assert all(status == "error" for status, _ in results)
     assert "injected failure" in results[1][1]
     for r in (0, 2):
-        assert "rank 1" in results[r][1], results[r][1][:500]
+        assert "rank 1 raised RuntimeError: injected failure" in results[r][1], results[r][1][:500]
 
 
 def _nan_worker(rank, world):

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 
@@ -135,31 +137,13 @@ class Collectives:
 
     def raise_peer_error(self, exc: BaseException, op: str) -> None:
         """Re-raise ``exc`` naming the rank that failed first, if one published an error."""
-        msg = self.peer_error()
+        msg = peer_error()
         if msg:
             raise RuntimeError(f"lanton_dist: {op} aborted because {msg}") from exc
         raise exc
 
-    def peer_error(self) -> str | None:
-        store = _default_store()
-        if store is None:
-            return None
-        try:
-            store.set_timeout(timedelta(seconds=2))
-            if store.check([ERROR_KEY]):
-                return store.get(ERROR_KEY).decode()
-        except Exception:  # noqa: BLE001 - the store may be gone with the failed rank
-            return None
-        return None
-
     def publish_error(self, exc: BaseException) -> None:
-        """Tell every peer that this rank failed (first writer wins)."""
-        store = _default_store()
-        if store is not None:
-            try:
-                store.compare_set(ERROR_KEY, "", f"rank {dist.get_rank()} raised {type(exc).__name__}: {exc}")
-            except Exception:  # noqa: BLE001
-                pass
+        publish_error(exc)
 
     # -- collectives (all return a handle; call .wait())
     def all_reduce(self, t: torch.Tensor, phase: str, op=dist.ReduceOp.SUM) -> _Handle:
@@ -193,6 +177,42 @@ class Collectives:
             out.copy_(inp)
             return _Handle(self, None, "all_to_all")
         return self._run("all_to_all", lambda: dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.group, async_op=True))
+
+
+def peer_error() -> str | None:
+    """The first failure a rank published in the default group's store, if any."""
+    store = _default_store()
+    if store is None:
+        return None
+    try:
+        store.set_timeout(timedelta(seconds=2))
+        if store.check([ERROR_KEY]):
+            return store.get(ERROR_KEY).decode()
+    except Exception:  # noqa: BLE001 - the store may be gone with the failed rank
+        return None
+    return None
+
+
+def publish_error(exc: BaseException) -> None:
+    """Tell every peer that this rank failed (first writer wins)."""
+    store = _default_store()
+    if store is not None:
+        try:
+            store.compare_set(ERROR_KEY, "", f"rank {dist.get_rank()} raised {type(exc).__name__}: {exc}")
+        except Exception:  # noqa: BLE001
+            pass
+
+
+@contextmanager
+def fail_fast() -> Iterator[None]:
+    """Wrap a training step (forward, backward, optimizer step): an exception on this rank is
+    published before it propagates, so peers blocked in a collective fail naming this rank
+    instead of waiting for the timeout or reporting a bare connection error."""
+    try:
+        yield
+    except BaseException as exc:
+        publish_error(exc)
+        raise
 
 
 def _default_store():
