@@ -24,7 +24,8 @@ next step — so the reference can be compared with them bit for bit.
 Parameters come in torch param groups whose ``"specs"`` list (parallel to ``"params"``)
 holds each parameter's :class:`~lanton_dist.groups.ParamSpec`; build them with
 :func:`lanton_dist.factory.param_groups`. Non-finite gradients skip the whole step
-(``skipped_steps`` counts them) and leave every state untouched.
+(``skipped_steps`` counts them, and is saved in ``state_dict``) and leave every state
+untouched; a stashed Option II half-gradient is discarded with the skipped batch.
 """
 from __future__ import annotations
 
@@ -102,7 +103,7 @@ class LANTON(Optimizer):
         lmo: LMOConfig | None = None,
         skip_nonfinite: bool = True,
     ) -> None:
-        if not isinstance(estimate_every, int) or estimate_every < 1:
+        if isinstance(estimate_every, bool) or not isinstance(estimate_every, int) or estimate_every < 1:
             raise ValueError(f"estimate_every must be an integer >= 1, got {estimate_every!r}")
         if not alpha > 0:
             raise ValueError(f"alpha must be > 0, got {alpha}")
@@ -118,10 +119,6 @@ class LANTON(Optimizer):
         resolve_estimator(nuclear_estimator, torch.device("cpu"))  # validates the name
         defaults = dict(lr=lr, weight_decay=weight_decay, beta1=beta1, beta2=beta2, alpha=alpha, nesterov=nesterov, step=0)
         super().__init__(params, defaults)
-        check_param_groups(self.param_groups)
-        for g in self.param_groups:
-            if not g["alpha"] > 0:
-                raise ValueError(f"alpha must be > 0, got {g['alpha']}")
         self.estimate_every = estimate_every
         self.option = option
         self.noise_adaptive = noise_adaptive
@@ -132,6 +129,19 @@ class LANTON(Optimizer):
         self.lmo = lmo or LMOConfig()
         self.skip_nonfinite = skip_nonfinite
         self.skipped_steps = 0
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """torch's, plus the checks every group needs (``specs``, α > 0), also for groups added later."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        check_param_groups([group])
+        if not group["alpha"] > 0:
+            raise ValueError(f"alpha must be > 0, got {group['alpha']}")
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["skipped_steps"] = self.skipped_steps
+        return sd
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -289,6 +299,7 @@ class LANTON(Optimizer):
         keep = {p: {k: v for k, v in state_dict["state"].get(i, {}).items() if k in ("H", "lr_factor")}
                 for i, p in zip(saved, params)}
         super().load_state_dict(state_dict)
+        self.skipped_steps = int(state_dict.get("skipped_steps", 0))
         for p, tensors in keep.items():
             for k, v in tensors.items():
                 self.state[p][k] = v.to(device=p.device, copy=True)
