@@ -4,6 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # Verified versions (CPU wheels / pure Python on these machines).
 TORCH := torch==2.13.0
+MEGATRON := megatron-core==0.16.1
 
 .PHONY: env demo test clean
 
@@ -13,6 +14,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q $(MEGATRON)
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 

@@ -1,0 +1,1 @@
+"""Integrations of lanton_dist with other training frameworks (Megatron-core, ...)."""

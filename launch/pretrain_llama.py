@@ -1,0 +1,583 @@
+#!/usr/bin/env python
+"""LLaMA pretraining on Megatron-core (tensor + pipeline parallel) with a LANTON-family optimizer.
+
+    torchrun --nproc-per-node 8 launch/pretrain_llama.py --config configs/llama-1b.yaml \\
+        [--section.key value ...]
+
+One process per GPU (``torchrun``; ``slurm/launch.py`` builds the multi-node command). Without
+``torchrun`` it runs as a single process. Steps:
+
+1. ``--config`` + ``--section.key value`` overrides → :class:`lanton_dist.config.RunConfig`.
+2. ``torch.distributed`` (NCCL on GPU, gloo on CPU), then Megatron's TP/PP/DP groups from
+   ``parallel.tp``/``parallel.pp`` (DP = world / (tp·pp)).
+3. This rank's pipeline stage of the LLaMA ``GPTModel``
+   (:mod:`lanton_dist.integrations.megatron_model`): fp32 parameters, bf16 compute through
+   ``torch.autocast`` when ``train.dtype: bf16`` on GPU.
+4. Data: ``data.source: megatron`` reads a Megatron indexed dataset (``data.path`` is the
+   ``.bin``/``.idx`` prefix, already tokenised) through ``megatron.core.datasets.GPTDataset``;
+   ``data.source: synthetic`` is a deterministic, learnable token stream (sample i is an
+   arithmetic progression mod vocab whose start and step come from a generator seeded with
+   ``(data.seed, i)``). Sample indices are a function of the step, so a resumed run sees
+   exactly the data it would have seen.
+5. Each step: ``global_batch`` sequences = ``num_microbatches`` × ``micro_batch`` × DP, run by
+   Megatron's ``get_forward_backward_func()`` (1F1B pipeline schedule when pp > 1; gradient
+   accumulation over micro-batches), then the optimizer from :func:`make_optimizer` and the
+   warm-up + cosine schedule of :mod:`lanton_dist.schedule`.
+6. Checkpoints with ``torch.distributed.checkpoint`` under ``train.out_dir/checkpoints/
+   step_XXXXXXXX`` (model shards, optimizer state, scheduler, step; ``latest`` names the newest
+   complete one). ``train.resume: true`` resumes from ``latest`` and starts from scratch when
+   there is none (so a requeued Slurm job can always pass it). A checkpoint is written every
+   ``train.checkpoint_every`` steps, at the end, and when the job is asked to stop: SIGUSR1 or
+   SIGTERM to a training process, or the file named by ``$LANTON_STOP_FILE`` appearing
+   (``slurm/pretrain_llama.sbatch`` creates it on its pre-emption signal). A run that finished
+   all steps writes ``train.out_dir/COMPLETED``.
+
+``--cpu-shim`` (CI and tests only) loads ``tests/megatron_cpu_shim.py`` so that Megatron-core
+runs on a CPU-only machine under gloo; see that file for what it patches.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import math
+import os
+import pickle
+import signal
+import socket
+import sys
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from lanton_dist.config import RunConfig, load_run_config, to_dict  # noqa: E402
+from lanton_dist.factory import build_optimizer, param_groups  # noqa: E402
+from lanton_dist.schedule import build_scheduler  # noqa: E402
+
+CPU_SHIM = ROOT / "tests" / "megatron_cpu_shim.py"
+DATA_SOURCES = ("synthetic", "megatron")
+
+
+# ----------------------------------------------------------------------------- CLI
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML run config (configs/llama-7b.yaml, ...)")
+    parser.add_argument("--cpu-shim", action="store_true",
+                        help="CI/tests only: run Megatron-core on CPU via tests/megatron_cpu_shim.py")
+    args, overrides = parser.parse_known_args(argv)
+    return args, overrides
+
+
+def load_cpu_shim():
+    """Import ``tests/megatron_cpu_shim.py`` by path and install it (test/CI use only)."""
+    if not CPU_SHIM.exists():
+        raise FileNotFoundError(f"--cpu-shim needs {CPU_SHIM} (it ships with the repository's tests)")
+    spec = importlib.util.spec_from_file_location("megatron_cpu_shim", CPU_SHIM)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["megatron_cpu_shim"] = module
+    spec.loader.exec_module(module)
+    module.install()
+    return module
+
+
+# ----------------------------------------------------------------------------- distributed
+def resolve_device(cfg: RunConfig) -> torch.device:
+    want = cfg.train.device
+    if want not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"train.device must be auto, cpu or cuda, got {want!r}")
+    if want == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device is cuda but CUDA is not available")
+    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init_distributed(cfg: RunConfig, device: torch.device) -> None:
+    """``env://`` under torchrun; a one-process group otherwise."""
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        if "MASTER_PORT" not in os.environ:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    kwargs: dict[str, Any] = dict(backend=backend, timeout=datetime.timedelta(seconds=cfg.parallel.timeout_s))
+    if device.type == "cuda":
+        kwargs["device_id"] = device
+    dist.init_process_group(**kwargs)
+
+
+# ----------------------------------------------------------------------------- batch geometry
+def batch_geometry(cfg: RunConfig, dp: int) -> tuple[int, int]:
+    """``(micro_batch, num_microbatches)`` with global_batch = micro · num_microbatches · dp."""
+    gb = cfg.train.global_batch
+    if gb < 1:
+        raise ValueError(f"train.global_batch must be >= 1, got {gb}")
+    if gb % dp:
+        raise ValueError(f"train.global_batch {gb} is not divisible by the data-parallel size {dp}")
+    micro = cfg.train.micro_batch or gb // dp
+    if micro < 1 or gb % (micro * dp):
+        raise ValueError(
+            f"train.global_batch {gb} is not divisible by train.micro_batch {micro} × data-parallel size {dp}"
+        )
+    return micro, gb // (micro * dp)
+
+
+# ----------------------------------------------------------------------------- data
+class SyntheticTokens:
+    """Deterministic, learnable sequences: sample i is ``(a + b·t) mod vocab``, t = 0..seq_len,
+    with ``(a, b)`` drawn from a generator seeded by ``(seed, stream, i)``. ``stream`` 0 is
+    training, 1 validation."""
+
+    def __init__(self, vocab_size: int, seq_len: int, seed: int, stream: int = 0) -> None:
+        self.vocab_size, self.seq_len, self.seed, self.stream = vocab_size, seq_len, seed, stream
+
+    def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, self.stream, idx])
+        a = int(rng.integers(0, self.vocab_size))
+        b = int(rng.integers(1, min(17, self.vocab_size)))
+        text = torch.from_numpy((a + b * np.arange(self.seq_len + 1)) % self.vocab_size).long()
+        return dict(tokens=text[:-1], labels=text[1:], loss_mask=torch.ones(self.seq_len),
+                    position_ids=torch.arange(self.seq_len))
+
+    def __len__(self) -> int:
+        return 2**62
+
+
+class _NoTokenizer:
+    """What ``GPTDataset`` needs of a tokenizer for pre-tokenised data: the vocabulary size.
+    There is no EOD/pad id in :class:`~lanton_dist.config.DataConfig`, so documents are not
+    separated inside a sequence (reset_position_ids / reset_attention_mask / eod_mask_loss
+    are off) and no token is treated as padding."""
+
+    def __init__(self, vocab_size: int) -> None:
+        self.vocab_size = vocab_size
+        self.eod = None
+        # Megatron hashes the dataset configuration (tokenizer included) to name its index cache.
+        self.unique_identifiers = {"class": "pretokenized", "vocab_size": vocab_size}
+
+
+def build_megatron_datasets(cfg: RunConfig, train_samples: int, valid_samples: int):
+    """Train and validation ``GPTDataset`` over the indexed dataset at ``data.path``."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+    prefix = cfg.data.path
+    if not prefix:
+        raise ValueError("data.source megatron needs data.path: the prefix of an indexed dataset (<path>.bin/<path>.idx)")
+    for ext in (".bin", ".idx"):
+        if not os.path.exists(prefix + ext):
+            raise FileNotFoundError(f"data.path {prefix!r}: {prefix + ext} does not exist (give the prefix, without extension)")
+    vf = cfg.data.val_fraction
+    if not 0.0 <= vf < 1.0:
+        raise ValueError(f"data.val_fraction must be in [0, 1), got {vf}")
+    split = f"{1.0 - vf:.6f},{vf:.6f},0"
+    config = GPTDatasetConfig(
+        random_seed=cfg.data.seed,
+        sequence_length=cfg.data.seq_len,
+        blend=([prefix], None),
+        split=split,
+        path_to_cache=str(Path(cfg.train.out_dir) / "data_cache"),
+        tokenizer=_NoTokenizer(cfg.model.vocab_size),
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,
+    )
+    sizes = [train_samples, valid_samples if vf > 0 else 0, 0]
+    train, valid, _ = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
+    if train is None:
+        raise ValueError(f"{prefix}: no training split was built (val_fraction {vf})")
+    return train, valid
+
+
+def build_data(cfg: RunConfig, train_samples: int, valid_samples: int):
+    source = cfg.data.source
+    if source not in DATA_SOURCES:
+        raise ValueError(
+            f"launch/pretrain_llama.py supports data.source {DATA_SOURCES}, got {source!r} "
+            "(the stdlib corpus is for launch/train.py)"
+        )
+    if cfg.data.seq_len < 1:
+        raise ValueError(f"data.seq_len must be >= 1, got {cfg.data.seq_len}")
+    if source == "synthetic":
+        return (SyntheticTokens(cfg.model.vocab_size, cfg.data.seq_len, cfg.data.seed, 0),
+                SyntheticTokens(cfg.model.vocab_size, cfg.data.seq_len, cfg.data.seed, 1))
+    return build_megatron_datasets(cfg, train_samples, valid_samples)
+
+
+def micro_batches(dataset, step: int, global_batch: int, micro: int, num_micro: int,
+                  dp_rank: int, dp: int) -> Iterator[dict[str, torch.Tensor]]:
+    """The micro-batches of ``step`` for data-parallel rank ``dp_rank`` (global sample index
+    ``step·global_batch + (m·dp + dp_rank)·micro + j``)."""
+    for m in range(num_micro):
+        base = step * global_batch + (m * dp + dp_rank) * micro
+        samples = [dataset[base + j] for j in range(micro)]
+        yield {k: torch.stack([s[k] for s in samples]) for k in ("tokens", "labels", "loss_mask", "position_ids")}
+
+
+# ----------------------------------------------------------------------------- model + step
+def make_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
+    """The optimizer for this rank's Megatron parameters. The one place that picks it.
+
+    TP = PP = DP = 1: :func:`lanton_dist.build_optimizer` on the local parameters, with the
+    logical ParamSpecs (fused ``linear_qkv`` → q/k/v blocks, ``linear_fc1`` → gate/up) so
+    LANTON treats each logical matrix as one layer. Anything else needs the TP/DP-aware
+    adapter (gradient reduction over DP, TP-gathered Newton–Schulz and dual norms, one
+    group-wide max over PP stages).
+    """
+    from megatron.core import parallel_state as ps
+
+    from lanton_dist.integrations.megatron_model import logical_param_specs
+
+    tp = ps.get_tensor_model_parallel_world_size()
+    pp = ps.get_pipeline_model_parallel_world_size()
+    dp = ps.get_data_parallel_world_size()
+    if (tp, pp, dp) != (1, 1, 1):
+        raise NotImplementedError(
+            f"TP/DP-aware LANTON lands with lanton_dist.integrations.megatron (this run has tp={tp}, pp={pp}, dp={dp})"
+        )
+    specs = logical_param_specs(model, cfg)
+    groups = param_groups(model, cfg.optim, specs={name: info.spec for name, info in specs.items()})
+    return build_optimizer(model, cfg.optim, groups)
+
+
+def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
+    losses = output.float()
+    mask = loss_mask.to(losses.device, torch.float32).view(-1)
+    loss = torch.sum(losses.view(-1) * mask)
+    num_tokens = mask.sum().to(torch.int)
+    return loss, num_tokens, {"lm loss": torch.stack([loss.detach(), num_tokens.detach().float()])}
+
+
+def make_forward_step(device: torch.device, attn_mask: torch.Tensor, bf16: bool):
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator)
+        tokens = batch["tokens"].to(device, non_blocking=True)
+        labels = batch["labels"].to(device, non_blocking=True)
+        position_ids = batch["position_ids"].to(device, non_blocking=True)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+            output = model(tokens, position_ids, attn_mask, labels=labels)
+        return output, partial(_loss_func, batch["loss_mask"])
+    return forward_step
+
+
+def run_batches(model, forward_step, batches: Iterator, num_micro: int, seq_len: int, micro: int,
+                forward_only: bool, device: torch.device) -> torch.Tensor:
+    """One forward(/backward) over ``num_micro`` micro-batches; returns ``[Σ loss, Σ tokens]``
+    summed over the whole job (DP replicas included), the same on every rank."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    results = get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=batches, model=[model],
+        num_microbatches=num_micro, seq_length=seq_len, micro_batch_size=micro, forward_only=forward_only,
+    )
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    if ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0:
+        for r in results:
+            total += r["lm loss"].to(device, torch.float64)
+    dist.all_reduce(total)
+    return total
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def _tensor_key(info) -> str:
+    if info.is_sharded:
+        from megatron.core import parallel_state as ps
+        return f"{info.global_name}@tp{ps.get_tensor_model_parallel_rank()}of{info.tp_size}"
+    return info.global_name
+
+
+def _rank_tag() -> str:
+    from megatron.core import parallel_state as ps
+    return f"tp{ps.get_tensor_model_parallel_rank()}pp{ps.get_pipeline_model_parallel_rank()}"
+
+
+def _optimizer_layout(optimizer, key_of: dict[int, str]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors: dict[str, torch.Tensor] = {}
+    meta: dict[str, Any] = {"groups": [], "tensors": {}, "scalars": {}}
+    for g in optimizer.param_groups:
+        keys = [key_of[id(p)] for p in g["params"]]
+        meta["groups"].append(dict({k: v for k, v in g.items() if k not in ("params", "specs")}, keys=keys))
+        for p, key in zip(g["params"], keys):
+            for k, v in optimizer.state.get(p, {}).items():
+                if torch.is_tensor(v):
+                    tensors[f"{key}/{k}"] = v
+                    meta["tensors"].setdefault(key, []).append((k, list(v.shape), str(v.dtype).removeprefix("torch.")))
+                else:
+                    meta["scalars"].setdefault(key, {})[k] = v
+    for attr in ("skipped_steps",):
+        if hasattr(optimizer, attr):
+            meta[attr] = getattr(optimizer, attr)
+    return tensors, meta
+
+
+class Checkpointer:
+    """``torch.distributed.checkpoint`` save/load of model, optimizer, scheduler and step.
+
+    Keys: a parameter's global (pipeline-independent) name, suffixed ``@tp<r>of<T>`` when it is
+    TP-sharded (replicated tensors are written once); optimizer tensors under
+    ``optim/<param key>/<state name>``; the optimizer's param-group settings, its non-tensor
+    state and the scheduler under ``meta/<tp,pp rank>``. Identical keys on data-parallel
+    replicas are written once, which is right for the replicated (DP = 1 or redundant)
+    optimizer that :func:`make_optimizer` builds today.
+    """
+
+    def __init__(self, out_dir: str, model, specs: dict, optimizer, scheduler) -> None:
+        self.dir = Path(out_dir) / "checkpoints"
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        params = dict(model.named_parameters())
+        self.param_keys = {name: _tensor_key(info) for name, info in specs.items()}
+        self.params = {self.param_keys[n]: params[n] for n in specs}
+        self.key_of = {id(params[n]): self.param_keys[n] for n in specs}
+
+    def latest(self) -> Path | None:
+        pointer = self.dir / "latest"
+        if not pointer.exists():
+            return None
+        path = self.dir / pointer.read_text().strip()
+        if not (path / ".metadata").exists():
+            raise FileNotFoundError(f"{pointer} names {path}, which is not a complete checkpoint")
+        return path
+
+    def save(self, step: int) -> Path:
+        import torch.distributed.checkpoint as dcp
+
+        path = self.dir / f"step_{step:08d}"
+        tensors, meta = _optimizer_layout(self.optimizer, self.key_of)
+        meta["scheduler"] = self.scheduler.state_dict()
+        state = {
+            "model": dict(self.params),
+            "optim": tensors,
+            # pickled so that DCP stores it as one object instead of flattening it into keys
+            "meta": {_rank_tag(): pickle.dumps(meta)},
+            "step": torch.tensor(step, dtype=torch.int64),
+        }
+        dcp.save(state, checkpoint_id=str(path))
+        dist.barrier()
+        if dist.get_rank() == 0:
+            tmp = self.dir / "latest.tmp"
+            tmp.write_text(path.name + "\n")
+            os.replace(tmp, self.dir / "latest")
+        dist.barrier()
+        return path
+
+    def load(self, path: Path) -> int:
+        import torch.distributed.checkpoint as dcp
+
+        tag = _rank_tag()
+        head: dict[str, Any] = {"meta": {tag: None}, "step": torch.tensor(0, dtype=torch.int64)}
+        dcp.load(head, checkpoint_id=str(path))
+        meta, step = head["meta"][tag], int(head["step"])
+        meta = pickle.loads(meta) if isinstance(meta, bytes) else meta
+        if not isinstance(meta, dict) or "groups" not in meta:
+            raise ValueError(f"{path}: no optimizer metadata for {tag} (was it written with another tp/pp layout?)")
+        by_key = {self.key_of[id(p)]: p for g in self.optimizer.param_groups for p in g["params"]}
+        optim_tensors = {
+            f"{key}/{name}": torch.empty(shape, dtype=getattr(torch, dtype), device=by_key[key].device)
+            for key, entries in meta["tensors"].items() for name, shape, dtype in entries
+        }
+        with torch.no_grad():
+            model_state = {k: torch.empty_like(p) for k, p in self.params.items()}
+            dcp.load({"model": model_state, "optim": optim_tensors}, checkpoint_id=str(path))
+            for k, p in self.params.items():
+                p.copy_(model_state[k])
+        if len(meta["groups"]) != len(self.optimizer.param_groups):
+            raise ValueError(f"{path}: {len(meta['groups'])} optimizer param groups saved, this run has {len(self.optimizer.param_groups)}")
+        for g, saved in zip(self.optimizer.param_groups, meta["groups"]):
+            keys = [self.key_of[id(p)] for p in g["params"]]
+            if keys != saved["keys"]:
+                raise ValueError(f"{path}: optimizer param group holds {saved['keys'][:3]}…, this run has {keys[:3]}…")
+            g.update({k: v for k, v in saved.items() if k != "keys"})
+        self.optimizer.state.clear()
+        for key, p in by_key.items():
+            st = {name: optim_tensors[f"{key}/{name}"] for name, _, _ in meta["tensors"].get(key, [])}
+            st.update(meta["scalars"].get(key, {}))
+            if st:
+                self.optimizer.state[p] = st
+        if "skipped_steps" in meta:
+            self.optimizer.skipped_steps = meta["skipped_steps"]
+        self.scheduler.load_state_dict(meta["scheduler"])
+        return step
+
+
+# ----------------------------------------------------------------------------- stop requests
+class StopRequest:
+    """Set by SIGUSR1/SIGTERM or by ``$LANTON_STOP_FILE`` existing; agreed on by all ranks."""
+
+    def __init__(self) -> None:
+        self.flag = False
+        self.stop_file = os.environ.get("LANTON_STOP_FILE") or None
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame) -> None:
+        self.flag = True
+
+    def agreed(self, device: torch.device) -> bool:
+        local = self.flag or (self.stop_file is not None and os.path.exists(self.stop_file))
+        t = torch.tensor(float(local), device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+
+# ----------------------------------------------------------------------------- main
+def log(msg: str) -> None:
+    if dist.get_rank() == 0:
+        print(msg, flush=True)
+
+
+def train(cfg: RunConfig) -> dict[str, Any]:
+    """The whole training run (torch.distributed must not be initialised yet, or be ours)."""
+    from megatron.core import parallel_state as ps
+
+    from lanton_dist.integrations import megatron_model as mm
+
+    device = resolve_device(cfg)
+    bf16 = cfg.train.dtype == "bf16"
+    if cfg.train.dtype not in ("fp32", "bf16"):
+        raise ValueError(f"train.dtype must be fp32 or bf16, got {cfg.train.dtype!r}")
+    if bf16 and device.type != "cuda":
+        raise ValueError(
+            "train.dtype bf16 needs CUDA here: Megatron's linear layers re-enter autocast in backward "
+            "only for CUDA (custom_bwd), so CPU autocast fails; use --train.dtype fp32 on CPU"
+        )
+    if cfg.parallel.backend != "megatron":
+        raise ValueError(f"launch/pretrain_llama.py runs parallel.backend megatron, the config says {cfg.parallel.backend!r}")
+    init_distributed(cfg, device)
+    dp = mm.initialize_model_parallel(cfg)
+    micro, num_micro = batch_geometry(cfg, dp)
+    dp_rank = ps.get_data_parallel_rank()
+
+    model = mm.build_gpt_model(cfg)
+    if device.type == "cuda":
+        model.cuda(device)
+    specs = mm.logical_param_specs(model, cfg)
+    optimizer = make_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg.schedule.warmup_steps, cfg.train.steps, cfg.schedule.min_ratio)
+    ckpt = Checkpointer(cfg.train.out_dir, model, specs, optimizer, scheduler)
+
+    out_dir = Path(cfg.train.out_dir)
+    if dist.get_rank() == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    start = 0
+    if cfg.train.resume:
+        latest = ckpt.latest()
+        if latest is None:
+            log(f"resume: no checkpoint under {ckpt.dir}; starting from step 0")
+        else:
+            start = ckpt.load(latest)
+            log(f"resume: loaded {latest} (step {start})")
+
+    metrics_path = out_dir / "metrics.jsonl"
+    if dist.get_rank() == 0:
+        if start < cfg.train.steps:
+            (out_dir / "COMPLETED").unlink(missing_ok=True)
+        if metrics_path.exists():  # drop rows of steps that the resumed run will redo
+            rows = metrics_path.read_text().splitlines()
+            metrics_path.write_text("".join(r + "\n" for r in rows if r and json.loads(r)["step"] <= start))
+
+    eval_every, eval_batches = cfg.train.eval_every, cfg.train.eval_batches
+    if eval_every > 0 and cfg.data.source == "megatron" and cfg.data.val_fraction == 0:
+        log("eval: data.val_fraction is 0, so there is no validation split; evaluation is off")
+    train_samples = cfg.train.steps * cfg.train.global_batch
+    valid_samples = eval_batches * cfg.train.global_batch if eval_every > 0 else 0
+    train_data, valid_data = build_data(cfg, train_samples, valid_samples)
+    seq = cfg.data.seq_len
+    attn_mask = mm.causal_attention_mask(seq, device)
+    forward_step = make_forward_step(device, attn_mask, bf16)
+    stop = StopRequest()
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"megatron LLaMA: world={dist.get_world_size()} tp={cfg.parallel.tp} pp={cfg.parallel.pp} dp={dp} "
+        f"micro={micro}x{num_micro} params/rank={n_params / 1e6:.2f}M optimizer={cfg.optim.name} device={device}")
+
+    history: list[dict[str, Any]] = []
+    tokens_per_step = cfg.train.global_batch * seq
+    step = start
+    stopped = False
+    last_saved = start if start else -1
+    while step < cfg.train.steps:
+        t0 = time.perf_counter()
+        model.train()
+        model.zero_grad(set_to_none=True)
+        batches = micro_batches(train_data, step, cfg.train.global_batch, micro, num_micro, dp_rank, dp)
+        total = run_batches(model, forward_step, batches, num_micro, seq, micro, False, device)
+        loss = float(total[0] / total[1])
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"step {step + 1}: loss is {loss}")
+        lrs = [g["lr"] for g in optimizer.param_groups]
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        dt = time.perf_counter() - t0
+        record = dict(step=step, loss=loss, lr=lrs, step_s=dt, tokens_per_s=tokens_per_step / dt)
+        if eval_every > 0 and valid_data is not None and (step % eval_every == 0 or step == cfg.train.steps):
+            record["val_loss"] = evaluate(model, forward_step, valid_data, cfg, micro, num_micro, dp_rank, dp, device)
+        history.append(record)
+        if dist.get_rank() == 0 and (step % max(1, cfg.train.log_every) == 0 or step == cfg.train.steps or "val_loss" in record):
+            print(json.dumps(record), flush=True)
+        if dist.get_rank() == 0:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        every = cfg.train.checkpoint_every
+        if every > 0 and step % every == 0:
+            ckpt.save(step)
+            last_saved = step
+        if step < cfg.train.steps and stop.agreed(device):
+            log(f"stop requested: checkpointing at step {step} and exiting")
+            stopped = True
+            break
+    if last_saved != step:
+        ckpt.save(step)
+    if not stopped and dist.get_rank() == 0:
+        (out_dir / "COMPLETED").write_text(f"{step}\n")
+    return dict(history=history, start=start, step=step, stopped=stopped)
+
+
+def evaluate(model, forward_step, dataset, cfg: RunConfig, micro: int, num_micro: int,
+             dp_rank: int, dp: int, device: torch.device) -> float:
+    """Mean loss per token over the same ``train.eval_batches`` global batches every time."""
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    with torch.no_grad():
+        for b in range(cfg.train.eval_batches):
+            batches = micro_batches(dataset, b, cfg.train.global_batch, micro, num_micro, dp_rank, dp)
+            total += run_batches(model, forward_step, batches, num_micro, cfg.data.seq_len, micro, True, device)
+    model.train()
+    return float(total[0] / total[1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, overrides = parse_args(argv)
+    if args.cpu_shim:
+        load_cpu_shim()
+    cfg = load_run_config(args.config, overrides)
+    try:
+        train(cfg)
+    finally:
+        if dist.is_initialized():
+            from megatron.core import parallel_state as ps
+            ps.destroy_model_parallel()
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,348 @@
+"""Megatron-core LLaMA on CPU (gloo + tests/megatron_cpu_shim.py): TP=2 and PP=2 against TP=1/PP=1,
+the logical parameter specs LANTON sees, and launch/pretrain_llama.py end to end."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip install megatron-core==0.16.1)")
+
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+
+import megatron_cpu_shim  # noqa: E402  (tests/ is on sys.path under pytest)
+from lanton_dist.config import load_run_config  # noqa: E402
+from lanton_dist.groups import Geometry  # noqa: E402
+from lanton_dist.integrations import megatron_model as mm  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+PRETRAIN = ROOT / "launch" / "pretrain_llama.py"
+
+TINY = {
+    "model.vocab_size": 64, "model.dim": 32, "model.n_layers": 2, "model.n_heads": 4, "model.n_kv_heads": 2,
+    "model.ffn_dim": 48, "model.max_seq_len": 16, "data.seq_len": 16, "data.source": "synthetic",
+    "parallel.backend": "megatron", "train.seed": 3,
+}
+
+
+def tiny_cfg(**extra):
+    items = {**TINY, **{k.replace("__", "."): v for k, v in extra.items()}}
+    return load_run_config(None, [f"--{k}={v}" for k, v in items.items()])
+
+
+def load_pretrain():
+    spec = importlib.util.spec_from_file_location("pretrain_llama", PRETRAIN)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(fn, world: int = 2, *args) -> None:
+    mp.spawn(_entry, args=(fn, world, free_port(), args), nprocs=world, join=True)
+
+
+def _entry(rank, fn, world, port, args):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    megatron_cpu_shim.install()
+    try:
+        fn(rank, *args)
+    finally:
+        mm.destroy_model_parallel()
+        dist.destroy_process_group()
+
+
+def _batch(cfg, n=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, cfg.model.vocab_size, (n, cfg.data.seq_len + 1), generator=g)
+    return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+
+
+def _loss(model, cfg, tokens, labels):
+    pos = torch.arange(cfg.data.seq_len).expand_as(tokens)
+    return model(tokens, pos, mm.causal_attention_mask(cfg.data.seq_len), labels=labels).mean()
+
+
+# ----------------------------------------------------------------------------- fast, single process
+def test_layout_checks():
+    cfg = tiny_cfg(parallel__tp=2, parallel__pp=2)
+    assert mm.check_parallel_layout(cfg, 8) == 2
+    with pytest.raises(ValueError, match="not divisible by tp\\*pp"):
+        mm.check_parallel_layout(cfg, 6)
+    with pytest.raises(ValueError, match="n_kv_heads 2 not divisible by parallel.tp 4"):
+        mm.check_parallel_layout(tiny_cfg(parallel__tp=4), 4)
+    with pytest.raises(ValueError, match="n_layers 2 not divisible by parallel.pp 4"):
+        mm.check_parallel_layout(tiny_cfg(parallel__pp=4), 4)
+    with pytest.raises(ValueError, match="exceeds model.max_seq_len"):
+        mm.check_parallel_layout(tiny_cfg(data__seq_len=32), 1)
+    for name in ("llama-7b", "llama-1b"):
+        cfg = load_run_config(ROOT / "configs" / f"{name}.yaml")
+        world = 32 if name == "llama-7b" else 8
+        assert mm.check_parallel_layout(cfg, world) >= 1
+        assert cfg.parallel.backend == "megatron"
+
+
+def test_strided_blocks_follow_the_gathered_layout():
+    # TP=2, SwiGLU fc1 with F=4 rows per matrix: rank r holds [gate_r; up_r] (2 rows each)
+    gate, up = mm._strided_blocks("fc1", 8, tp=2, stride=2, labels=["gate", "up"])
+    assert gate.rows == ((0, 2), (4, 6)) and up.rows == ((2, 4), (6, 8))
+    (only,) = mm._strided_blocks("w", 6, tp=3, stride=1, labels=["0"])
+    assert only.rows == ((0, 2), (2, 4), (4, 6))
+
+
+def test_shim_install_and_uninstall():
+    if torch.cuda.is_available():
+        pytest.skip("the shim refuses to run where CUDA exists")
+    original = torch.cuda.current_device
+    megatron_cpu_shim.install()
+    try:
+        assert torch.cuda.current_device() == torch.device("cpu")
+        from megatron.core.pipeline_parallel import schedules
+        assert schedules.torch.zeros([], device="cuda").device.type == "cpu"
+    finally:
+        megatron_cpu_shim.uninstall()
+    assert torch.cuda.current_device is original
+    from megatron.core.pipeline_parallel import schedules
+    assert schedules.torch is torch
+
+
+def test_requires_distributed_and_cuda_or_shim():
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        mm.initialize_model_parallel(tiny_cfg())
+
+
+# ----------------------------------------------------------------------------- TP = 2 vs TP = 1
+def _tp_worker(rank, out_dir):
+    cfg2 = tiny_cfg(parallel__tp=2)
+    mm.initialize_model_parallel(cfg2)
+    model = mm.build_gpt_model(cfg2)
+    specs = mm.logical_param_specs(model, cfg2)
+    m = cfg2.model
+    hd = m.dim // m.n_heads
+    assert set(specs) == {n for n, _ in model.named_parameters()}
+
+    # the specs describe the gathered tensors; gather∘shard is the identity
+    gathered = {}
+    for name, p in model.named_parameters():
+        info = specs[name]
+        full = mm.tp_gather(p.data, info)
+        assert tuple(full.shape) == info.spec.shape
+        assert torch.equal(mm.tp_shard(full, info), p.data)
+        assert torch.equal(mm.from_tp1_layout(mm.to_tp1_layout(full, info), info), full)
+        gathered[info.global_name] = mm.to_tp1_layout(full, info)
+        leaf = name.split(".")[-2]
+        if leaf == "linear_qkv":
+            assert info.partition_dim == 0 and [b.name.rsplit(":", 1)[1] for b in info.spec.blocks] == ["q", "k", "v"]
+            # each rank holds whole query groups: its shard is [q_g; k_g; v_g] for its groups
+            local = p.data.view(m.n_kv_heads // 2, -1, m.dim)
+            q_per = m.n_heads // m.n_kv_heads * hd
+            q, k, v = (b.gather(full) for b in info.spec.blocks)
+            g0 = rank * (m.n_kv_heads // 2)
+            for j in range(m.n_kv_heads // 2):
+                g = g0 + j
+                assert torch.equal(local[j, :q_per], q[g * q_per:(g + 1) * q_per])
+                assert torch.equal(local[j, q_per:q_per + hd], k[g * hd:(g + 1) * hd])
+                assert torch.equal(local[j, q_per + hd:], v[g * hd:(g + 1) * hd])
+        elif leaf == "linear_fc1":
+            assert info.stride == 2 and info.spec.shape == (2 * m.ffn_dim, m.dim)
+            gate, up = info.spec.blocks
+            assert gate.name.endswith(":gate") and up.name.endswith(":up")
+            half = m.ffn_dim // 2
+            assert torch.equal(p.data[:half], gate.gather(full)[rank * half:(rank + 1) * half])
+            assert torch.equal(p.data[half:], up.gather(full)[rank * half:(rank + 1) * half])
+        elif leaf in ("linear_proj", "linear_fc2"):
+            assert info.partition_dim == 1 and info.spec.geometry is Geometry.HIDDEN
+        elif leaf == "word_embeddings":
+            assert info.partition_dim == 0 and info.spec.geometry is Geometry.EMBED_HEAD and info.spec.role == "embed"
+        elif leaf == "output_layer":
+            assert info.partition_dim == 0 and info.spec.role == "head"
+        else:
+            assert info.partition_dim is None and info.spec.geometry is Geometry.VECTOR
+
+    tokens, labels = _batch(cfg2)
+    loss2 = _loss(model, cfg2, tokens, labels)
+    loss2.backward()
+    grads2 = {specs[n].global_name: mm.to_tp1_layout(mm.tp_gather(p.grad, specs[n]), specs[n])
+              for n, p in model.named_parameters()}
+
+    pretrain = load_pretrain()
+    with pytest.raises(NotImplementedError, match="TP/DP-aware LANTON"):
+        pretrain.make_optimizer(model, cfg2)
+
+    # the same seed at TP=1 builds the same logical model (CPU init draws full master weights)
+    cfg1 = tiny_cfg()
+    mm.initialize_model_parallel(cfg1)
+    ref = mm.build_gpt_model(cfg1)
+    specs1 = mm.logical_param_specs(ref, cfg1)
+    for name, p in ref.named_parameters():
+        info = specs1[name]
+        assert info.spec.shape == tuple(gathered[info.global_name].shape)
+        torch.testing.assert_close(p.data, gathered[info.global_name], rtol=0, atol=0, msg=name)
+        # the blocks of a TP=1 spec are the same logical matrices
+        if name.endswith("linear_fc1.weight"):
+            assert [b.rows for b in info.spec.blocks] == [((0, m.ffn_dim),), ((m.ffn_dim, 2 * m.ffn_dim),)]
+    loss1 = _loss(ref, cfg1, tokens, labels)
+    loss1.backward()
+    torch.testing.assert_close(loss1, loss2, rtol=1e-5, atol=1e-6)
+    for name, p in ref.named_parameters():
+        torch.testing.assert_close(p.grad, grads2[specs1[name].global_name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+def test_tp2_forward_backward_matches_tp1(tmp_path):
+    spawn(_tp_worker, 2, str(tmp_path))
+
+
+# ----------------------------------------------------------------------------- PP = 2 vs PP = 1
+def _pp_worker(rank, out_dir):
+    from megatron.core import parallel_state as ps
+
+    pretrain = load_pretrain()
+    cfg2 = tiny_cfg(parallel__pp=2)
+    mm.initialize_model_parallel(cfg2)
+    stage = mm.build_gpt_model(cfg2)
+    specs = mm.logical_param_specs(stage, cfg2)
+    names = {info.global_name for info in specs.values()}
+    if rank == 0:
+        assert "embedding.word_embeddings.weight" in names and "output_layer.weight" not in names
+        assert "decoder.layers.0.mlp.linear_fc1.weight" in names
+    else:
+        # local layer 0 of the second stage is global layer 1
+        assert "decoder.layers.0.mlp.linear_fc1.weight" in dict(stage.named_parameters())
+        assert "decoder.layers.1.mlp.linear_fc1.weight" in names and "output_layer.weight" in names
+
+    seq, micro, num_micro = cfg2.data.seq_len, 2, 4
+    data = pretrain.SyntheticTokens(cfg2.model.vocab_size, seq, seed=5)
+    fwd = pretrain.make_forward_step(torch.device("cpu"), mm.causal_attention_mask(seq), bf16=False)
+
+    def batches():
+        return pretrain.micro_batches(data, 0, micro * num_micro, micro, num_micro, 0, 1)
+
+    total2 = pretrain.run_batches(stage, fwd, batches(), num_micro, seq, micro, False, torch.device("cpu"))
+    assert ps.get_pipeline_model_parallel_world_size() == 2
+    mine = {specs[n].global_name: (p.detach().clone(), p.grad.detach().clone()) for n, p in stage.named_parameters()}
+    everything = [None, None]
+    dist.all_gather_object(everything, mine)
+    merged = {**everything[0], **everything[1]}
+
+    # PP=1 (the two ranks become data-parallel replicas) with the stages' weights
+    cfg1 = tiny_cfg()
+    mm.initialize_model_parallel(cfg1)
+    ref = mm.build_gpt_model(cfg1)
+    specs1 = mm.logical_param_specs(ref, cfg1)
+    assert set(merged) == {i.global_name for i in specs1.values()}
+    with torch.no_grad():
+        for n, p in ref.named_parameters():
+            p.copy_(merged[specs1[n].global_name][0])
+    total1 = pretrain.run_batches(ref, fwd, batches(), num_micro, seq, micro, False, torch.device("cpu"))
+    # run_batches sums over all ranks: PP=2 has one last stage, PP=1 here has two replicas
+    torch.testing.assert_close(total1 / 2, total2, rtol=1e-6, atol=1e-6)
+    for n, p in ref.named_parameters():
+        torch.testing.assert_close(p.grad, merged[specs1[n].global_name][1], rtol=1e-4, atol=1e-6, msg=n)
+
+
+@pytest.mark.slow
+def test_pp2_pipeline_schedule_matches_pp1(tmp_path):
+    spawn(_pp_worker, 2, str(tmp_path))
+
+
+# ----------------------------------------------------------------------------- launcher
+def _write_config(path: Path, out_dir: Path, **train) -> Path:
+    import yaml
+
+    cfg = {
+        "model": {"vocab_size": 64, "dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "ffn_dim": 48, "max_seq_len": 32},
+        "data": {"source": "synthetic", "seq_len": 32},
+        "optim": {"name": "lanton", "lr": {"hidden": 0.05, "embed_head": 0.01, "vector": 0.002}, "estimate_every": 2},
+        "schedule": {"warmup_steps": 2, "min_ratio": 0.1},
+        "train": {"steps": 8, "global_batch": 8, "micro_batch": 4, "eval_every": 4, "eval_batches": 1, "log_every": 1,
+                  "out_dir": str(out_dir), "checkpoint_every": 0, "device": "cpu", **train},
+        "parallel": {"backend": "megatron"},
+    }
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _pretrain(config: Path, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    full_env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "LANTON_STOP_FILE")}
+    full_env.update(env or {})
+    res = subprocess.run([sys.executable, str(PRETRAIN), "--cpu-shim", "--config", str(config), *overrides],
+                         cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    return res
+
+
+def _metrics(out_dir: Path) -> dict[int, dict]:
+    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in rows}
+
+
+@pytest.mark.slow
+def test_pretrain_smoke_stop_and_resume(tmp_path):
+    straight = tmp_path / "straight"
+    _pretrain(_write_config(tmp_path / "a.yaml", straight))
+    rows = _metrics(straight)
+    losses = [rows[s]["loss"] for s in sorted(rows)]
+    assert len(losses) == 8 and all(map(lambda x: x == x and abs(x) < 1e9, losses))
+    assert losses[-1] < losses[0] - 0.1, losses
+    assert "val_loss" in rows[4] and "val_loss" in rows[8]
+    assert (straight / "COMPLETED").exists()
+    assert (straight / "checkpoints" / "latest").read_text().strip() == "step_00000008"
+
+    # a stop request (the Slurm pre-emption path) checkpoints after the step and exits …
+    resumed = tmp_path / "resumed"
+    stop = tmp_path / "stop"
+    stop.touch()
+    cfg = _write_config(tmp_path / "b.yaml", resumed, resume=True)
+    first = _pretrain(cfg, env={"LANTON_STOP_FILE": str(stop)})
+    assert "stop requested" in first.stdout and not (resumed / "COMPLETED").exists()
+    assert (resumed / "checkpoints" / "latest").read_text().strip() == "step_00000001"
+    # … and the resumed run is the uninterrupted one, step for step (model, LANTON state, schedule)
+    stop.unlink()
+    second = _pretrain(cfg)
+    assert "resume: loaded" in second.stdout
+    again = _metrics(resumed)
+    for step in range(1, 9):
+        assert again[step]["loss"] == rows[step]["loss"], step
+        assert again[step]["lr"] == rows[step]["lr"], step
+    assert again[8]["val_loss"] == rows[8]["val_loss"]
+    assert (resumed / "COMPLETED").exists()
+
+
+@pytest.mark.slow
+def test_pretrain_megatron_indexed_dataset(tmp_path):
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    prefix = tmp_path / "corpus"
+    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=np.uint16)
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        n = int(rng.integers(20, 90))
+        builder.add_document(torch.from_numpy((int(rng.integers(0, 64)) + int(rng.integers(1, 8)) * np.arange(n)) % 64), [n])
+    builder.finalize(f"{prefix}.idx")
+    out = tmp_path / "run"
+    cfg = _write_config(tmp_path / "c.yaml", out, steps=3, eval_every=3)
+    _pretrain(cfg, "--data.source", "megatron", "--data.path", str(prefix))
+    rows = _metrics(out)
+    assert sorted(rows) == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in rows.values())
+    assert np.isfinite(rows[3]["val_loss"])
+    assert list((out / "data_cache").glob("*GPTDataset-train-*"))
+
+    bad = subprocess.run([sys.executable, str(PRETRAIN), "--cpu-shim", "--config", str(cfg), "--data.source", "megatron",
+                          "--data.path", str(tmp_path / "missing")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "missing.bin does not exist" in bad.stderr

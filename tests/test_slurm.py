@@ -1,0 +1,172 @@
+"""Slurm scripts and the command builder: syntax, dry runs, and the requeue logic with fake
+``srun``/``scontrol`` executables (no Slurm needed)."""
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = [ROOT / "slurm" / "pretrain_llama.sbatch", ROOT / "slurm" / "pretrain_llama_single_node.sbatch"]
+sys.path.insert(0, str(ROOT / "slurm"))
+
+from launch import expand_nodelist  # noqa: E402
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("SLURM_") and k not in ("MASTER_ADDR", "MASTER_PORT", "GPUS_PER_NODE", "DRY_RUN")}
+    env.update(PYTHON=sys.executable, **extra)
+    return env
+
+
+def _run(cmd: list[str], env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=ROOT, env=env or _clean_env(), capture_output=True, text=True, timeout=120, check=check)
+
+
+def _line(out: str, start: str) -> list[str]:
+    lines = [ln.strip().rstrip("\\").strip() for ln in out.splitlines() if ln.strip().startswith(start)]
+    assert len(lines) == 1, f"expected one line starting with {start!r} in:\n{out}"
+    return shlex.split(lines[0])
+
+
+def _flag(argv: list[str], name: str) -> str:
+    return argv[argv.index(name) + 1]
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_sbatch_syntax(script):
+    assert script.exists()
+    _run(["bash", "-n", str(script)])
+    text = script.read_text()
+    assert "#SBATCH --requeue" in text
+    assert "#SBATCH --signal=B:USR1@" in text
+
+
+def test_expand_nodelist():
+    assert expand_nodelist("gpu[001-003,007],login1") == ["gpu001", "gpu002", "gpu003", "gpu007", "login1"]
+    assert expand_nodelist("node7") == ["node7"]
+    assert expand_nodelist("a[8-10]-ib") == ["a8-ib", "a9-ib", "a10-ib"]
+    with pytest.raises(ValueError):
+        expand_nodelist("gpu[3-1]")
+
+
+def test_dry_run_four_nodes():
+    out = _run([sys.executable, "slurm/launch.py", "--config", "configs/llama-7b.yaml", "--nodes", "4",
+                "--gpus-per-node", "8", "--nodelist", "gpu[017-020]", "--job-id", "4242", "--dry-run",
+                "--", "--data.path", "/data/c4_text_document"]).stdout
+    srun = _line(out, "srun")
+    assert srun[0] == "srun" and "--nodes=4" in srun and "--ntasks-per-node=1" in srun and "--ntasks=4" in srun
+    torchrun = _line(out, "torchrun")
+    assert _flag(torchrun, "--nnodes") == "4"
+    assert _flag(torchrun, "--nproc-per-node") == "8"
+    assert _flag(torchrun, "--rdzv-backend") == "c10d"
+    assert _flag(torchrun, "--rdzv-endpoint") == "gpu017:29500"
+    assert _flag(torchrun, "--rdzv-id") == "4242"
+    script = torchrun.index("launch/pretrain_llama.py")
+    assert torchrun[script + 1:] == ["--config", "configs/llama-7b.yaml", "--data.path", "/data/c4_text_document",
+                                     "--train.resume", "true"]
+    assert "export MASTER_ADDR=gpu017" in out
+    assert "export TORCH_NCCL_ASYNC_ERROR_HANDLING=1" in out
+    assert "data_parallel=2" in out  # 32 ranks / (tp 8 · pp 2)
+
+
+def test_sbatch_dry_run_uses_slurm_environment():
+    env = _clean_env(DRY_RUN="1", SLURM_NNODES="4", SLURM_JOB_NODELIST="node[07-10]", SLURM_JOB_ID="99",
+                     SLURM_SUBMIT_DIR=str(ROOT))
+    out = _run(["bash", str(SCRIPTS[0]), "configs/llama-7b.yaml", "--train.steps", "10"], env=env).stdout
+    torchrun = _line(out, "torchrun")
+    assert _flag(torchrun, "--nnodes") == "4"
+    assert _flag(torchrun, "--nproc-per-node") == "8"
+    assert _flag(torchrun, "--rdzv-endpoint") == "node07:29500"
+    assert _flag(torchrun, "--rdzv-id") == "99"
+    assert "--train.steps" in torchrun
+    assert "--nodes=4" in _line(out, "srun")
+
+
+def test_single_node_dry_run():
+    env = _clean_env(DRY_RUN="1", SLURM_SUBMIT_DIR=str(ROOT))
+    out = _run(["bash", str(SCRIPTS[1]), "configs/llama-1b.yaml"], env=env).stdout
+    torchrun = _line(out, "torchrun")
+    assert "--standalone" in torchrun and _flag(torchrun, "--nproc-per-node") == "8"
+    assert not any(ln.startswith("srun") for ln in out.splitlines())
+
+
+def test_bad_layouts_are_refused():
+    res = _run([sys.executable, "slurm/launch.py", "--config", "configs/llama-7b.yaml", "--nodes", "3",
+                "--nodelist", "gpu[1-3]", "--dry-run"], check=False)
+    assert res.returncode == 2 and "not divisible by tp·pp" in res.stderr
+    res = _run([sys.executable, "slurm/launch.py", "--config", "configs/llama-7b.yaml", "--nodes", "4",
+                "--nodelist", "gpu[1-2]", "--dry-run"], check=False)
+    assert res.returncode == 2 and "has 2 hosts" in res.stderr
+    res = _run([sys.executable, "slurm/launch.py", "--config", "configs/llama-7b.yaml", "--nodes", "2",
+                "--nodelist", "gpu[1-2]", "--dry-run", "--", "--train.no_such_key", "1"], check=False)
+    assert res.returncode != 0 and "no_such_key" in res.stderr
+
+
+FAKE_SRUN = """#!/bin/bash
+# fake srun: record the command, then behave as the training job told by $FAKE_MODE
+echo "$@" > "$FAKE_DIR/srun.args"
+touch "$FAKE_DIR/started"
+if [[ "$FAKE_MODE" == complete ]]; then echo 3 > "$OUT_DIR/COMPLETED"; exit 0; fi
+for i in $(seq 1 200); do
+    if [[ -f "$LANTON_STOP_FILE" ]]; then echo "stop file seen" ; exit 0; fi
+    sleep 0.1
+done
+exit 7
+"""
+
+FAKE_SCONTROL = """#!/bin/bash
+if [[ "$1 $2" == "show hostnames" ]]; then for i in $(seq -w 1 5000); do echo "fakehost$i"; done; exit 0; fi
+echo "$@" >> "$FAKE_DIR/scontrol.log"
+"""
+
+
+@pytest.fixture
+def fake_slurm(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    out_dir = tmp_path / "run"
+    env = _clean_env(PATH=f"{bin_dir}:{os.environ['PATH']}", FAKE_DIR=str(tmp_path), OUT_DIR=str(out_dir),
+                     SLURM_NNODES="2", SLURM_JOB_NODELIST="fakehost[01-02]", SLURM_JOB_ID="555",
+                     SLURM_SUBMIT_DIR=str(ROOT))
+    return tmp_path, out_dir, env
+
+
+def test_sbatch_requeues_after_usr1(fake_slurm):
+    tmp, out_dir, env = fake_slurm
+    env["FAKE_MODE"] = "wait"
+    proc = subprocess.Popen(["bash", str(SCRIPTS[0]), "configs/llama-7b.yaml", "--train.out_dir", str(out_dir)],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 60
+    while not (tmp / "started").exists():
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.time() < deadline, "fake srun never started"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert "stop file seen" in out
+    assert (tmp / "scontrol.log").read_text().split() == ["requeue", "555"]
+    args = (tmp / "srun.args").read_text().split()
+    assert "--rdzv-endpoint" in args and args[args.index("--rdzv-endpoint") + 1] == "fakehost0001:29500"
+    assert not list(out_dir.glob(".stop-*")), "the stop file must be removed before the requeue"
+
+
+def test_sbatch_completed_run_is_not_requeued(fake_slurm):
+    tmp, out_dir, env = fake_slurm
+    env["FAKE_MODE"] = "complete"
+    res = subprocess.run(["bash", str(SCRIPTS[0]), "configs/llama-7b.yaml", "--train.out_dir", str(out_dir)],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "training completed" in res.stdout
+    assert not (tmp / "scontrol.log").exists()
