@@ -235,23 +235,17 @@ def micro_batches(dataset, step: int, global_batch: int, micro: int, num_micro: 
 def make_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
     """The optimizer for this rank's Megatron parameters. The one place that picks it.
 
-    TP = PP = DP = 1: :func:`lanton_dist.build_optimizer` on the local parameters, with the
-    logical ParamSpecs (fused ``linear_qkv`` → q/k/v blocks, ``linear_fc1`` → gate/up) so
-    LANTON treats each logical matrix as one layer. Anything else needs the TP/DP-aware
-    adapter (gradient reduction over DP, TP-gathered Newton–Schulz and dual norms, one
-    group-wide max over PP stages).
+    One process: :func:`lanton_dist.build_optimizer` on the local parameters with the logical
+    ParamSpecs (fused ``linear_qkv`` → q/k/v blocks, ``linear_fc1`` → gate/up). Otherwise the
+    TP/PP/DP-aware engine (:func:`lanton_dist.integrations.megatron.build_megatron_optimizer`):
+    gradient reduce-scatter over DP to matrix owners, TP-gathered Newton–Schulz and dual norms
+    on one rank per matrix, scalar reductions (and the group-wide α max) over the whole job.
     """
-    from megatron.core import parallel_state as ps
-
+    from lanton_dist.integrations.megatron import build_megatron_optimizer
     from lanton_dist.integrations.megatron_model import logical_param_specs
 
-    tp = ps.get_tensor_model_parallel_world_size()
-    pp = ps.get_pipeline_model_parallel_world_size()
-    dp = ps.get_data_parallel_world_size()
-    if (tp, pp, dp) != (1, 1, 1):
-        raise NotImplementedError(
-            f"TP/DP-aware LANTON lands with lanton_dist.integrations.megatron (this run has tp={tp}, pp={pp}, dp={dp})"
-        )
+    if dist.get_world_size() > 1:
+        return build_megatron_optimizer(model, cfg)
     specs = logical_param_specs(model, cfg)
     groups = param_groups(model, cfg.optim, specs={name: info.spec for name, info in specs.items()})
     return build_optimizer(model, cfg.optim, groups)
@@ -356,20 +350,33 @@ class Checkpointer:
             raise FileNotFoundError(f"{pointer} names {path}, which is not a complete checkpoint")
         return path
 
+    @property
+    def sharded(self) -> bool:
+        from lanton_dist.engine import ShardedLANTON
+
+        return isinstance(self.optimizer, ShardedLANTON)
+
     def save(self, step: int) -> Path:
         import torch.distributed.checkpoint as dcp
 
+        from lanton_dist.engine import checkpoint as engine_ckpt
+
         path = self.dir / f"step_{step:08d}"
-        tensors, meta = _optimizer_layout(self.optimizer, self.key_of)
-        meta["scheduler"] = self.scheduler.state_dict()
-        state = {
-            "model": dict(self.params),
-            "optim": tensors,
-            # pickled so that DCP stores it as one object instead of flattening it into keys
-            "meta": {_rank_tag(): pickle.dumps(meta)},
-            "step": torch.tensor(step, dtype=torch.int64),
-        }
-        dcp.save(state, checkpoint_id=str(path))
+        # pickled so that DCP stores it as one object instead of flattening it into keys
+        if self.sharded:  # the engine writes its own pieces (owner-only and DP-sharded state)
+            extra = {"model": dict(self.params), "step": torch.tensor(step, dtype=torch.int64),
+                     "meta": {_rank_tag(): pickle.dumps({"scheduler": self.scheduler.state_dict()})}}
+            engine_ckpt.save(self.optimizer, str(path), extra=extra)
+        else:
+            tensors, meta = _optimizer_layout(self.optimizer, self.key_of)
+            meta["scheduler"] = self.scheduler.state_dict()
+            state = {
+                "model": dict(self.params),
+                "optim": tensors,
+                "meta": {_rank_tag(): pickle.dumps(meta)},
+                "step": torch.tensor(step, dtype=torch.int64),
+            }
+            dcp.save(state, checkpoint_id=str(path))
         dist.barrier()
         if dist.get_rank() == 0:
             tmp = self.dir / "latest.tmp"
@@ -382,6 +389,19 @@ class Checkpointer:
         import torch.distributed.checkpoint as dcp
 
         tag = _rank_tag()
+        if self.sharded:
+            from lanton_dist.engine import checkpoint as engine_ckpt
+
+            with torch.no_grad():
+                extra = {"model": {k: torch.empty_like(p) for k, p in self.params.items()},
+                         "meta": {tag: None}, "step": torch.tensor(0, dtype=torch.int64)}
+                engine_ckpt.load(self.optimizer, str(path), extra=extra)
+                for k, p in self.params.items():
+                    p.copy_(extra["model"][k])
+            self.optimizer.sync_from_model()  # every rank continues from the saved weights
+            meta = extra["meta"][tag]
+            self.scheduler.load_state_dict(pickle.loads(meta)["scheduler"])
+            return int(extra["step"])
         head: dict[str, Any] = {"meta": {tag: None}, "step": torch.tensor(0, dtype=torch.int64)}
         dcp.load(head, checkpoint_id=str(path))
         meta, step = head["meta"][tag], int(head["step"])

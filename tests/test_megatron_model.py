@@ -180,8 +180,9 @@ def _tp_worker(rank, out_dir):
               for n, p in model.named_parameters()}
 
     pretrain = load_pretrain()
-    with pytest.raises(NotImplementedError, match="TP/DP-aware LANTON"):
-        pretrain.make_optimizer(model, cfg2)
+    from lanton_dist.engine import ShardedLANTON
+
+    assert isinstance(pretrain.make_optimizer(model, cfg2), ShardedLANTON)  # TP > 1: the TP-aware engine
 
     # the same seed at TP=1 builds the same logical model (CPU init draws full master weights)
     cfg1 = tiny_cfg()
@@ -277,10 +278,12 @@ def _write_config(path: Path, out_dir: Path, **train) -> Path:
     return path
 
 
-def _pretrain(config: Path, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
+def _pretrain(config: Path, *overrides: str, env: dict | None = None, nproc: int = 1) -> subprocess.CompletedProcess:
     full_env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "LANTON_STOP_FILE")}
     full_env.update(env or {})
-    res = subprocess.run([sys.executable, str(PRETRAIN), "--cpu-shim", "--config", str(config), *overrides],
+    launcher = [sys.executable] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", str(free_port())]
+    res = subprocess.run([*launcher, str(PRETRAIN), "--cpu-shim", "--config", str(config), *overrides],
                          cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     return res
@@ -292,9 +295,12 @@ def _metrics(out_dir: Path) -> dict[int, dict]:
 
 
 @pytest.mark.slow
-def test_pretrain_smoke_stop_and_resume(tmp_path):
+@pytest.mark.parametrize("tp", [1, 2])
+def test_pretrain_smoke_stop_and_resume(tmp_path, tp):
+    """TP=1 (one process, reference optimizer) and TP=2 (two processes, the sharded engine)."""
     straight = tmp_path / "straight"
-    _pretrain(_write_config(tmp_path / "a.yaml", straight))
+    run = lambda cfg, **kw: _pretrain(cfg, "--parallel.tp", str(tp), nproc=tp, **kw)  # noqa: E731
+    run(_write_config(tmp_path / "a.yaml", straight))
     rows = _metrics(straight)
     losses = [rows[s]["loss"] for s in sorted(rows)]
     assert len(losses) == 8 and all(map(lambda x: x == x and abs(x) < 1e9, losses))
@@ -308,12 +314,12 @@ def test_pretrain_smoke_stop_and_resume(tmp_path):
     stop = tmp_path / "stop"
     stop.touch()
     cfg = _write_config(tmp_path / "b.yaml", resumed, resume=True)
-    first = _pretrain(cfg, env={"LANTON_STOP_FILE": str(stop)})
+    first = run(cfg, env={"LANTON_STOP_FILE": str(stop)})
     assert "stop requested" in first.stdout and not (resumed / "COMPLETED").exists()
     assert (resumed / "checkpoints" / "latest").read_text().strip() == "step_00000001"
     # … and the resumed run is the uninterrupted one, step for step (model, LANTON state, schedule)
     stop.unlink()
-    second = _pretrain(cfg)
+    second = run(cfg)
     assert "resume: loaded" in second.stdout
     again = _metrics(resumed)
     for step in range(1, 9):

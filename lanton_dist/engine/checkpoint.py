@@ -42,8 +42,7 @@ def core_state_dict(core: ShardedCore, pieces: list[LocalPiece]) -> dict[str, An
     return sd
 
 
-def load_core_state(core: ShardedCore, pieces: list[LocalPiece], path: str, extra: dict[str, Any] | None = None,
-                    process_group=None) -> None:
+def load_core_state(core: ShardedCore, pieces: list[LocalPiece], path: str, extra: dict[str, Any] | None = None) -> None:
     """Fill ``core``'s state for this rank's ``pieces`` from the checkpoint at ``path``
     (any world size); ``extra`` entries (e.g. model tensors) are loaded in the same pass."""
     meta = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
@@ -67,7 +66,7 @@ def load_core_state(core: ShardedCore, pieces: list[LocalPiece], path: str, extr
                 wanted.append((pc, start, stop, key, k))
     if extra:
         request.update(extra)
-    dcp.load(request, checkpoint_id=path, process_group=process_group)
+    dcp.load(request, checkpoint_id=path)
     if request["meta/H"].numel() != core.n_layers:
         raise ValueError(f"checkpoint has {request['meta/H'].numel()} layers, this model has {core.n_layers}")
     core.t, core.skipped_steps = int(request["meta/t"]), int(request["meta/skipped"])
@@ -93,23 +92,29 @@ def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return {f"model/{k}": v for k, v in model.state_dict().items()}
 
 
-def save(optimizer, path: str, model: nn.Module | None = None) -> None:
-    """Save a :class:`~lanton_dist.engine.ShardedLANTON` (and ``model``) to directory ``path``."""
+def save(optimizer, path: str, model: nn.Module | None = None, extra: dict[str, Any] | None = None) -> None:
+    """Save a :class:`~lanton_dist.engine.ShardedLANTON` (and a replicated ``model``, and
+    ``extra`` tensors such as tensor-parallel shards under rank-specific keys) to ``path``.
+    Collective over the whole job."""
     sd = core_state_dict(optimizer.core, optimizer.pieces)
     sd["meta/lr"] = torch.tensor([g["lr"] for g in optimizer.param_groups], dtype=torch.float64)
     if model is not None:
         sd.update(model_tensors(model))
-    dcp.save(sd, checkpoint_id=path, process_group=optimizer.coll.group)
+    sd.update(extra or {})
+    dcp.save(sd, checkpoint_id=path)
 
 
-def load(optimizer, path: str, model: nn.Module | None = None) -> None:
-    """Load into a :class:`~lanton_dist.engine.ShardedLANTON` built for any world size."""
-    extra = {"meta/lr": torch.zeros(len(optimizer.param_groups), dtype=torch.float64)}
+def load(optimizer, path: str, model: nn.Module | None = None, extra: dict[str, Any] | None = None) -> None:
+    """Load into a :class:`~lanton_dist.engine.ShardedLANTON` built for any data-parallel size;
+    ``extra`` (pre-allocated tensors) is filled in place. With ``model`` the parameters are
+    restored and copied into the engine; otherwise call ``optimizer.sync_from_model()`` after
+    restoring them yourself."""
+    request = {"meta/lr": torch.zeros(len(optimizer.param_groups), dtype=torch.float64), **(extra or {})}
     if model is not None:
-        extra.update({k: v.detach().clone() for k, v in model_tensors(model).items()})
-    load_core_state(optimizer.core, optimizer.pieces, path, extra, optimizer.coll.group)
-    for g, lr in zip(optimizer.param_groups, extra["meta/lr"].tolist()):
+        request.update({k: v.detach().clone() for k, v in model_tensors(model).items()})
+    load_core_state(optimizer.core, optimizer.pieces, path, request)
+    for g, lr in zip(optimizer.param_groups, request["meta/lr"].tolist()):
         g["lr"] = lr
     if model is not None:
-        model.load_state_dict({k[len("model/"):]: v for k, v in extra.items() if k.startswith("model/")})
-    optimizer.sync_from_model()
+        model.load_state_dict({k[len("model/"):]: v for k, v in request.items() if k.startswith("model/")})
+        optimizer.sync_from_model()

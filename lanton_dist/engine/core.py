@@ -19,6 +19,16 @@ Reductions, all over the scalar group (every rank holding pieces):
   updates the replicated trackers H and the rate factors, so the group-wide max α costs no
   extra collective. With ``overlap=True`` the reduction is waited for at the start of the
   next step and its factors apply from then on — the reference's ``delay_lr_factor=True``.
+  With ``defer_variance=True`` as well (exchanges with ``launch_gather``), even the
+  gathering of D = G_t − G̃_t to the owners and the nuclear norms are left in flight at the
+  end of the estimation step (the owners compute on a background thread) and are finished,
+  then all-reduced, at the start of the next step: the same numbers, overlapped with the
+  next forward pass.
+
+Exchanges may implement two optional, pipelined entry points the core prefers when present:
+``apply(pieces, tensors, fn, gather_phase, scatter_phase)`` (gather → ``fn`` on the owner's
+whole matrices → scatter, bucket by bucket) and ``launch_gather(pieces, tensors, phase)``
+(returns a pending gather with ``map(fn)`` / ``start(fn)`` + ``result()``).
 """
 from __future__ import annotations
 
@@ -45,7 +55,8 @@ class LocalPiece:
     """This rank's elements ``[start, stop)`` of parameter ``spec`` (flattened, row-major).
 
     ``param``/``grad`` are 1-D tensors of ``stop − start`` elements on this rank; ``param`` is
-    updated in place. ``diff2`` (Option II) is ∇_A − ∇_B of the same elements.
+    updated in place. ``diff2`` (Option II) is ∇_A − ∇_B of the same elements. ``weight`` is
+    this piece's share in the scalar sums (0 for a replica whose twin elsewhere contributes).
     """
 
     spec: ParamSpec
@@ -55,6 +66,7 @@ class LocalPiece:
     param: torch.Tensor
     grad: torch.Tensor | None = None
     diff2: torch.Tensor | None = None
+    weight: float = 1.0
 
     @property
     def name(self) -> str:
@@ -74,6 +86,23 @@ class MatrixExchange(Protocol):
 
     def scatter(self, pieces: list[LocalPiece], owned: dict[str, torch.Tensor], phase: str) -> list[torch.Tensor]:
         """This rank's 1-D piece of each owner result, aligned with ``pieces``."""
+
+
+class _ReadyGather:
+    """A completed gather (``{name: whole matrix}``) behind the pending-gather interface."""
+
+    def __init__(self, owned: dict[str, torch.Tensor]) -> None:
+        self._owned, self._result = owned, None
+
+    def map(self, fn) -> dict[str, Any]:
+        names = list(self._owned)
+        return dict(zip(names, fn(names, [self._owned[n] for n in names]))) if names else {}
+
+    def start(self, fn) -> None:
+        self._result = self.map(fn)
+
+    def result(self) -> dict[str, Any]:
+        return self._result
 
 
 class LocalExchange:
@@ -109,7 +138,9 @@ class ShardedCore:
         coll: metered collectives over the scalar group.
         exchange: the :class:`MatrixExchange` for hidden matrices.
         options: ``estimate_every``, ``option``, ``ratio_anchor``, ``overlap``,
-            ``nuclear_estimator``, ``wd_lr``, ``lmo`` (:class:`LMOConfig`), ``skip_nonfinite``.
+            ``nuclear_estimator``, ``wd_lr``, ``lmo`` (:class:`LMOConfig`), ``skip_nonfinite``,
+            ``defer_variance`` (with ``overlap``: see module doc; ignored by exchanges without
+            ``launch_gather``).
         dtype: the parameters' dtype; trackers and norm sums use it promoted to at least fp32
             (the same on every rank, so the scalar collectives agree).
     """
@@ -118,7 +149,7 @@ class ShardedCore:
                  algorithm: str, coll: Collectives, exchange: MatrixExchange, *, estimate_every: int = 10,
                  option: str = "I", ratio_anchor: str = "max", overlap: bool = True, nuclear_estimator: str = "auto",
                  wd_lr: str = "group", lmo: LMOConfig | None = None, skip_nonfinite: bool = True,
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, defer_variance: bool = False) -> None:
         if algorithm not in ALGORITHMS:
             raise ValueError(f"unknown algorithm {algorithm!r}; choose one of {ALGORITHMS}")
         if not isinstance(estimate_every, int) or estimate_every < 1:
@@ -132,6 +163,7 @@ class ShardedCore:
         self.k, self.option, self.anchor, self.overlap = estimate_every, option, ratio_anchor, overlap
         self.estimator_name, self.wd_lr, self.skip_nonfinite = nuclear_estimator, wd_lr, skip_nonfinite
         self.noise_adaptive = algorithm == "lanton"
+        self.defer_variance = bool(defer_variance and overlap and hasattr(exchange, "launch_gather"))
         self.lmo = LMOConfig(scale_mode="moonlight", ns_steps=(lmo or LMOConfig()).ns_steps) if algorithm == "dmuon" else (lmo or LMOConfig())
         self.specs = {s.name: s for s in specs}
         self.layer_start: dict[str, int] = {}
@@ -154,6 +186,7 @@ class ShardedCore:
         self.skipped_steps = 0
         self.state: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
         self._pending: tuple[Any, torch.Tensor] | None = None
+        self._deferred: tuple[Any, torch.Tensor] | None = None
 
     # ------------------------------------------------------------------ public
     def needs_two_half_batches(self) -> bool:
@@ -188,7 +221,13 @@ class ShardedCore:
         return True
 
     def finish_variance(self) -> None:
-        """Wait for a pending variance reduction and refresh H and the rate factors."""
+        """Wait for a pending variance reduction and refresh H and the rate factors
+        (a deferred one is first completed: owners' nuclear norms, then the all-reduce)."""
+        if self._deferred is not None:
+            pending, vec = self._deferred
+            self._deferred = None
+            self._fill_hidden_norms(vec, pending.result())
+            self._pending = (self.coll.all_reduce(vec, "variance"), vec)
         if self._pending is None:
             return
         handle, vec = self._pending
@@ -261,7 +300,31 @@ class ShardedCore:
                         tuple(g["adam_betas"]), g["adam_eps"], g["weight_decay"])
 
     # ------------------------------------------------------------------ pieces of the math
+    def _polar(self, names: list[str], mats: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Owner side of the LMO: −s·polar of each whole matrix (Newton–Schulz, batched by shape)."""
+        return lmo_mod.hidden_directions([self.specs[n] for n in names], mats, self.lmo)
+
+    def _dual_norms(self, names: list[str], mats: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+        """Owner side of the variance: per parameter, √(d_out/d_in)·‖D_b‖_* of each of its blocks."""
+        if not names:
+            return []
+        with torch.no_grad():
+            estimator = resolve_estimator(self.estimator_name, mats[0].device)
+            flat = iter(lmo_mod.hidden_dual_norms([self.specs[n] for n in names], mats, estimator))
+            return [[next(flat) for _ in self.specs[n].blocks] for n in names]
+
+    def _fill_hidden_norms(self, vec: torch.Tensor, norms: dict[str, list[torch.Tensor]]) -> None:
+        L = self.n_layers
+        for n, values in norms.items():
+            s = self.layer_start[n]
+            for b, v in enumerate(values):
+                vec[s + b] = v
+                vec[L + s + b] = 1.0
+
     def _hidden_directions(self, hidden: list[LocalPiece], effective: list[torch.Tensor]) -> list[torch.Tensor]:
+        apply = getattr(self.exchange, "apply", None)
+        if apply is not None:
+            return apply(hidden, effective, self._polar, "lmo_gather", "lmo_scatter")
         owned = self.exchange.gather(hidden, effective, "lmo_gather")
         names = list(owned)
         dirs = lmo_mod.hidden_directions([self.specs[n] for n in names], [owned[n] for n in names], self.lmo)
@@ -278,7 +341,7 @@ class ShardedCore:
             sums = torch.zeros(len(vector_names), device=self.H.device, dtype=self.acc_dtype)
             vectors = [i for i, p in enumerate(live) if p.spec.geometry is Geometry.VECTOR]
             for i in vectors:
-                sums[index[live[i].name]] += lmo_mod.sq_partial(effective[i])
+                sums[index[live[i].name]] += lmo_mod.sq_partial(effective[i]) * live[i].weight
             self.coll.all_reduce(sums, "norm").wait()
             for i in vectors:
                 out[i] = lmo_mod.vector_direction(effective[i], sums[index[live[i].name]].sqrt(), live[i].spec.numel)
@@ -301,23 +364,25 @@ class ShardedCore:
                 prev = self.state_of(p).get("prev_grad")
                 diffs.append(None if prev is None else p.grad - prev)
         hidden = [(p, d) for p, d in zip(live, diffs) if p.spec.geometry is Geometry.HIDDEN and d is not None]
-        owned = self.exchange.gather([p for p, _ in hidden], [d for _, d in hidden], "variance_gather")
-        if owned:
-            names = list(owned)
-            estimator = resolve_estimator(self.estimator_name, next(iter(owned.values())).device)
-            norms = iter(lmo_mod.hidden_dual_norms([self.specs[n] for n in names], [owned[n] for n in names], estimator))
-            for n in names:
-                s = self.layer_start[n]
-                for b in range(len(self.specs[n].blocks)):
-                    vec[s + b] = next(norms)
-                    vec[L + s + b] = 1.0
+        launch = getattr(self.exchange, "launch_gather", None)
+        if launch is not None:
+            pending = launch([p for p, _ in hidden], [d for _, d in hidden], "variance_gather")
+        else:
+            pending = _ReadyGather(self.exchange.gather([p for p, _ in hidden], [d for _, d in hidden], "variance_gather"))
+        if self.defer_variance:
+            pending.start(self._dual_norms)
+        else:
+            self._fill_hidden_norms(vec, pending.map(self._dual_norms))
         for p, d in zip(live, diffs):
             if d is None or p.spec.geometry is Geometry.HIDDEN:
                 continue
             s = self.layer_start[p.name]
-            vec[s] += lmo_mod.l1_partial(d) if p.spec.geometry is Geometry.EMBED_HEAD else lmo_mod.sq_partial(d)
-            vec[L + s] += 1.0
-        self._pending = (self.coll.all_reduce(vec, "variance"), vec)
+            vec[s] += (lmo_mod.l1_partial(d) if p.spec.geometry is Geometry.EMBED_HEAD else lmo_mod.sq_partial(d)) * p.weight
+            vec[L + s] += p.weight
+        if self.defer_variance:
+            self._deferred = (pending, vec)
+        else:
+            self._pending = (self.coll.all_reduce(vec, "variance"), vec)
 
     # ------------------------------------------------------------------ bookkeeping
     def _to(self, device: torch.device) -> None:

@@ -20,18 +20,34 @@ buffers live on the parameters' device.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch.optim import Optimizer
 
-from lanton_dist.engine.core import ALGORITHMS, LocalExchange, LocalPiece, ShardedCore
-from lanton_dist.engine.layout import Layout, build_layout
+from lanton_dist.engine.core import ALGORITHMS, LocalExchange, LocalPiece, MatrixExchange, ShardedCore
+from lanton_dist.engine.layout import Layout, Piece, build_layout
 from lanton_dist.engine.meter import Collectives, CommMeter
 from lanton_dist.engine.ownership import OwnershipPlan, plan_ownership
+from lanton_dist.groups import ParamSpec
 from lanton_dist.lanton import check_param_groups
 from lanton_dist.lmo import LMOConfig
+
+@dataclass(frozen=True)
+class LogicalView:
+    """How a local parameter (e.g. a tensor-parallel shard) sits in the logical tensor LANTON sees.
+
+    ``spec``: the logical parameter; ``offset``: where this rank's local tensor starts in the
+    logical flattening; ``weight``: this rank's share in the scalar sums (0 for a replica
+    whose twin on another rank already contributes).
+    """
+
+    spec: ParamSpec
+    offset: int = 0
+    weight: float = 1.0
+
 
 DEFAULTS: dict[str, Any] = dict(lr=0.02, weight_decay=0.0, beta1=0.9, beta2=0.9, alpha=1.0, nesterov=False,
                                 momentum=0.95, adam_betas=(0.9, 0.95), adam_eps=1e-8)
@@ -50,6 +66,12 @@ class ShardedLANTON(Optimizer):
         layout: ``owner`` (default) or ``plain`` (no owners: the plain ZeRO AdamW layout, only
             for ``algorithm='adamw'``, as a traffic baseline).
         meter: a :class:`CommMeter` to record into (a new one by default).
+        logical: param spec name → :class:`LogicalView` when local parameters are shards of
+            larger logical ones (tensor parallelism); the layout uses the local shapes, the
+            math the logical ones.
+        exchange: how owned hidden pieces become whole matrices (default: they already are).
+        scalar_world: run the scalar reductions over the whole job instead of
+            ``process_group`` (needed when other groups — TP, PP — hold other parts of the model).
         Remaining keyword arguments are the algorithm's hyper-parameters (as in
         :class:`~lanton_dist.lanton.LANTON` / :class:`~lanton_dist.dmuon.DMuon`).
     """
@@ -58,7 +80,9 @@ class ShardedLANTON(Optimizer):
                  process_group: dist.ProcessGroup | None = None, bucket_mb: float = 25.0, overlap: bool = True,
                  layout: str = "owner", meter: CommMeter | None = None, estimate_every: int = 10, option: str = "I",
                  ratio_anchor: str = "max", nuclear_estimator: str = "auto", wd_lr: str = "group",
-                 lmo: LMOConfig | None = None, skip_nonfinite: bool = True, **hyper: Any) -> None:
+                 lmo: LMOConfig | None = None, skip_nonfinite: bool = True,
+                 logical: dict[str, LogicalView] | None = None, exchange: MatrixExchange | None = None,
+                 scalar_world: bool = False, **hyper: Any) -> None:
         unknown = set(hyper) - set(DEFAULTS)
         if unknown:
             raise ValueError(f"unknown hyper-parameters {sorted(unknown)}; valid: {sorted(DEFAULTS)}")
@@ -75,6 +99,7 @@ class ShardedLANTON(Optimizer):
                 raise ValueError(f"alpha must be > 0, got {g['alpha']}")
         self.meter = meter or CommMeter()
         self.coll = Collectives(self.meter, process_group, "dp")
+        scalar_coll = Collectives(self.meter, None, "world") if scalar_world else self.coll
         self.world, self.rank = self.coll.world, self.coll.rank
         self._params = [(p, s, gi) for gi, g in enumerate(self.param_groups) for p, s in zip(g["params"], g["specs"])]
         specs = [s for _, s, _ in self._params]
@@ -91,15 +116,24 @@ class ShardedLANTON(Optimizer):
         self._param_bufs = [torch.zeros(b.segment * self.world, device=device, dtype=dtype) for b in self.layout.buckets]
         self._half: dict[str, torch.Tensor] | None = None
         self.pieces: list[LocalPiece] = []
+        self._placements: list[Piece] = []  # layout piece of each entry of self.pieces
         for b, buf, gbuf in zip(self.layout.buckets, self._param_bufs, self._grad_bufs):
             base = self.rank * b.segment
             for pc in b.on_rank(self.rank):
                 p, s, gi = self._by_name[pc.name]
                 seg = slice(base + pc.offset, base + pc.offset + pc.numel)
                 buf[seg].copy_(p.detach().reshape(-1)[pc.start : pc.stop])
-                self.pieces.append(LocalPiece(s, gi, pc.start, pc.stop, buf[seg], gbuf[seg]))
-        self.core = ShardedCore(specs, {s.name: gi for _, s, gi in self._params}, self.param_groups, algorithm,
-                                self.coll, LocalExchange(), estimate_every=estimate_every, option=option,
+                view = (logical or {}).get(s.name, LogicalView(s))
+                self.pieces.append(LocalPiece(view.spec, gi, view.offset + pc.start, view.offset + pc.stop,
+                                              buf[seg], gbuf[seg], weight=view.weight))
+                self._placements.append(pc)
+        core_specs = specs
+        if logical is not None:
+            core_specs = self._job_specs([logical[s.name].spec if s.name in logical else s for s in specs], scalar_coll)
+        group_of = {(logical[s.name].spec.name if logical and s.name in logical else s.name): gi for _, s, gi in self._params}
+        group_of.update({s.name: self._group_by_geometry(s) for s in core_specs if s.name not in group_of})
+        self.core = ShardedCore(core_specs, group_of, self.param_groups, algorithm,
+                                scalar_coll, exchange or LocalExchange(), estimate_every=estimate_every, option=option,
                                 ratio_anchor=ratio_anchor, overlap=overlap, nuclear_estimator=nuclear_estimator,
                                 wd_lr=wd_lr, lmo=lmo, skip_nonfinite=skip_nonfinite, dtype=dtype)
         self.meter.step = 0
@@ -130,8 +164,8 @@ class ShardedLANTON(Optimizer):
     @torch.no_grad()
     def sync_from_model(self) -> None:
         """Copy the model's parameters into this rank's pieces (after loading weights)."""
-        for pc in self.pieces:
-            pc.param.copy_(self._by_name[pc.name][0].detach().reshape(-1)[pc.start : pc.stop])
+        for piece, pc in zip(self.pieces, self._placements):
+            piece.param.copy_(self._by_name[pc.name][0].detach().reshape(-1)[pc.start : pc.stop])
 
     def layer_diagnostics(self) -> list[dict[str, Any]]:
         return self.core.layer_diagnostics()
@@ -156,11 +190,11 @@ class ShardedLANTON(Optimizer):
                 self._half = None
             for p, _, _ in self._params:
                 p.grad = None
-            for pc in self.pieces:
-                pc.grad = grads[(pc.name, pc.start)]
+            for pc, place in zip(self.pieces, self._placements):
+                pc.grad = grads[(place.name, place.start)]
                 pc.diff2 = None
                 if halves is not None:
-                    half = halves[(pc.name, pc.start)]
+                    half = halves[(place.name, place.start)]
                     pc.diff2 = 2.0 * (half - pc.grad)
                     pc.grad = pc.grad + half
             if self.core.step(self.pieces):
@@ -171,6 +205,29 @@ class ShardedLANTON(Optimizer):
         return loss
 
     # ------------------------------------------------------------------ internals
+    def _group_by_geometry(self, spec: ParamSpec) -> int:
+        """Param group of a layer held by another pipeline stage: the local group of its geometry."""
+        for gi, g in enumerate(self.param_groups):
+            if any(s.geometry is spec.geometry for s in g["specs"]):
+                return gi
+        raise ValueError(f"{spec.name}: no local param group has geometry {spec.geometry.value}; "
+                         "every pipeline stage needs the same hyper-parameters per geometry")
+
+    @staticmethod
+    def _job_specs(local: list[ParamSpec], coll: Collectives) -> list[ParamSpec]:
+        """Every logical parameter of the whole job (all pipeline stages), sorted by name."""
+        gathered: list[Any] = [None] * coll.world
+        if coll.world > 1:
+            dist.all_gather_object(gathered, local, group=coll.group)
+        else:
+            gathered = [local]
+        by_name: dict[str, ParamSpec] = {}
+        for specs in gathered:
+            for s in specs:
+                if by_name.setdefault(s.name, s) != s:
+                    raise ValueError(f"{s.name}: ranks disagree on its logical spec")
+        return [by_name[n] for n in sorted(by_name)]
+
     def _grad_of(self, spec) -> torch.Tensor | None:
         return self._by_name[spec.name][0].grad
 
