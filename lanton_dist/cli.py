@@ -1,0 +1,229 @@
+"""``lanton-dist``: the command line of lanton_dist.
+
+Subcommands
+-----------
+``lanton-dist plan``     the analytic step model of :mod:`lanton_dist.plan` for a LLaMA preset,
+                         a ``configs/*.yaml`` model section or custom dims, on ``--nodes`` ×
+                         ``--gpus-per-node`` GPUs with ``--tp``/``--pp`` and a data-parallel
+                         ``--strategy``: bytes per phase, optimizer-state memory, Newton–Schulz
+                         FLOPs and balance, implied times, and LANTON's estimation overhead vs
+                         model size and k. ``--json PATH`` (``-``: stdout, after the table) writes
+                         everything.
+``lanton-dist profile``  the profiler of :mod:`lanton_dist.profiling`, three ways:
+
+    * ``lanton-dist profile [--out DIR] -- python launch/train.py --config ...`` wraps any Python
+      training command (also ``torchrun ...``): every optimizer step of every process is
+      timed by phase and merged with its :class:`~lanton_dist.engine.meter.CommMeter` bytes,
+      NVML is sampled meanwhile, and ``DIR`` gets the report.
+    * ``lanton-dist profile --engine [--world N --steps S --algorithm ...] [--out DIR]`` runs a
+      short built-in training of a small LLaMA on the ZeRO engine over N spawned CPU (gloo)
+      processes, or N GPUs (nccl) with ``--device cuda``.
+    * ``lanton-dist profile --report DIR_or_profile.json [--out DIR]`` re-renders a saved report.
+
+Bad input (unknown model, a world size not divisible by tp·pp, …) exits with status 2 and
+a one-line message; a profiled run that fails (or runs no optimizer step) exits with status 1.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from lanton_dist.config import ModelConfig
+
+
+def _process_age_s() -> float | None:
+    """Seconds since this process started (Linux ``/proc``), or None elsewhere."""
+    try:
+        with open("/proc/self/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        start_ticks = int(fields[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _csv(kind):
+    def parse(text: str):
+        try:
+            return tuple(kind(x) for x in text.split(",") if x)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}, got {text!r}") from None
+    return parse
+
+
+# ============================================================================ plan
+def _plan_parser(sub) -> None:
+    from lanton_dist import plan as P
+
+    p = sub.add_parser("plan", help="analytic per-rank bytes, memory, NS FLOPs and times of one step",
+                       description="Analytic model of one optimizer step (lanton_dist.plan).")
+    p.add_argument("--model", default="llama-7b", help=f"preset ({', '.join(P.PRESETS)}), a YAML run config, or 'custom'")
+    for name in ("vocab-size", "dim", "n-layers", "n-heads", "n-kv-heads", "ffn-dim"):
+        p.add_argument(f"--{name}", type=int, help=f"custom model: {name} (overrides the preset/YAML value)")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--tp", type=int, default=None, help="tensor parallel size (default: the YAML's parallel.tp, else 1)")
+    p.add_argument("--pp", type=int, default=None, help="pipeline parallel size (default: the YAML's parallel.pp, else 1)")
+    p.add_argument("--strategy", default="zero2", choices=sorted(P.STRATEGY_MODELS))
+    p.add_argument("--tp-mode", default="owner", choices=P.TP_MODES)
+    p.add_argument("--bucket-mb", type=float, default=25.0)
+    p.add_argument("--algorithms", type=_csv(str), default=P.ALGORITHMS)
+    p.add_argument("--k", type=int, default=None, help="estimate_every (default: the YAML's optim.estimate_every, else 10)")
+    p.add_argument("--option", default=None, choices=("I", "II"))
+    p.add_argument("--estimator", default="ns", choices=P.ESTIMATORS)
+    p.add_argument("--param-bytes", type=int, default=4, help="bytes per parameter/state element (4 = fp32)")
+    p.add_argument("--hardware", default="h100", choices=sorted(P.HARDWARE))
+    for name, help_ in (("matmul-tflops", "bf16 matmul TFLOP/s"), ("ns-efficiency", "NS rate / matmul rate"),
+                        ("intra-gbps", "NVLink GB/s per GPU per direction"), ("inter-gbps", "network GB/s per GPU"),
+                        ("comm-efficiency", "fraction of nominal bandwidth reached"), ("hbm-gbps", "HBM GB/s"),
+                        ("mfu", "model FLOP utilisation of fwd+bwd")):
+        p.add_argument(f"--{name}", type=float, help=help_)
+    p.add_argument("--global-batch", type=int, default=None, help="sequences per step (default: YAML train.global_batch, else 1024)")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: YAML data.seq_len, else max_seq_len)")
+    p.add_argument("--ks", type=_csv(int), default=(1, 5, 10, 20), help="k values of the estimation-overhead table")
+    p.add_argument("--growth-models", type=_csv(str), default=tuple(P.PRESETS), help="models of the estimation-overhead table")
+    p.add_argument("--json", default=None, help="write the full plan as JSON to this path ('-': stdout)")
+    p.set_defaults(func=_cmd_plan)
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from lanton_dist import plan as P
+    from lanton_dist.config import load_yaml
+
+    started = time.perf_counter()
+    yaml_cfg: dict = {}
+    if args.model.endswith((".yaml", ".yml")):
+        if not Path(args.model).exists():
+            raise ValueError(f"model config {args.model} does not exist")
+        yaml_cfg = load_yaml(args.model)
+    if args.model == "custom":
+        model: str | ModelConfig = ModelConfig()
+    else:
+        model = P.resolve_model(args.model)[1]
+    dims = {k: getattr(args, k) for k in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim") if getattr(args, k) is not None}
+    name = P.resolve_model(args.model)[0] if args.model != "custom" else "custom"
+    if dims or args.model == "custom":
+        model = replace(model, **dims)
+        name = "custom" if args.model == "custom" else f"{name}+custom"
+    par = yaml_cfg.get("parallel", {})
+    optim = yaml_cfg.get("optim", {})
+    layout = P.ParallelLayout(nodes=args.nodes, gpus_per_node=args.gpus_per_node, tp=args.tp or int(par.get("tp", 1)),
+                              pp=args.pp or int(par.get("pp", 1)), strategy=args.strategy, tp_mode=args.tp_mode,
+                              bucket_mb=args.bucket_mb)
+    settings = P.OptimSettings(estimate_every=args.k or int(optim.get("estimate_every", 10)),
+                               option=args.option or str(optim.get("option", "I")), nuclear_estimator=args.estimator,
+                               param_bytes=args.param_bytes)
+    hw = P.HARDWARE[args.hardware]
+    overrides = {k: getattr(args, k) for k in ("matmul_tflops", "ns_efficiency", "intra_gbps", "inter_gbps", "comm_efficiency",
+                                               "hbm_gbps", "mfu") if getattr(args, k) is not None}
+    hw = replace(hw, **overrides)
+    unknown = set(args.algorithms) - set(P.ALGORITHMS)
+    if unknown:
+        raise ValueError(f"unknown algorithm(s) {sorted(unknown)}; choose from {P.ALGORITHMS}")
+    global_batch = args.global_batch or int(yaml_cfg.get("train", {}).get("global_batch", 1024))
+    seq_len = args.seq_len or yaml_cfg.get("data", {}).get("seq_len")
+    text, data = P.plan_table(model, layout, settings, hw, algorithms=args.algorithms, ks=args.ks, global_batch=global_batch,
+                              seq_len=int(seq_len) if seq_len else None, growth_models=args.growth_models, name=name)
+    print(text, flush=True)
+    data["elapsed_s"] = time.perf_counter() - started
+    data["startup_s"] = (_process_age_s() or 0.0) - data["elapsed_s"]
+    data["import_s"] = data["startup_s"]
+    if args.json == "-":
+        print(json.dumps(data, indent=1, default=str))
+    elif args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(data, indent=1, default=str))
+    return 0
+
+
+# ============================================================================ profile
+def _profile_parser(sub) -> None:
+    p = sub.add_parser("profile", help="phase timings, bytes and NVML samples of training steps",
+                       description="Profile a training command, a built-in engine run, or re-render a saved report.")
+    p.add_argument("--out", default=None, help="report directory (default: runs/profile, or the report's directory)")
+    p.add_argument("--interval", type=float, default=0.1, help="NVML sampling interval in seconds")
+    p.add_argument("--report", default=None, help="re-render this saved profile.json (or its directory)")
+    p.add_argument("--engine", action="store_true", help="run the built-in short engine training")
+    p.add_argument("--world", type=int, default=2)
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--algorithm", default="lanton", choices=("lanton", "scion", "dmuon", "adamw"))
+    p.add_argument("--option", default="I", choices=("I", "II"))
+    p.add_argument("--k", type=int, default=2, help="estimate_every")
+    p.add_argument("--estimator", default="auto", choices=("auto", "exact", "ns", "rsvd"))
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--bucket-mb", type=float, default=25.0)
+    p.add_argument("--no-overlap", action="store_true", help="wait for the variance all-reduce in the same step")
+    p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--n-layers", type=int, default=4)
+    p.add_argument("--batch", type=int, default=8, help="sequences per rank and step")
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--timeline-steps", type=int, default=4, help="steps shown in the timeline plot")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="-- then the training command to wrap")
+    p.set_defaults(func=_cmd_profile)
+
+
+def _cmd_profile(args: argparse.Namespace) -> int:
+    from lanton_dist import profiling as prof
+
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    modes = sum([bool(command), bool(args.report), bool(args.engine)])
+    if modes != 1:
+        raise ValueError("give exactly one of: a command after --, --engine, or --report PATH")
+    if args.report:
+        path = Path(args.report)
+        report = prof.load_report(path)
+        out = Path(args.out) if args.out else (path if path.is_dir() else path.parent)
+        paths = prof.write_report(report, out, timeline_steps=args.timeline_steps)
+        print(prof.format_summary(report))
+        print("wrote " + ", ".join(str(p) for p in paths))
+        return 0
+    out = Path(args.out or "runs/profile")
+    if args.engine:
+        cfg = prof.EngineRun(world=args.world, steps=args.steps, algorithm=args.algorithm, option=args.option,
+                             estimate_every=args.k, nuclear_estimator=args.estimator, device=args.device,
+                             bucket_mb=args.bucket_mb, overlap=not args.no_overlap, batch=args.batch, seq_len=args.seq_len,
+                             model=ModelConfig(vocab_size=256, dim=args.dim, n_layers=args.n_layers, n_heads=max(1, args.dim // 32),
+                                               n_kv_heads=max(1, args.dim // 64), ffn_dim=args.dim * 11 // 4 // 8 * 8,
+                                               max_seq_len=args.seq_len))
+        report = prof.run_engine_profile(cfg, nvml_interval_s=args.interval)
+        rc = 0
+    else:
+        report, rc = prof.profile_command(command, out, nvml_interval_s=args.interval)
+    paths = prof.write_report(report, out, timeline_steps=args.timeline_steps)
+    print(prof.format_summary(report))
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return rc
+
+
+# ============================================================================ main
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lanton-dist", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    _plan_parser(sub)
+    _profile_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as exc:
+        parser.exit(2, f"lanton-dist {args.cmd}: error: {exc}\n")
+    except RuntimeError as exc:  # a profiled run that failed or ran no optimizer step
+        parser.exit(1, f"lanton-dist {args.cmd}: {exc}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
