@@ -17,9 +17,11 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # torch is imported where it is used, so the planner's imports stay torch-free
+    import torch
+    from torch import nn
 
 
 class Geometry(str, Enum):
@@ -47,6 +49,8 @@ class Block:
         if len(self.rows) == 1:
             start, stop = self.rows[0]
             return t[start:stop]
+        import torch
+
         return torch.cat([t[a:b] for a, b in self.rows], dim=0)
 
     def scatter_(self, t: torch.Tensor, value: torch.Tensor) -> None:
@@ -135,6 +139,8 @@ def classify_parameters(
     (3-D and up, 0-D) raises unless an override names it. ``fused`` maps a parameter name to
     its blocks (see :func:`qkv_blocks`).
     """
+    from torch import nn
+
     overrides = overrides or {}
     fused = fused or {}
     embed_params = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}

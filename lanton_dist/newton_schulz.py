@@ -9,7 +9,10 @@ Everything here is process-local: callers hand in whole matrices.
 """
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported where it is used: the FLOP count and constants are torch-free
+    import torch
 
 QUINTIC_COEFFS: tuple[float, float, float] = (3.4445, -4.7750, 2.0315)
 DEFAULT_STEPS = 5
@@ -18,6 +21,8 @@ _EPS = 1e-7
 
 def default_ns_dtype(x: torch.Tensor) -> torch.dtype:
     """bf16 on GPU (tensor-core rate); on CPU fp32, or fp64 for fp64 input (CPU bf16 is slow and inexact)."""
+    import torch
+
     if x.device.type == "cuda":
         return torch.bfloat16
     return torch.float64 if x.dtype == torch.float64 else torch.float32

@@ -6,11 +6,47 @@
 * :mod:`.core`       — the optimizer math over this rank's pieces; adapters reuse it.
 * :mod:`.zero`       — :class:`ShardedLANTON`, the data-parallel engine.
 * :mod:`.checkpoint` — sharded save/load with ``torch.distributed.checkpoint``, reshardable.
+
+The names below are loaded on first access (PEP 562): importing the pure-Python submodules
+(``ownership``, ``layout``, ``meter.sent_bytes``) does not import torch.
 """
-from lanton_dist.engine.core import LocalExchange, LocalPiece, MatrixExchange, ShardedCore
-from lanton_dist.engine.meter import Collectives, CommMeter
-from lanton_dist.engine.ownership import OwnershipPlan, plan_ownership
-from lanton_dist.engine.zero import ShardedLANTON, build_sharded_optimizer
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lanton_dist.engine.core import LocalExchange, LocalPiece, MatrixExchange, ShardedCore
+    from lanton_dist.engine.meter import Collectives, CommMeter
+    from lanton_dist.engine.ownership import OwnershipPlan, plan_ownership
+    from lanton_dist.engine.zero import ShardedLANTON, build_sharded_optimizer
+
+#: public name -> the submodule that defines it.
+_LAZY: dict[str, str] = {
+    "LocalExchange": "lanton_dist.engine.core", "LocalPiece": "lanton_dist.engine.core",
+    "MatrixExchange": "lanton_dist.engine.core", "ShardedCore": "lanton_dist.engine.core",
+    "Collectives": "lanton_dist.engine.meter", "CommMeter": "lanton_dist.engine.meter",
+    "OwnershipPlan": "lanton_dist.engine.ownership", "plan_ownership": "lanton_dist.engine.ownership",
+    "ShardedLANTON": "lanton_dist.engine.zero", "build_sharded_optimizer": "lanton_dist.engine.zero",
+}
+#: submodules an eager ``import lanton_dist.engine`` used to load, still reachable as attributes.
+_SUBMODULES = frozenset({"core", "layout", "meter", "ownership", "zero"})
 
 __all__ = ["CommMeter", "Collectives", "OwnershipPlan", "plan_ownership", "ShardedLANTON", "build_sharded_optimizer", "ShardedCore",
            "LocalPiece", "MatrixExchange", "LocalExchange"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    module = _LAZY.get(name)
+    if module is None:
+        # AttributeError lets ``from lanton_dist.engine import checkpoint`` fall back to importing the submodule.
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -26,13 +26,42 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import timedelta
+from typing import TYPE_CHECKING, Any
 
-import torch
-import torch.distributed as dist
+if TYPE_CHECKING:  # torch is imported on first use, so sent_bytes (the planner's) is torch-free
+    import torch
+    import torch.distributed as dist
 
-# torch >= 2.12 names; older releases only have the *_tensor spellings.
-_REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-_ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+def _dist():
+    """``torch.distributed``, imported on first use."""
+    import torch.distributed as dist
+
+    return dist
+
+
+# torch >= 2.12 names; older releases only have the *_tensor spellings. Resolved on first use and
+# then kept as the module attributes ``_REDUCE_SCATTER`` / ``_ALL_GATHER``.
+_COLLECTIVE_NAMES: dict[str, tuple[str, str]] = {
+    "_REDUCE_SCATTER": ("reduce_scatter_single", "reduce_scatter_tensor"),
+    "_ALL_GATHER": ("all_gather_single", "all_gather_into_tensor"),
+}
+
+
+def _collective(name: str):
+    fn = globals().get(name)
+    if fn is None:
+        dist = _dist()
+        new, old = _COLLECTIVE_NAMES[name]
+        fn = globals()[name] = getattr(dist, new, None) or getattr(dist, old)
+    return fn
+
+
+def __getattr__(name: str) -> Any:
+    if name in _COLLECTIVE_NAMES:
+        return _collective(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 SCALAR_PHASES = frozenset({"finite", "norm", "variance"})
 ERROR_KEY = "lanton_dist/error"
@@ -120,6 +149,7 @@ class Collectives:
 
     def __init__(self, meter: CommMeter, group: dist.ProcessGroup | None = None, name: str = "dp") -> None:
         self.meter, self.group, self.name = meter, group, name
+        dist = _dist()
         self.world = dist.get_world_size(group) if dist.is_initialized() else 1
         self.rank = dist.get_rank(group) if dist.is_initialized() else 0
 
@@ -146,10 +176,14 @@ class Collectives:
         publish_error(exc)
 
     # -- collectives (all return a handle; call .wait())
-    def all_reduce(self, t: torch.Tensor, phase: str, op=dist.ReduceOp.SUM) -> _Handle:
+    def all_reduce(self, t: torch.Tensor, phase: str, op: dist.ReduceOp | None = None) -> _Handle:
+        """All-reduce ``t`` in place with ``op`` (None: ``ReduceOp.SUM``)."""
         self._record("all_reduce", phase, t)
         if self.world == 1:
             return _Handle(self, None, "all_reduce")
+        dist = _dist()
+        if op is None:
+            op = dist.ReduceOp.SUM
         return self._run("all_reduce", lambda: dist.all_reduce(t, op=op, group=self.group, async_op=True))
 
     def reduce_scatter(self, out: torch.Tensor, inp: torch.Tensor, phase: str) -> _Handle:
@@ -158,7 +192,7 @@ class Collectives:
         if self.world == 1:
             out.copy_(inp)
             return _Handle(self, None, "reduce_scatter")
-        return self._run("reduce_scatter", lambda: _REDUCE_SCATTER(out, inp, group=self.group, async_op=True))
+        return self._run("reduce_scatter", lambda: _collective("_REDUCE_SCATTER")(out, inp, group=self.group, async_op=True))
 
     def all_gather(self, out: torch.Tensor, inp: torch.Tensor, phase: str) -> _Handle:
         """All-gather ``inp`` (``n``) into ``out`` (``world·n``); ``inp`` may be ``out``'s own slice."""
@@ -167,7 +201,7 @@ class Collectives:
             if out.data_ptr() != inp.data_ptr():
                 out.copy_(inp)
             return _Handle(self, None, "all_gather")
-        return self._run("all_gather", lambda: _ALL_GATHER(out, inp, group=self.group, async_op=True))
+        return self._run("all_gather", lambda: _collective("_ALL_GATHER")(out, inp, group=self.group, async_op=True))
 
     def all_to_all(self, out: torch.Tensor, inp: torch.Tensor, out_splits: list[int], in_splits: list[int], phase: str) -> _Handle:
         """``all_to_all_single`` with explicit splits (first dim)."""
@@ -176,7 +210,7 @@ class Collectives:
         if self.world == 1:
             out.copy_(inp)
             return _Handle(self, None, "all_to_all")
-        return self._run("all_to_all", lambda: dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.group, async_op=True))
+        return self._run("all_to_all", lambda: _dist().all_to_all_single(out, inp, out_splits, in_splits, group=self.group, async_op=True))
 
 
 def peer_error() -> str | None:
@@ -198,7 +232,7 @@ def publish_error(exc: BaseException) -> None:
     store = _default_store()
     if store is not None:
         try:
-            store.compare_set(ERROR_KEY, "", f"rank {dist.get_rank()} raised {type(exc).__name__}: {exc}")
+            store.compare_set(ERROR_KEY, "", f"rank {_dist().get_rank()} raised {type(exc).__name__}: {exc}")
         except Exception:  # noqa: BLE001
             pass
 
@@ -216,6 +250,7 @@ def fail_fast() -> Iterator[None]:
 
 
 def _default_store():
+    dist = _dist()
     if not dist.is_initialized():
         return None
     try:
