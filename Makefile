@@ -6,6 +6,10 @@ STAMP := $(VENV)/.installed
 TORCH := torch==2.13.0
 MEGATRON := megatron-core==0.16.1
 NVML := nvidia-ml-py==13.615.71
+FAIRSCALE := fairscale==0.4.13
+# DeepSpeed builds no ops at install (DS_BUILD_OPS=0) and must not pull a CUDA torch into an
+# isolated build environment; at run time DS_ACCELERATOR=cpu JIT-builds one small op with g++.
+DEEPSPEED := deepspeed==0.19.8
 
 .PHONY: env demo test clean
 
@@ -15,7 +19,8 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q $(MEGATRON) $(NVML)
+	$(PY) -m pip install -q $(MEGATRON) $(NVML) $(FAIRSCALE)
+	DS_BUILD_OPS=0 DS_ACCELERATOR=cpu $(PY) -m pip install -q --no-build-isolation $(DEEPSPEED)
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
@@ -23,7 +28,7 @@ demo: env
 	$(PY) launch/demo.py
 
 test: env
-	$(PY) -m pytest -q tests
+	DS_ACCELERATOR=cpu $(PY) -m pytest -q tests
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -15,6 +15,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.multiprocessing.spawn import ProcessException
 
 
 def _worker(rank, world, init_file, out_dir, fn, args, timeout_s):
@@ -46,7 +47,7 @@ def run(fn, world: int, *args, timeout_s: float = 60.0, expect_error: bool = Fal
             try:
                 if ctx.join(timeout=timeout_s * 4):
                     break
-            except mp.ProcessException:
+            except ProcessException:
                 break  # a rank died; its missing result is reported below
         results = []
         for r in range(world):

@@ -1,0 +1,622 @@
+"""The all-to-all :class:`~lanton_dist.engine.core.MatrixExchange` every framework adapter shares,
+and the adapter base class around :class:`~lanton_dist.engine.core.ShardedCore`.
+
+Framework-free: it sees only torch tensors, a process group and, for every hidden parameter,
+which flat element range ``[start, stop)`` of its row-major flattening each rank holds (a
+*piece*; empty pieces are allowed). FSDP2 row shards, DeepSpeed ZeRO-1/2 flat partitions that
+cut across parameters, ZeRO-3 per-parameter partitions and whole parameters (fairscale OSS)
+are all such layouts; the helpers :func:`row_ranges`, :func:`flat_partition_ranges` and
+:func:`padded_partition_ranges` compute them.
+
+:class:`AllToAllExchange` moves pieces to each matrix's owner (the FLOP-balanced
+:func:`~lanton_dist.engine.ownership.plan_ownership` plan, so every Newton–Schulz and
+nuclear norm runs once per matrix per step across the job) and the owner's result back:
+
+* matrices are grouped into **buckets** of about ``bucket_mb`` (canonical parameter order,
+  the same on every rank); each bucket is ONE ``all_to_all_single`` towards the owners and
+  ONE back;
+* :meth:`AllToAllExchange.apply` pipelines: the gathers of ``window`` buckets are in flight
+  while the owner runs Newton–Schulz on the bucket that arrived, and that bucket's results go
+  back asynchronously at once (the issue order is fixed, so every rank posts the same
+  collectives in the same order);
+* :meth:`AllToAllExchange.launch_gather` posts all gathers and returns a
+  :class:`PendingGather` whose owner-side work (the nuclear norms) can run on a background
+  thread while the caller goes on (the deferred variance of the core);
+* a bucket whose pieces all sit on their owners already (whole parameters, fairscale OSS)
+  posts no collective at all;
+* uneven and empty pieces are sent as they are: torch's gloo and NCCL ``all_to_all_single``
+  accept unequal splits (``tests/test_fsdp2.py`` checks gloo). ``pad=True`` pads every split of
+  a bucket to the bucket's largest (dion's scheme, for backends that need equal splits); the
+  padding is real traffic and the meter counts it.
+
+Per rank and step the exchange sends its pieces of matrices owned elsewhere and, as owner,
+each other rank's piece of the result: ``Σ_X≠owned |piece_r(X)| + Σ_X owned (numel_X −
+|piece_r(X)|)`` elements, about 2 × the owned matrices' bytes — the all-to-all optimum.
+Nothing is ever all-gathered to every rank.
+
+Every rank must pass pieces of the same matrices in each call (possibly empty ones): the
+adapters build a (possibly empty) piece of every parameter on every rank for that reason.
+"""
+from __future__ import annotations
+
+import math
+import threading
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.optim import Optimizer
+
+from lanton_dist.engine.core import ALGORITHMS, LocalPiece, ShardedCore
+from lanton_dist.engine.meter import Collectives, CommMeter
+from lanton_dist.engine.ownership import OwnershipPlan, plan_ownership
+from lanton_dist.engine.zero import DEFAULTS
+from lanton_dist.groups import Geometry, ParamSpec
+from lanton_dist.lanton import check_param_groups
+from lanton_dist.lmo import LMOConfig
+
+Ranges = tuple[tuple[int, int], ...]  # one (start, stop) per rank, flat elements of one parameter
+
+
+# ---------------------------------------------------------------------------------------- layouts
+def row_ranges(shape: tuple[int, ...], world: int) -> Ranges:
+    """Flat ranges of a dim-0 shard of ``shape`` over ``world`` ranks, torch.chunk rule (FSDP2,
+    DTensor ``Shard(0)``): rank r holds rows ``[r·c, (r+1)·c) ∩ [0, d0)``, ``c = ⌈d0/world⌉``
+    (trailing ranks may hold none)."""
+    d0 = shape[0] if shape else 1
+    row = math.prod(shape[1:]) if len(shape) > 1 else 1
+    c = -(-d0 // world) if d0 else 0
+    return tuple((min(r * c, d0) * row, min((r + 1) * c, d0) * row) for r in range(world))
+
+
+def flat_partition_ranges(offset: int, numel: int, partition: int, world: int) -> Ranges:
+    """A parameter at elements ``[offset, offset+numel)`` of a flat buffer cut into ``world``
+    partitions of ``partition`` elements (DeepSpeed ZeRO-1/2): each rank's part, relative to
+    the parameter (empty ranges sit at the nearest boundary)."""
+    out = []
+    for r in range(world):
+        lo, hi = max(offset, r * partition), min(offset + numel, (r + 1) * partition)
+        lo = min(max(lo - offset, 0), numel)
+        out.append((lo, max(lo, hi - offset)))
+    return tuple(out)
+
+
+def padded_partition_ranges(numel: int, partition: int, world: int) -> Ranges:
+    """Per-parameter partitions of ``partition`` elements, the last ones padded (DeepSpeed ZeRO-3):
+    rank r holds ``[r·partition, (r+1)·partition) ∩ [0, numel)``."""
+    return tuple((min(r * partition, numel), min((r + 1) * partition, numel)) for r in range(world))
+
+
+def whole_ranges(numel: int, owner: int, world: int) -> Ranges:
+    """The whole parameter on ``owner``, nothing elsewhere (fairscale OSS)."""
+    return tuple((0, numel) if r == owner else (0, 0) for r in range(world))
+
+
+def check_ranges(name: str, numel: int, ranges: Ranges, world: int) -> None:
+    """Raise ``ValueError`` unless ``ranges`` has one range per rank and the non-empty ones tile
+    ``[0, numel)`` exactly."""
+    if len(ranges) != world:
+        raise ValueError(f"{name}: {len(ranges)} piece ranges for {world} ranks")
+    parts = sorted((a, b) for a, b in ranges if b > a)
+    pos = 0
+    for a, b in parts:
+        if a != pos:
+            raise ValueError(f"{name}: pieces {list(ranges)} do not tile [0, {numel}) (gap or overlap at {pos})")
+        pos = b
+    if pos != numel or any(b < a or a < 0 for a, b in ranges):
+        raise ValueError(f"{name}: pieces {list(ranges)} do not cover exactly [0, {numel})")
+
+
+# ---------------------------------------------------------------------------------------- exchange
+@dataclass(frozen=True)
+class _BucketPlan:
+    """Static routing of one bucket for this rank (element counts; gather direction)."""
+
+    names: tuple[str, ...]
+    send: tuple[tuple[str, ...], ...]      # per destination owner: names whose piece I send
+    recv: tuple[tuple[tuple[str, int, int], ...], ...]  # per source: (name, start, stop) I receive as owner
+    send_splits: tuple[int, ...]
+    recv_splits: tuple[int, ...]
+    padded: int                             # common split size when padding, else 0
+    local: bool                             # every piece already sits on its owner: no collective
+
+
+class _Done:
+    """The handle of a bucket that needed no collective."""
+
+    def wait(self) -> None:
+        return None
+
+
+class _Launched:
+    """One posted gather bucket: its plan, receive buffer and handle."""
+
+    def __init__(self, plan: _BucketPlan, recv: torch.Tensor, handle) -> None:
+        self.plan, self.recv, self.handle = plan, recv, handle
+
+
+class PendingGather:
+    """Gathers posted by :meth:`AllToAllExchange.launch_gather`; the owner's work runs per bucket
+    as each arrives, in the caller's thread (:meth:`map`) or a background one (:meth:`start`)."""
+
+    def __init__(self, exchange: "AllToAllExchange", launched: list[_Launched]) -> None:
+        self._ex, self._launched = exchange, launched
+        self._thread: threading.Thread | None = None
+        self._result: dict[str, Any] | None = None
+        self._error: BaseException | None = None
+
+    def map(self, fn: Callable[[list[str], list[torch.Tensor]], list[Any]]) -> dict[str, Any]:
+        """``fn(names, whole matrices)`` on every bucket this rank owns matrices of; ``{name: result}``."""
+        out: dict[str, Any] = {}
+        for item in self._launched:
+            owned = self._ex._assemble(item)
+            if owned:
+                names = list(owned)
+                out.update(zip(names, fn(names, [owned[n] for n in names])))
+        self._launched = []
+        return out
+
+    def start(self, fn) -> None:
+        """Run :meth:`map` on a background thread (it only waits and computes: no collective is
+        posted from it, so the issue order stays the same on every rank)."""
+        def work() -> None:
+            try:
+                with torch.no_grad():
+                    self._result = self.map(fn)
+            except BaseException as exc:  # noqa: BLE001 - re-raised by result()
+                self._error = exc
+        self._thread = threading.Thread(target=work, name="lanton-owner", daemon=True)
+        self._thread.start()
+
+    def result(self) -> dict[str, Any]:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
+        return self._result or {}
+
+
+class AllToAllExchange:
+    """Bucketed all-to-all between pieces and owners (see module doc).
+
+    Args:
+        specs: every parameter (any geometry; only hidden ones are exchanged), same order on
+            every rank — the canonical bucket order.
+        ranges: name → one flat ``(start, stop)`` per rank of the process group, for every
+            hidden parameter (computed identically on every rank).
+        plan: owner of each hidden parameter (ranks of the process group).
+        coll: metered collectives over the process group.
+        bucket_mb: target bytes per bucket (a matrix larger than it is a bucket alone).
+        pad: pad every split of a bucket to the bucket's largest (counted by the meter).
+        window: gathers in flight ahead of the Newton–Schulz in :meth:`apply` (≥ 1).
+
+    Tensors passed in are 1-D pieces of one dtype on one device; whole matrices come out on
+    that device with ``spec.shape``.
+    """
+
+    def __init__(self, specs: list[ParamSpec], ranges: dict[str, Ranges], plan: OwnershipPlan, coll: Collectives, *,
+                 bucket_mb: float = 25.0, pad: bool = False, window: int = 2) -> None:
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        if not bucket_mb > 0:
+            raise ValueError(f"bucket_mb must be > 0, got {bucket_mb}")
+        if plan.world != coll.world:
+            raise ValueError(f"ownership plan is for {plan.world} ranks, the process group has {coll.world}")
+        self.coll, self.plan, self.world, self.rank = coll, plan, coll.world, coll.rank
+        self.bucket_bytes, self.pad, self.window = int(bucket_mb * 2**20), pad, window
+        self.specs = {s.name: s for s in specs if s.geometry is Geometry.HIDDEN}
+        self.order = {n: i for i, n in enumerate(self.specs)}
+        for name, spec in self.specs.items():
+            if name not in ranges:
+                raise ValueError(f"no piece ranges given for hidden parameter {name}")
+            if name not in plan.owner:
+                raise ValueError(f"ownership plan has no owner for {name}")
+            check_ranges(name, spec.numel, ranges[name], self.world)
+        self.ranges = {n: tuple(ranges[n]) for n in self.specs}
+        self._plans: dict[tuple[tuple[str, ...], int], list[_BucketPlan]] = {}
+
+    # ------------------------------------------------------------------ routing
+    def _buckets(self, names: tuple[str, ...], elem: int) -> list[_BucketPlan]:
+        key = (names, elem)
+        if key not in self._plans:
+            groups: list[list[str]] = [[]]
+            size = 0
+            for n in names:
+                b = self.specs[n].numel * elem
+                if groups[-1] and size + b > self.bucket_bytes:
+                    groups.append([])
+                    size = 0
+                groups[-1].append(n)
+                size += b
+            self._plans[key] = [self._route(tuple(g)) for g in groups if g]
+        return self._plans[key]
+
+    def _route(self, names: tuple[str, ...]) -> _BucketPlan:
+        W, me = self.world, self.rank
+        send = tuple(tuple(n for n in names if self.plan.owner[n] == d) for d in range(W))
+        recv = tuple(tuple((n, *self.ranges[n][s]) for n in names if self.plan.owner[n] == me) for s in range(W))
+        send_splits = tuple(sum(self._len(n, me) for n in send[d]) for d in range(W))
+        recv_splits = tuple(sum(b - a for _, a, b in recv[s]) for s in range(W))
+        padded = 0
+        if self.pad:
+            padded = max(sum(self._len(n, s) for n in names if self.plan.owner[n] == d) for s in range(W) for d in range(W))
+        local = all(self.ranges[n][r][1] == self.ranges[n][r][0] for n in names for r in range(W)
+                    if r != self.plan.owner[n])
+        return _BucketPlan(names, send, recv, send_splits, recv_splits, 0 if local else padded, local)
+
+    def _len(self, name: str, rank: int) -> int:
+        a, b = self.ranges[name][rank]
+        return b - a
+
+    def _index(self, pieces: list[LocalPiece], tensors: list[torch.Tensor]) -> tuple[tuple[str, ...], dict[str, int]]:
+        """Validate a call's pieces; canonical name order and name → position."""
+        if len(pieces) != len(tensors):
+            raise ValueError(f"{len(pieces)} pieces but {len(tensors)} tensors")
+        where: dict[str, int] = {}
+        for i, (p, t) in enumerate(zip(pieces, tensors)):
+            if p.name not in self.specs:
+                raise ValueError(f"{p.name} is not a hidden parameter this exchange knows")
+            if p.name in where:
+                raise ValueError(f"{p.name} passed twice")
+            if (p.start, p.stop) != self.ranges[p.name][self.rank]:
+                raise ValueError(f"{p.name}: rank {self.rank} piece {p.start}:{p.stop} does not match the layout "
+                                 f"{self.ranges[p.name][self.rank]}")
+            if t.numel() != p.stop - p.start:
+                raise ValueError(f"{p.name}: tensor has {t.numel()} elements, piece {p.start}:{p.stop} has {p.stop - p.start}")
+            where[p.name] = i
+        dtypes = {t.dtype for t in tensors}
+        if len(dtypes) > 1:
+            raise ValueError(f"one dtype per exchange call, got {sorted(map(str, dtypes))}")
+        return tuple(sorted(where, key=self.order.__getitem__)), where
+
+    # ------------------------------------------------------------------ one bucket
+    def _splits(self, plan: _BucketPlan, splits: tuple[int, ...]) -> list[int]:
+        return [plan.padded] * self.world if plan.padded else list(splits)
+
+    def _post_gather(self, plan: _BucketPlan, tensors: list[torch.Tensor], where: dict[str, int], phase: str) -> _Launched:
+        ref = tensors[0]
+        send_splits, recv_splits = self._splits(plan, plan.send_splits), self._splits(plan, plan.recv_splits)
+        send = torch.empty(sum(send_splits), dtype=ref.dtype, device=ref.device)
+        pos = 0
+        for d in range(self.world):
+            at = pos
+            for n in plan.send[d]:
+                t = tensors[where[n]].reshape(-1)
+                send[at : at + t.numel()].copy_(t)
+                at += t.numel()
+            send[at : pos + send_splits[d]].zero_()
+            pos += send_splits[d]
+        if plan.local:
+            return _Launched(plan, send, _Done())
+        recv = torch.empty(sum(recv_splits), dtype=ref.dtype, device=ref.device)
+        return _Launched(plan, recv, self.coll.all_to_all(recv, send, recv_splits, send_splits, phase))
+
+    def _assemble(self, item: _Launched) -> dict[str, torch.Tensor]:
+        """Wait for a gather bucket; the whole matrices this rank owns in it."""
+        item.handle.wait()
+        plan, recv = item.plan, item.recv
+        owned = {n: torch.empty(self.specs[n].numel, dtype=recv.dtype, device=recv.device)
+                 for n in plan.names if self.plan.owner[n] == self.rank}
+        splits = self._splits(plan, plan.recv_splits)
+        pos = 0
+        for s in range(self.world):
+            at = pos
+            for n, a, b in plan.recv[s]:
+                owned[n][a:b].copy_(recv[at : at + b - a])
+                at += b - a
+            pos += splits[s]
+        return {n: t.view(self.specs[n].shape) for n, t in owned.items()}
+
+    def _post_scatter(self, plan: _BucketPlan, results: dict[str, torch.Tensor], like: torch.Tensor, phase: str):
+        """Send each rank its piece of this rank's owner results; returns (recv buffer, handle)."""
+        send_splits, recv_splits = self._splits(plan, plan.recv_splits), self._splits(plan, plan.send_splits)
+        send = torch.empty(sum(send_splits), dtype=like.dtype, device=like.device)
+        pos = 0
+        for d in range(self.world):
+            at = pos
+            for n in (n for n in plan.names if self.plan.owner[n] == self.rank):
+                a, b = self.ranges[n][d]
+                send[at : at + b - a].copy_(results[n].reshape(-1)[a:b])
+                at += b - a
+            send[at : pos + send_splits[d]].zero_()
+            pos += send_splits[d]
+        if plan.local:
+            return send, _Done()
+        recv = torch.empty(sum(recv_splits), dtype=like.dtype, device=like.device)
+        return recv, self.coll.all_to_all(recv, send, recv_splits, send_splits, phase)
+
+    def _unpack_scatter(self, plan: _BucketPlan, recv: torch.Tensor, handle, out: dict[str, torch.Tensor]) -> None:
+        handle.wait()
+        splits = self._splits(plan, plan.send_splits)
+        pos = 0
+        for s in range(self.world):
+            at = pos
+            for n in plan.send[s]:
+                k = self._len(n, self.rank)
+                out[n] = recv[at : at + k]
+                at += k
+            pos += splits[s]
+
+    # ------------------------------------------------------------------ MatrixExchange
+    def launch_gather(self, pieces: list[LocalPiece], tensors: list[torch.Tensor], phase: str) -> PendingGather:
+        """Post every bucket's gather at once (async); see :class:`PendingGather`."""
+        if not pieces:
+            return PendingGather(self, [])
+        names, where = self._index(pieces, tensors)
+        plans = self._buckets(names, tensors[0].element_size())
+        return PendingGather(self, [self._post_gather(p, tensors, where, phase) for p in plans])
+
+    def gather(self, pieces: list[LocalPiece], tensors: list[torch.Tensor], phase: str) -> dict[str, torch.Tensor]:
+        pending = self.launch_gather(pieces, tensors, phase)
+        return pending.map(lambda names, mats: mats)
+
+    def scatter(self, pieces: list[LocalPiece], owned: dict[str, torch.Tensor], phase: str) -> list[torch.Tensor]:
+        if not pieces:
+            return []
+        like = next(iter(owned.values())) if owned else pieces[0].param
+        names, where = self._index(pieces, [torch.empty(p.stop - p.start, dtype=like.dtype) for p in pieces])
+        posted = [(plan, *self._post_scatter(plan, owned, like, phase)) for plan in self._buckets(names, like.element_size())]
+        out: dict[str, torch.Tensor] = {}
+        for plan, recv, handle in posted:
+            self._unpack_scatter(plan, recv, handle, out)
+        return [out[p.name] for p in pieces]
+
+    def apply(self, pieces: list[LocalPiece], tensors: list[torch.Tensor],
+              fn: Callable[[list[str], list[torch.Tensor]], list[torch.Tensor]], gather_phase: str,
+              scatter_phase: str) -> list[torch.Tensor]:
+        """Gather → ``fn(names, whole matrices)`` on the owner → scatter, pipelined over buckets:
+        ``window`` gathers are in flight while ``fn`` runs on the bucket that arrived, and each
+        bucket's results are sent back at once. Returns this rank's piece of each result,
+        aligned with ``pieces``."""
+        if not pieces:
+            return []
+        names, where = self._index(pieces, tensors)
+        plans = self._buckets(names, tensors[0].element_size())
+        inflight: dict[int, _Launched] = {}
+        for i in range(min(self.window, len(plans))):
+            inflight[i] = self._post_gather(plans[i], tensors, where, gather_phase)
+        scatters = []
+        for i, plan in enumerate(plans):
+            owned = self._assemble(inflight.pop(i))
+            if i + self.window < len(plans):
+                j = i + self.window
+                inflight[j] = self._post_gather(plans[j], tensors, where, gather_phase)
+            mine = list(owned)
+            results = dict(zip(mine, fn(mine, [owned[n] for n in mine]))) if mine else {}
+            scatters.append((plan, *self._post_scatter(plan, results, tensors[0], scatter_phase)))
+        out: dict[str, torch.Tensor] = {}
+        for plan, recv, handle in scatters:
+            self._unpack_scatter(plan, recv, handle, out)
+        return [out[p.name] for p in pieces]
+
+    def optimum_sent_elements(self, names: Iterable[str] | None = None) -> int:
+        """Elements this rank must send per gather+scatter of ``names`` (default: all hidden)
+        under any owner scheme with this layout and plan: its pieces of matrices owned
+        elsewhere, plus, as owner, every other rank's piece of its matrices."""
+        total = 0
+        for n in names or self.specs:
+            mine = self._len(n, self.rank)
+            total += (self.specs[n].numel - mine) if self.plan.owner[n] == self.rank else mine
+        return total
+
+
+# ---------------------------------------------------------------------------------------- adapter base
+class PieceOptimizer(Optimizer):
+    """Base of the framework adapters: a torch ``Optimizer`` whose ``step`` runs
+    :class:`~lanton_dist.engine.core.ShardedCore` over this rank's pieces with an
+    :class:`AllToAllExchange`.
+
+    Subclasses supply :meth:`_local_pieces` (this rank's :class:`LocalPiece` of every parameter,
+    views of the framework's sharded storage, with gradients) and call :meth:`_setup` with the
+    piece ranges of every parameter once the framework has sharded the model.
+
+    Args:
+        groups: param groups with ``specs`` (``lanton_dist.factory.param_groups``), the logical
+            (unsharded) shapes, same on every rank.
+        algorithm: ``lanton`` | ``scion`` | ``dmuon`` | ``adamw``.
+        process_group: the data-parallel group the pieces are spread over.
+        meter, bucket_mb, pad, window: see :class:`AllToAllExchange`.
+        overlap, defer_variance, estimate_every, option, ratio_anchor, nuclear_estimator,
+        wd_lr, lmo, skip_nonfinite: see :class:`~lanton_dist.engine.core.ShardedCore`.
+        hyper: per-group defaults (:data:`lanton_dist.engine.zero.DEFAULTS`).
+    """
+
+    def __init__(self, groups: Iterable[dict[str, Any]], algorithm: str = "lanton", *,
+                 process_group: dist.ProcessGroup | None = None, meter: CommMeter | None = None,
+                 bucket_mb: float = 25.0, pad: bool = False, window: int = 2, overlap: bool = True,
+                 defer_variance: bool = True, estimate_every: int = 10, option: str = "I", ratio_anchor: str = "max",
+                 nuclear_estimator: str = "auto", wd_lr: str = "group", lmo: LMOConfig | None = None,
+                 skip_nonfinite: bool = True, **hyper: Any) -> None:
+        unknown = set(hyper) - set(DEFAULTS)
+        if unknown:
+            raise ValueError(f"unknown hyper-parameters {sorted(unknown)}; valid: {sorted(DEFAULTS)}")
+        if algorithm not in ALGORITHMS:
+            raise ValueError(f"unknown algorithm {algorithm!r}; choose one of {ALGORITHMS}")
+        if not dist.is_initialized():
+            raise RuntimeError(f"{type(self).__name__} needs torch.distributed initialised")
+        super().__init__(groups, {**DEFAULTS, **hyper})
+        check_param_groups(self.param_groups)
+        for g in self.param_groups:
+            if not g["alpha"] > 0:
+                raise ValueError(f"alpha must be > 0, got {g['alpha']}")
+        # Frameworks re-bind ``param_groups`` (DeepSpeed steps one group at a time); the core
+        # keeps the live group dicts.
+        self._groups = list(self.param_groups)
+        self.meter = meter or CommMeter()
+        self.coll = Collectives(self.meter, process_group, "dp")
+        self.world, self.rank = self.coll.world, self.coll.rank
+        self.named = [(s, gi) for gi, g in enumerate(self._groups) for s in g["specs"]]
+        self.specs = [s for s, _ in self.named]
+        self.algorithm = algorithm
+        self._exchange_args = dict(bucket_mb=bucket_mb, pad=pad, window=window)
+        self._core_args = dict(estimate_every=estimate_every, option=option, ratio_anchor=ratio_anchor,
+                               overlap=overlap, nuclear_estimator=nuclear_estimator, wd_lr=wd_lr, lmo=lmo,
+                               skip_nonfinite=skip_nonfinite, defer_variance=defer_variance)
+        self.plan: OwnershipPlan = plan_ownership(self.specs, self.world, (lmo or LMOConfig()).ns_steps)
+        self.ranges: dict[str, Ranges] = {}
+        self.exchange: AllToAllExchange | None = None
+        self.core: ShardedCore | None = None
+        self._half: dict[str, torch.Tensor] | None = None
+
+    # ------------------------------------------------------------------ set-up
+    def _setup(self, ranges: dict[str, Ranges], dtype: torch.dtype, plan: OwnershipPlan | None = None) -> None:
+        """Build the exchange and the core once every parameter's piece ranges are known
+        (``plan``: owners imposed by the framework instead of the FLOP-balanced plan)."""
+        if plan is not None:
+            self.plan = plan
+        for s in self.specs:
+            if s.name not in ranges:
+                raise ValueError(f"no piece ranges for {s.name}")
+            check_ranges(s.name, s.numel, ranges[s.name], self.world)
+        signature = [(s.name, s.shape, s.geometry.value, tuple(b.rows for b in s.blocks), tuple(ranges[s.name]))
+                     for s in self.specs]
+        gathered: list[Any] = [None] * self.world
+        dist.all_gather_object(gathered, signature, group=self.coll.group)
+        for r, other in enumerate(gathered):
+            if other != signature:
+                raise ValueError(f"rank {self.rank}: rank {r} has a different model or sharding layout; every rank "
+                                 "of the process group must build the same model and shard it the same way")
+        self.ranges = dict(ranges)
+        self.exchange = AllToAllExchange(self.specs, self.ranges, self.plan, self.coll, **self._exchange_args)
+        self.core = ShardedCore(self.specs, {s.name: gi for s, gi in self.named}, self._groups, self.algorithm,
+                                self.coll, self.exchange, dtype=dtype, **self._core_args)
+        self.meter.step = 0
+
+    def _require_core(self) -> ShardedCore:
+        if self.core is None:
+            raise RuntimeError(f"{type(self).__name__} is not attached to its framework yet")
+        return self.core
+
+    def _local_pieces(self) -> list[LocalPiece]:
+        """This rank's piece of every parameter (in ``self.specs`` order), with ``grad`` set."""
+        raise NotImplementedError
+
+    def _piece(self, spec: ParamSpec, group: int, param: torch.Tensor, grad: torch.Tensor | None) -> LocalPiece:
+        """A :class:`LocalPiece` at this rank's range of ``spec``; ``param``/``grad`` 1-D views."""
+        a, b = self.ranges[spec.name][self.rank]
+        if param.numel() != b - a or (grad is not None and grad.numel() != b - a):
+            raise RuntimeError(f"{spec.name}: local shard has {param.numel()} elements, the layout says {b - a} "
+                               "(was the model resharded after the optimizer was built?)")
+        return LocalPiece(spec, group, a, b, param, grad)
+
+    # ------------------------------------------------------------------ API
+    @property
+    def t(self) -> int:
+        return self._require_core().t
+
+    @property
+    def skipped_steps(self) -> int:
+        return self._require_core().skipped_steps
+
+    def needs_two_half_batches(self) -> bool:
+        return self._require_core().needs_two_half_batches()
+
+    def layer_diagnostics(self) -> list[dict[str, Any]]:
+        return self._require_core().layer_diagnostics()
+
+    def owned_hidden_bytes(self) -> int:
+        """Bytes of the hidden matrices this rank owns (one copy, in the pieces' dtype)."""
+        pieces = self._local_pieces()
+        elem = pieces[0].param.element_size() if pieces else 4
+        return sum(s.numel for s in self.specs if self.plan.owner.get(s.name) == self.rank) * elem
+
+    @torch.no_grad()
+    def _run_core(self, pieces: list[LocalPiece]) -> bool:
+        """One core step on ``pieces`` (Option II halves combined); any failure is published so
+        peers stuck in a collective fail naming this rank."""
+        core = self._require_core()
+        self.meter.step = core.t + 1
+        try:
+            half, self._half = self._half, None
+            for pc in pieces:
+                pc.diff2 = None
+                if half is not None and pc.grad is not None:
+                    h = half[pc.name]
+                    pc.diff2 = 2.0 * (h - pc.grad)
+                    pc.grad = pc.grad + h
+            return core.step(pieces)
+        except Exception as exc:
+            self.coll.publish_error(exc)
+            raise
+
+    # ------------------------------------------------------------------ checkpoint support
+    def core_state(self) -> dict[str, Any]:
+        """This rank's optimizer state as a flat DCP state dict (``engine.checkpoint`` keys):
+        replicated step/trackers/factors/lr, and each non-empty piece's state."""
+        from lanton_dist.engine.checkpoint import core_state_dict
+
+        sd = core_state_dict(self._require_core(), [p for p in self._local_pieces() if p.stop > p.start])
+        sd["meta/lr"] = torch.tensor([g["lr"] for g in self._groups], dtype=torch.float64)
+        return sd
+
+    def load_core_state(self, path: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Load :meth:`core_state` from the DCP checkpoint ``path`` (any world size), with ``extra``
+        entries in the same pass (returned, filled); empty pieces get (empty) state under the
+        stored keys, so every rank keeps passing the same matrices to the exchange."""
+        import torch.distributed.checkpoint as dcp
+
+        from lanton_dist.engine.checkpoint import _KEY, load_core_state
+
+        core = self._require_core()
+        extra = dict(extra or {})
+        extra["meta/lr"] = torch.zeros(len(self._groups), dtype=torch.float64)
+        pieces = self._local_pieces()
+        load_core_state(core, [p for p in pieces if p.stop > p.start], path, extra)
+        core._deferred = None
+        keys: dict[str, set[str]] = defaultdict(set)
+        for k in dcp.FileSystemReader(path).read_metadata().state_dict_metadata:
+            m = _KEY.match(k)
+            if m:
+                keys[m["name"]].add(m["key"])
+        self._fill_empty_state(pieces, keys)
+        for g, lr in zip(self._groups, extra["meta/lr"].tolist()):
+            g["lr"] = lr
+        return extra
+
+    def _fill_empty_state(self, pieces: list[LocalPiece], keys: dict[str, set[str]]) -> None:
+        core = self._require_core()
+        for p in pieces:
+            if p.stop == p.start:
+                st = core.state_of(p)
+                st.clear()
+                for k in keys.get(p.name, ()):
+                    st[k] = p.param.new_empty(0)
+
+    def local_state_dict(self) -> dict[str, Any]:
+        """This rank's state as a plain dict (for frameworks that save one file per rank)."""
+        core = self._require_core()
+        core.finish_variance()
+        pieces = {(p.name, p.start): p for p in self._local_pieces()}
+        state = {f"{n}|{s}|{pieces[(n, s)].stop}": {k: v.clone() for k, v in st.items()}
+                 for (n, s), st in core.state.items() if (n, s) in pieces}
+        hyper = [{k: v for k, v in g.items() if k not in ("params", "specs", "names")} for g in self._groups]
+        return {"lanton_core": dict(t=core.t, skipped=core.skipped_steps, H=core.H.clone(), F=core.F.clone(),
+                                    state=state, world=self.world, rank=self.rank, ranges=self.ranges),
+                "param_groups": hyper}
+
+    def load_local_state_dict(self, sd: dict[str, Any]) -> None:
+        """Inverse of :meth:`local_state_dict`; the layout (world size, ranges) must be the same."""
+        core = self._require_core()
+        if "lanton_core" not in sd:
+            raise ValueError(f"not a {type(self).__name__} state dict (keys: {sorted(sd)[:5]})")
+        c = sd["lanton_core"]
+        if c["world"] != self.world or c["ranges"] != self.ranges or c["rank"] != self.rank:
+            raise ValueError("optimizer state was saved with another sharding layout (world size, partitioning or "
+                             "rank); resharding per-rank state is not supported by this path")
+        core.t, core.skipped_steps = int(c["t"]), int(c["skipped"])
+        core.H.copy_(c["H"])
+        core.F.copy_(c["F"])
+        core._pending, core._deferred = None, None
+        core.state.clear()
+        for key, st in c["state"].items():
+            name, start, _ = key.rsplit("|", 2)
+            core.state[(name, int(start))] = {k: v.clone() for k, v in st.items()}
+        if len(sd["param_groups"]) != len(self._groups):
+            raise ValueError(f"state has {len(sd['param_groups'])} param groups, optimizer has {len(self._groups)}")
+        for g, saved in zip(self._groups, sd["param_groups"]):
+            g.update(saved)
