@@ -227,8 +227,9 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     out_dir: str = "runs/tiny"
-    checkpoint_every: int = 0
+    checkpoint_every: int = 0  # 0: only at the end of the run
     resume: bool = False
+    stop_after: int = 0  # stop (checkpointed) after this many steps, as if preempted; 0: train.steps
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "fp32"  # fp32 | bf16 (autocast on GPU)
 

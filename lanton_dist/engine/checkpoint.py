@@ -106,7 +106,8 @@ def save(optimizer, path: str, model: nn.Module | None = None, extra: dict[str, 
 
 def load(optimizer, path: str, model: nn.Module | None = None, extra: dict[str, Any] | None = None) -> None:
     """Load into a :class:`~lanton_dist.engine.ShardedLANTON` built for any data-parallel size;
-    ``extra`` (pre-allocated tensors) is filled in place. With ``model`` the parameters are
+    ``extra`` is filled in place: tensors are copied into, and non-tensor values must sit in a
+    nested dict (``{"loop": {"rank0": None}}``) — DCP sets those inside nested dicts only. With ``model`` the parameters are
     restored and copied into the engine; otherwise call ``optimizer.sync_from_model()`` after
     restoring them yourself."""
     request = {"meta/lr": torch.zeros(len(optimizer.param_groups), dtype=torch.float64), **(extra or {})}

@@ -1,0 +1,114 @@
+"""Distributed execution backends for the training loop (:func:`lanton_dist.trainer.setup_backend`).
+
+* ``zero`` — our engine: every rank holds the model and computes its rows of the global
+  batch; :class:`~lanton_dist.engine.ShardedLANTON` reduce-scatters gradients to matrix
+  owners, runs each Newton–Schulz once, and all-gathers parameters. Checkpoints are sharded
+  DCP directories (reshardable to another world size).
+* ``ddp`` — the redundant baseline: ``DistributedDataParallel`` all-reduces gradients and
+  every rank runs the whole single-process optimizer (every Newton–Schulz on every rank).
+
+Both are launched with ``torchrun --nproc-per-node N launch/train.py ...``; gloo on CPU,
+NCCL on GPU (``cuda:$LOCAL_RANK``). A failure on any rank is published so the others stop
+with an error naming it (:func:`lanton_dist.engine.meter.fail_fast`).
+"""
+from __future__ import annotations
+
+import os
+import pickle
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from lanton_dist.config import RunConfig
+from lanton_dist.engine import build_sharded_optimizer, checkpoint
+from lanton_dist.engine.meter import fail_fast
+from lanton_dist.trainer import Backend, OptimizerFactory, resolve_device
+
+
+def init_distributed(cfg: RunConfig) -> torch.device:
+    """Initialise the default process group from torchrun's environment; return this rank's device."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        raise ValueError(f"parallel.backend {cfg.parallel.backend!r} is launched with torchrun "
+                         "(e.g. torchrun --nproc-per-node 2 launch/train.py --config ...)")
+    device = resolve_device(cfg.train.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=timedelta(seconds=cfg.parallel.timeout_s))
+    world = dist.get_world_size()
+    if cfg.train.global_batch % world:
+        raise ValueError(f"train.global_batch {cfg.train.global_batch} is not divisible by the world size {world}")
+    return device
+
+
+class _DistributedBackend(Backend):
+    def reduce_loss(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.detach().clone()
+        dist.all_reduce(t)
+        return t / self.world
+
+    def step(self) -> None:
+        with fail_fast():
+            self.optimizer.step()
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class EngineBackend(_DistributedBackend):
+    """``parallel.backend: zero``."""
+
+    name = "zero"
+
+    def backward(self, loss: torch.Tensor) -> None:
+        with fail_fast():
+            loss.backward()
+
+    def save(self, path: Path, extra: dict[str, Any]) -> None:
+        """A sharded DCP directory ``path`` (without ``.pt``); every rank writes its pieces."""
+        checkpoint.save(self.optimizer, str(_dir(path)), self.model,
+                        extra={"loop": {f"rank{self.rank}": pickle.dumps(extra)}})
+
+    def load(self, path: Path) -> dict[str, Any]:
+        import torch.distributed.checkpoint as dcp
+
+        keys = dcp.FileSystemReader(str(_dir(path))).read_metadata().state_dict_metadata
+        key = f"rank{self.rank}" if f"loop.rank{self.rank}" in keys else "rank0"  # resharded: rank 0's
+        extra: dict[str, Any] = {"loop": {key: None}}
+        checkpoint.load(self.optimizer, str(_dir(path)), self.model, extra=extra)
+        return pickle.loads(extra["loop"][key])
+
+
+class DDPBackend(_DistributedBackend):
+    """``parallel.backend: ddp``: gradients all-reduced by DDP, the optimizer replicated."""
+
+    name = "ddp"
+
+    def unwrap(self) -> nn.Module:
+        return self.model.module
+
+
+def _dir(path: Path) -> Path:
+    return path.with_suffix("") if path.suffix == ".pt" else path
+
+
+def setup_distributed_backend(cfg: RunConfig, model: nn.Module, factory: OptimizerFactory) -> Backend:
+    """The backend for ``cfg.parallel.backend`` in ``('zero', 'ddp')`` (the process group is created here)."""
+    device = init_distributed(cfg)
+    model.to(device)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if cfg.parallel.backend == "zero":
+        opt = build_sharded_optimizer(model, cfg.optim, bucket_mb=cfg.parallel.bucket_mb, overlap=cfg.parallel.overlap)
+        return EngineBackend(model, opt, device, rank, world)
+    ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    return DDPBackend(ddp, factory(model, cfg.optim), device, rank, world)

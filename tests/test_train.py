@@ -1,0 +1,225 @@
+"""The single-process training loop: it learns, resumes bit-identically, runs Option II,
+accumulates micro-batches exactly, and writes parseable metrics and plots."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lanton_dist.config import RunConfig, load_run_config
+from lanton_dist.model import Transformer
+from lanton_dist.schedule import warmup_cosine
+from lanton_dist.trainer import Backend, micro_slices, read_metrics, setup_backend, train, train_step
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "configs" / "llama-tiny-cpu.yaml"
+SMALL = [  # a very small model on the real stdlib corpus, for loop-logic tests
+    "--model.dim", "32", "--model.n_layers", "2", "--model.n_heads", "4", "--model.n_kv_heads", "2",
+    "--model.ffn_dim", "64", "--data.seq_len", "32", "--train.global_batch", "4",
+    "--train.eval_batches", "2", "--train.log_every", "2",
+]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: tiny matmuls gain nothing from more, and shared CPUs lose a lot."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def small_cfg(out: Path, *extra: str) -> RunConfig:
+    return load_run_config(DEMO, [*SMALL, "--train.out_dir", str(out), *extra])
+
+
+def quiet(_msg: str) -> None:
+    pass
+
+
+def test_demo_config_learns_the_stdlib_corpus_well_below_the_unigram_baseline(tmp_path):
+    cfg = load_run_config(DEMO, [
+        "--train.steps", "200", "--data.seq_len", "64", "--train.global_batch", "8",
+        "--train.eval_every", "100", "--train.eval_batches", "4", "--train.log_every", "50",
+        "--train.out_dir", str(tmp_path),
+    ])
+    s = train(cfg, log=quiet)
+    assert s["steps"] == 200 and s["skipped_steps"] == 0
+    assert 2.0 < s["unigram_baseline"] < 5.5
+    first_val = read_metrics(s["metrics"])[0]["val_loss"]
+    assert first_val > 5.0  # ~ln 256 at init
+    assert s["final_val_loss"] < s["unigram_baseline"] - 1.0, s
+    assert s["final_train_loss"] < s["unigram_baseline"] - 1.0, s
+
+
+@pytest.mark.parametrize("optim", [
+    ["--optim.name", "lanton", "--optim.estimate_every", "2"],
+    ["--optim.name", "lanton", "--optim.estimate_every", "2", "--optim.option", "II"],
+    ["--optim.name", "dmuon"],
+], ids=["lanton-I", "lanton-II", "dmuon"])
+def test_resuming_from_a_mid_run_checkpoint_is_bit_identical(tmp_path, optim):
+    common = ["--train.steps", "12", "--train.eval_every", "4", "--train.checkpoint_every", "5", *optim]
+    full = train(small_cfg(tmp_path / "full", *common), log=quiet)
+    cut = train(small_cfg(tmp_path / "cut", *common, "--train.stop_after", "7"), log=quiet)
+    assert cut["steps"] == 7 and Path(cut["checkpoint"]).name == "step_00000007.pt"
+    resumed = train(small_cfg(tmp_path / "cut", *common, "--train.resume", "true"), log=quiet)
+    assert resumed["resumed_from"].endswith("step_00000007.pt")
+
+    a, b = read_metrics(full["metrics"]), read_metrics(resumed["metrics"])
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(13))
+    for ra, rb in zip(a, b):
+        assert ra.get("loss") == rb.get("loss") and ra.get("val_loss") == rb.get("val_loss"), (ra, rb)
+        assert ra.get("lanton") == rb.get("lanton") and ra.get("lr") == rb.get("lr")
+    assert full["final_val_loss"] == resumed["final_val_loss"]
+
+    ca = torch.load(full["checkpoint"], weights_only=True)
+    cb = torch.load(resumed["checkpoint"], weights_only=True)
+    for name, t in ca["model"].items():
+        assert torch.equal(t, cb["model"][name]), name
+    sa, sb = ca["optimizer"]["state"], cb["optimizer"]["state"]
+    assert sa.keys() == sb.keys() and sa
+    for i in sa:
+        for key, t in sa[i].items():
+            assert torch.equal(torch.as_tensor(t), torch.as_tensor(sb[i][key])), (i, key)
+    assert ca["extra"]["scheduler"] == cb["extra"]["scheduler"]
+    kept = sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir())
+    assert kept == ["step_00000010.pt", "step_00000012.pt"]
+
+
+def test_resuming_with_a_different_config_is_refused(tmp_path):
+    common = ["--train.steps", "6", "--train.eval_every", "0", "--train.stop_after", "3"]
+    train(small_cfg(tmp_path, *common), log=quiet)
+    with pytest.raises(ValueError, match=r"cannot resume.*optim"):
+        train(small_cfg(tmp_path, *common, "--train.resume", "true", "--optim.lr.hidden", "0.5"), log=quiet)
+
+
+def test_option_two_runs_two_half_batches_on_estimation_steps(tmp_path):
+    cfg = small_cfg(tmp_path, "--train.steps", "8", "--train.eval_every", "4", "--optim.option", "II",
+                    "--optim.estimate_every", "2", "--train.micro_batch", "1")
+    s = train(cfg, log=quiet)
+    recs = [r for r in read_metrics(s["metrics"]) if "loss" in r]
+    assert [r["two_halves"] for r in recs] == [step % 2 == 0 for step in range(1, 9)]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in recs)
+    last = recs[-1]["lanton"]
+    assert last["hidden"]["H_max"] > 0 and last["embed_head"]["H_max"] > 0
+    assert last["hidden"]["lr_factor_min"] < 1.0 <= last["hidden"]["lr_factor_max"] + 1e-12
+
+
+class RecordingSGD(torch.optim.SGD):
+    """lr-0 SGD that records gradients; optionally asks for two half-batches like LANTON Option II."""
+
+    def __init__(self, params, two_halves: bool) -> None:
+        super().__init__(params, lr=0.0)
+        self.two_halves = two_halves
+        self.stashed: list[torch.Tensor] | None = None
+        self.final: list[torch.Tensor] = []
+
+    def needs_two_half_batches(self) -> bool:
+        return self.two_halves
+
+    def stash_half_gradient(self) -> None:
+        self.stashed = [p.grad.clone() for p in self.param_groups[0]["params"]]
+        self.zero_grad(set_to_none=True)
+
+    def step(self, closure=None):
+        self.final = [p.grad.clone() for p in self.param_groups[0]["params"]]
+        return super().step(closure)
+
+
+def grads_of(model: Transformer, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x).flatten(0, 1), y.flatten()).backward()
+    out = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+def _batch(cfg: RunConfig, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(cfg.model.vocab_size, (rows, cfg.data.seq_len + 1), generator=g)
+    return x[:, :-1], x[:, 1:]
+
+
+@pytest.mark.parametrize("micro", [0, 1, 2])
+def test_option_two_halves_are_weighted_one_half_and_sum_to_the_full_batch_gradient(tmp_path, micro):
+    cfg = small_cfg(tmp_path)
+    model = Transformer(cfg.model)
+    opt = RecordingSGD(model.parameters(), two_halves=True)
+    x, y = _batch(cfg, 4)
+    full, first = grads_of(model, x, y), grads_of(model, x[:2], y[:2])
+    loss, two = train_step(Backend(model, opt, torch.device("cpu")), x, y, micro, "fp32")
+    assert two and opt.stashed is not None
+    for s, f, g_full, g_a in zip(opt.stashed, opt.final, full, first):
+        torch.testing.assert_close(s, 0.5 * g_a, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(s + f, g_full, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(loss, F.cross_entropy(model(x).flatten(0, 1), y.flatten()).detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_micro_batch_accumulation_gives_the_full_batch_gradient(tmp_path):
+    cfg = small_cfg(tmp_path)
+    model = Transformer(cfg.model)
+    opt = RecordingSGD(model.parameters(), two_halves=False)
+    x, y = _batch(cfg, 4)
+    full = grads_of(model, x, y)
+    _, two = train_step(Backend(model, opt, torch.device("cpu")), x, y, 1, "fp32")
+    assert not two and opt.stashed is None
+    for f, g in zip(opt.final, full):
+        torch.testing.assert_close(f, g, rtol=1e-4, atol=1e-6)
+
+
+def test_metrics_plot_and_summary_are_written_and_parse(tmp_path):
+    cfg = small_cfg(tmp_path, "--train.steps", "6", "--train.eval_every", "3", "--schedule.warmup_steps", "2")
+    s = train(cfg, log=quiet)
+    recs = read_metrics(tmp_path / "metrics.jsonl")
+    assert recs[0] == {"step": 0, "tokens": 0, "val_loss": recs[0]["val_loss"]}
+    steps = [r for r in recs if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 7))
+    for r in steps:
+        assert set(r["lr"]) == {"hidden", "embed_head", "vector"}
+        assert r["tokens"] == r["step"] * 4 * 32 and r["step_time"] > 0 and r["skipped_steps"] == 0
+        factor = warmup_cosine(r["step"] - 1, 2, 6, cfg.schedule.min_ratio)
+        assert r["lr"]["hidden"] == pytest.approx(cfg.optim.lr.hidden * factor)
+    assert [r["step"] for r in recs if "val_loss" in r] == [0, 3, 6]
+    assert [r["step"] for r in steps if "lanton" in r] == [2, 4, 6]  # log_every 2
+    diag = steps[-1]["lanton"]
+    assert set(diag) == {"hidden", "embed_head", "vector"}
+    assert set(diag["hidden"]) >= {"lr_factor_min", "lr_factor_max", "H_min", "H_max"}
+    assert Path(s["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["final_val_loss"] == recs[-1]["val_loss"] and summary["steps"] == 6
+    assert json.loads((tmp_path / "config.json").read_text())["train"]["steps"] == 6
+
+
+def test_other_optimizers_train_through_the_same_loop(tmp_path):
+    for name in ("dmuon", "adamw", "scion"):
+        cfg = small_cfg(tmp_path / name, "--train.steps", "3", "--train.eval_every", "0", "--optim.name", name)
+        s = train(cfg, log=quiet)
+        recs = read_metrics(s["metrics"])
+        assert len(recs) == 3 and all("val_loss" not in r for r in recs)
+        assert ("lanton" in recs[1]) == (name == "scion")  # LANTON's class logs diagnostics
+
+
+def test_unsupported_backend_is_a_clear_error_naming_the_supported_ones(tmp_path):
+    cfg = small_cfg(tmp_path, "--parallel.backend", "ddp")
+    with pytest.raises(ValueError, match=r"unsupported parallel\.backend 'ddp'.*'none'"):
+        setup_backend(cfg, Transformer(cfg.model))
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--train.micro_batch", "3"], "does not divide"),
+    (["--data.seq_len", "256"], "max_seq_len"),
+    (["--train.stop_after", "99"], "stop_after"),
+    (["--train.device", "tpu"], "train.device"),
+])
+def test_bad_training_settings_are_clear_errors(tmp_path, extra, message):
+    with pytest.raises(ValueError, match=message):
+        train(small_cfg(tmp_path, "--train.steps", "2", "--train.eval_every", "0", *extra), log=quiet)
+
+
+def test_option_two_needs_an_even_batch():
+    with pytest.raises(ValueError, match="odd"):
+        micro_slices(5, 0, 2)
+    assert micro_slices(4, 1, 2) == [[slice(0, 1), slice(1, 2)], [slice(2, 3), slice(3, 4)]]
