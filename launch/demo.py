@@ -3,7 +3,9 @@ with D-Muon — same model, data, seed, steps and schedule; each with its own tu
 then print both final validation losses next to the unigram baseline and write one
 comparison plot and a JSON summary under ``--out`` (default ``runs/demo``).
 
-    python launch/demo.py [--steps 300] [--out runs/demo] [--threads 1]
+    python launch/demo.py [--steps 300] [--out runs/demo] [--nproc 2] [--threads 1]
+
+By default each run uses 2 CPU processes on the sharded engine (``parallel.backend zero``).
 
 Each optimizer's run is one call of :func:`run_optimizer`, so a multi-process variant only
 has to change how that call is launched.
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -34,16 +37,46 @@ DEMO_OVERRIDES: dict[str, list[str]] = {
 }
 
 
-def run_optimizer(name: str, *, steps: int, out: Path, config: Path = DEMO_CONFIG, extra: list[str] | None = None) -> dict[str, Any]:
-    """Train the demo config with optimizer ``name`` into ``out/name``; the trainer's summary."""
+def run_optimizer(name: str, *, steps: int, out: Path, config: Path = DEMO_CONFIG, extra: list[str] | None = None,
+                  nproc: int = 1) -> dict[str, Any]:
+    """Train the demo config with optimizer ``name`` into ``out/name``; the trainer's summary.
+
+    ``nproc > 1`` runs it as ``torchrun --nproc-per-node nproc launch/train.py`` on the sharded
+    engine (``parallel.backend zero``, gloo on CPU): the same global batches, split over ranks.
+    """
     if name not in DEMO_OVERRIDES:
         raise ValueError(f"no tuned demo settings for optimizer {name!r}; choose from {sorted(DEMO_OVERRIDES)}")
     overrides = [*DEMO_OVERRIDES[name], "--train.steps", str(steps), "--train.out_dir", str(out / name), *(extra or [])]
+    if nproc > 1:
+        overrides += ["--parallel.backend", "zero"]
     cfg = load_run_config(config, overrides)
-    summary = train(cfg, log=lambda msg: print(f"[{name}] {msg}", flush=True))
+    if nproc > 1:
+        summary = _torchrun(name, config, overrides, nproc, out / name)
+    else:
+        summary = train(cfg, log=lambda msg: print(f"[{name}] {msg}", flush=True))
     summary["lr"] = {"hidden": cfg.optim.lr.hidden, "embed_head": cfg.optim.lr.embed_head, "vector": cfg.optim.lr.vector}
     summary["overrides"] = overrides
     return summary
+
+
+def _torchrun(name: str, config: Path, overrides: list[str], nproc: int, out: Path) -> dict[str, Any]:
+    import socket
+    import subprocess
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", str(port),
+           str(ROOT / "launch" / "train.py"), "--config", str(config), *overrides]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:  # the trainer's own progress lines, prefixed
+        if not line.startswith(("W1", "*****", "Setting OMP")) and line.strip():
+            print(f"[{name}] {line.rstrip()}", flush=True)
+    if proc.wait() != 0:
+        raise RuntimeError(f"{name}: torchrun exited with {proc.returncode}")
+    return json.loads((out / "summary.json").read_text())
 
 
 def smooth(values: list[float], beta: float = 0.9) -> list[float]:
@@ -92,6 +125,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "demo", help="output directory (default runs/demo)")
     ap.add_argument("--config", type=Path, default=DEMO_CONFIG, help="run config (default configs/llama-tiny-cpu.yaml)")
     ap.add_argument("--optimizers", nargs="+", default=["lanton", "dmuon"], choices=sorted(DEMO_OVERRIDES))
+    ap.add_argument("--nproc", type=int, default=2,
+                    help="CPU processes per run (default 2: the sharded engine under torchrun; 1: single process)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch intra-op threads (default 1: this model's matmuls are too small to gain from more, "
                          "and on a busy machine extra threads slow it down many times; 0 keeps torch's default)")
@@ -101,13 +136,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     t0, cpu0 = time.perf_counter(), time.process_time()
-    results = {name: run_optimizer(name, steps=args.steps, out=args.out, config=args.config) for name in args.optimizers}
+    results = {name: run_optimizer(name, steps=args.steps, out=args.out, config=args.config, nproc=args.nproc)
+               for name in args.optimizers}
     wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     unigram = next(iter(results.values()))["unigram_baseline"]
     plot = plot_comparison(results, args.out / "comparison.png", unigram)
     summary = {
         "steps": args.steps, "tokens_per_run": next(iter(results.values()))["tokens"], "unigram_baseline": unigram,
-        "total_wall_s": wall, "total_cpu_s": cpu, "threads": torch.get_num_threads(), "plot": str(plot),
+        "total_wall_s": wall, "total_cpu_s": cpu, "threads": torch.get_num_threads(), "nproc": args.nproc, "plot": str(plot),
         "runs": {n: {k: s[k] for k in ("final_val_loss", "final_train_loss", "wall_s", "lr", "overrides", "num_params", "out_dir", "metrics", "plot")}
                  for n, s in results.items()},
     }
