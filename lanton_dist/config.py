@@ -204,6 +204,21 @@ class ModelConfig:
     init_std: float = 0.02
 
 
+def check_model_config(cfg: ModelConfig) -> None:
+    """Raise ``ValueError`` naming the offending field for an inconsistent config."""
+    for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"model.{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.dim % cfg.n_heads:
+        raise ValueError(f"model.dim {cfg.dim} is not divisible by model.n_heads {cfg.n_heads}")
+    if cfg.n_heads % cfg.n_kv_heads:
+        raise ValueError(f"model.n_heads {cfg.n_heads} is not divisible by model.n_kv_heads {cfg.n_kv_heads}")
+    if (cfg.dim // cfg.n_heads) % 2:
+        raise ValueError(f"head dim {cfg.dim // cfg.n_heads} must be even for rotary embeddings")
+    if not cfg.init_std > 0:
+        raise ValueError(f"model.init_std must be > 0, got {cfg.init_std}")
+
+
 @dataclass
 class DataConfig:
     """``source``: ``stdlib`` (the Python standard library's own source, byte-level tokens),

@@ -119,7 +119,7 @@ from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
-from lanton_dist.config import ModelConfig, from_dict, load_yaml
+from lanton_dist.config import ModelConfig, check_model_config, from_dict, load_yaml
 from lanton_dist.engine.layout import Layout, build_layout
 from lanton_dist.engine.meter import sent_bytes
 from lanton_dist.engine.ownership import OwnershipPlan, ns_cost, plan_ownership
@@ -339,26 +339,10 @@ def resolve_model(model: str | ModelConfig) -> tuple[str, ModelConfig]:
     raise ValueError(f"unknown model {model!r}: use one of {sorted(PRESETS)}, a configs/*.yaml path, or custom dims")
 
 
-def _check_model_config(cfg: ModelConfig) -> None:
-    """:func:`lanton_dist.model.check_model_config`, the same checks and messages, without
-    importing torch (lanton_dist.model does; ``tests/test_plan.py`` keeps the two equal)."""
-    for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"model.{name} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.dim % cfg.n_heads:
-        raise ValueError(f"model.dim {cfg.dim} is not divisible by model.n_heads {cfg.n_heads}")
-    if cfg.n_heads % cfg.n_kv_heads:
-        raise ValueError(f"model.n_heads {cfg.n_heads} is not divisible by model.n_kv_heads {cfg.n_kv_heads}")
-    if (cfg.dim // cfg.n_heads) % 2:
-        raise ValueError(f"head dim {cfg.dim // cfg.n_heads} must be even for rotary embeddings")
-    if not cfg.init_std > 0:
-        raise ValueError(f"model.init_std must be > 0, got {cfg.init_std}")
-
-
 def llama_specs(cfg: ModelConfig) -> list[ParamSpec]:
     """ParamSpecs of :class:`lanton_dist.model.Transformer` for ``cfg``, in ``named_parameters``
     order, as :func:`lanton_dist.groups.classify_parameters` gives them (shapes ``(d_out, d_in)``)."""
-    _check_model_config(cfg)
+    check_model_config(cfg)
     d, hd = cfg.dim, cfg.dim // cfg.n_heads
     specs = [ParamSpec("tok_embeddings.weight", Geometry.EMBED_HEAD, (cfg.vocab_size, d), "embed")]
     for i in range(cfg.n_layers):

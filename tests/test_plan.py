@@ -389,23 +389,17 @@ def test_plan_path_imports_no_torch():
 @pytest.mark.parametrize("bad", [dict(vocab_size=0), dict(dim=0), dict(n_layers=0), dict(n_heads=0), dict(n_kv_heads=0),
                                  dict(ffn_dim=0), dict(max_seq_len=0), dict(dim=100, n_heads=3), dict(n_heads=4, n_kv_heads=3),
                                  dict(dim=36, n_heads=4, n_kv_heads=4), dict(init_std=0.0), {}])
-def test_planner_model_check_equals_the_model_check(bad):
-    """The planner's torch-free copy of lanton_dist.model.check_model_config accepts and rejects the
-    same configs with the same messages."""
+def test_planner_refuses_the_model_configs_the_model_refuses(bad):
+    """One torch-free check (lanton_dist.config.check_model_config) serves the model and the planner."""
     from lanton_dist.config import ModelConfig
-    from lanton_dist.model import check_model_config
-    from lanton_dist.plan import _check_model_config
+    from lanton_dist.plan import llama_specs
 
     cfg = replace(ModelConfig(), **bad)
-    errors = []
-    for check in (check_model_config, _check_model_config):
-        try:
-            check(cfg)
-            errors.append(None)
-        except ValueError as exc:
-            errors.append(str(exc))
-    assert errors[0] == errors[1]
-    assert (errors[0] is None) == (not bad)
+    if not bad:
+        assert llama_specs(cfg)
+        return
+    with pytest.raises(ValueError, match="model\\.|head dim"):
+        llama_specs(cfg)
 
 
 def test_lazy_package_exports_resolve_as_before():
