@@ -6,6 +6,13 @@
   DCP directories (reshardable to another world size).
 * ``ddp`` — the redundant baseline: ``DistributedDataParallel`` all-reduces gradients and
   every rank runs the whole single-process optimizer (every Newton–Schulz on every rank).
+* ``fsdp2`` — ``fully_shard`` per transformer block and root;
+  :class:`~lanton_dist.integrations.fsdp2.LANTONFSDP2` (row shards to owners by all-to-all).
+  Checkpoints: DCP directories (model shards + optimizer pieces).
+
+DeepSpeed is used through :func:`lanton_dist.integrations.deepspeed.initialize` in your own
+loop (tested against the reference); ``parallel.backend: deepspeed`` in this training loop
+is refused until its loop-level test agrees with the engine (see the README).
 
 Both are launched with ``torchrun --nproc-per-node N launch/train.py ...``; gloo on CPU,
 NCCL on GPU (``cuda:$LOCAL_RANK``). A failure on any rank is published so the others stop
@@ -98,17 +105,46 @@ class DDPBackend(_DistributedBackend):
         return self.model.module
 
 
+class FSDP2Backend(_DistributedBackend):
+    """``parallel.backend: fsdp2``."""
+
+    name = "fsdp2"
+
+    def save(self, path: Path, extra: dict[str, Any]) -> None:
+        self.optimizer.save(str(_dir(path)), self.model)
+        if self.is_main:
+            (_dir(path) / "loop.pkl").write_bytes(pickle.dumps(extra))
+
+    def load(self, path: Path) -> dict[str, Any]:
+        self.optimizer.load(str(_dir(path)), self.model)
+        return pickle.loads((_dir(path) / "loop.pkl").read_bytes())
+
+
 def _dir(path: Path) -> Path:
     return path.with_suffix("") if path.suffix == ".pt" else path
 
 
 def setup_distributed_backend(cfg: RunConfig, model: nn.Module, factory: OptimizerFactory) -> Backend:
-    """The backend for ``cfg.parallel.backend`` in ``('zero', 'ddp')`` (the process group is created here)."""
+    """The backend for ``cfg.parallel.backend`` in ``zero | ddp | fsdp2`` (the process group is
+    created here)."""
     device = init_distributed(cfg)
     model.to(device)
     rank, world = dist.get_rank(), dist.get_world_size()
-    if cfg.parallel.backend == "zero":
-        opt = build_sharded_optimizer(model, cfg.optim, bucket_mb=cfg.parallel.bucket_mb, overlap=cfg.parallel.overlap)
+    p = cfg.parallel
+    if p.backend == "zero":
+        opt = build_sharded_optimizer(model, cfg.optim, bucket_mb=p.bucket_mb, overlap=p.overlap)
         return EngineBackend(model, opt, device, rank, world)
+    if p.backend == "fsdp2":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        from lanton_dist.integrations.fsdp2 import build_fsdp2_optimizer
+
+        mesh = init_device_mesh(device.type, (world,))
+        for block in model.layers:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        opt = build_fsdp2_optimizer(model, cfg.optim, bucket_mb=p.bucket_mb, overlap=p.overlap)
+        return FSDP2Backend(model, opt, device, rank, world)
     ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     return DDPBackend(ddp, factory(model, cfg.optim), device, rank, world)

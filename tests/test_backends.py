@@ -57,8 +57,35 @@ def test_ddp_backend_and_zero_backend_train_the_same_model_alike(tmp_path):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4), a["step"]
 
 
+def test_deepspeed_backend_in_the_training_loop_is_refused_with_the_supported_entry(tmp_path):
+    from lanton_dist.config import load_run_config
+    from lanton_dist.trainer import setup_backend
+
+    with pytest.raises(ValueError, match="integrations.deepspeed.initialize"):
+        setup_backend(load_run_config(None, ["--parallel.backend", "deepspeed"]), None)
+
+
 def test_distributed_backend_without_torchrun_is_a_clear_error(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
     res = subprocess.run([sys.executable, str(ROOT / "launch" / "train.py"), "--parallel.backend", "zero",
                           "--train.out_dir", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode != 0 and "torchrun" in res.stderr
+
+
+@pytest.mark.parametrize("backend", ["fsdp2"])
+def test_framework_backends_train_like_the_engine_and_resume_exactly(tmp_path, backend):
+    """``parallel.backend: fsdp2`` through launch/train.py: the same losses as our engine (same
+    global batches; fp32 reduction order differs), and a run stopped after step 3 and resumed
+    through the framework's own checkpoint (DCP) continues exactly."""
+    args = ["--train.steps", "6", "--parallel.overlap", "false"]
+    zero = _train(tmp_path / "zero", "--parallel.backend", "zero", *args)
+    full = _train(tmp_path / "full", "--parallel.backend", backend, *args)
+    for a, b in zip(zero, full):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4), a["step"]
+    _train(tmp_path / "part", "--parallel.backend", backend, *args, "--train.checkpoint_every", "3", "--train.stop_after", "3")
+    resumed = _train(tmp_path / "part", "--parallel.backend", backend, *args, "--train.resume", "true")
+    by_step = {r["step"]: r["loss"] for r in full}
+    assert [r["step"] for r in resumed if r["step"] > 3] == [4, 5, 6]
+    for r in resumed:
+        if r["step"] > 3:
+            assert r["loss"] == by_step[r["step"]], r["step"]
