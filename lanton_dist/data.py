@@ -101,19 +101,22 @@ def markov_chain(vocab_size: int, seed: int, branching: int = SYNTH_BRANCHING) -
     return successors, torch.softmax(logits, dim=-1)
 
 
-def synthetic_tokens(n_tokens: int, vocab_size: int, seed: int, stream: int, n_chains: int = 1024) -> torch.Tensor:
-    """``(n_tokens,)`` int64 tokens of the chain of ``seed``, ``n_chains`` walks concatenated.
+def synthetic_tokens(n_tokens: int, vocab_size: int, seed: int, stream: int, n_chains: int = 4096) -> torch.Tensor:
+    """``(n_tokens,)`` int64 tokens of the chain of ``seed``: ``n_chains`` walks concatenated.
 
     ``stream`` selects independent walks (0 train, 1 validation) of the same chain.
     """
     successors, probs = markov_chain(vocab_size, seed)
+    cum = probs.cumsum(-1)
+    cum[:, -1] = 1.0
     g = torch.Generator().manual_seed((seed * _MIX + 7919 * (stream + 1)) % 2**63)
     length = math.ceil(n_tokens / n_chains)
+    uniforms = torch.rand(n_chains, length, generator=g)
     out = torch.empty(n_chains, length, dtype=torch.long)
     cur = torch.randint(vocab_size, (n_chains,), generator=g)
     for i in range(length):
         out[:, i] = cur
-        choice = torch.multinomial(probs[cur], 1, generator=g).squeeze(1)
+        choice = (uniforms[:, i : i + 1] >= cum[cur]).sum(-1).clamp_(max=cum.shape[1] - 1)
         cur = successors[cur, choice]
     return out.reshape(-1)[:n_tokens]
 

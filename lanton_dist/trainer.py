@@ -5,7 +5,7 @@ distributed training goes through one seam, :func:`setup_backend`, which returns
 :class:`Backend`: the module to run, the optimizer, this process's ``rank``/``world``, the
 global-mean loss reduction, the gradient-sync context for accumulation, and checkpoint
 save/load. ``parallel.backend: none`` (one process) is implemented here; ``zero`` (our
-sharded engine) and ``ddp`` live in :mod:`lanton_dist.backends` as :class:`Backend`
+sharded engine), ``ddp`` and ``fsdp2`` live in :mod:`lanton_dist.backends` as :class:`Backend`
 subclasses, and the loop does not change.
 
 Per step ``s`` (0-based; the record written after it has ``step = s + 1``):

@@ -102,7 +102,7 @@ def test_synthetic_source_is_deterministic_and_learnable():
     assert torch.equal(a.train, b.train) and a.train.max() < 64
     assert not torch.equal(a.train[:1000], build_dataset(DataConfig(source="synthetic", seq_len=32, seed=8), 64).train[:1000])
     # every token is followed by at most SYNTH_BRANCHING distinct tokens (within a walk)
-    t = a.train[:1024]  # first walk (1024 tokens)
+    t = a.train[: data_mod.SYNTH_TRAIN_TOKENS // 4096]  # the first walk
     pairs = set(zip(t[:-1].tolist(), t[1:].tolist()))
     successors: dict[int, set[int]] = {}
     for u, v in pairs:

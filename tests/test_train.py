@@ -55,6 +55,13 @@ def test_demo_config_learns_the_stdlib_corpus_well_below_the_unigram_baseline(tm
     assert s["final_train_loss"] < s["unigram_baseline"] - 1.0, s
 
 
+def test_a_small_model_learns_the_synthetic_markov_source(tmp_path):
+    cfg = small_cfg(tmp_path, "--data.source", "synthetic", "--train.global_batch", "8", "--train.steps", "150",
+                    "--train.eval_every", "150")
+    s = train(cfg, log=quiet)
+    assert s["final_val_loss"] < s["unigram_baseline"] - 2.0, s
+
+
 @pytest.mark.parametrize("optim", [
     ["--optim.name", "lanton", "--optim.estimate_every", "2"],
     ["--optim.name", "lanton", "--optim.estimate_every", "2", "--optim.option", "II"],
@@ -203,8 +210,8 @@ def test_other_optimizers_train_through_the_same_loop(tmp_path):
 
 
 def test_unsupported_backend_is_a_clear_error_naming_the_supported_ones(tmp_path):
-    cfg = small_cfg(tmp_path, "--parallel.backend", "ddp")
-    with pytest.raises(ValueError, match=r"unsupported parallel\.backend 'ddp'.*'none'"):
+    cfg = small_cfg(tmp_path, "--parallel.backend", "horovod")
+    with pytest.raises(ValueError, match=r"unsupported parallel\.backend 'horovod'.*'none'"):
         setup_backend(cfg, Transformer(cfg.model))
 
 
