@@ -170,10 +170,6 @@ class ShardedLANTON(Optimizer):
     def layer_diagnostics(self) -> list[dict[str, Any]]:
         return self.core.layer_diagnostics()
 
-    def ns_calls(self) -> dict[str, int]:
-        """Owned hidden matrices whose Newton–Schulz this rank runs each step (for counting)."""
-        return {pc.name: 1 for pc in self.pieces if pc.spec.geometry.value == "hidden" and self.core.algorithm != "adamw"}
-
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         loss = None

@@ -131,10 +131,6 @@ class LANTONFSDP2(PieceOptimizer):
         self._run_core(self._local_pieces())
         return loss
 
-    def ns_owned(self) -> list[str]:
-        """Hidden parameters whose Newton–Schulz runs on this rank."""
-        return self.plan.owned(self.rank)
-
     def save(self, path: str, model: nn.Module | None = None) -> None:
         """Save optimizer state (and the FSDP2 model's sharded state dict) with
         ``torch.distributed.checkpoint`` to directory ``path``; each rank writes its shards."""
