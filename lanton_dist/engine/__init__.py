@@ -12,8 +12,9 @@ The names below are loaded on first access (PEP 562): importing the pure-Python 
 """
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from lanton_dist.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from lanton_dist.engine.core import LocalExchange, LocalPiece, MatrixExchange, ShardedCore
@@ -36,17 +37,4 @@ __all__ = ["CommMeter", "Collectives", "OwnershipPlan", "plan_ownership", "Shard
            "LocalPiece", "MatrixExchange", "LocalExchange"]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _SUBMODULES:
-        return importlib.import_module(f"{__name__}.{name}")
-    module = _LAZY.get(name)
-    if module is None:
-        # AttributeError lets ``from lanton_dist.engine import checkpoint`` fall back to importing the submodule.
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _LAZY, _SUBMODULES)
