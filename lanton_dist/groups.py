@@ -149,7 +149,7 @@ def classify_parameters(
         if not p.requires_grad:
             continue
         shape = tuple(p.shape)
-        geometry, role = _classify(name, p, shape, overrides, embed_params)
+        geometry, role = infer_geometry((name,), shape, overrides, id(p) in embed_params, _is_head(name))
         blocks = fused.get(name, ())
         if blocks and geometry is not Geometry.HIDDEN:
             raise ValueError(f"{name}: only hidden parameters can be fused, this one is {geometry.value}")
@@ -160,25 +160,32 @@ def classify_parameters(
     return specs
 
 
-def _classify(name, p, shape, overrides, embed_params) -> tuple[Geometry, str]:
+def infer_geometry(names: tuple[str, ...], shape: tuple[int, ...], overrides: dict[str, str],
+                   is_embedding: bool, is_head: bool) -> tuple[Geometry, str]:
+    """Geometry and role of one parameter — the rules of :func:`classify_parameters`, shared
+    with integrations whose modules name embeddings and heads their own way.
+
+    ``names``: the names ``overrides`` patterns are matched against (first match wins);
+    ``is_embedding`` / ``is_head``: what the framework's module types say about it.
+    """
     for pattern, geo in overrides.items():
-        if fnmatch.fnmatchcase(name, pattern):
+        if any(fnmatch.fnmatchcase(n, pattern) for n in names):
             try:
                 geometry = Geometry(geo)
             except ValueError:
                 raise ValueError(f"override {pattern!r}: unknown geometry {geo!r}; use hidden, embed_head or vector") from None
-            role = ("head" if _is_head(name) else "embed") if geometry is Geometry.EMBED_HEAD else ""
+            role = ("head" if is_head else "embed") if geometry is Geometry.EMBED_HEAD else ""
             return geometry, role
-    if id(p) in embed_params:
+    if is_embedding:
         return Geometry.EMBED_HEAD, "embed"
-    if len(shape) == 2 and _is_head(name):
+    if len(shape) == 2 and is_head:
         return Geometry.EMBED_HEAD, "head"
     if len(shape) == 1:
         return Geometry.VECTOR, ""
     if len(shape) == 2:
         return Geometry.HIDDEN, ""
     raise ValueError(
-        f"parameter {name!r} has shape {shape}: LANTON cannot infer its geometry; "
+        f"parameter {names[0]!r} has shape {shape}: LANTON cannot infer its geometry; "
         "declare it with overrides={'<pattern>': 'hidden'|'embed_head'|'vector'} "
         "(a hidden parameter must be reshaped to 2-D by its module)"
     )

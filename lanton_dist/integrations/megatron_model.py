@@ -47,7 +47,6 @@ use Transformer Engine's spec for that.
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import re
 from dataclasses import dataclass
 
@@ -57,7 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lanton_dist.config import ModelConfig, RunConfig
-from lanton_dist.groups import Block, Geometry, ParamSpec, qkv_blocks
+from lanton_dist.groups import Block, Geometry, ParamSpec, infer_geometry, qkv_blocks
 
 try:  # megatron-core is an optional dependency of lanton_dist
     from megatron.core import parallel_state, tensor_parallel
@@ -349,7 +348,8 @@ def logical_param_specs(model: nn.Module, cfg: RunConfig) -> dict[str, MegatronP
             full_shape[partition_dim] *= tp
         full_shape_t = tuple(full_shape)
 
-        geometry, role = _geometry(name, gname, module, local_shape, cfg.optim.overrides)
+        geometry, role = infer_geometry((gname, name), local_shape, cfg.optim.overrides,
+                                        isinstance(module, VocabParallelEmbedding), _is_output(name))
         blocks: tuple[Block, ...] = ()
         leaf = name.rsplit(".", 2)[-2] if name.count(".") >= 1 else name
         if geometry is Geometry.HIDDEN:
@@ -379,27 +379,6 @@ def _check_module_layout(name: str, module: nn.Module, partition_dim: int | None
         expected = 1 if name.endswith(".weight") else None  # RowParallel biases are replicated
     if expected != partition_dim:
         raise ValueError(f"{name}: {type(module).__name__} reports partition_dim={partition_dim}, expected {expected}")
-
-
-def _geometry(name: str, gname: str, module: nn.Module, shape: tuple[int, ...],
-              overrides: dict[str, str]) -> tuple[Geometry, str]:
-    for pattern, geo in overrides.items():
-        if fnmatch.fnmatchcase(gname, pattern) or fnmatch.fnmatchcase(name, pattern):
-            try:
-                geometry = Geometry(geo)
-            except ValueError:
-                raise ValueError(f"override {pattern!r}: unknown geometry {geo!r}; use hidden, embed_head or vector") from None
-            role = ("head" if _is_output(name) else "embed") if geometry is Geometry.EMBED_HEAD else ""
-            return geometry, role
-    if isinstance(module, VocabParallelEmbedding):
-        return Geometry.EMBED_HEAD, "embed"
-    if len(shape) == 2 and _is_output(name):
-        return Geometry.EMBED_HEAD, "head"
-    if len(shape) == 1:
-        return Geometry.VECTOR, ""
-    if len(shape) == 2:
-        return Geometry.HIDDEN, ""
-    raise ValueError(f"{name}: shape {shape} has no default geometry; add an optim.overrides entry")
 
 
 def _is_output(name: str) -> bool:
