@@ -10,11 +10,15 @@
   :class:`~lanton_dist.integrations.fsdp2.LANTONFSDP2` (row shards to owners by all-to-all).
   Checkpoints: DCP directories (model shards + optimizer pieces).
 
-DeepSpeed is used through :func:`lanton_dist.integrations.deepspeed.initialize` in your own
-loop (tested against the reference); ``parallel.backend: deepspeed`` in this training loop
-is refused until its loop-level test agrees with the engine (see the README).
+* ``deepspeed`` — ``deepspeed.initialize`` with
+  :class:`~lanton_dist.integrations.deepspeed.LANTONDeepSpeed` as the client optimizer, ZeRO
+  stage ``parallel.zero_stage`` (1, 2 or 3); the engine runs forward/backward/step, micro
+  batches are DeepSpeed gradient-accumulation steps. The model stays fp32 (``train.dtype:
+  bf16`` autocasts on GPU as for the other backends; DeepSpeed's own ``bf16`` master-weight
+  mode is available through :func:`~lanton_dist.integrations.deepspeed.initialize`).
+  Checkpoints: ``engine.save_checkpoint`` directories (same world size to resume).
 
-Both are launched with ``torchrun --nproc-per-node N launch/train.py ...``; gloo on CPU,
+All are launched with ``torchrun --nproc-per-node N launch/train.py ...``; gloo on CPU,
 NCCL on GPU (``cuda:$LOCAL_RANK``). A failure on any rank is published so the others stop
 with an error naming it (:func:`lanton_dist.engine.meter.fail_fast`).
 """
@@ -105,6 +109,70 @@ class DDPBackend(_DistributedBackend):
         return self.model.module
 
 
+class DeepSpeedBackend(_DistributedBackend):
+    """``parallel.backend: deepspeed``: ``model`` is the DeepSpeed engine, ``optimizer`` the
+    LANTON client optimizer (its param groups carry the scheduled rates)."""
+
+    name = "deepspeed"
+
+    def unwrap(self) -> nn.Module:
+        return self.model.module
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """One micro batch; the loop has already weighted it by its share of the rank's rows.
+        DeepSpeed counts micro batches in ``engine.step``, so inside an accumulation window
+        it is called here (it only advances the counter); the boundary step is :meth:`step`."""
+        with fail_fast():
+            self.model.backward(loss, scale_wrt_gas=False)
+            if not self.model.is_gradient_accumulation_boundary():
+                self.model.step()
+
+    def step(self) -> None:
+        with fail_fast():
+            self.model.step()
+
+    def zero_grad(self) -> None:
+        """``engine.step`` has zeroed the gradients at the accumulation boundary."""
+
+    def save(self, path: Path, extra: dict[str, Any]) -> None:
+        self.model.save_checkpoint(str(_dir(path)), tag="state", save_latest=False)
+        if self.is_main:
+            (_dir(path) / "loop.pkl").write_bytes(pickle.dumps({"world": self.world, "loop": extra}))
+
+    def load(self, path: Path) -> dict[str, Any]:
+        """Same world size only: ZeRO partitions and LANTON's per-rank pieces follow it."""
+        saved = pickle.loads((_dir(path) / "loop.pkl").read_bytes())
+        if saved["world"] != self.world:
+            raise ValueError(f"{_dir(path)} was written by {saved['world']} DeepSpeed ranks, this run has {self.world}: "
+                             "DeepSpeed checkpoints resume at the same world size (use parallel.backend zero or "
+                             "fsdp2, whose DCP checkpoints reshard)")
+        loaded, _ = self.model.load_checkpoint(str(_dir(path)), tag="state")
+        if loaded is None:
+            raise FileNotFoundError(f"{_dir(path)}: no DeepSpeed checkpoint (tag 'state')")
+        return saved["loop"]
+
+
+def deepspeed_config(cfg: RunConfig, world: int) -> dict[str, Any]:
+    """The DeepSpeed config of a run: one optimizer step per global batch, the rank's rows cut
+    into ``train.micro_batch`` accumulation steps, ZeRO stage ``parallel.zero_stage``."""
+    from lanton_dist.trainer import micro_slices
+
+    if cfg.parallel.zero_stage not in (1, 2, 3):
+        raise ValueError(f"parallel.zero_stage must be 1, 2 or 3 for the deepspeed backend, got {cfg.parallel.zero_stage}")
+    rows = cfg.train.global_batch // world
+    accumulation = len(micro_slices(rows, cfg.train.micro_batch, 1)[0])
+    return {
+        "train_batch_size": cfg.train.global_batch,
+        "train_micro_batch_size_per_gpu": rows // accumulation,
+        "gradient_accumulation_steps": accumulation,
+        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        # DeepSpeed clips the global gradient norm at 1.0 unless told otherwise; the loop does
+        # not clip on any other backend, and clipped gradients change LANTON's momentum mix.
+        "gradient_clipping": 0.0,
+        "steps_per_print": 2**31 - 1,
+    }
+
+
 class FSDP2Backend(_DistributedBackend):
     """``parallel.backend: fsdp2``."""
 
@@ -125,8 +193,8 @@ def _dir(path: Path) -> Path:
 
 
 def setup_distributed_backend(cfg: RunConfig, model: nn.Module, factory: OptimizerFactory) -> Backend:
-    """The backend for ``cfg.parallel.backend`` in ``zero | ddp | fsdp2`` (the process group is
-    created here)."""
+    """The backend for ``cfg.parallel.backend`` in ``zero | ddp | fsdp2 | deepspeed`` (the
+    process group is created here)."""
     device = init_distributed(cfg)
     model.to(device)
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -146,5 +214,11 @@ def setup_distributed_backend(cfg: RunConfig, model: nn.Module, factory: Optimiz
         fully_shard(model, mesh=mesh)
         opt = build_fsdp2_optimizer(model, cfg.optim, bucket_mb=p.bucket_mb, overlap=p.overlap)
         return FSDP2Backend(model, opt, device, rank, world)
+    if p.backend == "deepspeed":
+        from lanton_dist.integrations.deepspeed import initialize
+
+        engine, opt = initialize(model, cfg.optim, deepspeed_config(cfg, world), bucket_mb=p.bucket_mb,
+                                 overlap=p.overlap)
+        return DeepSpeedBackend(engine, opt, device, rank, world)
     ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     return DDPBackend(ddp, factory(model, cfg.optim), device, rank, world)

@@ -53,7 +53,7 @@ from lanton_dist.model import Transformer
 from lanton_dist.schedule import build_scheduler
 
 OptimizerFactory = Callable[[nn.Module, OptimConfig], torch.optim.Optimizer]
-SUPPORTED_BACKENDS: tuple[str, ...] = ("none", "zero", "ddp", "fsdp2")
+SUPPORTED_BACKENDS: tuple[str, ...] = ("none", "zero", "ddp", "fsdp2", "deepspeed")
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_RE = re.compile(r"^step_(\d+)(\.pt)?$")
 KEEP_CHECKPOINTS = 2
@@ -170,10 +170,9 @@ def setup_backend(cfg: RunConfig, model: nn.Module, optimizer_factory: Optimizer
         from lanton_dist.backends import setup_distributed_backend
 
         return setup_distributed_backend(cfg, model, factory)
-    if name == "deepspeed":
-        raise ValueError("parallel.backend 'deepspeed' is not wired into launch/train.py yet: use "
-                         "lanton_dist.integrations.deepspeed.initialize(model, cfg.optim, ds_config) in your loop; "
-                         f"supported backends here: {SUPPORTED_BACKENDS}")
+    if name == "megatron":
+        raise ValueError("parallel.backend 'megatron' trains Megatron-core's GPTModel: launch it with "
+                         f"launch/pretrain_llama.py; this loop supports {SUPPORTED_BACKENDS}")
     raise ValueError(f"unsupported parallel.backend {name!r}; supported backends: {SUPPORTED_BACKENDS}")
 
 

@@ -22,12 +22,15 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _train(out: Path, *args: str, nproc: int = 2) -> list[dict]:
+def _train(out: Path, *args: str, nproc: int = 2, fails_with: str | None = None) -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", str(_port()),
            str(ROOT / "launch" / "train.py"), "--config", str(ROOT / "configs" / "llama-tiny-cpu.yaml"),
            *SMALL, "--train.out_dir", str(out), *args]
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    if fails_with is not None:
+        assert res.returncode != 0 and fails_with in res.stderr, res.stderr[-5000:]
+        return []
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return [r for r in rows if "loss" in r]  # training-step records (step 0 holds only val_loss)
@@ -57,12 +60,26 @@ def test_ddp_backend_and_zero_backend_train_the_same_model_alike(tmp_path):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4), a["step"]
 
 
-def test_deepspeed_backend_in_the_training_loop_is_refused_with_the_supported_entry(tmp_path):
+def test_unknown_backend_is_refused_naming_the_supported_ones():
     from lanton_dist.config import load_run_config
     from lanton_dist.trainer import setup_backend
 
-    with pytest.raises(ValueError, match="integrations.deepspeed.initialize"):
-        setup_backend(load_run_config(None, ["--parallel.backend", "deepspeed"]), None)
+    with pytest.raises(ValueError, match="supported backends.*deepspeed"):
+        setup_backend(load_run_config(None, ["--parallel.backend", "horovod"]), None)
+    with pytest.raises(ValueError, match="pretrain_llama.py"):
+        setup_backend(load_run_config(None, ["--parallel.backend", "megatron"]), None)
+
+
+def test_deepspeed_config_of_a_run_has_one_step_per_global_batch_and_no_clipping():
+    from lanton_dist.backends import deepspeed_config
+    from lanton_dist.config import load_run_config
+
+    cfg = load_run_config(None, ["--train.global_batch", "16", "--train.micro_batch", "2", "--parallel.zero_stage", "3"])
+    ds = deepspeed_config(cfg, world=2)
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (16, 2, 4)
+    assert ds["zero_optimization"]["stage"] == 3 and ds["gradient_clipping"] == 0.0
+    with pytest.raises(ValueError, match="zero_stage"):
+        deepspeed_config(load_run_config(None, ["--parallel.zero_stage", "0"]), world=2)
 
 
 def test_distributed_backend_without_torchrun_is_a_clear_error(tmp_path):
@@ -72,12 +89,17 @@ def test_distributed_backend_without_torchrun_is_a_clear_error(tmp_path):
     assert res.returncode != 0 and "torchrun" in res.stderr
 
 
-@pytest.mark.parametrize("backend", ["fsdp2"])
-def test_framework_backends_train_like_the_engine_and_resume_exactly(tmp_path, backend):
-    """``parallel.backend: fsdp2`` through launch/train.py: the same losses as our engine (same
-    global batches; fp32 reduction order differs), and a run stopped after step 3 and resumed
-    through the framework's own checkpoint (DCP) continues exactly."""
-    args = ["--train.steps", "6", "--parallel.overlap", "false"]
+@pytest.mark.parametrize("backend, extra", [
+    ("fsdp2", []),
+    ("deepspeed", ["--parallel.zero_stage", "1"]),
+    ("deepspeed", ["--parallel.zero_stage", "3", "--train.micro_batch", "2"]),
+], ids=["fsdp2", "deepspeed-zero1", "deepspeed-zero3-accumulation"])
+def test_framework_backends_train_like_the_engine_and_resume_exactly(tmp_path, backend, extra):
+    """``parallel.backend: fsdp2 | deepspeed`` through launch/train.py: the same losses as our
+    engine (same global batches; fp32 reduction order differs), and a run stopped after step 3
+    and resumed through the framework's own checkpoint (DCP, ``engine.save_checkpoint``)
+    continues exactly. LANTON estimates every 2 steps so the noise factors act in 6 steps."""
+    args = ["--train.steps", "6", "--parallel.overlap", "false", "--optim.estimate_every", "2", *extra]
     zero = _train(tmp_path / "zero", "--parallel.backend", "zero", *args)
     full = _train(tmp_path / "full", "--parallel.backend", backend, *args)
     for a, b in zip(zero, full):
@@ -89,3 +111,6 @@ def test_framework_backends_train_like_the_engine_and_resume_exactly(tmp_path, b
     for r in resumed:
         if r["step"] > 3:
             assert r["loss"] == by_step[r["step"]], r["step"]
+    if backend == "deepspeed":  # its checkpoints do not reshard: a clear error, not a silent mis-load
+        _train(tmp_path / "part", "--parallel.backend", backend, *args, "--train.resume", "true", nproc=4,
+               fails_with="resume at the same world size")

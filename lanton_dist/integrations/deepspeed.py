@@ -253,6 +253,8 @@ def initialize(model: nn.Module, cfg, config: dict[str, Any], **kwargs: Any):
     """``deepspeed.initialize`` with a :class:`LANTONDeepSpeed` client optimizer, attached.
 
     ``config`` is the DeepSpeed config dict (``zero_allow_untested_optimizer`` is set for you;
+    note that DeepSpeed clips the gradient norm at 1.0 when ``gradient_clipping`` is absent —
+    set it to 0.0 to feed LANTON unclipped gradients, as the other backends do;
     ``zero_force_ds_cpu_optimizer`` is set to False when optimizer offload is requested).
     Needs ``torch.distributed`` initialised and ``LOCAL_RANK`` set (launchers do it).
     Returns ``(engine, optimizer)``.
