@@ -33,7 +33,7 @@ def _cfg(name="lanton", k=3, option="I"):
 def _ds_config(world, stage, gas=1, **extra):
     zero = {"stage": stage, **extra.pop("zero", {})}
     return {"train_micro_batch_size_per_gpu": 24 // world // gas, "gradient_accumulation_steps": gas,
-            "zero_optimization": zero, "steps_per_print": 10**9, **extra}
+            "zero_optimization": zero, "steps_per_print": 10**9, "gradient_clipping": 0.0, **extra}
 
 
 def _env(rank, world):
