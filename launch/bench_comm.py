@@ -105,7 +105,7 @@ def _run_deepspeed(rank, world, args, algo):
 
     model = Transformer(MODEL)
     config = {"train_micro_batch_size_per_gpu": args.batch // world, "gradient_accumulation_steps": 1,
-              "zero_optimization": {"stage": 2}, "steps_per_print": 10**9}
+              "zero_optimization": {"stage": 2}, "steps_per_print": 10**9, "gradient_clipping": 0.0}
     engine, opt = initialize(model, OptimConfig(name=algo, estimate_every=args.k), config)
 
     def backward_step(x):
