@@ -50,6 +50,7 @@ from lanton_dist.config import OptimConfig, RunConfig, to_dict
 from lanton_dist.data import TokenDataset, build_dataset, unigram_baseline
 from lanton_dist.factory import build_optimizer
 from lanton_dist.model import Transformer
+from lanton_dist.preemption import COMPLETED, StopRequest
 from lanton_dist.schedule import build_scheduler
 
 OptimizerFactory = Callable[[nn.Module, OptimConfig], torch.optim.Optimizer]
@@ -111,6 +112,10 @@ class Backend:
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
+
+    def any_rank(self, local: bool) -> bool:
+        """Job-wide OR of ``local`` (every rank calls it at the same point)."""
+        return bool(self.reduce_loss(torch.tensor(float(local), device=self.device)) > 0)
 
     def barrier(self) -> None:
         """Wait for every rank (no-op in one process)."""
@@ -417,14 +422,18 @@ def _progress(total: int, initial: int, enabled: bool, desc: str) -> Any:
     return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, dynamic_ncols=True, leave=False)
 
 
-def train(cfg: RunConfig, *, optimizer_factory: OptimizerFactory | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+def train(cfg: RunConfig, *, optimizer_factory: OptimizerFactory | None = None, log: Callable[[str], None] = print,
+          stop: StopRequest | None = None) -> dict[str, Any]:
     """Train ``cfg`` to ``train.steps`` (or ``train.stop_after``) and return a summary.
 
-    Writes into ``train.out_dir``: ``metrics.jsonl``, ``loss.png``, ``summary.json`` and
-    ``checkpoints/step_*.pt`` (every ``checkpoint_every`` steps and at the end). The summary
+    Writes into ``train.out_dir``: ``metrics.jsonl``, ``loss.png``, ``summary.json``,
+    ``checkpoints/step_*.pt`` (every ``checkpoint_every`` steps and at the end) and, once all
+    ``train.steps`` are done, ``COMPLETED``. With ``stop`` (a
+    :class:`~lanton_dist.preemption.StopRequest`, asked once per step by every rank) a
+    requested run checkpoints at the end of the current step and returns early. The summary
     has ``final_train_loss`` (mean of the last ``log_every`` steps), ``last_train_loss``,
-    ``final_val_loss``, ``unigram_baseline``, ``steps``, ``tokens``, ``wall_s``, ``num_params``,
-    ``skipped_steps`` and the paths.
+    ``final_val_loss``, ``unigram_baseline``, ``steps`` (the last step run), ``tokens``,
+    ``wall_s``, ``num_params``, ``skipped_steps``, ``stopped`` (on request) and the paths.
     """
     validate(cfg)
     t_cfg = cfg.train
@@ -434,12 +443,13 @@ def train(cfg: RunConfig, *, optimizer_factory: OptimizerFactory | None = None, 
     model = Transformer(cfg.model, seed=t_cfg.seed)
     backend = setup_backend(cfg, model, optimizer_factory)
     try:
-        return _run(cfg, backend, data, out, log)
+        return _run(cfg, backend, data, out, log, stop)
     finally:
         backend.close()
 
 
-def _run(cfg: RunConfig, backend: Backend, data: TokenDataset, out: Path, log: Callable[[str], None]) -> dict[str, Any]:
+def _run(cfg: RunConfig, backend: Backend, data: TokenDataset, out: Path, log: Callable[[str], None],
+         request: StopRequest | None) -> dict[str, Any]:
     t_cfg = cfg.train
     say = log if backend.is_main else (lambda _msg: None)
     if t_cfg.global_batch % backend.world:
@@ -475,6 +485,8 @@ def _run(cfg: RunConfig, backend: Backend, data: TokenDataset, out: Path, log: C
     metrics = MetricsLog(metrics_path, backend.is_main, start if resumed_from else None)
     if backend.is_main:
         (out / "config.json").write_text(json.dumps(cfg_dict, indent=2))
+        if start < t_cfg.steps:
+            (out / COMPLETED).unlink(missing_ok=True)
     unigram = unigram_baseline(data.train, data.val, data.vocab_size)
     n_params = backend.unwrap().num_params() if hasattr(backend.unwrap(), "num_params") else sum(p.numel() for p in backend.unwrap().parameters())
     tokens_per_step = t_cfg.global_batch * cfg.data.seq_len
@@ -491,6 +503,7 @@ def _run(cfg: RunConfig, backend: Backend, data: TokenDataset, out: Path, log: C
         say(f"step 0 | val {val_loss:.4f}")
 
     backend.model.train()
+    stopped = False
     bar = _progress(stop, start, backend.is_main and sys.stderr.isatty(), cfg.optim.name)
     t_start = time.perf_counter()
     try:
@@ -519,16 +532,26 @@ def _run(cfg: RunConfig, backend: Backend, data: TokenDataset, out: Path, log: C
             metrics.write(rec)
             if not math.isfinite(loss):
                 say(f"step {step}: non-finite loss {loss}")
-            if (t_cfg.checkpoint_every and step % t_cfg.checkpoint_every == 0) or step == stop:
+            saved = (t_cfg.checkpoint_every and step % t_cfg.checkpoint_every == 0) or step == stop
+            if saved:
                 _save_checkpoint(backend, out, step, sched, cfg_dict)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}")
+            if request is not None and step < stop and request.agreed(backend.any_rank):
+                say(f"step {step}: stop requested: checkpointing and exiting")
+                if not saved:
+                    _save_checkpoint(backend, out, step, sched, cfg_dict)
+                stopped, stop = True, step
+                break
     finally:
         bar.close()
         metrics.close()
     wall = time.perf_counter() - t_start
     backend.barrier()
-    return _summarize(cfg, backend, out, metrics_path, unigram, n_params, stop, wall, resumed_from, val_loss, say)
+    if backend.is_main and stop == t_cfg.steps and not stopped:
+        (out / COMPLETED).write_text(f"{stop}\n")
+    return _summarize(cfg, backend, out, metrics_path, unigram, n_params, stop, wall, resumed_from, val_loss, stopped,
+                      say)
 
 
 def _save_checkpoint(backend: Backend, out: Path, step: int, sched: Any, cfg_dict: dict[str, Any]) -> None:
@@ -540,13 +563,14 @@ def _save_checkpoint(backend: Backend, out: Path, step: int, sched: Any, cfg_dic
             shutil.rmtree(old) if old.is_dir() else old.unlink()
 
 
-def _summarize(cfg, backend, out, metrics_path, unigram, n_params, stop, wall, resumed_from, val_loss, say) -> dict[str, Any]:
+def _summarize(cfg, backend, out, metrics_path, unigram, n_params, stop, wall, resumed_from, val_loss, stopped,
+               say) -> dict[str, Any]:
     summary: dict[str, Any] = {
         "optimizer": cfg.optim.name, "steps": stop, "tokens": stop * cfg.train.global_batch * cfg.data.seq_len,
         "num_params": n_params, "unigram_baseline": unigram, "final_val_loss": val_loss, "wall_s": wall,
         "skipped_steps": int(getattr(backend.optimizer, "skipped_steps", 0)), "resumed_from": resumed_from,
         "out_dir": str(out), "metrics": str(metrics_path), "checkpoint": str(checkpoint_path(out, stop)),
-        "plot": str(out / "loss.png"), "device": str(backend.device), "world": backend.world,
+        "plot": str(out / "loss.png"), "device": str(backend.device), "world": backend.world, "stopped": stopped,
     }
     if backend.is_main:
         records = read_metrics(metrics_path)

@@ -44,7 +44,6 @@ import json
 import math
 import os
 import pickle
-import signal
 import socket
 import sys
 import time
@@ -62,6 +61,7 @@ if str(ROOT) not in sys.path:
 
 from lanton_dist.config import RunConfig, load_run_config, to_dict  # noqa: E402
 from lanton_dist.factory import build_optimizer, param_groups  # noqa: E402
+from lanton_dist.preemption import COMPLETED, StopRequest  # noqa: E402
 from lanton_dist.schedule import build_scheduler  # noqa: E402
 
 CPU_SHIM = ROOT / "tests" / "megatron_cpu_shim.py"
@@ -437,27 +437,14 @@ class Checkpointer:
         return step
 
 
-# ----------------------------------------------------------------------------- stop requests
-class StopRequest:
-    """Set by SIGUSR1/SIGTERM or by ``$LANTON_STOP_FILE`` existing; agreed on by all ranks."""
-
-    def __init__(self) -> None:
-        self.flag = False
-        self.stop_file = os.environ.get("LANTON_STOP_FILE") or None
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, self._handler)
-
-    def _handler(self, signum, frame) -> None:
-        self.flag = True
-
-    def agreed(self, device: torch.device) -> bool:
-        local = self.flag or (self.stop_file is not None and os.path.exists(self.stop_file))
-        t = torch.tensor(float(local), device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
-
-
 # ----------------------------------------------------------------------------- main
+def any_rank(local: bool, device: torch.device) -> bool:
+    """Job-wide OR of ``local`` (a one-element MAX all-reduce)."""
+    t = torch.tensor(float(local), device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def log(msg: str) -> None:
     if dist.get_rank() == 0:
         print(msg, flush=True)
@@ -509,7 +496,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     metrics_path = out_dir / "metrics.jsonl"
     if dist.get_rank() == 0:
         if start < cfg.train.steps:
-            (out_dir / "COMPLETED").unlink(missing_ok=True)
+            (out_dir / COMPLETED).unlink(missing_ok=True)
         if metrics_path.exists():  # drop rows of steps that the resumed run will redo
             rows = metrics_path.read_text().splitlines()
             metrics_path.write_text("".join(r + "\n" for r in rows if r and json.loads(r)["step"] <= start))
@@ -523,7 +510,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     seq = cfg.data.seq_len
     attn_mask = mm.causal_attention_mask(seq, device)
     forward_step = make_forward_step(device, attn_mask, bf16)
-    stop = StopRequest()
+    stop = StopRequest.from_environment()
     n_params = sum(p.numel() for p in model.parameters())
     log(f"megatron LLaMA: world={dist.get_world_size()} tp={cfg.parallel.tp} pp={cfg.parallel.pp} dp={dp} "
         f"micro={micro}x{num_micro} params/rank={n_params / 1e6:.2f}M optimizer={cfg.optim.name} device={device}")
@@ -560,14 +547,14 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         if every > 0 and step % every == 0:
             ckpt.save(step)
             last_saved = step
-        if step < cfg.train.steps and stop.agreed(device):
+        if step < cfg.train.steps and stop.agreed(lambda local: any_rank(local, device)):
             log(f"stop requested: checkpointing at step {step} and exiting")
             stopped = True
             break
     if last_saved != step:
         ckpt.save(step)
     if not stopped and dist.get_rank() == 0:
-        (out_dir / "COMPLETED").write_text(f"{step}\n")
+        (out_dir / COMPLETED).write_text(f"{step}\n")
     return dict(history=history, start=start, step=step, stopped=stopped)
 
 

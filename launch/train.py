@@ -5,6 +5,8 @@
 ``--config PATH`` is optional (defaults: :class:`lanton_dist.config.RunConfig`); every other
 argument is an override. Rank and world come from the backend (``parallel.backend``), so
 the same command runs under ``torchrun`` once a distributed backend is configured.
+SIGUSR1/SIGTERM or ``$LANTON_STOP_FILE`` make every rank checkpoint at the end of the current
+step and exit (Slurm requeue: ``slurm/pretrain_llama.sbatch``); ``--train.resume true`` continues.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lanton_dist.config import load_run_config  # noqa: E402
+from lanton_dist.preemption import StopRequest  # noqa: E402
 from lanton_dist.trainer import train  # noqa: E402
 
 USAGE = "usage: python launch/train.py [--config PATH] [--section.key VALUE | --section.key=VALUE ...]"
@@ -48,7 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
         cfg = load_run_config(path, overrides)
     except ValueError as e:
         raise SystemExit(f"config error: {e}\n{USAGE}") from None
-    summary = train(cfg)
+    summary = train(cfg, stop=StopRequest.from_environment())
     if summary.get("final_train_loss") is not None:
         val = summary["final_val_loss"]
         print(f"final train loss {summary['final_train_loss']:.4f} | final val loss "

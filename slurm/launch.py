@@ -9,11 +9,13 @@ the exact commands for a given node count without Slurm being present::
 
 Multi-node: one ``srun`` task per node, each running ``torchrun --nnodes N --nproc-per-node G
 --rdzv-backend c10d --rdzv-endpoint MASTER_ADDR:PORT --rdzv-id JOB_ID``, whose workers run
-``launch/pretrain_llama.py``. ``--single-node``: ``torchrun --standalone`` without srun.
+the config's training entry: ``launch/pretrain_llama.py`` for ``parallel.backend: megatron``,
+``launch/train.py`` for ``zero | ddp | fsdp2 | deepspeed``. ``--single-node``: ``torchrun
+--standalone`` without srun.
 Values default to the Slurm environment (``SLURM_NNODES``, ``SLURM_JOB_NODELIST``,
 ``SLURM_JOB_ID``, ``GPUS_PER_NODE``/``SLURM_GPUS_ON_NODE``, ``MASTER_ADDR``, ``MASTER_PORT``).
 The run config is loaded (with the overrides after ``--``) and checked before anything starts:
-the world size N·G must be divisible by tp·pp. ``--train.resume true`` is appended unless
+the world size N·G must be divisible by tp·pp (Megatron) or divide ``train.global_batch``. ``--train.resume true`` is appended unless
 ``--no-resume``, so a requeued job continues from its latest checkpoint.
 """
 from __future__ import annotations
@@ -28,7 +30,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAIN_SCRIPT = "launch/pretrain_llama.py"
+ENTRY: dict[str, str] = {"megatron": "launch/pretrain_llama.py", **{b: "launch/train.py" for b in ("zero", "ddp", "fsdp2", "deepspeed")}}
 
 
 def expand_nodelist(nodelist: str) -> list[str]:
@@ -126,8 +128,10 @@ def load_config(config: str, overrides: list[str]):
 def build_commands(args: argparse.Namespace) -> dict:
     """``env`` (dict), ``torchrun`` (argv) and ``srun`` (argv or None) for this job."""
     cfg = load_config(args.config, args.overrides)
-    if cfg.parallel.backend != "megatron":
-        raise ValueError(f"{args.config}: parallel.backend is {cfg.parallel.backend!r}; this launcher runs megatron configs")
+    backend = cfg.parallel.backend
+    if backend not in ENTRY:
+        raise ValueError(f"{args.config}: parallel.backend is {backend!r}; this launcher runs {sorted(ENTRY)} "
+                         "(a distributed backend)")
     nodes = 1 if args.single_node else args.nodes
     if nodes is None:
         raise ValueError("--nodes is required outside a Slurm allocation (SLURM_NNODES is not set)")
@@ -136,12 +140,15 @@ def build_commands(args: argparse.Namespace) -> dict:
     if nodes < 1 or args.gpus_per_node < 1:
         raise ValueError(f"--nodes and --gpus-per-node must be >= 1, got {nodes} and {args.gpus_per_node}")
     world = nodes * args.gpus_per_node
-    tp, pp = cfg.parallel.tp, cfg.parallel.pp
+    tp, pp = (cfg.parallel.tp, cfg.parallel.pp) if backend == "megatron" else (1, 1)
     if world % (tp * pp):
         raise ValueError(
             f"{nodes} node(s) × {args.gpus_per_node} GPUs = {world} ranks, not divisible by tp·pp = {tp}·{pp} = {tp * pp}"
         )
-    train_args = [TRAIN_SCRIPT, "--config", args.config, *args.overrides]
+    if backend != "megatron" and cfg.train.global_batch % world:
+        raise ValueError(f"train.global_batch {cfg.train.global_batch} is not divisible by the {world} ranks "
+                         f"({nodes} node(s) × {args.gpus_per_node} GPUs)")
+    train_args = [ENTRY[backend], "--config", args.config, *args.overrides]
     if not args.no_resume:
         train_args += ["--train.resume", "true"]
     torchrun = ["torchrun"]

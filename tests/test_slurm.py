@@ -110,6 +110,27 @@ def test_bad_layouts_are_refused():
     assert res.returncode != 0 and "no_such_key" in res.stderr
 
 
+@pytest.mark.parametrize("backend", ["fsdp2", "deepspeed", "zero"])
+def test_framework_backends_launch_the_small_training_entry_with_a_divisible_batch(backend):
+    """FSDP2 / DeepSpeed / engine runs go through launch/train.py, one torchrun per node."""
+    common = [sys.executable, "slurm/launch.py", "--config", "configs/llama-tiny-cpu.yaml", "--nodes", "2",
+              "--gpus-per-node", "4", "--nodelist", "gpu[1-2]", "--dry-run", "--", "--parallel.backend", backend]
+    out = _run(common).stdout
+    torchrun = _line(out, "torchrun")
+    script = torchrun.index("launch/train.py")
+    assert torchrun[script + 1:] == ["--config", "configs/llama-tiny-cpu.yaml", "--parallel.backend", backend,
+                                     "--train.resume", "true"]
+    assert "data_parallel=8" in out and "pretrain_llama" not in out
+    res = _run([*common, "--train.global_batch", "12"], check=False)  # 12 rows over 8 ranks
+    assert res.returncode == 2 and "global_batch 12 is not divisible by the 8 ranks" in res.stderr
+
+
+def test_single_process_backend_is_refused_by_the_launcher():
+    res = _run([sys.executable, "slurm/launch.py", "--config", "configs/llama-tiny-cpu.yaml", "--nodes", "1",
+                "--nodelist", "gpu1", "--dry-run"], check=False)
+    assert res.returncode == 2 and "distributed backend" in res.stderr
+
+
 FAKE_SRUN = """#!/bin/bash
 # fake srun: record the command, then behave as the training job told by $FAKE_MODE
 echo "$@" > "$FAKE_DIR/srun.args"

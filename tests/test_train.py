@@ -230,3 +230,56 @@ def test_option_two_needs_an_even_batch():
     with pytest.raises(ValueError, match="odd"):
         micro_slices(5, 0, 2)
     assert micro_slices(4, 1, 2) == [[slice(0, 1), slice(1, 2)], [slice(2, 3), slice(3, 4)]]
+
+
+def test_a_stop_request_checkpoints_the_current_step_and_resume_finishes_like_an_uninterrupted_run(tmp_path):
+    from lanton_dist.preemption import COMPLETED, StopRequest
+
+    common = ["--train.steps", "6", "--train.eval_every", "3", "--optim.estimate_every", "2"]
+    full = train(small_cfg(tmp_path / "full", *common), log=quiet)
+    assert (tmp_path / "full" / COMPLETED).read_text() == "6\n" and not full["stopped"]
+    flag = tmp_path / "stop"
+    flag.touch()
+    cut = train(small_cfg(tmp_path / "cut", *common), log=quiet, stop=StopRequest(str(flag)))
+    assert cut["stopped"] and cut["steps"] == 1 and Path(cut["checkpoint"]).is_file()
+    assert not (tmp_path / "cut" / COMPLETED).exists(), "a stopped run must be requeued, not marked complete"
+    flag.unlink()
+    resumed = train(small_cfg(tmp_path / "cut", *common, "--train.resume", "true"), log=quiet, stop=StopRequest(str(flag)))
+    assert not resumed["stopped"] and (tmp_path / "cut" / COMPLETED).exists()
+    a, b = read_metrics(full["metrics"]), read_metrics(resumed["metrics"])
+    assert [(r.get("loss"), r.get("val_loss")) for r in a] == [(r.get("loss"), r.get("val_loss")) for r in b]
+
+
+def test_stop_requests_come_from_signals_or_the_stop_file(tmp_path):
+    import os
+    import signal
+
+    from lanton_dist.preemption import StopRequest
+
+    old = signal.getsignal(signal.SIGUSR1)
+    try:
+        req = StopRequest(str(tmp_path / "absent"), (signal.SIGUSR1,))
+        assert not req.local() and not req.agreed(lambda local: local)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert req.local() and req.agreed(lambda local: local)
+    finally:
+        signal.signal(signal.SIGUSR1, old)
+    assert StopRequest(str(tmp_path)).local()  # an existing path is a request
+    assert StopRequest(None).agreed(lambda local: True)  # another rank's request stops this one too
+
+
+def test_launch_train_stops_on_the_job_scripts_stop_file(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    flag = tmp_path / "stop"
+    flag.touch()
+    env = {**{k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}, "LANTON_STOP_FILE": str(flag)}
+    res = subprocess.run([sys.executable, str(ROOT / "launch" / "train.py"), "--config", str(DEMO), *SMALL,
+                          "--train.steps", "5", "--train.eval_every", "0", "--train.out_dir", str(tmp_path / "run")],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "stop requested" in res.stdout
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step_00000001.pt"]
+    assert not (tmp_path / "run" / "COMPLETED").exists()
