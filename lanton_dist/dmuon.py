@@ -15,7 +15,7 @@ from torch.optim import Optimizer
 
 from lanton_dist.adamw import adamw_step_
 from lanton_dist.groups import Geometry
-from lanton_dist.lanton import check_param_groups
+from lanton_dist.lanton import check_param_groups, run_closure
 from lanton_dist.lmo import LMOConfig, hidden_directions
 
 
@@ -46,10 +46,7 @@ class DMuon(Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         live = [(g, p, s) for g in self.param_groups for p, s in zip(g["params"], g["specs"]) if p.grad is not None]
         if self.skip_nonfinite and live and not bool(torch.stack([torch.isfinite(p.grad).all() for _, p, _ in live]).all()):
             self.skipped_steps += 1

@@ -44,6 +44,15 @@ from lanton_dist.nuclear import resolve_estimator
 GEOMETRY_INDEX = {Geometry.HIDDEN: 0, Geometry.EMBED_HEAD: 1, Geometry.VECTOR: 2}
 
 
+def run_closure(closure: Callable[[], Any] | None) -> Any:
+    """The loss of ``closure`` re-evaluated with gradients enabled (torch's ``step(closure)``
+    convention; ``step`` itself runs under ``no_grad``), or ``None`` without one."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 def check_param_groups(groups: list[dict[str, Any]]) -> None:
     """Every group must carry a ``specs`` list matching its params' shapes."""
     for g in groups:
@@ -185,10 +194,7 @@ class LANTON(Optimizer):
     # ------------------------------------------------------------------ step
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         live = []
         for g, p, spec in self._entries():
             half = self.state[p].pop("half_grad", None) if p in self.state else None

@@ -32,7 +32,7 @@ from lanton_dist.engine.layout import Layout, Piece, build_layout
 from lanton_dist.engine.meter import Collectives, CommMeter
 from lanton_dist.engine.ownership import OwnershipPlan, plan_ownership
 from lanton_dist.groups import ParamSpec
-from lanton_dist.lanton import check_param_groups
+from lanton_dist.lanton import check_param_groups, run_closure
 from lanton_dist.lmo import LMOConfig
 
 @dataclass(frozen=True)
@@ -172,10 +172,7 @@ class ShardedLANTON(Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         self.meter.step = self.core.t + 1
         try:
             grads = self._reduce_scatter(lambda s: self._grad_of(s), "grad_reduce", self._grad_bufs)

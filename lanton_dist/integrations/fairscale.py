@@ -42,6 +42,7 @@ from torch import nn
 from lanton_dist.engine.core import LocalPiece
 from lanton_dist.engine.ownership import OwnershipPlan
 from lanton_dist.integrations.exchange import PieceOptimizer, whole_ranges
+from lanton_dist.lanton import run_closure
 
 _META = "lanton_meta"
 
@@ -119,10 +120,7 @@ class LANTONOSSShard(PieceOptimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         self._import_loaded_state()
         self._run_core(self._local_pieces())
         return loss

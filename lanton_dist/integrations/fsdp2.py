@@ -44,6 +44,7 @@ from lanton_dist.engine.checkpoint import model_tensors
 from lanton_dist.engine.core import LocalPiece
 from lanton_dist.engine.meter import CommMeter
 from lanton_dist.integrations.exchange import PieceOptimizer, row_ranges
+from lanton_dist.lanton import run_closure
 
 
 def _dtensor_cls():
@@ -124,10 +125,7 @@ class LANTONFSDP2(PieceOptimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         self._run_core(self._local_pieces())
         return loss
 
