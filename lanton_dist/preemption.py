@@ -13,7 +13,20 @@ import os
 import signal
 from collections.abc import Callable
 
+import torch
+import torch.distributed as dist
+
 COMPLETED = "COMPLETED"
+
+
+def any_rank(local: bool, device: torch.device) -> bool:
+    """Job-wide OR of ``local`` over the default process group (a one-element MAX all-reduce on
+    ``device``); ``local`` itself when no process group is running."""
+    if not dist.is_initialized():
+        return local
+    t = torch.tensor(float(local), device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 class StopRequest:
@@ -39,7 +52,6 @@ class StopRequest:
         return self.flag or (self.stop_file is not None and os.path.exists(self.stop_file))
 
     def agreed(self, any_rank: Callable[[bool], bool]) -> bool:
-        """Whether any rank has seen a request; ``any_rank(local)`` is the job-wide OR (a
-        one-element all-reduce; the identity in one process). Every rank must call it at the
-        same step."""
+        """Whether any rank has seen a request; ``any_rank(local)`` is the job-wide OR
+        (:func:`any_rank` on the loop's device). Every rank must call it at the same step."""
         return any_rank(self.local())

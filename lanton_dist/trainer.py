@@ -29,6 +29,7 @@ to an uninterrupted one.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -50,7 +51,7 @@ from lanton_dist.config import OptimConfig, RunConfig, to_dict
 from lanton_dist.data import TokenDataset, build_dataset, unigram_baseline
 from lanton_dist.factory import build_optimizer
 from lanton_dist.model import Transformer
-from lanton_dist.preemption import COMPLETED, StopRequest
+from lanton_dist.preemption import COMPLETED, StopRequest, any_rank
 from lanton_dist.schedule import build_scheduler
 
 OptimizerFactory = Callable[[nn.Module, OptimConfig], torch.optim.Optimizer]
@@ -112,10 +113,6 @@ class Backend:
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
-
-    def any_rank(self, local: bool) -> bool:
-        """Job-wide OR of ``local`` (every rank calls it at the same point)."""
-        return bool(self.reduce_loss(torch.tensor(float(local), device=self.device)) > 0)
 
     def barrier(self) -> None:
         """Wait for every rank (no-op in one process)."""
@@ -537,7 +534,7 @@ def _run(cfg: RunConfig, backend: Backend, data: TokenDataset, out: Path, log: C
                 _save_checkpoint(backend, out, step, sched, cfg_dict)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}")
-            if request is not None and step < stop and request.agreed(backend.any_rank):
+            if request is not None and step < stop and request.agreed(functools.partial(any_rank, device=backend.device)):
                 say(f"step {step}: stop requested: checkpointing and exiting")
                 if not saved:
                     _save_checkpoint(backend, out, step, sched, cfg_dict)

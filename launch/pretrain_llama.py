@@ -61,7 +61,7 @@ if str(ROOT) not in sys.path:
 
 from lanton_dist.config import RunConfig, load_run_config, to_dict  # noqa: E402
 from lanton_dist.factory import build_optimizer, param_groups  # noqa: E402
-from lanton_dist.preemption import COMPLETED, StopRequest  # noqa: E402
+from lanton_dist.preemption import COMPLETED, StopRequest, any_rank  # noqa: E402
 from lanton_dist.schedule import build_scheduler  # noqa: E402
 
 CPU_SHIM = ROOT / "tests" / "megatron_cpu_shim.py"
@@ -438,13 +438,6 @@ class Checkpointer:
 
 
 # ----------------------------------------------------------------------------- main
-def any_rank(local: bool, device: torch.device) -> bool:
-    """Job-wide OR of ``local`` (a one-element MAX all-reduce)."""
-    t = torch.tensor(float(local), device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
 def log(msg: str) -> None:
     if dist.get_rank() == 0:
         print(msg, flush=True)
@@ -547,7 +540,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         if every > 0 and step % every == 0:
             ckpt.save(step)
             last_saved = step
-        if step < cfg.train.steps and stop.agreed(lambda local: any_rank(local, device)):
+        if step < cfg.train.steps and stop.agreed(partial(any_rank, device=device)):
             log(f"stop requested: checkpointing at step {step} and exiting")
             stopped = True
             break
