@@ -37,7 +37,7 @@ from torch import nn
 from lanton_dist.config import RunConfig
 from lanton_dist.engine import build_sharded_optimizer, checkpoint
 from lanton_dist.engine.meter import fail_fast
-from lanton_dist.trainer import Backend, OptimizerFactory, resolve_device
+from lanton_dist.trainer import Backend, OptimizerFactory, micro_slices, resolve_device
 
 
 def init_distributed(cfg: RunConfig) -> torch.device:
@@ -155,8 +155,6 @@ class DeepSpeedBackend(_DistributedBackend):
 def deepspeed_config(cfg: RunConfig, world: int) -> dict[str, Any]:
     """The DeepSpeed config of a run: one optimizer step per global batch, the rank's rows cut
     into ``train.micro_batch`` accumulation steps, ZeRO stage ``parallel.zero_stage``."""
-    from lanton_dist.trainer import micro_slices
-
     if cfg.parallel.zero_stage not in (1, 2, 3):
         raise ValueError(f"parallel.zero_stage must be 1, 2 or 3 for the deepspeed backend, got {cfg.parallel.zero_stage}")
     rows = cfg.train.global_batch // world

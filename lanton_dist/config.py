@@ -249,6 +249,11 @@ class TrainConfig:
     dtype: str = "fp32"  # fp32 | bf16 (autocast on GPU)
 
 
+# ``parallel.backend`` values run by launch/train.py (lanton_dist.trainer); ``megatron`` runs in
+# launch/pretrain_llama.py.
+TRAINER_BACKENDS: tuple[str, ...] = ("none", "zero", "ddp", "fsdp2", "deepspeed")
+
+
 @dataclass
 class ParallelConfig:
     """``backend``: ``none`` | ``ddp`` | ``zero`` (the lanton_dist engine) | ``fsdp2`` | ``deepspeed`` | ``megatron``.

@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lanton_dist.config import OptimConfig, RunConfig, to_dict
+from lanton_dist.config import TRAINER_BACKENDS, OptimConfig, RunConfig, to_dict
 from lanton_dist.data import TokenDataset, build_dataset, unigram_baseline
 from lanton_dist.factory import build_optimizer
 from lanton_dist.model import Transformer
@@ -55,7 +55,6 @@ from lanton_dist.preemption import COMPLETED, StopRequest, any_rank
 from lanton_dist.schedule import build_scheduler
 
 OptimizerFactory = Callable[[nn.Module, OptimConfig], torch.optim.Optimizer]
-SUPPORTED_BACKENDS: tuple[str, ...] = ("none", "zero", "ddp", "fsdp2", "deepspeed")
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_RE = re.compile(r"^step_(\d+)(\.pt)?$")
 KEEP_CHECKPOINTS = 2
@@ -163,19 +162,19 @@ def setup_backend(cfg: RunConfig, model: nn.Module, optimizer_factory: Optimizer
         if world_env > 1:
             raise ValueError(
                 f"parallel.backend 'none' is single-process but WORLD_SIZE={world_env}; "
-                f"supported backends: {SUPPORTED_BACKENDS}"
+                f"supported backends: {TRAINER_BACKENDS}"
             )
         device = resolve_device(cfg.train.device)
         model.to(device)
         return Backend(model, factory(model, cfg.optim), device)
-    if name in SUPPORTED_BACKENDS[1:]:
+    if name in TRAINER_BACKENDS[1:]:
         from lanton_dist.backends import setup_distributed_backend
 
         return setup_distributed_backend(cfg, model, factory)
     if name == "megatron":
         raise ValueError("parallel.backend 'megatron' trains Megatron-core's GPTModel: launch it with "
-                         f"launch/pretrain_llama.py; this loop supports {SUPPORTED_BACKENDS}")
-    raise ValueError(f"unsupported parallel.backend {name!r}; supported backends: {SUPPORTED_BACKENDS}")
+                         f"launch/pretrain_llama.py; this loop supports {TRAINER_BACKENDS}")
+    raise ValueError(f"unsupported parallel.backend {name!r}; supported backends: {TRAINER_BACKENDS}")
 
 
 # ============================================================================ state helpers

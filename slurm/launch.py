@@ -15,8 +15,9 @@ the config's training entry: ``launch/pretrain_llama.py`` for ``parallel.backend
 Values default to the Slurm environment (``SLURM_NNODES``, ``SLURM_JOB_NODELIST``,
 ``SLURM_JOB_ID``, ``GPUS_PER_NODE``/``SLURM_GPUS_ON_NODE``, ``MASTER_ADDR``, ``MASTER_PORT``).
 The run config is loaded (with the overrides after ``--``) and checked before anything starts:
-the world size N·G must be divisible by tp·pp (Megatron) or divide ``train.global_batch``. ``--train.resume true`` is appended unless
-``--no-resume``, so a requeued job continues from its latest checkpoint.
+the world size N·G must be divisible by tp·pp (Megatron) or divide ``train.global_batch``.
+``--train.resume true`` is appended unless ``--no-resume``, so a requeued job continues from
+its latest checkpoint.
 """
 from __future__ import annotations
 
@@ -30,7 +31,6 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ENTRY: dict[str, str] = {"megatron": "launch/pretrain_llama.py", **{b: "launch/train.py" for b in ("zero", "ddp", "fsdp2", "deepspeed")}}
 
 
 def expand_nodelist(nodelist: str) -> list[str]:
@@ -125,13 +125,23 @@ def load_config(config: str, overrides: list[str]):
     return load_run_config(config, overrides)
 
 
+def entry_script(backend: str) -> str:
+    """The training entry of a distributed ``parallel.backend``."""
+    from lanton_dist.config import TRAINER_BACKENDS
+
+    if backend == "megatron":
+        return "launch/pretrain_llama.py"
+    if backend in TRAINER_BACKENDS and backend != "none":
+        return "launch/train.py"
+    raise ValueError(f"parallel.backend is {backend!r}; this launcher runs megatron or "
+                     f"{', '.join(b for b in TRAINER_BACKENDS if b != 'none')} (a distributed backend)")
+
+
 def build_commands(args: argparse.Namespace) -> dict:
     """``env`` (dict), ``torchrun`` (argv) and ``srun`` (argv or None) for this job."""
     cfg = load_config(args.config, args.overrides)
     backend = cfg.parallel.backend
-    if backend not in ENTRY:
-        raise ValueError(f"{args.config}: parallel.backend is {backend!r}; this launcher runs {sorted(ENTRY)} "
-                         "(a distributed backend)")
+    script = entry_script(backend)
     nodes = 1 if args.single_node else args.nodes
     if nodes is None:
         raise ValueError("--nodes is required outside a Slurm allocation (SLURM_NNODES is not set)")
@@ -148,7 +158,7 @@ def build_commands(args: argparse.Namespace) -> dict:
     if backend != "megatron" and cfg.train.global_batch % world:
         raise ValueError(f"train.global_batch {cfg.train.global_batch} is not divisible by the {world} ranks "
                          f"({nodes} node(s) × {args.gpus_per_node} GPUs)")
-    train_args = [ENTRY[backend], "--config", args.config, *args.overrides]
+    train_args = [script, "--config", args.config, *args.overrides]
     if not args.no_resume:
         train_args += ["--train.resume", "true"]
     torchrun = ["torchrun"]
