@@ -34,6 +34,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from lanton_dist.config import ModelConfig
+from lanton_dist.names import ALGORITHMS, ESTIMATORS, OPTIONS
 
 
 def _process_age_s() -> float | None:
@@ -74,10 +75,10 @@ def _plan_parser(sub) -> None:
     p.add_argument("--strategy", default="zero2", choices=sorted(P.STRATEGY_MODELS))
     p.add_argument("--tp-mode", default="owner", choices=P.TP_MODES)
     p.add_argument("--bucket-mb", type=float, default=25.0)
-    p.add_argument("--algorithms", type=_csv(str), default=P.ALGORITHMS)
+    p.add_argument("--algorithms", type=_csv(str), default=ALGORITHMS)
     p.add_argument("--k", type=int, default=None, help="estimate_every (default: the YAML's optim.estimate_every, else 10)")
-    p.add_argument("--option", default=None, choices=("I", "II"))
-    p.add_argument("--estimator", default="ns", choices=P.ESTIMATORS)
+    p.add_argument("--option", default=None, choices=OPTIONS)
+    p.add_argument("--estimator", default="ns", choices=ESTIMATORS)
     p.add_argument("--param-bytes", type=int, default=4, help="bytes per parameter/state element (4 = fp32)")
     p.add_argument("--hardware", default="h100", choices=sorted(P.HARDWARE))
     for name, help_ in (("matmul-tflops", "bf16 matmul TFLOP/s"), ("ns-efficiency", "NS rate / matmul rate"),
@@ -124,9 +125,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     overrides = {k: getattr(args, k) for k in ("matmul_tflops", "ns_efficiency", "intra_gbps", "inter_gbps", "comm_efficiency",
                                                "hbm_gbps", "mfu") if getattr(args, k) is not None}
     hw = replace(hw, **overrides)
-    unknown = set(args.algorithms) - set(P.ALGORITHMS)
+    unknown = set(args.algorithms) - set(ALGORITHMS)
     if unknown:
-        raise ValueError(f"unknown algorithm(s) {sorted(unknown)}; choose from {P.ALGORITHMS}")
+        raise ValueError(f"unknown algorithm(s) {sorted(unknown)}; choose from {ALGORITHMS}")
     global_batch = args.global_batch or int(yaml_cfg.get("train", {}).get("global_batch", 1024))
     seq_len = args.seq_len or yaml_cfg.get("data", {}).get("seq_len")
     text, data = P.plan_table(model, layout, settings, hw, algorithms=args.algorithms, ks=args.ks, global_batch=global_batch,
@@ -153,10 +154,10 @@ def _profile_parser(sub) -> None:
     p.add_argument("--engine", action="store_true", help="run the built-in short engine training")
     p.add_argument("--world", type=int, default=2)
     p.add_argument("--steps", type=int, default=6)
-    p.add_argument("--algorithm", default="lanton", choices=("lanton", "scion", "dmuon", "adamw"))
-    p.add_argument("--option", default="I", choices=("I", "II"))
+    p.add_argument("--algorithm", default="lanton", choices=ALGORITHMS)
+    p.add_argument("--option", default="I", choices=OPTIONS)
     p.add_argument("--k", type=int, default=2, help="estimate_every")
-    p.add_argument("--estimator", default="auto", choices=("auto", "exact", "ns", "rsvd"))
+    p.add_argument("--estimator", default="auto", choices=("auto", *ESTIMATORS))
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--bucket-mb", type=float, default=25.0)
     p.add_argument("--no-overlap", action="store_true", help="wait for the variance all-reduce in the same step")

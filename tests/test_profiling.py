@@ -78,7 +78,7 @@ class FakeNVML:
 
 
 def test_missing_nvml_is_reported_once_and_profiling_goes_on(capsys, monkeypatch):
-    monkeypatch.setattr(prof, "_NOTICES", set())
+    monkeypatch.setattr(prof.sampler, "_NOTICES", set())
     fake = FakeNVML(fail=NVMLError_LibraryNotFound("NVML Shared Library Not Found"))
     a = prof.NVMLSampler(nvml=fake).start()
     b = prof.NVMLSampler(nvml=fake).start()
@@ -92,7 +92,7 @@ def test_missing_nvml_is_reported_once_and_profiling_goes_on(capsys, monkeypatch
 
 def test_this_machine_has_no_nvml_and_says_why(capsys, monkeypatch):
     """On the CPU machines: the real nvidia-ml-py raises NVMLError_LibraryNotFound (or is missing)."""
-    monkeypatch.setattr(prof, "_NOTICES", set())
+    monkeypatch.setattr(prof.sampler, "_NOTICES", set())
     s = prof.NVMLSampler()
     if s.available:
         s.stop()
@@ -151,6 +151,22 @@ def test_phase_timer_and_report_with_energy_per_step(tmp_path):
     assert len(profiler.records) == 4
 
 
+def test_detach_undoes_attach_so_the_optimizer_can_be_profiled_again():
+    """Every attribute the instrumentation set (the one-profiler mark included) is gone after detach."""
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = torch.optim.SGD([p], lr=0.1)
+    before = dict(vars(opt))
+    first = prof.Profiler(rank=0, world=1).attach(opt)
+    with pytest.raises(RuntimeError, match="already has a profiler"):
+        prof.Profiler(rank=0, world=1).attach(opt)
+    first.detach()
+    assert vars(opt).keys() == before.keys()
+    second = prof.Profiler(rank=0, world=1).attach(opt)
+    p.grad = torch.ones(3)
+    opt.step()
+    assert [r["step"] for r in second.finalize()] == [1] and first.finalize() == []
+
+
 def _check_pngs(out: Path, names: tuple[str, ...]) -> None:
     for name in names:
         path = out / name
@@ -161,7 +177,7 @@ def _check_pngs(out: Path, names: tuple[str, ...]) -> None:
 
 @pytest.mark.slow
 def test_engine_profile_on_cpu_writes_a_valid_report_whose_bytes_equal_the_planner(tmp_path, monkeypatch):
-    monkeypatch.setattr(prof, "_NOTICES", set())
+    monkeypatch.setattr(prof.sampler, "_NOTICES", set())
     cfg = prof.EngineRun(world=2, steps=4, estimate_every=2, option="II", batch=4, seq_len=16, model=SMALL, bucket_mb=0.02)
     report = prof.run_engine_profile(cfg, nvml=FakeNVML(fail=NVMLError_LibraryNotFound("NVML Shared Library Not Found")))
     paths = prof.write_report(report, tmp_path)

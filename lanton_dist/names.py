@@ -1,0 +1,16 @@
+"""The option names every layer validates against, in one torch-free place.
+
+The planner and the ``lanton-dist`` CLI import them without torch; the optimizer modules that
+own the behaviour behind each name (the engine's core, :mod:`lanton_dist.nuclear`,
+:mod:`lanton_dist.noise`, :mod:`lanton_dist.factory`) validate against the same tuples.
+"""
+from __future__ import annotations
+
+#: Optimizers: ``lanton``, ``scion`` (LANTON with ``noise_adaptive=False``), ``dmuon``, ``adamw``.
+ALGORITHMS: tuple[str, ...] = ("lanton", "scion", "dmuon", "adamw")
+#: Nuclear-norm estimators of :func:`lanton_dist.nuclear.nuclear_norm` (``auto`` resolves to one).
+ESTIMATORS: tuple[str, ...] = ("exact", "ns", "rsvd")
+#: LANTON's gradient-noise estimators: Option I (previous step's gradient), II (two half batches).
+OPTIONS: tuple[str, ...] = ("I", "II")
+#: Bucket layouts of the ZeRO engine: ``owner`` (whole matrices on their owners) or ``plain``.
+ZERO_LAYOUTS: tuple[str, ...] = ("owner", "plain")

@@ -1,0 +1,112 @@
+"""The ``lanton-dist plan`` report: the per-algorithm table of one model and layout, and the
+estimation-overhead table over model sizes and k."""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import replace
+from typing import Any
+
+from lanton_dist.config import ModelConfig
+from lanton_dist.names import ALGORITHMS
+from lanton_dist.plan.inputs import PRESETS, Hardware, OptimSettings, ParallelLayout
+from lanton_dist.plan.model import resolve_model
+from lanton_dist.plan.planner import StepPlanner
+from lanton_dist.plan.predictions import STRATEGY_MODELS
+
+
+def human_bytes(n: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{int(n)} B"
+
+
+def plan_table(model: str | ModelConfig, layout: ParallelLayout, optim: OptimSettings, hw: Hardware | None = None,
+               algorithms: Iterable[str] = ALGORITHMS, ks: Iterable[int] = (1, 5, 10, 20),
+               global_batch: int = 1024, seq_len: int | None = None, growth_models: Iterable[str] = tuple(PRESETS),
+               name: str | None = None) -> tuple[str, dict[str, Any]]:
+    """The ``lanton-dist plan`` report: ``(text, json-able dict)`` for ``algorithms`` on one model
+    and layout, plus the estimation-overhead table over ``growth_models`` × ``ks``."""
+    hw = hw or Hardware()
+    plans = {a: StepPlanner(model, layout, replace(optim, algorithm=a), hw, name=name) for a in algorithms}
+    summaries = {a: p.summary(global_batch, seq_len) for a, p in plans.items()}
+    first = next(iter(summaries.values()))
+    lines = []
+    cfg = first["model_config"]
+    lines.append(f"{first['model']}: {first['params'] / 1e9:.3f}B params, d={cfg['dim']} L={cfg['n_layers']} "
+                 f"heads={cfg['n_heads']}/{cfg['n_kv_heads']} ffn={cfg['ffn_dim']}, {first['hidden_matrices']} hidden matrices, "
+                 f"NS5 of all = {first['ns_flops_total'] / 1e15:.3f} PFLOP")
+    lines.append(f"layout: {layout.nodes} nodes x {layout.gpus_per_node} GPUs = {layout.world} ranks | TP {layout.tp} x PP {layout.pp} "
+                 f"x DP {layout.dp} | {layout.strategy} (tp_mode {layout.tp_mode}) | bucket {layout.bucket_mb:g} MiB, "
+                 f"{optim.param_bytes}-byte params | k={optim.estimate_every} option {optim.option} estimator {optim.nuclear_estimator}")
+    lines.append(f"hardware: {hw.name} {hw.matmul_tflops:g} TFLOP/s matmul, NS at {hw.ns_efficiency:.0%} | NVLink {hw.intra_gbps:g} GB/s, "
+                 f"network {hw.inter_gbps:g} GB/s per GPU, x{hw.comm_efficiency:g} efficiency | HBM {hw.hbm_gbps:g} GB/s")
+    strat = STRATEGY_MODELS[layout.strategy]
+    valid = strat.validated_by
+    status = f"{layout.strategy} validated against {valid}" if valid else f"{layout.strategy}: NOT YET VALIDATED (analytic model only)"
+    if layout.tp * layout.pp > 1:
+        status += "; TP/PP parts (TP exchanges, stage split, world-wide scalars): NOT YET VALIDATED"
+    lines.append(f"model status: {status}")
+    lines.append("per rank and step (worst rank of the worst pipeline stage):")
+    phases: list[str] = []
+    for s in summaries.values():
+        for step in (s["step"], s["estimation_step"], s["after_estimation_step"]):
+            for ph in (step or {}).get("bytes_per_phase", {}):
+                if ph not in phases:
+                    phases.append(ph)
+    header = f"{'algorithm':<9} {'step':<5} " + " ".join(f"{ph:>12}" for ph in phases) + \
+             f" {'state/rank':>10} {'NS GFLOP':>9} {'imbal':>5} {'comm ms':>8} {'NS ms':>7} {'est ms':>7} {'elem ms':>7} {'opt ms':>7}"
+    lines.append(header)
+    for a, s in summaries.items():
+        for label, step in (("plain", s["step"]), ("est", s["estimation_step"]), ("est+1", s["after_estimation_step"])):
+            if step is None:
+                continue
+            t = step["time_s"]
+            cells = " ".join(f"{human_bytes(step['bytes_per_phase'][ph]) if ph in step['bytes_per_phase'] else '-':>12}" for ph in phases)
+            lines.append(f"{a:<9} {label:<5} {cells} {human_bytes(step['state_bytes_max']):>10} {step['ns_flops_max'] / 1e9:>9.0f} "
+                         f"{step['ns_imbalance']:>5.2f} {t['comm'] * 1e3:>8.2f} {t['ns'] * 1e3:>7.2f} {t['estimator'] * 1e3:>7.2f} "
+                         f"{t['elementwise'] * 1e3:>7.2f} {t['total'] * 1e3:>7.2f}")
+    lines.append(f"fwd+bwd estimate: {first['fwd_bwd_s'] * 1e3:.0f} ms per step ({first['tokens_per_step']} tokens, MFU {hw.mfu:g})")
+    if "lanton" in summaries and "dmuon" in summaries:
+        lt, dm = summaries["lanton"]["amortized_step_s"], summaries["dmuon"]["amortized_step_s"]
+        lines.append(f"LANTON optimizer step (mean over k={optim.estimate_every}) {lt * 1e3:.2f} ms vs D-Muon {dm * 1e3:.2f} ms: "
+                     f"{(lt - dm) * 1e3:+.2f} ms = {(lt - dm) / (dm + first['fwd_bwd_s']):+.2%} of a D-Muon training step")
+    growth = estimation_growth(layout, optim, hw, ks=tuple(ks), models=tuple(growth_models), global_batch=global_batch)
+    lines.append(f"estimation overhead of LANTON over D-Muon, same {layout.world} ranks, {layout.strategy}, estimator "
+                 f"{optim.nuclear_estimator}, option {optim.option} (extra ms per step / % of D-Muon training step):")
+    lines.append(f"{'model':<10} {'tp x pp':>7} " + " ".join(f"{'k=' + str(k):>17}" for k in ks))
+    for row in growth:
+        if "error" in row:
+            lines.append(f"{row['model']:<10} {'':>7} n/a: {row['error']}")
+            continue
+        cells = " ".join(f"{c['extra_s_per_step'] * 1e3:>8.2f} ({c['extra_vs_training']:>6.2%})" for c in row["by_k"])
+        lines.append(f"{row['model']:<10} {row['tp']:>3} x{row['pp']:>2} {cells}")
+    data = {"plans": summaries, "estimation_growth": growth, "strategy": strat.name,
+            "strategy_description": strat.description}
+    return "\n".join(lines), data
+
+
+def estimation_growth(layout: ParallelLayout, optim: OptimSettings, hw: Hardware, ks: tuple[int, ...] = (1, 5, 10, 20),
+                      models: tuple[str, ...] = tuple(PRESETS), global_batch: int = 1024) -> list[dict[str, Any]]:
+    """LANTON's estimation overhead over D-Muon for each preset and k on the same world size.
+    TP and PP are those of ``layout`` reduced (halving) until they fit the model."""
+    rows = []
+    for name in models:
+        cfg = PRESETS[name] if name in PRESETS else resolve_model(name)[1]
+        tp, pp = layout.tp, layout.pp
+        while tp > 1 and any(v % tp for v in (cfg.n_heads, cfg.n_kv_heads, cfg.ffn_dim, cfg.vocab_size)):
+            tp //= 2
+        while pp > 1 and cfg.n_layers % pp:
+            pp //= 2
+        try:
+            lay = replace(layout, tp=tp, pp=pp)
+            planner = StepPlanner(cfg, lay, replace(optim, algorithm="lanton"), hw)
+            fwd = planner.fwd_bwd_seconds(global_batch)
+            by_k = planner.estimation_overhead(ks)
+        except ValueError as exc:
+            rows.append({"model": name, "error": str(exc)})
+            continue
+        for r in by_k:
+            r["extra_vs_training"] = r["extra_s_per_step"] / (r["dmuon_step_s"] + fwd)
+        rows.append({"model": name, "tp": tp, "pp": pp, "fwd_bwd_s": fwd, "by_k": by_k})
+    return rows
