@@ -24,13 +24,15 @@ def param_groups(
     cfg: OptimConfig,
     fused: dict[str, tuple[Block, ...]] | None = None,
     specs: dict[str, ParamSpec] | None = None,
+    orientation: dict[str, str] | None = None,
 ) -> list[dict[str, Any]]:
     """One torch param group per non-empty geometry: ``params``, ``specs``, ``names``, ``lr``, ``alpha``.
 
     ``specs`` (name → ParamSpec) replaces classification, for integrations whose local
-    parameters are shards of the logical ones.
+    parameters are shards of the logical ones. ``orientation`` declares storage orientations
+    (pattern → ``'out_in'`` | ``'in_out'``, see :func:`~lanton_dist.groups.classify_parameters`).
     """
-    specs = specs or classify_parameters(model, cfg.overrides, fused)
+    specs = specs or classify_parameters(model, cfg.overrides, fused, orientation)
     groups = []
     for geometry in Geometry:
         names = [n for n, p in model.named_parameters() if n in specs and specs[n].geometry is geometry]

@@ -7,10 +7,18 @@ Every trainable tensor is put in exactly one geometry group (spec table 1):
 * ``vector``     — 1-D gains and biases: RMS-normalised LMO, √d·ℓ2 dual norm.
 
 A parameter may hold several *logical matrices* (a fused QKV or gate|up weight); each is a
-:class:`Block` — a set of row ranges of the ``(d_out, d_in)`` weight — and each block is one
-LANTON "layer" ℓ with its own noise tracker H. Unfused parameters have one block covering
-all rows. This module is framework-free; integrations build :class:`ParamSpec` for their
-own fused layouts with :func:`qkv_blocks` / :func:`stacked_blocks`.
+:class:`Block` — a set of row ranges of the logical ``(d_out, d_in)`` weight — and each block
+is one LANTON "layer" ℓ with its own noise tracker H. Unfused parameters have one block
+covering all rows. This module is framework-free; integrations build :class:`ParamSpec` for
+their own fused layouts with :func:`qkv_blocks` / :func:`stacked_blocks`.
+
+**Storage orientation.** The LMO, its scales and the dual norms use the logical
+``(d_out, d_in)`` matrix (spec, "storage orientation"). ``torch.nn.Linear`` stores exactly
+that (orientation ``"out_in"``); Hugging Face's ``Conv1D`` (GPT-2 family) stores its transpose
+``(d_in, d_out)`` (``"in_out"``, ``ParamSpec.transposed``). :func:`classify_parameters`
+recognises the types in :data:`TRANSPOSED_MODULES` by name, without importing their
+framework, splits GPT-2's fused ``c_attn`` into its q, k, v blocks, and takes a declared
+orientation for any other parameter (``orientation={'<pattern>': 'in_out'}``).
 """
 from __future__ import annotations
 
@@ -32,10 +40,23 @@ class Geometry(str, Enum):
 
 HEAD_NAMES: tuple[str, ...] = ("lm_head", "output", "output_layer", "head")
 
+#: Storage orientations of a 2-D weight: ``out_in`` stores the logical (d_out, d_in) matrix
+#: (``nn.Linear``), ``in_out`` its transpose (Hugging Face ``Conv1D``).
+ORIENTATIONS: tuple[str, ...] = ("out_in", "in_out")
+
+#: Module classes (``module.qualname``, matched over the MRO) whose ``weight`` is stored ``in_out``.
+TRANSPOSED_MODULES: tuple[str, ...] = ("transformers.pytorch_utils.Conv1D",)
+
+#: Fused ``in_out`` weights split into equal stacked blocks, by module name and number of
+#: logical rows per d_in: GPT-2's ``c_attn`` holds [q; k; v] (self-attention) or [k; v]
+#: (cross-attention, whose q is the separate ``q_attn``).
+FUSED_IN_OUT: dict[str, dict[int, tuple[str, ...]]] = {"c_attn": {3: ("q", "k", "v"), 2: ("k", "v")}}
+
 
 @dataclass(frozen=True)
 class Block:
-    """One logical matrix: rows ``∪ [start, stop)`` of its parameter (dim 0), all columns."""
+    """One logical matrix: rows ``∪ [start, stop)`` of its parameter's logical ``(d_out, d_in)``
+    matrix (:meth:`ParamSpec.logical`), all columns."""
 
     name: str
     rows: tuple[tuple[int, int], ...]
@@ -45,7 +66,8 @@ class Block:
         return sum(stop - start for start, stop in self.rows)
 
     def gather(self, t: torch.Tensor) -> torch.Tensor:
-        """``t[rows]`` as a ``(d_out, ...)`` tensor (a view when the rows are contiguous)."""
+        """``t[rows]`` as a ``(d_out, ...)`` tensor (a view when the rows are contiguous);
+        ``t`` is a logical-orientation tensor (a view from :meth:`ParamSpec.logical`)."""
         if len(self.rows) == 1:
             start, stop = self.rows[0]
             return t[start:stop]
@@ -63,27 +85,36 @@ class Block:
 
 @dataclass(frozen=True)
 class ParamSpec:
-    """Geometry, shape, role and logical blocks of one parameter (the same on every rank)."""
+    """Geometry, shape, role and logical blocks of one parameter (the same on every rank).
+
+    ``shape`` is the storage shape (the tensor's); ``transposed=True`` means the storage is
+    the transpose of the logical ``(d_out, d_in)`` matrix (``in_out``, e.g. ``Conv1D``), and
+    then ``blocks`` are rows of the logical matrix, i.e. columns of the storage.
+    """
 
     name: str
     geometry: Geometry
     shape: tuple[int, ...]
     role: str = ""  # "embed" or "head" for embed_head; "" otherwise
     blocks: tuple[Block, ...] = field(default=())
+    transposed: bool = False
 
     def __post_init__(self) -> None:
+        if self.transposed and len(self.shape) != 2:
+            raise ValueError(f"{self.name}: only 2-D parameters can be stored transposed ('in_out'), got shape {self.shape}")
+        rows = self.logical_shape[0] if self.shape else 1
         if not self.blocks:
-            object.__setattr__(self, "blocks", (Block(self.name, ((0, self.shape[0] if self.shape else 1),)),))
+            object.__setattr__(self, "blocks", (Block(self.name, ((0, rows),)),))
         if self.geometry is Geometry.HIDDEN and len(self.shape) != 2:
             raise ValueError(f"{self.name}: hidden parameters must be 2-D, got shape {self.shape}")
         covered = sorted(r for b in self.blocks for r in b.rows)
         pos = 0
         for start, stop in covered:
             if start != pos or stop <= start:
-                raise ValueError(f"{self.name}: blocks must tile rows 0..{self.shape[0]} exactly, got {covered}")
+                raise ValueError(f"{self.name}: blocks must tile rows 0..{rows} of the logical matrix exactly, got {covered}")
             pos = stop
-        if self.shape and pos != self.shape[0]:
-            raise ValueError(f"{self.name}: blocks cover {pos} of {self.shape[0]} rows")
+        if self.shape and pos != rows:
+            raise ValueError(f"{self.name}: blocks cover {pos} of {rows} rows of the logical matrix")
 
     @property
     def numel(self) -> int:
@@ -93,8 +124,46 @@ class ParamSpec:
         return n
 
     @property
+    def logical_shape(self) -> tuple[int, ...]:
+        """The shape of the logical matrix: ``shape`` reversed when stored transposed."""
+        return (self.shape[1], self.shape[0]) if self.transposed else self.shape
+
+    @property
     def d_in(self) -> int:
-        return self.shape[1] if len(self.shape) >= 2 else 1
+        """Logical input dimension (columns of the logical matrix)."""
+        return self.logical_shape[1] if len(self.shape) >= 2 else 1
+
+    def logical(self, t: torch.Tensor) -> torch.Tensor:
+        """The logical ``(d_out, d_in)`` view of a storage-layout tensor ``t`` (``t.T`` when
+        transposed); writes through the view land in ``t``."""
+        return t.mT if self.transposed else t
+
+
+def block_scale(spec: ParamSpec, factors: torch.Tensor, elements: tuple[int, int] | None = None) -> torch.Tensor:
+    """The multiplier of ``spec``'s update from its per-block rate ``factors`` (``(n_blocks,)``).
+
+    Without ``elements``: broadcastable to the storage shape ``spec.shape`` — ``factors[0]``
+    (0-d) for one block, else a per-logical-row vector shaped ``(d_out, 1)`` (``(1, d_out)``
+    when stored transposed). With ``elements=(start, stop)``: the multiplier of those elements
+    of the row-major flattened storage, 1-D (or the 0-d ``factors[0]``); it builds only the
+    storage rows the piece touches, never the whole tensor. On ``factors``' device and dtype.
+    """
+    if len(spec.blocks) == 1:
+        return factors[0]
+    import torch
+
+    per_row = torch.empty(spec.logical_shape[0], dtype=factors.dtype, device=factors.device)
+    for i, blk in enumerate(spec.blocks):
+        for a, b in blk.rows:
+            per_row[a:b] = factors[i]
+    grid = per_row.view(1, -1) if spec.transposed else per_row.view(-1, *([1] * (len(spec.shape) - 1)))
+    if elements is None:
+        return grid
+    start, stop = elements
+    cols = spec.numel // spec.shape[0]
+    first, last = start // cols, -(-stop // cols)
+    rows = grid if spec.transposed else grid.view(-1, 1)[first:last]
+    return rows.expand(last - first, cols).reshape(-1)[start - first * cols : stop - first * cols]
 
 
 def stacked_blocks(name: str, sizes: list[int], labels: list[str] | None = None) -> tuple[Block, ...]:
@@ -130,6 +199,7 @@ def classify_parameters(
     model: nn.Module,
     overrides: dict[str, str] | None = None,
     fused: dict[str, tuple[Block, ...]] | None = None,
+    orientation: dict[str, str] | None = None,
 ) -> dict[str, ParamSpec]:
     """Map each trainable parameter name of ``model`` to its :class:`ParamSpec`.
 
@@ -137,12 +207,24 @@ def classify_parameters(
     ``nn.Embedding`` → embed_head/embed; 2-D weights whose module name ends in one of
     :data:`HEAD_NAMES` → embed_head/head; 1-D → vector; 2-D → hidden. Any other shape
     (3-D and up, 0-D) raises unless an override names it. ``fused`` maps a parameter name to
-    its blocks (see :func:`qkv_blocks`).
+    its blocks (see :func:`qkv_blocks`), as rows of the logical matrix.
+
+    Storage orientation: ``orientation`` (fnmatch pattern → ``'out_in'`` | ``'in_out'``, first
+    match wins) declares it for any 2-D parameter (1-D ones have none and ignore it; ``in_out``
+    on any other shape raises); otherwise the ``weight`` of a module in
+    :data:`TRANSPOSED_MODULES` is ``in_out`` and everything else ``out_in``. An ``in_out``
+    weight of a module named in :data:`FUSED_IN_OUT` (GPT-2's ``c_attn``) gets its blocks
+    unless ``fused`` names it.
     """
     from torch import nn
 
     overrides = overrides or {}
     fused = fused or {}
+    orientation = orientation or {}
+    for pattern, value in orientation.items():
+        if value not in ORIENTATIONS:
+            raise ValueError(f"orientation {pattern!r}: unknown value {value!r}; use 'out_in' (nn.Linear, "
+                             "stored (d_out, d_in)) or 'in_out' (stored (d_in, d_out), e.g. Conv1D)")
     embed_params = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     specs: dict[str, ParamSpec] = {}
     for name, p in model.named_parameters():
@@ -150,14 +232,44 @@ def classify_parameters(
             continue
         shape = tuple(p.shape)
         geometry, role = infer_geometry((name,), shape, overrides, id(p) in embed_params, _is_head(name))
+        module_name, _, leaf = name.rpartition(".")
+        stored_in_out = leaf == "weight" and _is_transposed_module(model.get_submodule(module_name))
+        transposed = len(shape) != 1 and _declared_orientation(name, orientation, stored_in_out)
         blocks = fused.get(name, ())
+        if not blocks and transposed and stored_in_out and geometry is Geometry.HIDDEN:
+            blocks = _fused_in_out_blocks(name, module_name, shape)
         if blocks and geometry is not Geometry.HIDDEN:
             raise ValueError(f"{name}: only hidden parameters can be fused, this one is {geometry.value}")
-        specs[name] = ParamSpec(name, geometry, shape, role, blocks)
+        specs[name] = ParamSpec(name, geometry, shape, role, blocks, transposed)
     unused = set(fused) - set(specs)
     if unused:
         raise ValueError(f"fused blocks given for unknown parameters: {sorted(unused)}")
     return specs
+
+
+def _is_transposed_module(module: nn.Module) -> bool:
+    """Whether ``module``'s class (or a base) is one of :data:`TRANSPOSED_MODULES`."""
+    return any(f"{c.__module__}.{c.__qualname__}" in TRANSPOSED_MODULES for c in type(module).__mro__)
+
+
+def _declared_orientation(name: str, orientation: dict[str, str], detected: bool) -> bool:
+    """``transposed`` of parameter ``name``: the first matching declared orientation, else ``detected``."""
+    for pattern, value in orientation.items():
+        if fnmatch.fnmatchcase(name, pattern):
+            return value == "in_out"
+    return detected
+
+
+def _fused_in_out_blocks(name: str, module_name: str, shape: tuple[int, ...]) -> tuple[Block, ...]:
+    """Blocks of an ``in_out`` weight of shape ``(d_in, n·d_in)`` per :data:`FUSED_IN_OUT`; ``()`` if none applies."""
+    labels_by_n = FUSED_IN_OUT.get(module_name.rpartition(".")[2])
+    d_in, d_out = shape
+    if labels_by_n is None or d_out % d_in:
+        return ()
+    labels = labels_by_n.get(d_out // d_in)
+    if labels is None:
+        return ()
+    return stacked_blocks(name, [d_in] * len(labels), list(labels))
 
 
 def infer_geometry(names: tuple[str, ...], shape: tuple[int, ...], overrides: dict[str, str],

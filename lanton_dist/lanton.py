@@ -37,7 +37,7 @@ from torch.optim import Optimizer
 
 from lanton_dist import lmo as lmo_mod
 from lanton_dist import noise
-from lanton_dist.groups import Geometry, ParamSpec
+from lanton_dist.groups import Geometry, ParamSpec, block_scale
 from lanton_dist.lmo import LMOConfig
 from lanton_dist.nuclear import resolve_estimator
 
@@ -65,17 +65,6 @@ def check_param_groups(groups: list[dict[str, Any]]) -> None:
         for p, spec in zip(g["params"], specs):
             if tuple(p.shape) != spec.shape:
                 raise ValueError(f"{spec.name}: parameter shape {tuple(p.shape)} != spec shape {spec.shape}")
-
-
-def row_scale(spec: ParamSpec, factors: torch.Tensor) -> torch.Tensor:
-    """Broadcastable per-row multiplier of a parameter from its per-block ``factors`` (``(n_blocks,)``)."""
-    if len(spec.blocks) == 1:
-        return factors[0]
-    scale = torch.empty(spec.shape[0], dtype=factors.dtype, device=factors.device)
-    for i, blk in enumerate(spec.blocks):
-        for a, b in blk.rows:
-            scale[a:b] = factors[i]
-    return scale.view(-1, *([1] * (len(spec.shape) - 1)))
 
 
 class LANTON(Optimizer):
@@ -241,7 +230,7 @@ class LANTON(Optimizer):
             directions[i] = o
         for i, (g, p, spec, _, _) in enumerate(live):
             o = directions[i] if directions[i] is not None else lmo_mod.direction(spec, effective[i], self.lmo)
-            scale = row_scale(spec, factors[p]).to(p.dtype)
+            scale = block_scale(spec, factors[p]).to(p.dtype)
             lr, wd = g["lr"], g["weight_decay"]
             if wd:
                 p.mul_(1 - lr * wd * (scale if self.wd_lr == "layer" else 1.0))

@@ -14,7 +14,9 @@ vector       −√d·B/‖B‖₂                                  √d·‖G�
 ===========  ==========================================  ==============================
 
 Hidden parameters act per logical :class:`~lanton_dist.groups.Block`; same-shape blocks
-are stacked and orthogonalised in one batched Newton–Schulz call. Everything here takes
+are stacked and orthogonalised in one batched Newton–Schulz call. d_out, d_in and the blocks
+are those of the logical matrix whatever the storage (``ParamSpec.transposed``, e.g. GPT-2's
+``Conv1D``); tensors come in and go out in storage layout. Everything here takes
 whole tensors except the ``*_partial`` helpers, which return per-shard sums that a caller
 adds over shards (the only reductions ℓ1 and ℓ2 norms need).
 """
@@ -62,7 +64,7 @@ def hidden_scale(d_out: int, d_in: int, mode: str) -> float:
 
 
 def sign_scale(spec: ParamSpec, mode: str) -> float:
-    """Radius of the sign LMO: 1, or 1/d_in for the LM head under ``'scion'`` (Scion's normalised Sign)."""
+    """Radius of the sign LMO: 1, or 1/d_in (logical) for the LM head under ``'scion'`` (Scion's normalised Sign)."""
     return 1.0 / spec.d_in if (mode == "scion" and spec.role == "head") else 1.0
 
 
@@ -80,12 +82,13 @@ def polar_batched(mats: list[torch.Tensor], cfg: LMOConfig, refine_steps: int = 
 
 
 def hidden_directions(specs: list[ParamSpec], moms: list[torch.Tensor], cfg: LMOConfig) -> list[torch.Tensor]:
-    """O = −s·polar(B) per block of each whole hidden parameter; returns one tensor per parameter."""
+    """O = −s·polar(B) per logical block of each whole hidden parameter (``moms`` in storage
+    layout); returns one storage-layout tensor per parameter."""
     blocks = [(k, blk) for k, spec in enumerate(specs) for blk in spec.blocks]
-    polars = polar_batched([blk.gather(moms[k]) for k, blk in blocks], cfg)
+    polars = polar_batched([blk.gather(specs[k].logical(moms[k])) for k, blk in blocks], cfg)
     outs = [torch.empty_like(m) for m in moms]
     for (k, blk), pol in zip(blocks, polars):
-        blk.scatter_(outs[k], pol.mul_(-hidden_scale(blk.d_out, specs[k].d_in, cfg.scale_mode)))
+        blk.scatter_(specs[k].logical(outs[k]), pol.mul_(-hidden_scale(blk.d_out, specs[k].d_in, cfg.scale_mode)))
     return outs
 
 
@@ -103,10 +106,11 @@ def vector_direction(b: torch.Tensor, norm: torch.Tensor, numel: int) -> torch.T
 def hidden_dual_norms(
     specs: list[ParamSpec], diffs: list[torch.Tensor], estimator: Estimator, refine_steps: int | None = None
 ) -> list[torch.Tensor]:
-    """√(d_out/d_in)·‖D_b‖_* for every block b of every whole hidden parameter, flattened in
-    (parameter, block) order; fp32 scalars. Same-shape blocks are estimated in one batch."""
+    """√(d_out/d_in)·‖D_b‖_* for every logical block b of every whole hidden parameter
+    (``diffs`` in storage layout), flattened in (parameter, block) order; fp32 scalars.
+    Same-shape blocks are estimated in one batch."""
     blocks = [(k, blk) for k, spec in enumerate(specs) for blk in spec.blocks]
-    mats = [blk.gather(diffs[k]) for k, blk in blocks]
+    mats = [blk.gather(specs[k].logical(diffs[k])) for k, blk in blocks]
     by_shape: dict[tuple[int, ...], list[int]] = defaultdict(list)
     for i, m in enumerate(mats):
         by_shape[tuple(m.shape)].append(i)

@@ -3,7 +3,9 @@
 Every trainable tensor lands in exactly one group (spec table 1): token embedding and LM
 head → ``embed_head`` (roles ``embed``/``head``), 1-D gains and biases → ``vector``, other
 2-D weights → ``hidden``; overrides (fnmatch) win; anything else must be declared. Fused
-weights carry blocks (row sets) that tile their rows exactly.
+weights carry blocks (row sets) that tile their rows exactly. Blocks, d_in and the rate-factor
+multiplier (``block_scale``) refer to the logical (d_out, d_in) matrix: Hugging Face ``Conv1D``
+weights, or any parameter declared ``in_out``, are stored transposed.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from torch import nn
 
 from lanton_dist.groups import (
     Block,
+    block_scale,
     Geometry,
     ParamSpec,
     classify_parameters,
@@ -287,3 +290,132 @@ def test_paramspec_is_frozen():
     spec = ParamSpec("w", Geometry.HIDDEN, (2, 2))
     with pytest.raises(AttributeError):
         spec.name = "v"  # type: ignore[misc]
+
+
+# --------------------------------------------------------------------------- storage orientation
+def _conv1d():
+    return pytest.importorskip("transformers").pytorch_utils.Conv1D
+
+
+def test_transposed_paramspec_reads_d_in_and_blocks_from_the_logical_matrix():
+    spec = ParamSpec("w", Geometry.HIDDEN, (4, 6), blocks=stacked_blocks("w", [2, 4]), transposed=True)
+    assert (spec.logical_shape, spec.d_in, spec.numel) == ((6, 4), 4, 24)
+    t = torch.arange(24.0).view(4, 6)
+    assert torch.equal(spec.logical(t), t.T)
+    spec.blocks[1].gather(spec.logical(t)).fill_(-1.0)  # logical rows 2..6 are storage columns 2..6
+    assert t[:, 2:].eq(-1).all() and t[:, :2].ge(0).all()
+    assert ParamSpec("w", Geometry.HIDDEN, (4, 6), transposed=True).blocks == (Block("w", ((0, 6),)),)
+
+
+def test_transposed_paramspec_blocks_must_tile_the_logical_rows():
+    with pytest.raises(ValueError, match="cover 4 of 6 rows of the logical matrix"):
+        ParamSpec("w", Geometry.HIDDEN, (4, 6), blocks=stacked_blocks("w", [2, 2]), transposed=True)
+
+
+def test_only_2d_parameters_can_be_stored_transposed():
+    with pytest.raises(ValueError, match="only 2-D parameters can be stored transposed"):
+        ParamSpec("g", Geometry.VECTOR, (5,), transposed=True)
+
+
+def _gpt_like(conv1d=None):
+    """Conv1D(nf, nx) stores (nx, nf): c_attn self-attention (4 → 12), cross-attention (4 → 8),
+    an odd-width c_attn (4 → 20), c_fc, and a plain Linear."""
+    conv1d = conv1d or _conv1d()
+    m = nn.Module()
+    m.attn = nn.Module()
+    m.attn.c_attn = conv1d(12, 4)
+    m.cross = nn.Module()
+    m.cross.c_attn = conv1d(8, 4)
+    m.odd = nn.Module()
+    m.odd.c_attn = conv1d(20, 4)
+    m.c_fc = conv1d(16, 4)
+    m.proj = nn.Linear(16, 4, bias=False)
+    return m
+
+
+def test_conv1d_weights_are_stored_in_out_and_c_attn_splits_into_its_projections():
+    specs = classify_parameters(_gpt_like())
+    fc = specs["c_fc.weight"]
+    assert fc.transposed and fc.shape == (4, 16) and fc.logical_shape == (16, 4) and fc.d_in == 4
+    assert [(b.name, b.rows) for b in specs["attn.c_attn.weight"].blocks] == [
+        ("attn.c_attn.weight:q", ((0, 4),)), ("attn.c_attn.weight:k", ((4, 8),)), ("attn.c_attn.weight:v", ((8, 12),))]
+    assert [b.name for b in specs["cross.c_attn.weight"].blocks] == ["cross.c_attn.weight:k", "cross.c_attn.weight:v"]
+    assert len(specs["odd.c_attn.weight"].blocks) == 1  # no known layout: one logical matrix
+    assert specs["c_fc.bias"].geometry is Geometry.VECTOR and not specs["c_fc.bias"].transposed
+    assert not specs["proj.weight"].transposed
+
+
+def test_a_subclass_of_conv1d_is_recognised():
+    class MyConv1D(_conv1d()):
+        pass
+
+    assert classify_parameters(_gpt_like(MyConv1D))["c_fc.weight"].transposed
+
+
+def test_declared_orientation_wins_over_detection_first_match_first():
+    specs = classify_parameters(_gpt_like(), orientation={"attn.*": "out_in", "*": "in_out", "c_fc.weight": "out_in"})
+    assert not specs["attn.c_attn.weight"].transposed and len(specs["attn.c_attn.weight"].blocks) == 1
+    assert specs["c_fc.weight"].transposed  # "*" matched first
+    assert specs["proj.weight"].transposed and specs["proj.weight"].logical_shape == (16, 4)
+    toy = classify_parameters(Toy(), orientation={"layers.0.mlp.0.weight": "in_out"})
+    assert toy["layers.0.mlp.0.weight"].transposed and toy["layers.0.mlp.0.weight"].logical_shape == (4, 8)
+    assert not toy["layers.1.mlp.0.weight"].transposed
+
+
+def test_unknown_orientation_value_raises_clear_error():
+    with pytest.raises(ValueError, match="unknown value 'transposed'"):
+        classify_parameters(Toy(), orientation={"*": "transposed"})
+
+
+def test_orientation_patterns_skip_1d_parameters_and_in_out_on_3d_raises():
+    specs = classify_parameters(Toy(), orientation={"*norm*": "in_out"})
+    assert not specs["norm.weight"].transposed and not specs["layers.0.norm.bias"].transposed
+    with pytest.raises(ValueError, match="only 2-D parameters can be stored transposed"):
+        classify_parameters(WithExperts(), overrides={"experts": "vector"}, orientation={"experts": "in_out"})
+
+
+def test_fused_blocks_of_a_conv1d_weight_replace_the_automatic_split():
+    blocks = stacked_blocks("attn.c_attn.weight", [8, 4], ["qk", "v"])
+    specs = classify_parameters(_gpt_like(), fused={"attn.c_attn.weight": blocks})
+    assert specs["attn.c_attn.weight"].blocks == blocks and specs["attn.c_attn.weight"].transposed
+
+
+# --------------------------------------------------------------------------- block_scale
+def _expected_multiplier(spec: ParamSpec, factors: torch.Tensor) -> torch.Tensor:
+    """The storage-shaped multiplier, element by element."""
+    full = torch.empty(spec.shape, dtype=factors.dtype)
+    for i, blk in enumerate(spec.blocks):
+        for a, b in blk.rows:
+            for r in range(a, b):
+                if spec.transposed:
+                    full[:, r] = factors[i]
+                else:
+                    full[r, :] = factors[i]
+    return full
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_block_scale_broadcasts_each_blocks_factor_over_its_logical_rows(transposed):
+    blocks = qkv_blocks("w", 4, 2, 2, interleaved=True)  # non-contiguous row sets
+    spec = ParamSpec("w", Geometry.HIDDEN, (5, 16) if transposed else (16, 5), blocks=blocks, transposed=transposed)
+    factors = torch.tensor([0.5, 2.0, 3.0], dtype=torch.float64)
+    scale = block_scale(spec, factors)
+    assert scale.shape == ((1, 16) if transposed else (16, 1))
+    assert torch.equal(scale.expand(spec.shape), _expected_multiplier(spec, factors))
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_block_scale_of_a_piece_is_the_slice_of_the_flattened_multiplier(transposed):
+    spec = ParamSpec("w", Geometry.HIDDEN, (5, 12) if transposed else (12, 5),
+                     blocks=stacked_blocks("w", [4, 4, 4], ["q", "k", "v"]), transposed=transposed)
+    factors = torch.tensor([0.5, 2.0, 3.0])
+    flat = _expected_multiplier(spec, factors).reshape(-1)
+    for start, stop in [(0, 60), (0, 7), (3, 4), (7, 33), (12, 24), (59, 60), (20, 20)]:
+        piece = block_scale(spec, factors, (start, stop))
+        assert torch.equal(piece, flat[start:stop]), (start, stop)
+
+
+def test_block_scale_of_one_block_is_its_scalar_factor():
+    spec = ParamSpec("w", Geometry.HIDDEN, (3, 4), transposed=True)
+    factors = torch.tensor([0.25])
+    assert block_scale(spec, factors).shape == () and float(block_scale(spec, factors, (2, 9))) == 0.25

@@ -4,7 +4,8 @@ For a layer of radius ρ, ``O = lmo(G)`` attains ``⟨G, O⟩ = −ρ·‖G‖_*
 factor is exact. Radii: 1 for hidden (spectral scale √(d_out/d_in), i.e. the RMS→RMS ball),
 embedding and vector; 1/d_in for the LM head under ``sign_scale='scion'``; Moonlight's
 0.2·√max(d_out, d_in) scale gives ⟨G, O⟩ = −0.2·√max·‖G‖_nuclear. Fused parameters act
-per logical block. The exact-polar checks swap the Newton–Schulz kernel for an SVD polar
+per logical block. A parameter stored transposed (``ParamSpec.transposed``, e.g. GPT-2's
+``Conv1D``) gets the transpose of its logical matrix's LMO and the same dual norms. The exact-polar checks swap the Newton–Schulz kernel for an SVD polar
 (``exact_polar`` fixture); the real kernel is checked to stay within Muon's band.
 """
 from __future__ import annotations
@@ -226,6 +227,43 @@ def test_fused_qkv_lmo_attains_minus_blockwise_dual_norm_with_exact_polar(exact_
     expected = sum(math.sqrt(b.d_out / d_in) * nuc(b.gather(g)) for b in blocks)
     assert inner(g, o) == pytest.approx(-expected, rel=1e-5)
     assert float(lmo.dual_norm(spec, g)) == pytest.approx(expected, rel=1e-5)
+
+
+# --------------------------------------------------------------------------- storage orientation
+def _transposed(spec: ParamSpec) -> ParamSpec:
+    """The same logical matrix stored (d_in, d_out)."""
+    return ParamSpec(spec.name, spec.geometry, spec.shape[::-1], spec.role, spec.blocks, transposed=True)
+
+
+ORIENTATION_CASES = [hidden(shape=s) for s in SHAPES] + [
+    hidden("qkv", (24, 10), qkv_blocks("qkv", interleaved=i, **GQA)) for i in (False, True)]
+
+
+@pytest.mark.parametrize("spec", ORIENTATION_CASES, ids=lambda s: f"{s.shape}x{len(s.blocks)}")
+@pytest.mark.parametrize("scale_mode", ["spectral", "moonlight"])
+def test_lmo_of_transposed_storage_is_the_transpose_of_the_logical_lmo(spec, scale_mode):
+    cfg = LMOConfig(scale_mode=scale_mode)
+    g = rand(*spec.shape, seed=30)
+    stored = g.T.contiguous()
+    o = lmo.direction(_transposed(spec), stored, cfg)
+    assert o.shape == stored.shape and o.is_contiguous()
+    assert torch.allclose(o, lmo.direction(spec, g, cfg).T, atol=1e-6)
+    batched = lmo.hidden_directions([_transposed(spec), spec], [stored, g], cfg)
+    assert torch.allclose(batched[0], batched[1].T, atol=1e-6)
+
+
+@pytest.mark.parametrize("spec", ORIENTATION_CASES, ids=lambda s: f"{s.shape}x{len(s.blocks)}")
+def test_dual_norms_of_transposed_storage_are_those_of_the_logical_matrix(spec):
+    g = rand(*spec.shape, seed=31)
+    got = lmo.hidden_dual_norms([_transposed(spec)], [g.T.contiguous()], "exact")
+    want = lmo.hidden_dual_norms([spec], [g], "exact")
+    assert [float(x) for x in got] == pytest.approx([float(x) for x in want], rel=1e-6)
+
+
+def test_head_sign_radius_uses_the_logical_d_in_of_a_transposed_head():
+    head = ParamSpec("lm_head.weight", Geometry.EMBED_HEAD, (4, 9), role="head", transposed=True)  # logical (9, 4)
+    g = rand(4, 9, seed=32)
+    assert torch.equal(lmo.direction(head, g, CFG), -torch.sign(g) / 4)
 
 
 # --------------------------------------------------------------------------- batching

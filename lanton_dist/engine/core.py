@@ -42,8 +42,8 @@ from lanton_dist import lmo as lmo_mod
 from lanton_dist import noise
 from lanton_dist.adamw import adamw_step_
 from lanton_dist.engine.meter import Collectives
-from lanton_dist.groups import Geometry, ParamSpec
-from lanton_dist.lanton import GEOMETRY_INDEX, row_scale
+from lanton_dist.groups import Geometry, ParamSpec, block_scale
+from lanton_dist.lanton import GEOMETRY_INDEX
 from lanton_dist.lmo import LMOConfig
 from lanton_dist.nuclear import resolve_estimator
 
@@ -116,15 +116,6 @@ class LocalExchange:
 
     def scatter(self, pieces, owned, phase):
         return [owned[p.name].reshape(-1) for p in pieces]
-
-
-def piece_scale(piece: LocalPiece, factors: torch.Tensor) -> torch.Tensor:
-    """Per-element (or scalar) rate factor of ``piece`` from its parameter's per-block ``factors``."""
-    spec = piece.spec
-    if len(spec.blocks) == 1:
-        return factors[0]
-    rows = row_scale(spec, factors).reshape(-1, 1).expand(spec.shape[0], spec.numel // spec.shape[0])
-    return rows.reshape(-1)[piece.start : piece.stop]
 
 
 class ShardedCore:
@@ -272,7 +263,7 @@ class ShardedCore:
         for p, o in zip(live, directions):
             g = self.param_groups[p.group]
             start = self.layer_start[p.name]
-            scale = piece_scale(p, self.F[start : start + len(p.spec.blocks)]).to(p.param.dtype)
+            scale = block_scale(p.spec, self.F[start : start + len(p.spec.blocks)], (p.start, p.stop)).to(p.param.dtype)
             if g["weight_decay"]:
                 p.param.mul_(1 - g["lr"] * g["weight_decay"] * (scale if self.wd_lr == "layer" else 1.0))
             p.param.add_(o * (scale * g["lr"]))
