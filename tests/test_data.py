@@ -267,6 +267,11 @@ def test_bad_jsonl_input_is_a_clear_error(tmp_path, lines, message):
         build_dataset(file_cfg("jsonl", tmp_path / "d.jsonl"), 256)
 
 
+def test_jsonl_lines_are_the_documents(tmp_path):
+    with pytest.raises(ValueError, match="sample_by 'line' is for text files; a JSONL line is one document"):
+        build_dataset(file_cfg("jsonl", write_jsonl(tmp_path / "d.jsonl"), sample_by="line"), 256)
+
+
 def test_byte_data_needs_a_byte_vocabulary(corpus_dir):
     with pytest.raises(ValueError, match="vocab_size is 128"):
         build_dataset(file_cfg("text", corpus_dir), 128)

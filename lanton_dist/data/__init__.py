@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from lanton_dist.data.indexed import IndexedWriter, read_indexed
     from lanton_dist.data.megatron import build_gpt_datasets
     from lanton_dist.data.prepare import prepare_data
-    from lanton_dist.data.sources import SOURCES, build_dataset
+    from lanton_dist.data.sources import INDEXED_SOURCES, SOURCES, build_dataset
     from lanton_dist.data.tokenizer import load_tokenizer
 
 _LAZY: dict[str, str] = {
@@ -35,7 +35,8 @@ _LAZY: dict[str, str] = {
     "IndexedWriter": "lanton_dist.data.indexed", "read_indexed": "lanton_dist.data.indexed",
     "build_gpt_datasets": "lanton_dist.data.megatron",
     "prepare_data": "lanton_dist.data.prepare",
-    "SOURCES": "lanton_dist.data.sources", "build_dataset": "lanton_dist.data.sources",
+    "INDEXED_SOURCES": "lanton_dist.data.sources", "SOURCES": "lanton_dist.data.sources",
+    "build_dataset": "lanton_dist.data.sources",
     "load_tokenizer": "lanton_dist.data.tokenizer",
 }
 _SUBMODULES = frozenset({"builtin", "dataset", "documents", "indexed", "megatron", "prepare", "sources", "tokenizer"})

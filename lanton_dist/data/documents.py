@@ -97,7 +97,7 @@ def encoded_documents(docs: Iterator[tuple[str, str]], tokenizer: Tokenizer) -> 
             ids = tokenizer.encode(doc)
         except ValueError as exc:
             raise ValueError(f"{where}: {exc}") from None
-        yield np.append(ids, tokenizer.eod).astype(np.int64, copy=False)
+        yield np.concatenate([ids, np.array([tokenizer.eod], dtype=ids.dtype)])
 
 
 @dataclass
@@ -125,7 +125,7 @@ class Documents:
             raise ValueError("the corpus has no documents (every file or line was empty)")
         starts = np.zeros(len(arrays) + 1, dtype=np.int64)
         np.cumsum([a.size for a in arrays], out=starts[1:])
-        return cls(np.concatenate(arrays).astype(dtype), starts)
+        return cls(np.concatenate(arrays).astype(dtype, copy=False), starts)
 
 
 def split_fractions(val_fraction: float) -> tuple[float, float]:
