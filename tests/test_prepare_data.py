@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from lanton_dist.cli import main
-from lanton_dist.config import DataConfig
 from lanton_dist.data import build_dataset, read_indexed
 from lanton_dist.data.indexed import IndexedWriter
 from test_data import DOCS, file_cfg, packed, write_jsonl, write_text_dir
