@@ -20,6 +20,12 @@ Subcommands
       processes, or N GPUs (nccl) with ``--device cuda``.
     * ``lanton-dist profile --report DIR_or_profile.json [--out DIR]`` re-renders a saved report.
 
+``lanton-dist prepare-data --input FILES/DIR/GLOB [...] --output PREFIX``
+                         tokenizes text (or ``.jsonl``: ``--jsonl-key``) files into the Megatron
+                         indexed dataset ``PREFIX.bin``/``PREFIX.idx`` (:mod:`lanton_dist.data.prepare`)
+                         that ``data.source: indexed`` and launch/pretrain_llama.py read: byte
+                         tokens with end-of-document byte 0, or ``--tokenizer tokenizer.json``.
+
 Bad input (unknown model, a world size not divisible by tp·pp, …) exits with status 2 and
 a one-line message; a profiled run that fails (or runs no optimizer step) exits with status 1.
 """
@@ -205,12 +211,44 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     return rc
 
 
+# ============================================================================ prepare-data
+def _prepare_data_parser(sub) -> None:
+    from lanton_dist.config import SAMPLE_BY
+
+    p = sub.add_parser("prepare-data", help="tokenize text/JSONL files into a Megatron indexed dataset (.bin/.idx)",
+                       description="Tokenize text or JSONL files into PREFIX.bin/PREFIX.idx (Megatron's indexed format); "
+                                   "every document is followed by an end-of-document token.")
+    p.add_argument("--input", action="append", required=True,
+                   help="a file, a directory (its .txt or .jsonl files) or a glob; repeat for more")
+    p.add_argument("--output", required=True, help="output prefix: writes PREFIX.bin and PREFIX.idx")
+    p.add_argument("--format", default=None, choices=("text", "jsonl"), help="default: jsonl for .jsonl/.ndjson inputs, else text")
+    p.add_argument("--jsonl-key", default="text", help="the JSON field holding a document's text")
+    p.add_argument("--tokenizer", default="", help="a Hugging Face tokenizer.json (needs the 'tokenizers' package); default: UTF-8 bytes")
+    p.add_argument("--eod-token", default="", help="the tokenizer's end-of-document token (default: the first of <|endoftext|>, </s>, ...)")
+    p.add_argument("--sample-by", default="document", choices=SAMPLE_BY, help="text files: one document per file, paragraph or line")
+    p.set_defaults(func=_cmd_prepare_data)
+
+
+def _cmd_prepare_data(args: argparse.Namespace) -> int:
+    from lanton_dist.data.prepare import prepare_data
+
+    try:
+        stats = prepare_data(args.input, args.output, fmt=args.format or "", text_key=args.jsonl_key, tokenizer=args.tokenizer,
+                             eod_token=args.eod_token, sample_by=args.sample_by)
+    except ImportError as exc:  # --tokenizer without the 'tokenizers' package
+        print(f"lanton-dist prepare-data: error: {exc}", file=sys.stderr)
+        return 2
+    print(stats.summary())
+    return 0
+
+
 # ============================================================================ main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lanton-dist", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     _plan_parser(sub)
     _profile_parser(sub)
+    _prepare_data_parser(sub)
     return parser
 
 

@@ -219,17 +219,37 @@ def check_model_config(cfg: ModelConfig) -> None:
         raise ValueError(f"model.init_std must be > 0, got {cfg.init_std}")
 
 
+#: ``data.source`` values (:mod:`lanton_dist.data`); ``megatron`` is another name for ``indexed``.
+DATA_SOURCES: tuple[str, ...] = ("stdlib", "synthetic", "text", "jsonl", "indexed", "megatron")
+#: ``data.sample_by`` values: what one document of a ``text`` source is.
+SAMPLE_BY: tuple[str, ...] = ("document", "paragraph", "line")
+
+
 @dataclass
 class DataConfig:
-    """``source``: ``stdlib`` (the Python standard library's own source, byte-level tokens),
-    ``synthetic`` (seeded random tokens, for tests), or ``megatron`` (an indexed dataset at
-    ``path``, Megatron runs only)."""
+    """Where the tokens come from (:mod:`lanton_dist.data`).
+
+    ``source``: ``stdlib`` (the Python standard library's own source, byte tokens),
+    ``synthetic`` (seeded random tokens, for tests), ``text`` (UTF-8 text at ``path``: a file,
+    a directory of ``.txt`` files or a glob), ``jsonl`` (one JSON object per line, the
+    document under ``text_key``), or ``indexed`` (a Megatron ``.bin``/``.idx`` pair, ``path``
+    its prefix; ``megatron`` is the same source under the name launch/pretrain_llama.py uses).
+    ``tokenizer``: a HF ``tokenizer.json`` for ``text``/``jsonl`` (empty: byte tokens, vocab
+    256); ``eod_token``: its end-of-document token (empty: the first known one it has).
+    ``sample_by``: one ``text`` document is a whole file (``document``), a blank-line
+    separated ``paragraph``, or a ``line``. The last ``val_fraction`` of the documents (by
+    count, in order) is the validation split for ``text``/``jsonl``/``indexed``, as Megatron
+    splits; ``stdlib`` holds out files by a hash of their path."""
 
     source: str = "stdlib"
     path: str = ""
     seq_len: int = 128
     val_fraction: float = 0.05
     seed: int = 0
+    text_key: str = "text"
+    tokenizer: str = ""
+    eod_token: str = ""
+    sample_by: str = "document"
 
 
 @dataclass
