@@ -91,19 +91,25 @@ def load_config(overrides: Iterable[str]) -> Any:
     return load_run_config(CONFIG, list(overrides))
 
 
-def run_dir(root: Path, spec: RunSpec) -> Path:
-    """``root/<label>_<first 10 hex digits of the sha1 of the resolved config>``."""
+def config_hash(spec: RunSpec) -> str:
+    """First 10 hex digits of the sha1 of the run's resolved config (without :data:`NOT_HASHED`):
+    equal for two specs exactly when they train the same run."""
     from lanton_dist.config import to_dict
 
     cfg = to_dict(load_config(spec.config_overrides()))
     cfg["train"] = {k: v for k, v in cfg["train"].items() if k not in NOT_HASHED}
-    digest = hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:10]
-    return root / f"{spec.label}_{digest}"
+    return hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def run_dir(root: Path, spec: RunSpec) -> Path:
+    """``root/<label>_<config hash>``."""
+    return root / f"{spec.label}_{config_hash(spec)}"
 
 
 def run_one(spec: RunSpec, root: str, threads: int, checkpoint_every: int) -> dict[str, Any]:
     """Train ``spec`` under ``root`` (or reuse it when finished, resume it when interrupted)
-    and return its validation curve, final loss, wall time and median step time."""
+    and return its validation curve, final loss, wall time (``wall_s``, without the step-0
+    validation), median step time ``step_s`` and the steps' total ``train_s``."""
     import torch
 
     from lanton_dist.preemption import COMPLETED
@@ -122,10 +128,15 @@ def run_one(spec: RunSpec, root: str, threads: int, checkpoint_every: int) -> di
     records = read_metrics(out / "metrics.jsonl")
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
     step_times = [r["step_time"] for r in records if "step_time" in r]
+    completed = (out / COMPLETED).is_file()
+    if completed and val[-1][0] != spec.steps:
+        raise RuntimeError(f"{out}: finished, but its validation curve ends at step {val[-1][0]}, not {spec.steps}")
+    # the curve's last point, not the summary's final_val_loss: a run resumed from a checkpoint
+    # of its last step (killed before it wrote COMPLETED) trains no step and evaluates nothing
     return dict(optimizer=spec.optimizer, mult=spec.mult, seed=spec.seed, label=spec.label, dir=str(out),
-                steps=[s for s, _ in val], val=[v for _, v in val], final_val=summary["final_val_loss"],
-                wall_s=summary["wall_s"], step_s=statistics.median(step_times), num_params=summary["num_params"],
-                reused=reused, completed=(out / COMPLETED).is_file(), lr=spec.rates,
+                steps=[s for s, _ in val], val=[v for _, v in val], final_val=val[-1][1],
+                wall_s=summary["wall_s"], step_s=statistics.median(step_times), train_s=sum(step_times), num_params=summary["num_params"],
+                reused=reused, completed=completed, lr=spec.rates,
                 unigram=summary["unigram_baseline"])
 
 
