@@ -44,7 +44,8 @@ arithmetic are :mod:`bench_common`'s, shared with ``bench_sample_efficiency.py``
 Runs go to ``--out/runs/<width>_<optimizer>_x<mult>_s<seed>_<config hash>``: a killed study
 continues (finished runs are reused, interrupted ones resume from their last checkpoint).
 ``--estimate-steps N`` only times N steps of every planned configuration (single thread,
-one at a time) and prints the study's predicted wall time.
+one at a time) and prints the study's predicted wall time — wall clock, so on a machine busy
+with other work it predicts that machine, not an idle one.
 
     python launch/bench_scaling.py --out runs/scaling [--jobs 2] [--estimate-steps 11]
 
@@ -248,36 +249,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"{len(jobs)} runs: {len(args.seeds)} seeds × {len(args.optimizers)} optimizers × {len(widths)} widths, "
               f"the probe and the variants at {large.name}", flush=True)
         results = launcher.run(jobs)
-    by_label = {r["label"]: r for r in results}
-
-    def runs(name: str, w: Width, variant: str = "") -> list[dict[str, Any]]:
-        return [by_label[spec(name, best[name], s, w, variant).label] for s in args.seeds]
-
-    per_width = {}
-    for w in widths:
-        finals = {n: runs(n, w) for n in args.optimizers}
-        step_s = {n: statistics.fmean(r["step_s"] for r in rs) for n, rs in finals.items()}
-        per_width[w.name] = dict(params=w.params, steps=w.steps, **analyse(finals), step_s=step_s,
-                                 runs={n: [{k: r[k] for k in ("seed", "steps", "val", "final_val", "step_s")} for r in rs]
-                                       for n, rs in finals.items()})
-    probe = {}
-    for n in args.optimizers:
-        losses = {p: by_label[spec(n, best[n] * p, args.tune_seed, large).label]["final_val"] for p in (1.0, *args.probe)}
-        winner = min(losses, key=losses.get)
-        probe[n] = dict(final_val={f"x{p:g}": v for p, v in losses.items()}, best=winner, transfer_holds=winner == 1.0)
-        if winner != 1.0:
-            print(f"probe: {n} at {winner:g}× its transferred rates beats 1× at {large.name} "
-                  f"({losses[winner]:.4f} vs {losses[1.0]:.4f})", flush=True)
-    baselines = {n: runs(n, large) for n in args.optimizers if n != "lanton"}
-    variant_report = {}
-    for v, own in variants.items():
-        vr = runs("lanton", large, v if own else "")
-        gaps = [a["final_val"] - b["final_val"] for a, b in zip(vr, runs("lanton", large))]
-        versus = analyse({"lanton": vr, **baselines})["lanton_vs"]
-        variant_report[v] = dict(overrides=list(VARIANTS[v]), same_as_main=not own, **final_stats(vr),
-                                 paired_gap_to_lanton=gaps,
-                                 speedup={n: x["mean_curves"]["ratio"] for n, x in versus.items()},
-                                 final_gap={n: x["final_gap"] for n, x in versus.items()})
+    study = Results(args, extra, widths, best, {r["label"]: r for r in results})
     report = dict(
         protocol=dict(config=str(CONFIG.relative_to(ROOT)), overrides=extra, base_lrs=BASE_LRS, grid=args.grid,
                       tune_seed=args.tune_seed, seeds=args.seeds, tune_width=small.name,
@@ -290,16 +262,70 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     best={n: dict(mult=best[n], lr=dict(zip(GROUPS, (best[n] * x for x in BASE_LRS[n]))))
                           for n in args.optimizers}),
         transfer=dict(rules={n: TRANSFER_RULES[n] for n in args.optimizers},
-                      lr={w.name: {n: runs(n, w)[0]["lr"] for n in args.optimizers} for w in widths},
+                      lr={w.name: {n: study.runs(n, w)[0]["lr"] for n in args.optimizers} for w in widths},
                       hidden_update={w.name: {n: hidden_update_norms(list(spec(n, best[n], args.tune_seed, w).config_overrides()))
                                               for n in args.optimizers} for w in widths}),
-        probe=dict(width=large.name, seed=args.tune_seed, results=probe),
-        widths=per_width, variants=dict(width=large.name, results=variant_report),
+        probe=dict(width=large.name, seed=args.tune_seed, results=study.probe()),
+        widths={w.name: study.width(w) for w in widths},
+        variants=dict(width=large.name, results=study.variants(variants)),
         unigram=results[0]["unigram"], wall_s=time.perf_counter() - t0)
     report["plot"] = str(plot(report, out / "scaling.png"))
     (out / "scaling.json").write_text(json.dumps(report, indent=2))
     print(one_line(report), flush=True)
     return report
+
+
+@dataclasses.dataclass
+class Results:
+    """The finished runs of a study (``by_label``: :func:`bench_common.run_one` results) and
+    their analysis; ``best``: each optimizer's tuned multiplier of its base rates."""
+
+    args: argparse.Namespace
+    extra: list[str]
+    widths: list[Width]
+    best: dict[str, float]
+    by_label: dict[str, dict[str, Any]]
+
+    def runs(self, name: str, w: Width, variant: str = "") -> list[dict[str, Any]]:
+        """``name`` at its transferred rates on every evaluation seed at ``w``."""
+        return [self.by_label[make_spec(self.extra, name, self.best[name], s, w, variant).label] for s in self.args.seeds]
+
+    def width(self, w: Width) -> dict[str, Any]:
+        """Final losses, LANTON against each baseline (both directions), median step time, curves."""
+        finals = {n: self.runs(n, w) for n in self.args.optimizers}
+        return dict(params=w.params, steps=w.steps, **analyse(finals),
+                    step_s={n: statistics.fmean(r["step_s"] for r in rs) for n, rs in finals.items()},
+                    runs={n: [{k: r[k] for k in ("seed", "steps", "val", "final_val", "step_s")} for r in rs]
+                          for n, rs in finals.items()})
+
+    def probe(self) -> dict[str, Any]:
+        """Per optimizer at the largest width: final loss at each probe factor, the best one, and
+        whether the transferred rates (×1) won; a probe that wins is printed."""
+        large, out = self.widths[-1], {}
+        for n in self.args.optimizers:
+            losses = {p: self.by_label[make_spec(self.extra, n, self.best[n] * p, self.args.tune_seed, large).label]["final_val"]
+                      for p in (1.0, *self.args.probe)}
+            winner = min(losses, key=losses.get)
+            out[n] = dict(final_val={f"x{p:g}": v for p, v in losses.items()}, best=winner, transfer_holds=winner == 1.0)
+            if winner != 1.0:
+                print(f"probe: {n} at {winner:g}× its transferred rates beats 1× at {large.name} "
+                      f"({losses[winner]:.4f} vs {losses[1.0]:.4f})", flush=True)
+        return out
+
+    def variants(self, own: dict[str, bool]) -> dict[str, Any]:
+        """Per LANTON variant at the largest width: final loss over seeds, paired gap to the main
+        LANTON runs, speed-up and final gap against each baseline."""
+        large, out = self.widths[-1], {}
+        main = self.runs("lanton", large)
+        baselines = {n: self.runs(n, large) for n in self.args.optimizers if n != "lanton"}
+        for v, is_own in own.items():
+            runs = self.runs("lanton", large, v) if is_own else main
+            versus = analyse({"lanton": runs, **baselines})["lanton_vs"]
+            out[v] = dict(overrides=list(VARIANTS[v]), same_as_main=not is_own, **final_stats(runs),
+                          paired_gap_to_lanton=[a["final_val"] - b["final_val"] for a, b in zip(runs, main)],
+                          speedup={n: x["mean_curves"]["ratio"] for n, x in versus.items()},
+                          final_gap={n: x["final_gap"] for n, x in versus.items()})
+        return out
 
 
 def estimate(args: argparse.Namespace, extra: list[str], widths: list[Width]) -> dict[str, Any]:
