@@ -33,6 +33,8 @@ from typing import Any
 
 import torch
 
+from lanton_dist.config import ConfigError
+
 CHECKPOINTS = "checkpoints"
 MARKER = "COMMITTED"
 LOOP_STATE = "loop.json"
@@ -70,10 +72,17 @@ def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
 def latest_complete(root: Path, log: Callable[[str], None]) -> Path | None:
     """The newest complete checkpoint under ``root`` (None if there is none). Logs the one it
     picked and why every newer-looking entry (an unfinished save, a ``step_N`` without marker,
-    a file of another format) was skipped."""
+    a file of another format) was skipped. Raises :class:`~lanton_dist.config.ConfigError`
+    when ``root`` holds only checkpoints of the earlier format (``step_N.pt`` files, a
+    ``latest`` pointer): starting from step 0 there would silently drop that run."""
     if not root.is_dir():
         return None
     complete = complete_checkpoints(root)
+    legacy = sorted(p.name for p in root.iterdir() if p.name == "latest" or (p.suffix == ".pt" and _STEP.match(p.stem)))
+    if not complete and legacy:
+        raise ConfigError(f"train.resume: {root} holds checkpoints of an earlier format ({', '.join(legacy[-3:])}) and "
+                          "no complete step_N directory; resume them with the version that wrote them, or move them away "
+                          "to start from step 0")
     newest = complete[-1][0] if complete else -1
     for p in sorted(root.iterdir()):
         if p.name.startswith(TMP_PREFIX):

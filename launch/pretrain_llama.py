@@ -584,12 +584,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.cpu_shim:
             load_cpu_shim()
         train(cfg)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr, flush=True)
-        return 2
-    except Diverged as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return EXIT_DIVERGED
+    except (ConfigError, Diverged) as e:  # one line from global rank 0: every rank reaches the same verdict
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"config error: {e}" if isinstance(e, ConfigError) else f"error: {e}", file=sys.stderr, flush=True)
+        return 2 if isinstance(e, ConfigError) else EXIT_DIVERGED
     finally:
         if dist.is_initialized():
             from megatron.core import parallel_state as ps

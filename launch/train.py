@@ -14,6 +14,7 @@ line for a bad config (checked before anything is built); 3 when training diverg
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -68,8 +69,10 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _exit(code: int, line: str) -> None:
-    """Leave with ``code`` after one line on stderr (no traceback)."""
-    print(line, file=sys.stderr, flush=True)
+    """Leave with ``code`` after one line on stderr (no traceback), written by global rank 0
+    only: under torchrun every rank reaches the same verdict."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(line, file=sys.stderr, flush=True)
     raise SystemExit(code)
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lanton_dist import checkpoint_dir as cd
-from lanton_dist.config import load_run_config
+from lanton_dist.config import ConfigError, load_run_config
 from lanton_dist.trainer import read_metrics, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,6 +92,17 @@ def test_a_step_directory_without_its_marker_is_skipped_with_a_message(tmp_path)
     assert any("step_00000006: no COMMITTED marker" in m for m in said), said
     assert any("step_00000008.pt: not a directory" in m for m in said), said
     assert said[-1].endswith("step_00000002 is the newest complete checkpoint (step 2)")
+
+
+@pytest.mark.parametrize("legacy", ["step_00000004.pt", "latest"])
+def test_a_directory_with_only_earlier_format_checkpoints_is_not_silently_restarted(tmp_path, legacy):
+    root = tmp_path / "checkpoints"
+    root.mkdir()
+    (root / legacy).write_bytes(b"x")
+    with pytest.raises(ConfigError, match=rf"earlier format \({legacy}\)"):
+        cd.latest_complete(root, lambda m: None)
+    _save(root, 6)  # once a complete checkpoint exists, it is resumed from
+    assert cd.latest_complete(root, lambda m: None) == cd.step_dir(root, 6)
 
 
 def test_retention_keeps_the_newest_complete_checkpoints_and_drops_unfinished_saves(tmp_path):
