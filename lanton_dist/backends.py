@@ -1,4 +1,10 @@
-"""Distributed execution backends for the training loop (:func:`lanton_dist.trainer.setup_backend`).
+"""Execution backends of the training loop (:mod:`lanton_dist.trainer`): the one seam between
+single-process and distributed training.
+
+:func:`setup_backend` returns a :class:`Backend`: the module to run, the optimizer, this
+process's ``rank``/``world``, the global-mean loss reduction, the gradient-sync context for
+accumulation, and the backend's checkpoint files. :class:`Backend` itself is
+``parallel.backend: none`` (one process); the distributed ones subclass it:
 
 * ``zero`` — our engine: every rank holds the model and computes its rows of the global
   batch; :class:`~lanton_dist.engine.ShardedLANTON` reduce-scatters gradients to matrix
@@ -9,7 +15,6 @@
 * ``fsdp2`` — ``fully_shard`` per transformer block and root;
   :class:`~lanton_dist.integrations.fsdp2.LANTONFSDP2` (row shards to owners by all-to-all).
   Checkpoints: DCP directories (model shards + optimizer pieces).
-
 * ``deepspeed`` — ``deepspeed.initialize`` with
   :class:`~lanton_dist.integrations.deepspeed.LANTONDeepSpeed` as the client optimizer, ZeRO
   stage ``parallel.zero_stage`` (1, 2 or 3); the engine runs forward/backward/step, micro
@@ -18,14 +23,17 @@
   mode is available through :func:`~lanton_dist.integrations.deepspeed.initialize`).
   Checkpoints: ``engine.save_checkpoint`` directories (same world size to resume).
 
-All are launched with ``torchrun --nproc-per-node N launch/train.py ...``; gloo on CPU,
-NCCL on GPU (``cuda:$LOCAL_RANK``). A failure on any rank is published so the others stop
-with an error naming it (:func:`lanton_dist.engine.meter.fail_fast`).
+A backend writes its files into the directory :mod:`lanton_dist.checkpoint_dir` hands it
+(the loop adds ``loop.json`` and the RNG states, and commits the directory atomically).
+Distributed backends are launched with ``torchrun --nproc-per-node N launch/train.py ...``;
+gloo on CPU, NCCL on GPU (``cuda:$LOCAL_RANK``). A failure on any rank is published so the
+others stop with an error naming it (:func:`lanton_dist.engine.meter.fail_fast`).
 """
 from __future__ import annotations
 
+import contextlib
 import os
-import pickle
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -34,12 +42,161 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lanton_dist.config import RunConfig
+from lanton_dist.config import TRAINER_BACKENDS, OptimConfig, RunConfig
 from lanton_dist.engine import build_sharded_optimizer, checkpoint
 from lanton_dist.engine.meter import fail_fast
-from lanton_dist.trainer import Backend, OptimizerFactory, micro_slices, resolve_device
+from lanton_dist.factory import build_optimizer
+
+OptimizerFactory = Callable[[nn.Module, OptimConfig], torch.optim.Optimizer]
+STATE_FILE = "state.pt"
+# Param-group entries that are code objects, not state: kept from the live optimizer on load.
+NON_STATE_GROUP_KEYS: tuple[str, ...] = ("specs",)
 
 
+# ============================================================================ single process
+class Backend:
+    """How this process takes part in training. This base class is the single-process
+    backend (``parallel.backend: none``); distributed backends subclass it.
+
+    Attributes:
+        model: the module the loop calls, ``(B, T) int64 → (B, T, V)`` logits (may be a wrapper).
+        optimizer: the optimizer the scheduler drives.
+        device: where batches go. rank, world: this process and the data-parallel size.
+        reshards: whether its checkpoints load at another world size.
+    """
+
+    name = "none"
+    reshards = True
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device, rank: int = 0, world: int = 1) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.device = device
+        self.rank = rank
+        self.world = world
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process writes logs, metrics and plots."""
+        return self.rank == 0
+
+    def unwrap(self) -> nn.Module:
+        """The plain :class:`~lanton_dist.model.Transformer` (for parameter counts)."""
+        return self.model
+
+    def reduce_loss(self, t: torch.Tensor) -> torch.Tensor:
+        """Global mean over ranks of this rank's mean loss ``t`` (a scalar tensor)."""
+        return t
+
+    def sync_context(self, sync: bool) -> contextlib.AbstractContextManager:
+        """Context for one micro-batch's backward; ``sync=False`` may skip gradient reduction
+        (accumulation), ``sync=True`` is the last micro-batch of a (half-)batch."""
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> None:
+        self.optimizer.step()
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def skipped_steps(self) -> int:
+        """Optimizer steps skipped so far for non-finite gradients (a host-side counter)."""
+        return int(getattr(self.optimizer, "skipped_steps", 0))
+
+    def barrier(self) -> None:
+        """Wait for every rank (no-op in one process)."""
+
+    def close(self) -> None:
+        """Release process groups and the like."""
+
+    # ---------------------------------------------------------------- checkpoints
+    def save(self, directory: Path) -> None:
+        """Write model and optimizer into ``directory`` (called on every rank; here rank 0
+        writes ``state.pt``, tensors and plain containers only)."""
+        if self.is_main:
+            payload = {"model": self.unwrap().state_dict(), "optimizer": optimizer_state(self.optimizer)}
+            torch.save(payload, directory / STATE_FILE)
+
+    def load(self, directory: Path) -> None:
+        """Restore model and optimizer from ``directory`` (``torch.load(weights_only=True)``)."""
+        ckpt = torch.load(directory / STATE_FILE, map_location=self.device, weights_only=True)
+        self.unwrap().load_state_dict(ckpt["model"])
+        load_optimizer_state(self.optimizer, ckpt["optimizer"])
+
+
+def optimizer_state(opt: torch.optim.Optimizer) -> dict[str, Any]:
+    """``opt.state_dict()`` without code objects (ParamSpecs), so it loads with ``weights_only``."""
+    sd = opt.state_dict()
+    sd["param_groups"] = [{k: v for k, v in g.items() if k not in NON_STATE_GROUP_KEYS} for g in sd["param_groups"]]
+    return sd
+
+
+def load_optimizer_state(opt: torch.optim.Optimizer, sd: dict[str, Any]) -> None:
+    """Inverse of :func:`optimizer_state`: load, then put the live groups' ParamSpecs back."""
+    kept = [{k: g[k] for k in NON_STATE_GROUP_KEYS if k in g} for g in opt.param_groups]
+    opt.load_state_dict(sd)
+    for g, k in zip(opt.param_groups, kept):
+        g.update(k)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → ``cuda`` when available, else ``cpu``; ``cuda`` without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
+    if name not in ("cpu", "cuda"):
+        raise ValueError(f"train.device must be auto, cpu or cuda, got {name!r}")
+    return torch.device(name)
+
+
+def micro_slices(rows: int, micro: int, halves: int) -> list[list[slice]]:
+    """Row slices of a ``rows``-row batch: ``halves`` (1 or 2) lists of micro-batch slices."""
+    if rows % halves:
+        raise ValueError(f"Option II splits each rank's batch in two halves, but it has {rows} rows (odd); use an even global_batch / world")
+    per_half = rows // halves
+    micro = min(micro or per_half, per_half)
+    if per_half % micro:
+        raise ValueError(f"train.micro_batch {micro} does not divide the {per_half} rows of each (half-)batch")
+    return [[slice(h * per_half + i, h * per_half + i + micro) for i in range(0, per_half, micro)] for h in range(halves)]
+
+
+def data_parallel_size(cfg: RunConfig) -> int:
+    """The world size ``setup_backend`` will report, known before it runs (``WORLD_SIZE`` of
+    torchrun for the distributed backends, 1 otherwise), for the checks before training."""
+    return 1 if cfg.parallel.backend == "none" else int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def setup_backend(cfg: RunConfig, model: nn.Module, optimizer_factory: OptimizerFactory | None = None) -> Backend:
+    """The :class:`Backend` of ``cfg.parallel.backend`` for ``model`` (built on CPU from the seed).
+
+    The one place that knows about process groups and wrappers: it places the model, builds
+    the optimizer with ``optimizer_factory(model, cfg.optim)`` and reports rank/world.
+    """
+    factory = optimizer_factory or build_optimizer
+    name = cfg.parallel.backend
+    if name == "none":
+        world_env = int(os.environ.get("WORLD_SIZE", "1"))
+        if world_env > 1:
+            raise ValueError(
+                f"parallel.backend 'none' is single-process but WORLD_SIZE={world_env}; "
+                f"supported backends: {TRAINER_BACKENDS}"
+            )
+        device = resolve_device(cfg.train.device)
+        model.to(device)
+        return Backend(model, factory(model, cfg.optim), device)
+    if name in TRAINER_BACKENDS[1:]:
+        return setup_distributed_backend(cfg, model, factory)
+    if name == "megatron":
+        raise ValueError("parallel.backend 'megatron' trains Megatron-core's GPTModel: launch it with "
+                         f"launch/pretrain_llama.py; this loop supports {TRAINER_BACKENDS}")
+    raise ValueError(f"unsupported parallel.backend {name!r}; supported backends: {TRAINER_BACKENDS}")
+
+
+# ============================================================================ distributed
 def init_distributed(cfg: RunConfig) -> torch.device:
     """Initialise the default process group from torchrun's environment; return this rank's device."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
@@ -52,9 +209,6 @@ def init_distributed(cfg: RunConfig) -> torch.device:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 timeout=timedelta(seconds=cfg.parallel.timeout_s))
-    world = dist.get_world_size()
-    if cfg.train.global_batch % world:
-        raise ValueError(f"train.global_batch {cfg.train.global_batch} is not divisible by the world size {world}")
     return device
 
 
@@ -85,19 +239,12 @@ class EngineBackend(_DistributedBackend):
         with fail_fast():
             loss.backward()
 
-    def save(self, path: Path, extra: dict[str, Any]) -> None:
-        """A sharded DCP directory ``path`` (without ``.pt``); every rank writes its pieces."""
-        checkpoint.save(self.optimizer, str(_dir(path)), self.model,
-                        extra={"loop": {f"rank{self.rank}": pickle.dumps(extra)}})
+    def save(self, directory: Path) -> None:
+        """A sharded DCP checkpoint in ``directory``; every rank writes its pieces."""
+        checkpoint.save(self.optimizer, str(directory), self.model)
 
-    def load(self, path: Path) -> dict[str, Any]:
-        import torch.distributed.checkpoint as dcp
-
-        keys = dcp.FileSystemReader(str(_dir(path))).read_metadata().state_dict_metadata
-        key = f"rank{self.rank}" if f"loop.rank{self.rank}" in keys else "rank0"  # resharded: rank 0's
-        extra: dict[str, Any] = {"loop": {key: None}}
-        checkpoint.load(self.optimizer, str(_dir(path)), self.model, extra=extra)
-        return pickle.loads(extra["loop"][key])
+    def load(self, directory: Path) -> None:
+        checkpoint.load(self.optimizer, str(directory), self.model)
 
 
 class DDPBackend(_DistributedBackend):
@@ -114,6 +261,7 @@ class DeepSpeedBackend(_DistributedBackend):
     LANTON client optimizer (its param groups carry the scheduled rates)."""
 
     name = "deepspeed"
+    reshards = False
 
     def unwrap(self) -> nn.Module:
         return self.model.module
@@ -134,22 +282,19 @@ class DeepSpeedBackend(_DistributedBackend):
     def zero_grad(self) -> None:
         """``engine.step`` has zeroed the gradients at the accumulation boundary."""
 
-    def save(self, path: Path, extra: dict[str, Any]) -> None:
-        self.model.save_checkpoint(str(_dir(path)), tag="state", save_latest=False)
-        if self.is_main:
-            (_dir(path) / "loop.pkl").write_bytes(pickle.dumps({"world": self.world, "loop": extra}))
+    def skipped_steps(self) -> int:
+        """The client optimizer's skipped steps plus DeepSpeed's own (loss-scale overflows)."""
+        return super().skipped_steps() + int(getattr(self.model, "skipped_steps", 0))
 
-    def load(self, path: Path) -> dict[str, Any]:
-        """Same world size only: ZeRO partitions and LANTON's per-rank pieces follow it."""
-        saved = pickle.loads((_dir(path) / "loop.pkl").read_bytes())
-        if saved["world"] != self.world:
-            raise ValueError(f"{_dir(path)} was written by {saved['world']} DeepSpeed ranks, this run has {self.world}: "
-                             "DeepSpeed checkpoints resume at the same world size (use parallel.backend zero or "
-                             "fsdp2, whose DCP checkpoints reshard)")
-        loaded, _ = self.model.load_checkpoint(str(_dir(path)), tag="state")
+    def save(self, directory: Path) -> None:
+        self.model.save_checkpoint(str(directory), tag="state", save_latest=False)
+
+    def load(self, directory: Path) -> None:
+        """Same world size only (``reshards`` is False): ZeRO partitions and LANTON's per-rank
+        pieces follow it; the loop checks the world size before calling this."""
+        loaded, _ = self.model.load_checkpoint(str(directory), tag="state")
         if loaded is None:
-            raise FileNotFoundError(f"{_dir(path)}: no DeepSpeed checkpoint (tag 'state')")
-        return saved["loop"]
+            raise FileNotFoundError(f"{directory}: no DeepSpeed checkpoint (tag 'state')")
 
 
 def deepspeed_config(cfg: RunConfig, world: int) -> dict[str, Any]:
@@ -176,18 +321,11 @@ class FSDP2Backend(_DistributedBackend):
 
     name = "fsdp2"
 
-    def save(self, path: Path, extra: dict[str, Any]) -> None:
-        self.optimizer.save(str(_dir(path)), self.model)
-        if self.is_main:
-            (_dir(path) / "loop.pkl").write_bytes(pickle.dumps(extra))
+    def save(self, directory: Path) -> None:
+        self.optimizer.save(str(directory), self.model)
 
-    def load(self, path: Path) -> dict[str, Any]:
-        self.optimizer.load(str(_dir(path)), self.model)
-        return pickle.loads((_dir(path) / "loop.pkl").read_bytes())
-
-
-def _dir(path: Path) -> Path:
-    return path.with_suffix("") if path.suffix == ".pt" else path
+    def load(self, directory: Path) -> None:
+        self.optimizer.load(str(directory), self.model)
 
 
 def setup_distributed_backend(cfg: RunConfig, model: nn.Module, factory: OptimizerFactory) -> Backend:

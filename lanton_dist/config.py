@@ -1,13 +1,19 @@
-"""Run configuration: dataclasses, strict YAML loading and ``--section.key value`` overrides.
+"""Run configuration: dataclasses, strict YAML loading, ``--section.key value`` overrides and
+the checks both training entries run before anything is built.
 
 Unknown keys (in YAML or on the command line) are errors that list the valid keys; values
 are converted to the field's declared type. One :class:`RunConfig` drives
-``launch/train.py``; every section is a plain dataclass so library users can build them in
-code.
+``launch/train.py`` and ``launch/pretrain_llama.py``; every section is a plain dataclass so
+library users can build them in code. Every problem with a config — malformed YAML, an
+unknown key, a bad value (:func:`check_run_config`), a resume that does not match its
+checkpoint (:func:`check_resume`) — is a :class:`ConfigError` whose message names the key;
+the entries print it as one ``config error: …`` line and exit with status 2. Torch-free.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +23,13 @@ from typing import Any, TypeVar
 import yaml
 
 T = TypeVar("T")
+
+#: ``optim.name`` values (:func:`lanton_dist.factory.build_optimizer`).
+OPTIMIZERS: tuple[str, ...] = ("lanton", "scion", "dmuon", "adamw")
+
+
+class ConfigError(ValueError):
+    """A run config the entries refuse before building anything; the message names the key."""
 
 
 @dataclass
@@ -71,12 +84,12 @@ class ScheduleConfig:
 
 
 def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
-    """Build dataclass ``cls`` from ``data``, recursively; unknown keys raise ``ValueError``."""
+    """Build dataclass ``cls`` from ``data``, recursively; unknown keys raise :class:`ConfigError`."""
     data = dict(data or {})
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = set(data) - set(fields)
     if unknown:
-        raise ValueError(f"unknown config key(s) {sorted(unknown)} in {where or cls.__name__}; valid keys: {sorted(fields)}")
+        raise ConfigError(f"unknown config key(s) {sorted(unknown)} in {where or cls.__name__}; valid keys: {sorted(fields)}")
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in data.items():
@@ -106,7 +119,7 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):
-            raise ValueError(f"{where}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         return from_dict(tp, value, where)
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
@@ -118,14 +131,14 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
         if isinstance(value, str):
             value = yaml.safe_load(value)
         if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{where}: expected a list, got {value!r}")
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
         (item,) = typing.get_args(tp)[:1] or (Any,)
         return [_convert(item, v, where) for v in value]
     if origin is dict:
         if isinstance(value, str):
             value = yaml.safe_load(value)
         if not isinstance(value, dict):
-            raise ValueError(f"{where}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         return dict(value)
     if tp is bool:
         if isinstance(value, str):
@@ -134,7 +147,7 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
                 return True
             if low in ("0", "false", "no", "off"):
                 return False
-            raise ValueError(f"{where}: expected a boolean, got {value!r}")
+            raise ConfigError(f"{where}: expected a boolean, got {value!r}")
         return bool(value)
     if tp in (int, float, str):
         try:
@@ -142,7 +155,7 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
                 raise ValueError
             return tp(value)
         except (TypeError, ValueError):
-            raise ValueError(f"{where}: expected {tp.__name__}, got {value!r}") from None
+            raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}") from None
     return value
 
 
@@ -157,13 +170,13 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     while i < len(overrides):
         arg = overrides[i]
         if not arg.startswith("--"):
-            raise ValueError(f"expected --section.key, got {arg!r}")
+            raise ConfigError(f"expected --section.key, got {arg!r}")
         if "=" in arg:
             key, value = arg[2:].split("=", 1)
             i += 1
         else:
             if i + 1 >= len(overrides):
-                raise ValueError(f"{arg} needs a value")
+                raise ConfigError(f"{arg} needs a value")
             key, value = arg[2:], overrides[i + 1]
             i += 2
         node = data
@@ -171,7 +184,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ValueError(f"--{key}: {part} is not a section")
+                raise ConfigError(f"--{key}: {part} is not a section")
         node[parts[-1]] = value
     return data
 
@@ -181,10 +194,18 @@ def _deepcopy(d: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
+    """The mapping in YAML file ``path``; a syntax error is a one-line :class:`ConfigError`
+    with the file, line and column."""
     with open(path) as f:
-        data = yaml.safe_load(f) or {}
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+            what = " ".join(str(getattr(e, "problem", None) or e).split())
+            raise ConfigError(f"{where}: malformed YAML: {what}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: top level must be a mapping")
+        raise ConfigError(f"{path}: top level must be a mapping")
     return data
 
 
@@ -205,18 +226,18 @@ class ModelConfig:
 
 
 def check_model_config(cfg: ModelConfig) -> None:
-    """Raise ``ValueError`` naming the offending field for an inconsistent config."""
+    """Raise :class:`ConfigError` naming the offending field for an inconsistent config."""
     for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
         if getattr(cfg, name) < 1:
-            raise ValueError(f"model.{name} must be >= 1, got {getattr(cfg, name)}")
+            raise ConfigError(f"model.{name} must be >= 1, got {getattr(cfg, name)}")
     if cfg.dim % cfg.n_heads:
-        raise ValueError(f"model.dim {cfg.dim} is not divisible by model.n_heads {cfg.n_heads}")
+        raise ConfigError(f"model.dim {cfg.dim} is not divisible by model.n_heads {cfg.n_heads}")
     if cfg.n_heads % cfg.n_kv_heads:
-        raise ValueError(f"model.n_heads {cfg.n_heads} is not divisible by model.n_kv_heads {cfg.n_kv_heads}")
+        raise ConfigError(f"model.n_heads {cfg.n_heads} is not divisible by model.n_kv_heads {cfg.n_kv_heads}")
     if (cfg.dim // cfg.n_heads) % 2:
-        raise ValueError(f"head dim {cfg.dim // cfg.n_heads} must be even for rotary embeddings")
-    if not cfg.init_std > 0:
-        raise ValueError(f"model.init_std must be > 0, got {cfg.init_std}")
+        raise ConfigError(f"model.dim / model.n_heads = {cfg.dim // cfg.n_heads} (the head dim) must be even for rotary embeddings")
+    if not (math.isfinite(cfg.init_std) and cfg.init_std > 0):
+        raise ConfigError(f"model.init_std must be > 0, got {cfg.init_std}")
 
 
 #: ``data.source`` values (:mod:`lanton_dist.data`); ``megatron`` is another name for ``indexed``.
@@ -263,10 +284,12 @@ class TrainConfig:
     seed: int = 0
     out_dir: str = "runs/tiny"
     checkpoint_every: int = 0  # 0: only at the end of the run
+    keep_checkpoints: int = 2  # complete checkpoints kept in out_dir/checkpoints (the newest ones)
     resume: bool = False
     stop_after: int = 0  # stop (checkpointed) after this many steps, as if preempted; 0: train.steps
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "fp32"  # fp32 | bf16 (autocast on GPU)
+    max_consecutive_skips: int = 5  # stop (exit 3) after this many skipped/non-finite steps in a row; 0: never
 
 
 # ``parallel.backend`` values run by launch/train.py (lanton_dist.trainer); ``megatron`` runs in
@@ -303,3 +326,163 @@ def load_run_config(path: str | Path | None, overrides: list[str] | None = None)
     """YAML at ``path`` (or the defaults) with CLI ``overrides`` applied; strict about keys."""
     data = load_yaml(path) if path else {}
     return from_dict(RunConfig, apply_overrides(data, overrides or []))
+
+
+# ============================================================================ checks before training
+DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
+DTYPES: tuple[str, ...] = ("fp32", "bf16")
+BACKENDS: tuple[str, ...] = (*TRAINER_BACKENDS, "megatron")
+
+
+def _number(key: str, value: float, *, low: float = 0.0, high: float | None = None, open_high: bool = True,
+            positive: bool = False) -> None:
+    """``value`` must be finite, ``>= low`` (``> low`` when ``positive``) and below ``high``."""
+    bad = not math.isfinite(value) or value < low or (positive and value <= low)
+    if high is not None:
+        bad = bad or value > high or (open_high and value >= high)
+    if bad:
+        lo = f"> {low}" if positive else f">= {low}"
+        rng = f"in [{low}, {high})" if high is not None and open_high else (
+            f"in [{low}, {high}]" if high is not None else f"a finite number {lo}")
+        raise ConfigError(f"{key} must be {rng}, got {value!r}")
+
+
+def _check_optim(o: OptimConfig) -> None:
+    if o.name not in OPTIMIZERS:
+        raise ConfigError(f"optim.name must be one of {OPTIMIZERS}, got {o.name!r}")
+    for geometry in ("hidden", "embed_head", "vector"):
+        _number(f"optim.lr.{geometry}", o.lr.get(geometry))
+        _number(f"optim.alpha.{geometry}", o.alpha.get(geometry))
+    _number("optim.weight_decay", o.weight_decay)
+    # every algorithm's momentum coefficients, whichever runs: a bad value is a typo either way
+    for key in ("beta1", "beta2", "momentum"):
+        _number(f"optim.{key}", getattr(o, key), high=1.0)
+    if len(o.adam_betas) != 2:
+        raise ConfigError(f"optim.adam_betas must be two numbers [beta1, beta2], got {o.adam_betas!r}")
+    for i, beta in enumerate(o.adam_betas):
+        _number(f"optim.adam_betas[{i}]", beta, high=1.0)
+    _number("optim.adam_eps", o.adam_eps, positive=True)
+    if o.estimate_every < 1:
+        raise ConfigError(f"optim.estimate_every must be >= 1, got {o.estimate_every}")
+    if o.ns_steps < 1:
+        raise ConfigError(f"optim.ns_steps must be >= 1, got {o.ns_steps}")
+    if o.option not in ("I", "II"):
+        raise ConfigError(f"optim.option must be 'I' or 'II', got {o.option!r}")
+
+
+def _check_train(t: TrainConfig) -> None:
+    if t.steps < 1:
+        raise ConfigError(f"train.steps must be >= 1, got {t.steps}")
+    if t.global_batch < 1:
+        raise ConfigError(f"train.global_batch must be >= 1, got {t.global_batch}")
+    for name in ("micro_batch", "eval_every", "eval_batches", "checkpoint_every", "stop_after", "max_consecutive_skips"):
+        if getattr(t, name) < 0:
+            raise ConfigError(f"train.{name} must be >= 0, got {getattr(t, name)}")
+    for name in ("log_every", "keep_checkpoints"):
+        if getattr(t, name) < 1:
+            raise ConfigError(f"train.{name} must be >= 1, got {getattr(t, name)}")
+    if t.stop_after > t.steps:
+        raise ConfigError(f"train.stop_after ({t.stop_after}) cannot exceed train.steps ({t.steps})")
+    if t.dtype not in DTYPES:
+        raise ConfigError(f"train.dtype must be one of {DTYPES}, got {t.dtype!r}")
+    if t.device not in DEVICES:
+        raise ConfigError(f"train.device must be one of {DEVICES}, got {t.device!r}")
+
+
+def _check_data(d: DataConfig, model: ModelConfig) -> None:
+    if d.seq_len < 1:
+        raise ConfigError(f"data.seq_len must be >= 1, got {d.seq_len}")
+    if d.seq_len > model.max_seq_len:
+        raise ConfigError(f"data.seq_len {d.seq_len} exceeds model.max_seq_len {model.max_seq_len}")
+    if d.source == "megatron":
+        _number("data.val_fraction", d.val_fraction, high=1.0)
+        if not d.path:
+            raise ConfigError("data.path is required for data.source megatron: the prefix of an indexed dataset "
+                              "(<path>.bin / <path>.idx)")
+        missing = [d.path + ext for ext in (".bin", ".idx") if not os.path.exists(d.path + ext)]
+        if missing:
+            raise ConfigError(f"data.path {d.path!r}: {' and '.join(missing)} does not exist "
+                              "(give the prefix of the indexed dataset, without extension)")
+    else:
+        if not (math.isfinite(d.val_fraction) and 0.0 < d.val_fraction < 1.0):
+            raise ConfigError(f"data.val_fraction must be in (0, 1), got {d.val_fraction!r}")
+        if d.path:
+            raise ConfigError(f"data.path is read by data.source megatron only; data.source is {d.source!r}")
+
+
+def _check_parallel(cfg: RunConfig, data_parallel: int) -> None:
+    p, t, o = cfg.parallel, cfg.train, cfg.optim
+    if p.backend not in BACKENDS:
+        raise ConfigError(f"parallel.backend must be one of {BACKENDS}, got {p.backend!r}")
+    for name in ("tp", "pp"):
+        if getattr(p, name) < 1:
+            raise ConfigError(f"parallel.{name} must be >= 1, got {getattr(p, name)}")
+    _number("parallel.bucket_mb", p.bucket_mb, positive=True)
+    _number("parallel.timeout_s", p.timeout_s, positive=True)
+    if p.backend == "deepspeed":
+        if p.zero_stage not in (1, 2, 3):
+            raise ConfigError(f"parallel.zero_stage must be 1, 2 or 3 for the deepspeed backend, got {p.zero_stage}")
+        if o.name == "lanton" and o.option == "II":
+            raise ConfigError("optim.option II needs the two half-batch gradients separately, but DeepSpeed "
+                              "accumulates micro-batch gradients internally: use optim.option I with parallel.backend deepspeed")
+    if t.global_batch % data_parallel:
+        raise ConfigError(f"train.global_batch {t.global_batch} is not divisible by the data-parallel size {data_parallel}")
+    rows = t.global_batch // data_parallel
+    halves = 2 if o.name == "lanton" and o.option == "II" else 1
+    if rows % halves:
+        raise ConfigError(f"optim.option II splits each rank's batch in two halves, but train.global_batch "
+                          f"{t.global_batch} / {data_parallel} ranks = {rows} rows (odd): use an even per-rank batch")
+    if t.micro_batch and (rows // halves) % min(t.micro_batch, rows // halves):
+        what = "half-batch" if halves == 2 else "per-rank batch"
+        raise ConfigError(f"train.micro_batch {t.micro_batch} does not divide the {rows // halves} rows of each {what}")
+
+
+def check_run_config(cfg: RunConfig, data_parallel: int = 1) -> None:
+    """Raise :class:`ConfigError`, naming the key, for a config no entry can train: numbers
+    out of range (non-finite or negative rates and weight decay, momentum coefficients outside
+    ``[0, 1)`` for every algorithm), an Option II batch that does not split in two on each of
+    the ``data_parallel`` ranks, a missing Megatron ``data.path``. Cheap and torch-free: the
+    entries call it before building a model or a process group."""
+    check_model_config(cfg.model)
+    _check_train(cfg.train)
+    _check_data(cfg.data, cfg.model)
+    _check_optim(cfg.optim)
+    if cfg.schedule.warmup_steps < 0:
+        raise ConfigError(f"schedule.warmup_steps must be >= 0, got {cfg.schedule.warmup_steps}")
+    _number("schedule.min_ratio", cfg.schedule.min_ratio, high=1.0, open_high=False)
+    _check_parallel(cfg, data_parallel)
+
+
+# ============================================================================ resume compatibility
+#: Entries a resumed run must share with the checkpoint it continues (its state depends on them).
+RESUME_MUST_MATCH: tuple[str, ...] = (
+    "model", "data", "optim", "train.global_batch", "train.seed", "parallel.backend", "parallel.tp", "parallel.pp",
+)
+#: Entries a resumed run may change, with a warning: a longer run or a new schedule from the
+#: checkpoint's step on (as Megatron's ``--train-iters`` / ``--lr-decay-iters`` on resume).
+RESUME_MAY_CHANGE: tuple[str, ...] = ("train.steps", "schedule")
+
+
+def _dotted(d: dict[str, Any], key: str) -> Any:
+    for part in key.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return "<absent>"
+        d = d[part]
+    return d
+
+
+def check_resume(saved: dict[str, Any], current: dict[str, Any], where: str) -> list[str]:
+    """Compare the config stored with checkpoint ``where`` (``saved``) with this run's
+    (``current``, both :func:`to_dict` form). Raise :class:`ConfigError` listing every
+    :data:`RESUME_MUST_MATCH` entry that differs; return one warning per
+    :data:`RESUME_MAY_CHANGE` entry that does."""
+    def diff(keys: tuple[str, ...]) -> list[str]:
+        return [f"{k}: checkpoint {_dotted(saved, k)!r}, now {_dotted(current, k)!r}"
+                for k in keys if _dotted(saved, k) != _dotted(current, k)]
+
+    errors = diff(RESUME_MUST_MATCH)
+    if errors:
+        raise ConfigError(f"cannot resume from {where}: the run config differs from the checkpoint's in "
+                          + "; ".join(errors) + " (start a new train.out_dir, or resume with the checkpoint's values)")
+    return [f"resume from {where} with a changed {d} (allowed: the schedule from the checkpoint's step on follows it)"
+            for d in diff(RESUME_MAY_CHANGE)]

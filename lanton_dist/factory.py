@@ -5,18 +5,30 @@ benchmarks compare like with like.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import nn
 
-from lanton_dist.config import OptimConfig
+from lanton_dist.config import OPTIMIZERS, OptimConfig
 from lanton_dist.dmuon import DMuon
 from lanton_dist.groups import Block, Geometry, ParamSpec, classify_parameters
 from lanton_dist.lanton import LANTON
 from lanton_dist.lmo import LMOConfig
 
-OPTIMIZERS = ("lanton", "scion", "dmuon", "adamw")
+
+def check_not_zero_init(params: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Refuse parameters created under ``deepspeed.zero.Init``: they are already partitioned
+    (``ds_id`` set, local shape ``(0,)``), so their geometry is lost and every matrix would be
+    stepped as a vector."""
+    partitioned = [n for n, p in params if hasattr(p, "ds_id")]
+    if partitioned:
+        raise ValueError(
+            f"{len(partitioned)} parameters (e.g. {partitioned[0]!r}) were created under deepspeed.zero.Init and are "
+            "already partitioned (shape (0,)): LANTON cannot see their matrix shapes. Build the model without "
+            "zero.Init and pass it to lanton_dist.integrations.deepspeed.initialize (ZeRO-3 partitions it there), "
+            "or run launch/train.py with parallel.backend deepspeed.")
 
 
 def param_groups(
@@ -32,6 +44,7 @@ def param_groups(
     parameters are shards of the logical ones. ``orientation`` declares storage orientations
     (pattern → ``'out_in'`` | ``'in_out'``, see :func:`~lanton_dist.groups.classify_parameters`).
     """
+    check_not_zero_init(list(model.named_parameters()))
     specs = specs or classify_parameters(model, cfg.overrides, fused, orientation)
     groups = []
     for geometry in Geometry:
@@ -72,6 +85,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, groups: list[dict[str, A
     """The single-process optimizer ``cfg.name`` over ``groups`` (default :func:`param_groups` of ``model``)."""
     if cfg.name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {cfg.name!r}; choose one of {OPTIMIZERS}")
+    if groups is not None:
+        check_not_zero_init((f"param_groups[{i}].params[{j}]", p) for i, g in enumerate(groups) for j, p in enumerate(g["params"]))
     groups = groups if groups is not None else param_groups(model, cfg)
     hyper = hyper_parameters(cfg)
     if cfg.name in ("lanton", "scion"):

@@ -1,12 +1,10 @@
 """The training loop, as a library function: :func:`train`.
 
 One loop for every execution backend. Everything that differs between single-process and
-distributed training goes through one seam, :func:`setup_backend`, which returns a
-:class:`Backend`: the module to run, the optimizer, this process's ``rank``/``world``, the
-global-mean loss reduction, the gradient-sync context for accumulation, and checkpoint
-save/load. ``parallel.backend: none`` (one process) is implemented here; ``zero`` (our
-sharded engine), ``ddp`` and ``fsdp2`` live in :mod:`lanton_dist.backends` as :class:`Backend`
-subclasses, and the loop does not change.
+distributed training goes through one seam, :func:`lanton_dist.backends.setup_backend`, which
+returns a :class:`~lanton_dist.backends.Backend` (``none``, ``zero``, ``ddp``, ``fsdp2``,
+``deepspeed``); the loop does not change. Before anything is built the config is checked
+(:func:`lanton_dist.config.check_run_config`) and, on resume, compared with the checkpoint's.
 
 Per step ``s`` (0-based; the record written after it has ``step = s + 1``):
 
@@ -21,10 +19,12 @@ Per step ``s`` (0-based; the record written after it has ``step = s + 1``):
   called between the halves;
 * optimizer step, scheduler step (linear warm-up + cosine), ``metrics.jsonl`` record.
 
-Resuming (``train.resume: true``) loads the newest ``checkpoints/step_*`` in ``out_dir``:
-model, optimizer and scheduler state, the step (which is also the data position, since
-batches are functions of the step) and the RNG states — the continued run is bit-identical
-to an uninterrupted one.
+Checkpoints are atomic directories ``checkpoints/step_N`` (:mod:`lanton_dist.checkpoint_dir`).
+Resuming (``train.resume: true``) loads the newest complete one: model, optimizer and
+scheduler state, the step (which is also the data position, since batches are functions of
+the step) and the RNG states — the continued run is bit-identical to an uninterrupted one.
+``train.max_consecutive_skips`` skipped steps in a row stop the run
+(:class:`~lanton_dist.divergence.Diverged`, no ``COMPLETED``).
 """
 from __future__ import annotations
 
@@ -34,8 +34,6 @@ import json
 import math
 import os
 import random
-import re
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -45,237 +43,23 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from lanton_dist.config import TRAINER_BACKENDS, OptimConfig, RunConfig, to_dict
+from lanton_dist import checkpoint_dir
+from lanton_dist.backends import Backend, OptimizerFactory, data_parallel_size, micro_slices, setup_backend
+from lanton_dist.config import ConfigError, RunConfig, check_resume, check_run_config, to_dict
 from lanton_dist.data import TokenDataset, build_dataset, unigram_baseline
-from lanton_dist.factory import build_optimizer
+from lanton_dist.divergence import DivergenceGuard
 from lanton_dist.model import Transformer
 from lanton_dist.preemption import COMPLETED, StopRequest, any_rank
 from lanton_dist.schedule import build_scheduler
 
-OptimizerFactory = Callable[[nn.Module, OptimConfig], torch.optim.Optimizer]
-CHECKPOINT_DIR = "checkpoints"
-CHECKPOINT_RE = re.compile(r"^step_(\d+)(\.pt)?$")
-KEEP_CHECKPOINTS = 2
-# Config entries a resumed run must share with the checkpoint it continues.
-RESUME_MUST_MATCH: tuple[str, ...] = (
-    "model", "data", "optim", "schedule", "train.steps", "train.global_batch", "train.seed",
-)
-# Param-group entries that are code objects, not state: kept from the live optimizer on load.
-NON_STATE_GROUP_KEYS: tuple[str, ...] = ("specs",)
-
-
-# ============================================================================ backend seam
-class Backend:
-    """How this process takes part in training. This base class is the single-process
-    backend (``parallel.backend: none``); distributed backends subclass it.
-
-    Attributes:
-        model: the module the loop calls, ``(B, T) int64 → (B, T, V)`` logits (may be a wrapper).
-        optimizer: the optimizer the scheduler drives.
-        device: where batches go. rank, world: this process and the data-parallel size.
-    """
-
-    name = "none"
-
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device, rank: int = 0, world: int = 1) -> None:
-        self.model = model
-        self.optimizer = optimizer
-        self.device = device
-        self.rank = rank
-        self.world = world
-
-    @property
-    def is_main(self) -> bool:
-        """Whether this process writes logs, metrics and plots."""
-        return self.rank == 0
-
-    def unwrap(self) -> nn.Module:
-        """The plain :class:`~lanton_dist.model.Transformer` (for parameter counts)."""
-        return self.model
-
-    def reduce_loss(self, t: torch.Tensor) -> torch.Tensor:
-        """Global mean over ranks of this rank's mean loss ``t`` (a scalar tensor)."""
-        return t
-
-    def sync_context(self, sync: bool) -> contextlib.AbstractContextManager:
-        """Context for one micro-batch's backward; ``sync=False`` may skip gradient reduction
-        (accumulation), ``sync=True`` is the last micro-batch of a (half-)batch."""
-        return contextlib.nullcontext()
-
-    def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
-
-    def step(self) -> None:
-        self.optimizer.step()
-
-    def zero_grad(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def barrier(self) -> None:
-        """Wait for every rank (no-op in one process)."""
-
-    def close(self) -> None:
-        """Release process groups and the like."""
-
-    # ---------------------------------------------------------------- checkpoints
-    def save(self, path: Path, extra: dict[str, Any]) -> None:
-        """Write model, optimizer and ``extra`` (loop state) to ``path`` atomically (main only)."""
-        if not self.is_main:
-            return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"model": self.unwrap().state_dict(), "optimizer": optimizer_state(self.optimizer), "extra": extra}
-        tmp = path.with_name(f"tmp_{path.name}")
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-
-    def load(self, path: Path) -> dict[str, Any]:
-        """Restore model and optimizer from ``path``; return the ``extra`` given to :meth:`save`."""
-        ckpt = torch.load(path, map_location=self.device, weights_only=True)
-        self.unwrap().load_state_dict(ckpt["model"])
-        load_optimizer_state(self.optimizer, ckpt["optimizer"])
-        return ckpt["extra"]
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` → ``cuda`` when available, else ``cpu``; ``cuda`` without a GPU is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
-    if name not in ("cpu", "cuda"):
-        raise ValueError(f"train.device must be auto, cpu or cuda, got {name!r}")
-    return torch.device(name)
-
-
-def setup_backend(cfg: RunConfig, model: nn.Module, optimizer_factory: OptimizerFactory | None = None) -> Backend:
-    """The :class:`Backend` of ``cfg.parallel.backend`` for ``model`` (built on CPU from the seed).
-
-    The one place that knows about process groups and wrappers: it places the model, builds
-    the optimizer with ``optimizer_factory(model, cfg.optim)`` and reports rank/world.
-    """
-    factory = optimizer_factory or build_optimizer
-    name = cfg.parallel.backend
-    if name == "none":
-        world_env = int(os.environ.get("WORLD_SIZE", "1"))
-        if world_env > 1:
-            raise ValueError(
-                f"parallel.backend 'none' is single-process but WORLD_SIZE={world_env}; "
-                f"supported backends: {TRAINER_BACKENDS}"
-            )
-        device = resolve_device(cfg.train.device)
-        model.to(device)
-        return Backend(model, factory(model, cfg.optim), device)
-    if name in TRAINER_BACKENDS[1:]:
-        from lanton_dist.backends import setup_distributed_backend
-
-        return setup_distributed_backend(cfg, model, factory)
-    if name == "megatron":
-        raise ValueError("parallel.backend 'megatron' trains Megatron-core's GPTModel: launch it with "
-                         f"launch/pretrain_llama.py; this loop supports {TRAINER_BACKENDS}")
-    raise ValueError(f"unsupported parallel.backend {name!r}; supported backends: {TRAINER_BACKENDS}")
-
-
-# ============================================================================ state helpers
-def optimizer_state(opt: torch.optim.Optimizer) -> dict[str, Any]:
-    """``opt.state_dict()`` without code objects (ParamSpecs), so it loads with ``weights_only``."""
-    sd = opt.state_dict()
-    sd["param_groups"] = [{k: v for k, v in g.items() if k not in NON_STATE_GROUP_KEYS} for g in sd["param_groups"]]
-    return sd
-
-
-def load_optimizer_state(opt: torch.optim.Optimizer, sd: dict[str, Any]) -> None:
-    """Inverse of :func:`optimizer_state`: load, then put the live groups' ParamSpecs back."""
-    kept = [{k: g[k] for k in NON_STATE_GROUP_KEYS if k in g} for g in opt.param_groups]
-    opt.load_state_dict(sd)
-    for g, k in zip(opt.param_groups, kept):
-        g.update(k)
-
-
-def rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"].cpu())
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+__all__ = ["Backend", "micro_slices", "setup_backend", "read_metrics", "train", "train_step", "evaluate"]
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def checkpoint_path(out_dir: Path, step: int) -> Path:
-    return out_dir / CHECKPOINT_DIR / f"step_{step:08d}.pt"
-
-
-def list_checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
-    """``(step, path)`` of every complete checkpoint in ``out_dir``, oldest first."""
-    d = out_dir / CHECKPOINT_DIR
-    if not d.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := CHECKPOINT_RE.match(p.name))]
-    return sorted(found)
-
-
-def latest_checkpoint(out_dir: Path) -> Path | None:
-    found = list_checkpoints(out_dir)
-    return found[-1][1] if found else None
-
-
-def _config_value(d: dict[str, Any], dotted: str) -> Any:
-    for part in dotted.split("."):
-        d = d[part]
-    return d
-
-
-def check_resume_config(saved: dict[str, Any], current: dict[str, Any]) -> None:
-    """Raise ``ValueError`` listing :data:`RESUME_MUST_MATCH` entries that differ."""
-    diff = [k for k in RESUME_MUST_MATCH if _config_value(saved, k) != _config_value(current, k)]
-    if diff:
-        detail = "; ".join(f"{k}: checkpoint {_config_value(saved, k)!r} vs now {_config_value(current, k)!r}" for k in diff)
-        raise ValueError(f"cannot resume: the run config differs from the checkpoint's in {diff} ({detail})")
-
-
-def validate(cfg: RunConfig) -> None:
-    """Clear errors for settings the loop cannot run."""
-    t = cfg.train
-    if t.steps < 1:
-        raise ValueError(f"train.steps must be >= 1, got {t.steps}")
-    if t.global_batch < 1:
-        raise ValueError(f"train.global_batch must be >= 1, got {t.global_batch}")
-    for name in ("micro_batch", "eval_every", "eval_batches", "checkpoint_every", "stop_after"):
-        if getattr(t, name) < 0:
-            raise ValueError(f"train.{name} must be >= 0, got {getattr(t, name)}")
-    if t.log_every < 1:
-        raise ValueError(f"train.log_every must be >= 1, got {t.log_every}")
-    if t.stop_after > t.steps:
-        raise ValueError(f"train.stop_after ({t.stop_after}) cannot exceed train.steps ({t.steps})")
-    if t.dtype not in ("fp32", "bf16"):
-        raise ValueError(f"train.dtype must be fp32 or bf16, got {t.dtype!r}")
-    if cfg.data.seq_len > cfg.model.max_seq_len:
-        raise ValueError(f"data.seq_len {cfg.data.seq_len} exceeds model.max_seq_len {cfg.model.max_seq_len}")
-    if cfg.schedule.warmup_steps < 0 or not 0.0 <= cfg.schedule.min_ratio <= 1.0:
-        raise ValueError(f"schedule needs warmup_steps >= 0 and 0 <= min_ratio <= 1, got {cfg.schedule}")
-
-
-def micro_slices(rows: int, micro: int, halves: int) -> list[list[slice]]:
-    """Row slices of a ``rows``-row batch: ``halves`` (1 or 2) lists of micro-batch slices."""
-    if rows % halves:
-        raise ValueError(f"Option II splits each rank's batch in two halves, but it has {rows} rows (odd); use an even global_batch / world")
-    per_half = rows // halves
-    micro = min(micro or per_half, per_half)
-    if per_half % micro:
-        raise ValueError(f"train.micro_batch {micro} does not divide the {per_half} rows of each (half-)batch")
-    return [[slice(h * per_half + i, h * per_half + i + micro) for i in range(0, per_half, micro)] for h in range(halves)]
 
 
 # ============================================================================ metrics
@@ -423,36 +207,61 @@ def train(cfg: RunConfig, *, optimizer_factory: OptimizerFactory | None = None, 
     """Train ``cfg`` to ``train.steps`` (or ``train.stop_after``) and return a summary.
 
     Writes into ``train.out_dir``: ``metrics.jsonl``, ``loss.png``, ``summary.json``,
-    ``checkpoints/step_*.pt`` (every ``checkpoint_every`` steps and at the end) and, once all
-    ``train.steps`` are done, ``COMPLETED``. With ``stop`` (a
-    :class:`~lanton_dist.preemption.StopRequest`, asked once per step by every rank) a
-    requested run checkpoints at the end of the current step and returns early. The summary
+    ``checkpoints/step_*`` (every ``checkpoint_every`` steps and at the end; the newest
+    ``keep_checkpoints`` are kept) and, once all ``train.steps`` are done, ``COMPLETED``. With
+    ``stop`` (a :class:`~lanton_dist.preemption.StopRequest`, asked once per step by every rank)
+    a requested run checkpoints at the end of the current step and returns early. The summary
     has ``final_train_loss`` (mean of the last ``log_every`` steps), ``last_train_loss``,
     ``final_val_loss``, ``unigram_baseline``, ``steps`` (the last step run), ``tokens``,
     ``wall_s``, ``num_params``, ``skipped_steps``, ``stopped`` (on request) and the paths.
+
+    Raises :class:`~lanton_dist.config.ConfigError` for a config it cannot run or a resume
+    that does not match its checkpoint (both before a model is built), and
+    :class:`~lanton_dist.divergence.Diverged` after ``train.max_consecutive_skips`` skipped steps.
     """
-    validate(cfg)
+    check_run_config(cfg, data_parallel_size(cfg))
     t_cfg = cfg.train
     out = Path(t_cfg.out_dir)
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    resume = _resume_point(cfg, log if is_main else (lambda _msg: None))
     seed_everything(t_cfg.seed)
     data = build_dataset(cfg.data, cfg.model.vocab_size)
     model = Transformer(cfg.model, seed=t_cfg.seed)
     backend = setup_backend(cfg, model, optimizer_factory)
     try:
-        return _run(cfg, backend, data, out, log, stop)
+        return _run(cfg, backend, data, out, log, stop, resume)
     finally:
         backend.close()
 
 
+def _resume_point(cfg: RunConfig, say: Callable[[str], None]) -> tuple[Path, dict[str, Any]] | None:
+    """With ``train.resume``: the newest complete checkpoint and its loop state, after checking
+    that its config matches this run's (:func:`~lanton_dist.config.check_resume`); None to
+    start from step 0."""
+    if not cfg.train.resume:
+        return None
+    root = checkpoint_dir.root_of(cfg.train.out_dir)
+    path = checkpoint_dir.latest_complete(root, say)
+    if path is None:
+        say(f"resume: no complete checkpoint in {root}, starting from step 0")
+        return None
+    loop = checkpoint_dir.read_loop_state(path)
+    for warning in check_resume(loop["config"], to_dict(cfg), str(path)):
+        say(f"warning: {warning}")
+    if loop["step"] > (cfg.train.stop_after or cfg.train.steps):
+        raise ConfigError(f"cannot resume from {path}: its step {loop['step']} is past the stop step "
+                          f"(train.stop_after {cfg.train.stop_after} / train.steps {cfg.train.steps})")
+    return path, loop
+
+
 def _run(cfg: RunConfig, backend: Backend, data: TokenDataset, out: Path, log: Callable[[str], None],
-         request: StopRequest | None) -> dict[str, Any]:
+         request: StopRequest | None, resume: tuple[Path, dict[str, Any]] | None) -> dict[str, Any]:
     t_cfg = cfg.train
     say = log if backend.is_main else (lambda _msg: None)
-    if t_cfg.global_batch % backend.world:
-        raise ValueError(f"train.global_batch {t_cfg.global_batch} is not divisible by the world size {backend.world}")
     opt = backend.optimizer
     sched = build_scheduler(opt, cfg.schedule.warmup_steps, t_cfg.steps, cfg.schedule.min_ratio)
     cfg_dict = to_dict(cfg)
+    root = checkpoint_dir.root_of(out)
     stop = t_cfg.stop_after or t_cfg.steps
     dtype = t_cfg.dtype
     if dtype == "bf16" and backend.device.type != "cuda":
@@ -460,22 +269,18 @@ def _run(cfg: RunConfig, backend: Backend, data: TokenDataset, out: Path, log: C
 
     start = 0
     resumed_from = None
-    if t_cfg.resume:
-        ckpt = latest_checkpoint(out)
-        if ckpt is None:
-            say(f"resume: no checkpoint in {out / CHECKPOINT_DIR}, starting from step 0")
-        else:
-            extra = backend.load(ckpt)
-            check_resume_config(extra["config"], cfg_dict)
-            sched.load_state_dict(extra["scheduler"])
-            set_rng_state(extra["rng"])
-            start = int(extra["step"])
-            if int(extra["data_step"]) != start:
-                raise ValueError(f"{ckpt}: data position {extra['data_step']} != step {start}")
-            resumed_from = str(ckpt)
-            say(f"resumed from {ckpt} at step {start}")
-    if start > stop:
-        raise ValueError(f"checkpoint step {start} is past the stop step {stop}")
+    if resume is not None:
+        path, loop = resume
+        if not backend.reshards and loop["world"] != backend.world:
+            raise ConfigError(f"cannot resume from {path}: it was written by {loop['world']} {backend.name} ranks, this run "
+                              f"has {backend.world}: {backend.name} checkpoints resume at the same world size (use "
+                              "parallel.backend zero or fsdp2, whose DCP checkpoints reshard)")
+        backend.load(path)
+        checkpoint_dir.restore_scheduler(sched, loop["scheduler"])
+        checkpoint_dir.load_rng(path, backend.rank)
+        start = int(loop["step"])
+        resumed_from = str(path)
+        say(f"resumed from {path} at step {start}")
 
     metrics_path = out / "metrics.jsonl"
     metrics = MetricsLog(metrics_path, backend.is_main, start if resumed_from else None)
@@ -499,6 +304,7 @@ def _run(cfg: RunConfig, backend: Backend, data: TokenDataset, out: Path, log: C
         say(f"step 0 | val {val_loss:.4f}")
 
     backend.model.train()
+    guard = DivergenceGuard(t_cfg.max_consecutive_skips, backend.skipped_steps())
     stopped = False
     bar = _progress(stop, start, backend.is_main and sys.stderr.isatty(), cfg.optim.name)
     t_start = time.perf_counter()
@@ -514,8 +320,7 @@ def _run(cfg: RunConfig, backend: Backend, data: TokenDataset, out: Path, log: C
             step = s + 1
             rec: dict[str, Any] = {
                 "step": step, "loss": loss, "lr": lrs, "tokens": step * tokens_per_step,
-                "step_time": time.perf_counter() - t0, "skipped_steps": int(getattr(opt, "skipped_steps", 0)),
-                "two_halves": two,
+                "step_time": time.perf_counter() - t0, "skipped_steps": backend.skipped_steps(), "two_halves": two,
             }
             if step % t_cfg.log_every == 0 or step == t_cfg.steps:
                 diag = diagnostics_summary(opt)
@@ -528,15 +333,16 @@ def _run(cfg: RunConfig, backend: Backend, data: TokenDataset, out: Path, log: C
             metrics.write(rec)
             if not math.isfinite(loss):
                 say(f"step {step}: non-finite loss {loss}")
+            guard.observe(step, rec["skipped_steps"], loss)  # same on every rank: the loss is global
             saved = (t_cfg.checkpoint_every and step % t_cfg.checkpoint_every == 0) or step == stop
             if saved:
-                _save_checkpoint(backend, out, step, sched, cfg_dict)
+                _save_checkpoint(backend, root, step, sched, cfg_dict, t_cfg.keep_checkpoints)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}")
             if request is not None and step < stop and request.agreed(functools.partial(any_rank, device=backend.device)):
                 say(f"step {step}: stop requested: checkpointing and exiting")
                 if not saved:
-                    _save_checkpoint(backend, out, step, sched, cfg_dict)
+                    _save_checkpoint(backend, root, step, sched, cfg_dict, t_cfg.keep_checkpoints)
                 stopped, stop = True, step
                 break
     finally:
@@ -550,13 +356,15 @@ def _run(cfg: RunConfig, backend: Backend, data: TokenDataset, out: Path, log: C
                       say)
 
 
-def _save_checkpoint(backend: Backend, out: Path, step: int, sched: Any, cfg_dict: dict[str, Any]) -> None:
-    extra = {"step": step, "data_step": step, "scheduler": sched.state_dict(), "rng": rng_state(), "config": cfg_dict}
-    backend.save(checkpoint_path(out, step), extra)
-    backend.barrier()
-    if backend.is_main:
-        for _, old in list_checkpoints(out)[:-KEEP_CHECKPOINTS]:
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
+def _save_checkpoint(backend: Backend, root: Path, step: int, sched: Any, cfg_dict: dict[str, Any], keep: int) -> Path:
+    """Checkpoint ``step`` atomically: the backend's files, every rank's RNG state, ``loop.json``."""
+    def write(directory: Path) -> None:
+        backend.save(directory)
+        checkpoint_dir.save_rng(directory, backend.rank)
+
+    loop = {"step": step, "backend": backend.name, "world": backend.world, "config": cfg_dict,
+            "scheduler": sched.state_dict(), "skipped_steps": backend.skipped_steps()}
+    return checkpoint_dir.save(root, step, write, loop, is_main=backend.is_main, barrier=backend.barrier, keep_last=keep)
 
 
 def _summarize(cfg, backend, out, metrics_path, unigram, n_params, stop, wall, resumed_from, val_loss, stopped,
@@ -564,8 +372,9 @@ def _summarize(cfg, backend, out, metrics_path, unigram, n_params, stop, wall, r
     summary: dict[str, Any] = {
         "optimizer": cfg.optim.name, "steps": stop, "tokens": stop * cfg.train.global_batch * cfg.data.seq_len,
         "num_params": n_params, "unigram_baseline": unigram, "final_val_loss": val_loss, "wall_s": wall,
-        "skipped_steps": int(getattr(backend.optimizer, "skipped_steps", 0)), "resumed_from": resumed_from,
-        "out_dir": str(out), "metrics": str(metrics_path), "checkpoint": str(checkpoint_path(out, stop)),
+        "skipped_steps": backend.skipped_steps(), "resumed_from": resumed_from,
+        "out_dir": str(out), "metrics": str(metrics_path),
+        "checkpoint": str(checkpoint_dir.step_dir(checkpoint_dir.root_of(out), stop)),
         "plot": str(out / "loss.png"), "device": str(backend.device), "world": backend.world, "stopped": stopped,
     }
     if backend.is_main:

@@ -24,13 +24,19 @@ One process per GPU (``torchrun``; ``slurm/launch.py`` builds the multi-node com
    accumulation over micro-batches), then the optimizer from :func:`make_optimizer` and the
    warm-up + cosine schedule of :mod:`lanton_dist.schedule`.
 6. Checkpoints with ``torch.distributed.checkpoint`` under ``train.out_dir/checkpoints/
-   step_XXXXXXXX`` (model shards, optimizer state, scheduler, step; ``latest`` names the newest
-   complete one). ``train.resume: true`` resumes from ``latest`` and starts from scratch when
-   there is none (so a requeued Slurm job can always pass it). A checkpoint is written every
+   step_XXXXXXXX`` (model shards, optimizer state; scheduler and step in ``loop.json``),
+   written atomically by :mod:`lanton_dist.checkpoint_dir` (the same scheme as
+   ``launch/train.py``). ``train.resume: true`` resumes from the newest complete one and starts
+   from scratch when there is none (so a requeued Slurm job can always pass it); its config
+   must match (:func:`lanton_dist.config.check_resume`). A checkpoint is written every
    ``train.checkpoint_every`` steps, at the end, and when the job is asked to stop: SIGUSR1 or
    SIGTERM to a training process, or the file named by ``$LANTON_STOP_FILE`` appearing
    (``slurm/pretrain_llama.sbatch`` creates it on its pre-emption signal). A run that finished
    all steps writes ``train.out_dir/COMPLETED``.
+
+Exit status: 0 when the run finished or stopped on request; 2 with one ``config error: …``
+line for a bad config (checked before the model is built); 3 when training diverged
+(``train.max_consecutive_skips`` skipped or non-finite steps in a row; no ``COMPLETED``).
 
 ``--cpu-shim`` (CI and tests only) loads ``tests/megatron_cpu_shim.py`` so that Megatron-core
 runs on a CPU-only machine under gloo; see that file for what it patches.
@@ -41,9 +47,7 @@ import argparse
 import datetime
 import importlib.util
 import json
-import math
 import os
-import pickle
 import socket
 import sys
 import time
@@ -59,7 +63,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from lanton_dist.config import RunConfig, load_run_config, to_dict  # noqa: E402
+from lanton_dist import checkpoint_dir  # noqa: E402
+from lanton_dist.config import ConfigError, RunConfig, check_resume, check_run_config, load_run_config, to_dict  # noqa: E402
+from lanton_dist.divergence import EXIT_DIVERGED, DivergenceGuard, Diverged  # noqa: E402
 from lanton_dist.factory import build_optimizer, param_groups  # noqa: E402
 from lanton_dist.preemption import COMPLETED, StopRequest, any_rank  # noqa: E402
 from lanton_dist.schedule import build_scheduler  # noqa: E402
@@ -89,6 +95,22 @@ def load_cpu_shim():
     spec.loader.exec_module(module)
     module.install()
     return module
+
+
+# ----------------------------------------------------------------------------- config checks
+def check_pretrain_config(cfg: RunConfig) -> None:
+    """:func:`lanton_dist.config.check_run_config` for this job's data-parallel size, plus what
+    this entry does not run; a :class:`ConfigError` naming the key, before anything is built."""
+    if cfg.parallel.backend != "megatron":
+        raise ConfigError(f"parallel.backend: launch/pretrain_llama.py runs megatron, the config says {cfg.parallel.backend!r}")
+    if cfg.data.source not in DATA_SOURCES:
+        raise ConfigError(f"data.source: launch/pretrain_llama.py reads {DATA_SOURCES}, got {cfg.data.source!r} "
+                          "(the stdlib corpus is for launch/train.py)")
+    if cfg.optim.name == "lanton" and cfg.optim.option == "II":
+        raise ConfigError("optim.option II needs two half-batch gradients, which Megatron's pipeline schedule does "
+                          "not produce: use optim.option I with launch/pretrain_llama.py")
+    world, model_parallel = int(os.environ.get("WORLD_SIZE", "1")), cfg.parallel.tp * cfg.parallel.pp
+    check_run_config(cfg, max(1, world // model_parallel) if model_parallel > 0 else 1)
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -177,15 +199,8 @@ def build_megatron_datasets(cfg: RunConfig, train_samples: int, valid_samples: i
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
-    prefix = cfg.data.path
-    if not prefix:
-        raise ValueError("data.source megatron needs data.path: the prefix of an indexed dataset (<path>.bin/<path>.idx)")
-    for ext in (".bin", ".idx"):
-        if not os.path.exists(prefix + ext):
-            raise FileNotFoundError(f"data.path {prefix!r}: {prefix + ext} does not exist (give the prefix, without extension)")
+    prefix = cfg.data.path  # checked by check_pretrain_config
     vf = cfg.data.val_fraction
-    if not 0.0 <= vf < 1.0:
-        raise ValueError(f"data.val_fraction must be in [0, 1), got {vf}")
     split = f"{1.0 - vf:.6f},{vf:.6f},0"
     config = GPTDatasetConfig(
         random_seed=cfg.data.seed,
@@ -207,15 +222,8 @@ def build_megatron_datasets(cfg: RunConfig, train_samples: int, valid_samples: i
 
 
 def build_data(cfg: RunConfig, train_samples: int, valid_samples: int):
-    source = cfg.data.source
-    if source not in DATA_SOURCES:
-        raise ValueError(
-            f"launch/pretrain_llama.py supports data.source {DATA_SOURCES}, got {source!r} "
-            "(the stdlib corpus is for launch/train.py)"
-        )
-    if cfg.data.seq_len < 1:
-        raise ValueError(f"data.seq_len must be >= 1, got {cfg.data.seq_len}")
-    if source == "synthetic":
+    """Train and validation datasets of ``data.source`` (checked by :func:`check_pretrain_config`)."""
+    if cfg.data.source == "synthetic":
         return (SyntheticTokens(cfg.model.vocab_size, cfg.data.seq_len, cfg.data.seed, 0),
                 SyntheticTokens(cfg.model.vocab_size, cfg.data.seq_len, cfg.data.seed, 1))
     return build_megatron_datasets(cfg, train_samples, valid_samples)
@@ -323,32 +331,29 @@ def _optimizer_layout(optimizer, key_of: dict[int, str]) -> tuple[dict[str, torc
 
 
 class Checkpointer:
-    """``torch.distributed.checkpoint`` save/load of model, optimizer, scheduler and step.
+    """``torch.distributed.checkpoint`` save/load of model and optimizer, inside the atomic
+    ``step_N`` directories of :mod:`lanton_dist.checkpoint_dir` (step, scheduler and config in
+    its ``loop.json``).
 
     Keys: a parameter's global (pipeline-independent) name, suffixed ``@tp<r>of<T>`` when it is
     TP-sharded (replicated tensors are written once); optimizer tensors under
-    ``optim/<param key>/<state name>``; the optimizer's param-group settings, its non-tensor
-    state and the scheduler under ``meta/<tp,pp rank>``. Identical keys on data-parallel
-    replicas are written once, which is right for the replicated (DP = 1 or redundant)
-    optimizer that :func:`make_optimizer` builds today.
+    ``optim/<param key>/<state name>``. The optimizer's param-group settings and non-tensor
+    state go to ``optim_meta/<tp,pp rank>.json`` (written by data-parallel rank 0 of each
+    model-parallel rank). Identical keys on data-parallel replicas are written once, which is
+    right for the replicated (DP = 1 or redundant) optimizer that :func:`make_optimizer` builds.
     """
 
-    def __init__(self, out_dir: str, model, specs: dict, optimizer, scheduler) -> None:
-        self.dir = Path(out_dir) / "checkpoints"
+    META_DIR = "optim_meta"
+
+    def __init__(self, out_dir: str, model, specs: dict, optimizer, scheduler, cfg: RunConfig) -> None:
+        self.dir = checkpoint_dir.root_of(out_dir)
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.config = to_dict(cfg)
+        self.keep = cfg.train.keep_checkpoints
         params = dict(model.named_parameters())
         self.param_keys = {name: _tensor_key(info) for name, info in specs.items()}
         self.params = {self.param_keys[n]: params[n] for n in specs}
         self.key_of = {id(params[n]): self.param_keys[n] for n in specs}
-
-    def latest(self) -> Path | None:
-        pointer = self.dir / "latest"
-        if not pointer.exists():
-            return None
-        path = self.dir / pointer.read_text().strip()
-        if not (path / ".metadata").exists():
-            raise FileNotFoundError(f"{pointer} names {path}, which is not a complete checkpoint")
-        return path
 
     @property
     def sharded(self) -> bool:
@@ -357,57 +362,49 @@ class Checkpointer:
         return isinstance(self.optimizer, ShardedLANTON)
 
     def save(self, step: int) -> Path:
+        loop = {"step": step, "backend": "megatron", "world": dist.get_world_size(), "config": self.config,
+                "scheduler": self.scheduler.state_dict()}
+        return checkpoint_dir.save(self.dir, step, self._write, loop, is_main=dist.get_rank() == 0,
+                                   barrier=dist.barrier, keep_last=self.keep)
+
+    def _write(self, path: Path) -> None:
         import torch.distributed.checkpoint as dcp
+        from megatron.core import parallel_state as ps
 
         from lanton_dist.engine import checkpoint as engine_ckpt
 
-        path = self.dir / f"step_{step:08d}"
-        # pickled so that DCP stores it as one object instead of flattening it into keys
         if self.sharded:  # the engine writes its own pieces (owner-only and DP-sharded state)
-            extra = {"model": dict(self.params), "step": torch.tensor(step, dtype=torch.int64),
-                     "meta": {_rank_tag(): pickle.dumps({"scheduler": self.scheduler.state_dict()})}}
-            engine_ckpt.save(self.optimizer, str(path), extra=extra)
-        else:
-            tensors, meta = _optimizer_layout(self.optimizer, self.key_of)
-            meta["scheduler"] = self.scheduler.state_dict()
-            state = {
-                "model": dict(self.params),
-                "optim": tensors,
-                "meta": {_rank_tag(): pickle.dumps(meta)},
-                "step": torch.tensor(step, dtype=torch.int64),
-            }
-            dcp.save(state, checkpoint_id=str(path))
-        dist.barrier()
-        if dist.get_rank() == 0:
-            tmp = self.dir / "latest.tmp"
-            tmp.write_text(path.name + "\n")
-            os.replace(tmp, self.dir / "latest")
-        dist.barrier()
-        return path
+            engine_ckpt.save(self.optimizer, str(path), extra={"model": dict(self.params)})
+            return
+        tensors, meta = _optimizer_layout(self.optimizer, self.key_of)
+        dcp.save({"model": dict(self.params), "optim": tensors}, checkpoint_id=str(path))
+        if ps.get_data_parallel_rank() == 0:
+            (path / self.META_DIR).mkdir(exist_ok=True)
+            (path / self.META_DIR / f"{_rank_tag()}.json").write_text(json.dumps(meta))
 
-    def load(self, path: Path) -> int:
-        import torch.distributed.checkpoint as dcp
-
-        tag = _rank_tag()
+    def load(self, path: Path, loop: dict[str, Any]) -> int:
+        """Restore model, optimizer and scheduler from complete checkpoint ``path`` whose
+        ``loop.json`` is ``loop``; returns its step."""
         if self.sharded:
             from lanton_dist.engine import checkpoint as engine_ckpt
 
             with torch.no_grad():
-                extra = {"model": {k: torch.empty_like(p) for k, p in self.params.items()},
-                         "meta": {tag: None}, "step": torch.tensor(0, dtype=torch.int64)}
+                extra = {"model": {k: torch.empty_like(p) for k, p in self.params.items()}}
                 engine_ckpt.load(self.optimizer, str(path), extra=extra)
                 for k, p in self.params.items():
                     p.copy_(extra["model"][k])
             self.optimizer.sync_from_model()  # every rank continues from the saved weights
-            meta = extra["meta"][tag]
-            self.scheduler.load_state_dict(pickle.loads(meta)["scheduler"])
-            return int(extra["step"])
-        head: dict[str, Any] = {"meta": {tag: None}, "step": torch.tensor(0, dtype=torch.int64)}
-        dcp.load(head, checkpoint_id=str(path))
-        meta, step = head["meta"][tag], int(head["step"])
-        meta = pickle.loads(meta) if isinstance(meta, bytes) else meta
-        if not isinstance(meta, dict) or "groups" not in meta:
-            raise ValueError(f"{path}: no optimizer metadata for {tag} (was it written with another tp/pp layout?)")
+        else:
+            meta_file = path / self.META_DIR / f"{_rank_tag()}.json"
+            if not meta_file.is_file():
+                raise ValueError(f"{path}: no optimizer metadata for {_rank_tag()} (was it written with another tp/pp layout?)")
+            self._load_replicated(path, json.loads(meta_file.read_text()))
+        checkpoint_dir.restore_scheduler(self.scheduler, loop["scheduler"])
+        return int(loop["step"])
+
+    def _load_replicated(self, path: Path, meta: dict[str, Any]) -> None:
+        import torch.distributed.checkpoint as dcp
+
         by_key = {self.key_of[id(p)]: p for g in self.optimizer.param_groups for p in g["params"]}
         optim_tensors = {
             f"{key}/{name}": torch.empty(shape, dtype=getattr(torch, dtype), device=by_key[key].device)
@@ -424,7 +421,8 @@ class Checkpointer:
             keys = [self.key_of[id(p)] for p in g["params"]]
             if keys != saved["keys"]:
                 raise ValueError(f"{path}: optimizer param group holds {saved['keys'][:3]}…, this run has {keys[:3]}…")
-            g.update({k: v for k, v in saved.items() if k != "keys"})
+            # JSON has lists where the group had tuples (betas): give them back their type
+            g.update({k: tuple(v) if isinstance(g.get(k), tuple) else v for k, v in saved.items() if k != "keys"})
         self.optimizer.state.clear()
         for key, p in by_key.items():
             st = {name: optim_tensors[f"{key}/{name}"] for name, _, _ in meta["tensors"].get(key, [])}
@@ -433,8 +431,6 @@ class Checkpointer:
                 self.optimizer.state[p] = st
         if "skipped_steps" in meta:
             self.optimizer.skipped_steps = meta["skipped_steps"]
-        self.scheduler.load_state_dict(meta["scheduler"])
-        return step
 
 
 # ----------------------------------------------------------------------------- main
@@ -445,21 +441,19 @@ def log(msg: str) -> None:
 
 def train(cfg: RunConfig) -> dict[str, Any]:
     """The whole training run (torch.distributed must not be initialised yet, or be ours)."""
+    check_pretrain_config(cfg)
+    resume = resume_point(cfg)  # before anything is built: a mismatching checkpoint is a config error
     from megatron.core import parallel_state as ps
 
     from lanton_dist.integrations import megatron_model as mm
 
     device = resolve_device(cfg)
     bf16 = cfg.train.dtype == "bf16"
-    if cfg.train.dtype not in ("fp32", "bf16"):
-        raise ValueError(f"train.dtype must be fp32 or bf16, got {cfg.train.dtype!r}")
     if bf16 and device.type != "cuda":
-        raise ValueError(
+        raise ConfigError(
             "train.dtype bf16 needs CUDA here: Megatron's linear layers re-enter autocast in backward "
             "only for CUDA (custom_bwd), so CPU autocast fails; use --train.dtype fp32 on CPU"
         )
-    if cfg.parallel.backend != "megatron":
-        raise ValueError(f"launch/pretrain_llama.py runs parallel.backend megatron, the config says {cfg.parallel.backend!r}")
     init_distributed(cfg, device)
     dp = mm.initialize_model_parallel(cfg)
     micro, num_micro = batch_geometry(cfg, dp)
@@ -471,20 +465,16 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     specs = mm.logical_param_specs(model, cfg)
     optimizer = make_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg.schedule.warmup_steps, cfg.train.steps, cfg.schedule.min_ratio)
-    ckpt = Checkpointer(cfg.train.out_dir, model, specs, optimizer, scheduler)
+    ckpt = Checkpointer(cfg.train.out_dir, model, specs, optimizer, scheduler, cfg)
 
     out_dir = Path(cfg.train.out_dir)
     if dist.get_rank() == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     start = 0
-    if cfg.train.resume:
-        latest = ckpt.latest()
-        if latest is None:
-            log(f"resume: no checkpoint under {ckpt.dir}; starting from step 0")
-        else:
-            start = ckpt.load(latest)
-            log(f"resume: loaded {latest} (step {start})")
+    if resume is not None:
+        start = ckpt.load(*resume)
+        log(f"resume: loaded {resume[0]} (step {start})")
 
     metrics_path = out_dir / "metrics.jsonl"
     if dist.get_rank() == 0:
@@ -513,6 +503,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     step = start
     stopped = False
     last_saved = start if start else -1
+    guard = DivergenceGuard(cfg.train.max_consecutive_skips, int(getattr(optimizer, "skipped_steps", 0)))
     while step < cfg.train.steps:
         t0 = time.perf_counter()
         model.train()
@@ -520,14 +511,13 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         batches = micro_batches(train_data, step, cfg.train.global_batch, micro, num_micro, dp_rank, dp)
         total = run_batches(model, forward_step, batches, num_micro, seq, micro, False, device)
         loss = float(total[0] / total[1])
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"step {step + 1}: loss is {loss}")
         lrs = [g["lr"] for g in optimizer.param_groups]
-        optimizer.step()
+        optimizer.step()  # skips (and counts) a step whose gradients are not finite
         scheduler.step()
         step += 1
         dt = time.perf_counter() - t0
-        record = dict(step=step, loss=loss, lr=lrs, step_s=dt, tokens_per_s=tokens_per_step / dt)
+        skipped = int(getattr(optimizer, "skipped_steps", 0))
+        record = dict(step=step, loss=loss, lr=lrs, step_s=dt, tokens_per_s=tokens_per_step / dt, skipped_steps=skipped)
         if eval_every > 0 and valid_data is not None and (step % eval_every == 0 or step == cfg.train.steps):
             record["val_loss"] = evaluate(model, forward_step, valid_data, cfg, micro, num_micro, dp_rank, dp, device)
         history.append(record)
@@ -536,6 +526,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         if dist.get_rank() == 0:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+        guard.observe(step, skipped, loss)  # the same on every rank: loss and skip decision are job-wide
         every = cfg.train.checkpoint_every
         if every > 0 and step % every == 0:
             ckpt.save(step)
@@ -549,6 +540,25 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     if not stopped and dist.get_rank() == 0:
         (out_dir / COMPLETED).write_text(f"{step}\n")
     return dict(history=history, start=start, step=step, stopped=stopped)
+
+
+def resume_point(cfg: RunConfig) -> tuple[Path, dict[str, Any]] | None:
+    """With ``train.resume``: the newest complete checkpoint and its loop state, after checking
+    its config against this run's; None to start from step 0. Logs on global rank 0."""
+    if not cfg.train.resume:
+        return None
+    say = print if int(os.environ.get("RANK", "0")) == 0 else (lambda _msg: None)
+    root = checkpoint_dir.root_of(cfg.train.out_dir)
+    path = checkpoint_dir.latest_complete(root, say)
+    if path is None:
+        say(f"resume: no complete checkpoint under {root}; starting from step 0")
+        return None
+    loop = checkpoint_dir.read_loop_state(path)
+    for warning in check_resume(loop["config"], to_dict(cfg), str(path)):
+        say(f"warning: {warning}")
+    if loop["step"] > cfg.train.steps:
+        raise ConfigError(f"cannot resume from {path}: its step {loop['step']} is past train.steps {cfg.train.steps}")
+    return path, loop
 
 
 def evaluate(model, forward_step, dataset, cfg: RunConfig, micro: int, num_micro: int,
@@ -566,11 +576,18 @@ def evaluate(model, forward_step, dataset, cfg: RunConfig, micro: int, num_micro
 
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(argv)
-    if args.cpu_shim:
-        load_cpu_shim()
-    cfg = load_run_config(args.config, overrides)
     try:
+        if args.config is not None and not Path(args.config).is_file():
+            raise ConfigError(f"config file not found: {args.config}")
+        cfg = load_run_config(args.config, overrides)
+        check_pretrain_config(cfg)  # before the (slow) shim and Megatron imports
+        if args.cpu_shim:
+            load_cpu_shim()
         train(cfg)
+    except (ConfigError, Diverged) as e:  # one line from global rank 0: every rank reaches the same verdict
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"config error: {e}" if isinstance(e, ConfigError) else f"error: {e}", file=sys.stderr, flush=True)
+        return 2 if isinstance(e, ConfigError) else EXIT_DIVERGED
     finally:
         if dist.is_initialized():
             from megatron.core import parallel_state as ps

@@ -7,15 +7,21 @@ argument is an override. Rank and world come from the backend (``parallel.backen
 the same command runs under ``torchrun`` once a distributed backend is configured.
 SIGUSR1/SIGTERM or ``$LANTON_STOP_FILE`` make every rank checkpoint at the end of the current
 step and exit (Slurm requeue: ``slurm/pretrain_llama.sbatch``); ``--train.resume true`` continues.
+
+Exit status: 0 when the run finished or stopped on request; 2 with one ``config error: …``
+line for a bad config (checked before anything is built); 3 when training diverged
+(``train.max_consecutive_skips`` skipped steps in a row; no ``COMPLETED``).
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lanton_dist.config import load_run_config  # noqa: E402
+from lanton_dist.config import ConfigError, load_run_config  # noqa: E402
+from lanton_dist.divergence import EXIT_DIVERGED, Diverged  # noqa: E402
 from lanton_dist.preemption import StopRequest  # noqa: E402
 from lanton_dist.trainer import train  # noqa: E402
 
@@ -46,18 +52,28 @@ def split_config_arg(argv: list[str]) -> tuple[str | None, list[str]]:
 def main(argv: list[str] | None = None) -> dict:
     path, overrides = split_config_arg(sys.argv[1:] if argv is None else argv)
     if path is not None and not Path(path).is_file():
-        raise SystemExit(f"config file not found: {path}")
+        _exit(2, f"config error: config file not found: {path}")
     try:
         cfg = load_run_config(path, overrides)
-    except ValueError as e:
-        raise SystemExit(f"config error: {e}\n{USAGE}") from None
-    summary = train(cfg, stop=StopRequest.from_environment())
+        summary = train(cfg, stop=StopRequest.from_environment())
+    except ConfigError as e:
+        _exit(2, f"config error: {e}")
+    except Diverged as e:
+        _exit(EXIT_DIVERGED, f"error: {e}")
     if summary.get("final_train_loss") is not None:
         val = summary["final_val_loss"]
         print(f"final train loss {summary['final_train_loss']:.4f} | final val loss "
               f"{'n/a' if val is None else f'{val:.4f}'} | unigram baseline {summary['unigram_baseline']:.4f}")
         print(f"metrics {summary['metrics']}\nplot {summary['plot']}\ncheckpoint {summary['checkpoint']}")
     return summary
+
+
+def _exit(code: int, line: str) -> None:
+    """Leave with ``code`` after one line on stderr (no traceback), written by global rank 0
+    only: under torchrun every rank reaches the same verdict."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(line, file=sys.stderr, flush=True)
+    raise SystemExit(code)
 
 
 if __name__ == "__main__":

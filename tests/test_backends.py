@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import socket
 import subprocess
 import sys
@@ -41,7 +42,8 @@ def test_zero_backend_stopped_and_resumed_run_equals_the_uninterrupted_run(tmp_p
     _train(tmp_path / "part", "--parallel.backend", "zero", "--train.steps", "12", "--train.checkpoint_every", "6",
            "--train.stop_after", "6")
     ckpts = sorted((tmp_path / "part" / "checkpoints").iterdir())
-    assert ckpts and ckpts[-1].is_dir(), "the engine writes sharded DCP directories"
+    assert [c.name for c in ckpts] == ["step_00000006"] and (ckpts[-1] / ".metadata").is_file(), "a sharded DCP directory"
+    assert_no_pickled_objects(ckpts[-1])
     resumed = _train(tmp_path / "part", "--parallel.backend", "zero", "--train.steps", "12", "--train.resume", "true")
     by_step = {r["step"]: r for r in full}
     later = [r for r in resumed if r["step"] > 6]
@@ -49,6 +51,49 @@ def test_zero_backend_stopped_and_resumed_run_equals_the_uninterrupted_run(tmp_p
     for r in later:
         assert r["loss"] == by_step[r["step"]]["loss"], r["step"]
     assert full[-1]["loss"] < full[0]["loss"]
+
+
+def assert_no_pickled_objects(path: Path) -> None:
+    """Every entry of the DCP checkpoint at ``path`` is a tensor: DCP would un-pickle any other
+    object (its ``BytesStorageMetadata`` entries) with ``torch.load(weights_only=False)``."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    entries = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    objects = [k for k, v in entries.items() if not isinstance(v, TensorStorageMetadata)]
+    assert entries and not objects, objects
+
+
+class PlantedPickle:
+    """Un-pickling this creates ``marker`` (it needs only :mod:`pathlib` to load)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def plant_pickle(directory: Path, marker: Path) -> None:
+    """A ``loop.pkl`` whose un-pickling would create ``marker`` (earlier versions read this file)."""
+    payload = pickle.dumps(PlantedPickle(marker))
+    pickle.loads(payload)
+    assert marker.exists(), "the planted payload must run code when un-pickled"
+    marker.unlink()
+    (directory / "loop.pkl").write_bytes(payload)
+
+
+def test_backends_module_does_not_import_the_trainer():
+    """No cycle: trainer imports backends, never the reverse (not even lazily on setup)."""
+    code = ("import sys, lanton_dist.backends as b; from lanton_dist.config import load_run_config; "
+            "from lanton_dist.model import Transformer; cfg = load_run_config(None, ['--train.device', 'cpu']); "
+            "b.setup_backend(cfg, Transformer(cfg.model)); print('lanton_dist.trainer' in sys.modules)")
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip() == "False", res.stderr[-3000:]
+    import lanton_dist.backends as backends
+    import lanton_dist.trainer as trainer
+
+    assert trainer.Backend is backends.Backend and trainer.setup_backend is backends.setup_backend
 
 
 def test_ddp_backend_and_zero_backend_train_the_same_model_alike(tmp_path):
@@ -61,8 +106,8 @@ def test_ddp_backend_and_zero_backend_train_the_same_model_alike(tmp_path):
 
 
 def test_megatron_backend_in_the_small_loop_points_to_pretrain_llama():
+    from lanton_dist.backends import setup_backend
     from lanton_dist.config import load_run_config
-    from lanton_dist.trainer import setup_backend
 
     with pytest.raises(ValueError, match="pretrain_llama.py"):
         setup_backend(load_run_config(None, ["--parallel.backend", "megatron"]), None)
@@ -78,6 +123,18 @@ def test_deepspeed_config_of_a_run_has_one_step_per_global_batch_and_no_clipping
     assert ds["zero_optimization"]["stage"] == 3 and ds["gradient_clipping"] == 0.0
     with pytest.raises(ValueError, match="zero_stage"):
         deepspeed_config(load_run_config(None, ["--parallel.zero_stage", "0"]), world=2)
+
+
+def test_deepspeed_skipped_steps_count_the_engines_overflow_skips_with_the_optimizers():
+    import types
+
+    import torch
+
+    from lanton_dist.backends import DeepSpeedBackend
+
+    engine = types.SimpleNamespace(skipped_steps=2, module=None)
+    optimizer = types.SimpleNamespace(skipped_steps=1)
+    assert DeepSpeedBackend(engine, optimizer, torch.device("cpu"), 0, 2).skipped_steps() == 3
 
 
 def test_distributed_backend_without_torchrun_is_a_clear_error(tmp_path):
@@ -103,7 +160,12 @@ def test_framework_backends_train_like_the_engine_and_resume_exactly(tmp_path, b
     for a, b in zip(zero, full):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4), a["step"]
     _train(tmp_path / "part", "--parallel.backend", backend, *args, "--train.checkpoint_every", "3", "--train.stop_after", "3")
+    ckpt = tmp_path / "part" / "checkpoints" / "step_00000003"
+    plant_pickle(ckpt, tmp_path / "pwned")
     resumed = _train(tmp_path / "part", "--parallel.backend", backend, *args, "--train.resume", "true")
+    assert not (tmp_path / "pwned").exists(), "a planted loop.pkl was un-pickled on resume"
+    if backend == "fsdp2":
+        assert_no_pickled_objects(ckpt.parent / "step_00000006")
     by_step = {r["step"]: r["loss"] for r in full}
     assert [r["step"] for r in resumed if r["step"] > 3] == [4, 5, 6]
     for r in resumed:
@@ -111,4 +173,4 @@ def test_framework_backends_train_like_the_engine_and_resume_exactly(tmp_path, b
             assert r["loss"] == by_step[r["step"]], r["step"]
     if backend == "deepspeed":  # its checkpoints do not reshard: a clear error, not a silent mis-load
         _train(tmp_path / "part", "--parallel.backend", backend, *args, "--train.resume", "true", nproc=4,
-               fails_with="resume at the same world size")
+               fails_with="config error: cannot resume from")

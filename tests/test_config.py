@@ -91,8 +91,10 @@ def test_cli_takes_config_anywhere_and_passes_the_rest_as_overrides():
         split(["--config"])
 
 
-def test_cli_reports_config_errors_without_a_traceback(tmp_path):
-    with pytest.raises(SystemExit, match="config error.*stepz"):
-        _launch_train().main(["--train.stepz", "3"])
-    with pytest.raises(SystemExit, match="not found"):
-        _launch_train().main(["--config", str(tmp_path / "missing.yaml")])
+def test_cli_reports_config_errors_as_one_line_and_exit_status_2(tmp_path, capsys):
+    for argv, key in ((["--train.stepz", "3"], "stepz"), (["--config", str(tmp_path / "missing.yaml")], "not found")):
+        with pytest.raises(SystemExit) as e:
+            _launch_train().main(argv)
+        assert e.value.code == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("config error: ") and key in lines[0], lines

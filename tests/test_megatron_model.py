@@ -278,15 +278,31 @@ def _write_config(path: Path, out_dir: Path, **train) -> Path:
     return path
 
 
-def _pretrain(config: Path, *overrides: str, env: dict | None = None, nproc: int = 1) -> subprocess.CompletedProcess:
+def _pretrain(config: Path, *overrides: str, env: dict | None = None, nproc: int = 1,
+              returncode: int = 0) -> subprocess.CompletedProcess:
     full_env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "LANTON_STOP_FILE")}
     full_env.update(env or {})
     launcher = [sys.executable] if nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", str(free_port())]
     res = subprocess.run([*launcher, str(PRETRAIN), "--cpu-shim", "--config", str(config), *overrides],
                          cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    assert res.returncode == returncode, res.stdout[-3000:] + res.stderr[-5000:]
     return res
+
+
+def _complete_checkpoints(out_dir: Path) -> list[str]:
+    from lanton_dist import checkpoint_dir
+
+    return [p.name for _, p in checkpoint_dir.complete_checkpoints(out_dir / "checkpoints")]
+
+
+def _assert_only_tensors(path: Path) -> None:
+    """No non-tensor object in the DCP checkpoint (DCP would un-pickle it on load)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    entries = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    assert entries and all(isinstance(v, TensorStorageMetadata) for v in entries.values()), sorted(entries)
 
 
 def _metrics(out_dir: Path) -> dict[int, dict]:
@@ -307,7 +323,8 @@ def test_pretrain_smoke_stop_and_resume(tmp_path, tp):
     assert losses[-1] < losses[0] - 0.1, losses
     assert "val_loss" in rows[4] and "val_loss" in rows[8]
     assert (straight / "COMPLETED").exists()
-    assert (straight / "checkpoints" / "latest").read_text().strip() == "step_00000008"
+    assert _complete_checkpoints(straight) == ["step_00000008"]
+    _assert_only_tensors(straight / "checkpoints" / "step_00000008")
 
     # a stop request (the Slurm pre-emption path) checkpoints after the step and exits …
     resumed = tmp_path / "resumed"
@@ -316,11 +333,11 @@ def test_pretrain_smoke_stop_and_resume(tmp_path, tp):
     cfg = _write_config(tmp_path / "b.yaml", resumed, resume=True)
     first = run(cfg, env={"LANTON_STOP_FILE": str(stop)})
     assert "stop requested" in first.stdout and not (resumed / "COMPLETED").exists()
-    assert (resumed / "checkpoints" / "latest").read_text().strip() == "step_00000001"
+    assert _complete_checkpoints(resumed) == ["step_00000001"]
     # … and the resumed run is the uninterrupted one, step for step (model, LANTON state, schedule)
     stop.unlink()
     second = run(cfg)
-    assert "resume: loaded" in second.stdout
+    assert "step_00000001 is the newest complete checkpoint" in second.stdout and "resume: loaded" in second.stdout
     again = _metrics(resumed)
     for step in range(1, 9):
         assert again[step]["loss"] == rows[step]["loss"], step
@@ -349,6 +366,45 @@ def test_pretrain_megatron_indexed_dataset(tmp_path):
     assert np.isfinite(rows[3]["val_loss"])
     assert list((out / "data_cache").glob("*GPTDataset-train-*"))
 
-    bad = subprocess.run([sys.executable, str(PRETRAIN), "--cpu-shim", "--config", str(cfg), "--data.source", "megatron",
-                          "--data.path", str(tmp_path / "missing")], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert bad.returncode != 0 and "missing.bin does not exist" in bad.stderr
+    bad = _pretrain(cfg, "--data.source", "megatron", "--data.path", str(tmp_path / "missing"), returncode=2)
+    errors = [line for line in bad.stderr.splitlines() if "Error" in line or "error" in line]
+    assert errors == [f"config error: data.path {str(tmp_path / 'missing')!r}: {tmp_path / 'missing'}.bin and "
+                      f"{tmp_path / 'missing'}.idx does not exist (give the prefix of the indexed dataset, without extension)"]
+    assert "megatron LLaMA" not in bad.stdout  # refused before the model was built
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides, key", [
+    (["--optim.lr.hidden", "nan"], "optim.lr.hidden"),
+    (["--optim.name", "dmuon", "--optim.adam_betas", "[1.5, 2]"], "optim.adam_betas[0]"),
+    (["--optim.option", "II"], "optim.option II"),
+])
+def test_pretrain_refuses_a_bad_config_with_one_line_and_exit_2(tmp_path, overrides, key):
+    out = tmp_path / "run"
+    res = _pretrain(_write_config(tmp_path / "c.yaml", out), *overrides, returncode=2)
+    errors = [line for line in res.stderr.splitlines() if "rror" in line]
+    assert len(errors) == 1 and errors[0].startswith("config error: ") and key in errors[0], res.stderr[-3000:]
+    assert not (out / "COMPLETED").exists() and not (out / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_pretrain_stops_a_diverging_run_with_exit_3_and_no_completed(tmp_path):
+    out = tmp_path / "run"
+    res = _pretrain(_write_config(tmp_path / "c.yaml", out, checkpoint_every=1, keep_checkpoints=5, max_consecutive_skips=2),
+                    "--optim.lr.hidden", "1e30", returncode=3)
+    assert "error: training diverged: steps 2-3 (2 in a row)" in res.stderr and "Traceback" not in res.stderr
+    assert not (out / "COMPLETED").exists()
+    assert _complete_checkpoints(out) == ["step_00000001", "step_00000002"]
+
+
+@pytest.mark.slow
+def test_pretrain_resume_with_another_model_is_refused_before_building_it_and_more_steps_warn(tmp_path):
+    out = tmp_path / "run"
+    cfg = _write_config(tmp_path / "c.yaml", out, steps=2, eval_every=0)
+    _pretrain(cfg)
+    res = _pretrain(cfg, "--train.resume", "true", "--model.ffn_dim", "64", returncode=2)
+    assert "config error: cannot resume from" in res.stderr and "model: checkpoint" in res.stderr
+    assert "megatron LLaMA" not in res.stdout
+    res = _pretrain(cfg, "--train.resume", "true", "--train.steps", "3")
+    assert "warning: resume from" in res.stdout and "train.steps: checkpoint 2, now 3" in res.stdout
+    assert sorted(_metrics(out)) == [1, 2, 3] and (out / "COMPLETED").read_text() == "3\n"

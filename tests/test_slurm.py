@@ -137,7 +137,7 @@ echo "$@" > "$FAKE_DIR/srun.args"
 touch "$FAKE_DIR/started"
 if [[ "$FAKE_MODE" == complete ]]; then echo 3 > "$OUT_DIR/COMPLETED"; exit 0; fi
 for i in $(seq 1 200); do
-    if [[ -f "$LANTON_STOP_FILE" ]]; then echo "stop file seen" ; exit 0; fi
+    if [[ -f "$LANTON_STOP_FILE" ]]; then echo "stop file seen" ; exit "${FAKE_EXIT:-0}"; fi
     sleep 0.1
 done
 exit 7
@@ -191,3 +191,21 @@ def test_sbatch_completed_run_is_not_requeued(fake_slurm):
     assert res.returncode == 0, res.stdout + res.stderr
     assert "training completed" in res.stdout
     assert not (tmp / "scontrol.log").exists()
+
+
+def test_sbatch_does_not_requeue_a_run_that_failed_after_a_stop_request(fake_slurm):
+    """Diverged (exit 3) or refused (exit 2) while a stop was pending: requeueing would repeat it."""
+    tmp, out_dir, env = fake_slurm
+    env.update(FAKE_MODE="wait", FAKE_EXIT="3")
+    proc = subprocess.Popen(["bash", str(SCRIPTS[0]), "configs/llama-7b.yaml", "--train.out_dir", str(out_dir)],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 60
+    while not (tmp / "started").exists():
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.time() < deadline, "fake srun never started"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 3, out
+    assert "exited with status 3 before completing (not requeued)" in out
+    assert not (tmp / "scontrol.log").exists() and not list(out_dir.glob(".stop-*"))

@@ -9,10 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lanton_dist.config import RunConfig, load_run_config
+from lanton_dist.backends import Backend, micro_slices, setup_backend
+from lanton_dist.config import ConfigError, RunConfig, load_run_config
 from lanton_dist.model import Transformer
 from lanton_dist.schedule import warmup_cosine
-from lanton_dist.trainer import Backend, micro_slices, read_metrics, setup_backend, train, train_step
+from lanton_dist.trainer import read_metrics, train, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "llama-tiny-cpu.yaml"
@@ -71,9 +72,9 @@ def test_resuming_from_a_mid_run_checkpoint_is_bit_identical(tmp_path, optim):
     common = ["--train.steps", "12", "--train.eval_every", "4", "--train.checkpoint_every", "5", *optim]
     full = train(small_cfg(tmp_path / "full", *common), log=quiet)
     cut = train(small_cfg(tmp_path / "cut", *common, "--train.stop_after", "7"), log=quiet)
-    assert cut["steps"] == 7 and Path(cut["checkpoint"]).name == "step_00000007.pt"
+    assert cut["steps"] == 7 and Path(cut["checkpoint"]).name == "step_00000007"
     resumed = train(small_cfg(tmp_path / "cut", *common, "--train.resume", "true"), log=quiet)
-    assert resumed["resumed_from"].endswith("step_00000007.pt")
+    assert resumed["resumed_from"].endswith("step_00000007")
 
     a, b = read_metrics(full["metrics"]), read_metrics(resumed["metrics"])
     assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(13))
@@ -82,8 +83,8 @@ def test_resuming_from_a_mid_run_checkpoint_is_bit_identical(tmp_path, optim):
         assert ra.get("lanton") == rb.get("lanton") and ra.get("lr") == rb.get("lr")
     assert full["final_val_loss"] == resumed["final_val_loss"]
 
-    ca = torch.load(full["checkpoint"], weights_only=True)
-    cb = torch.load(resumed["checkpoint"], weights_only=True)
+    ca = torch.load(Path(full["checkpoint"]) / "state.pt", weights_only=True)
+    cb = torch.load(Path(resumed["checkpoint"]) / "state.pt", weights_only=True)
     for name, t in ca["model"].items():
         assert torch.equal(t, cb["model"][name]), name
     sa, sb = ca["optimizer"]["state"], cb["optimizer"]["state"]
@@ -91,16 +92,42 @@ def test_resuming_from_a_mid_run_checkpoint_is_bit_identical(tmp_path, optim):
     for i in sa:
         for key, t in sa[i].items():
             assert torch.equal(torch.as_tensor(t), torch.as_tensor(sb[i][key])), (i, key)
-    assert ca["extra"]["scheduler"] == cb["extra"]["scheduler"]
+    loop_a = json.loads((Path(full["checkpoint"]) / "loop.json").read_text())
+    loop_b = json.loads((Path(resumed["checkpoint"]) / "loop.json").read_text())
+    assert loop_a["scheduler"] == loop_b["scheduler"] and loop_a["step"] == loop_b["step"] == 12
     kept = sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir())
-    assert kept == ["step_00000010.pt", "step_00000012.pt"]
+    assert kept == ["step_00000010", "step_00000012"]  # train.keep_checkpoints: 2
 
 
-def test_resuming_with_a_different_config_is_refused(tmp_path):
+@pytest.mark.parametrize("change, key", [
+    (["--optim.lr.hidden", "0.5"], "optim"),
+    (["--model.ffn_dim", "96"], "model"),
+    (["--train.global_batch", "8"], "train.global_batch"),
+])
+def test_resuming_with_a_different_config_is_refused_before_a_model_is_built(tmp_path, change, key, monkeypatch):
     common = ["--train.steps", "6", "--train.eval_every", "0", "--train.stop_after", "3"]
     train(small_cfg(tmp_path, *common), log=quiet)
-    with pytest.raises(ValueError, match=r"cannot resume.*optim"):
-        train(small_cfg(tmp_path, *common, "--train.resume", "true", "--optim.lr.hidden", "0.5"), log=quiet)
+    built = []
+    monkeypatch.setattr("lanton_dist.trainer.Transformer", lambda *a, **k: built.append(1))
+    with pytest.raises(ConfigError, match=rf"cannot resume from .*step_00000003.*{key}: checkpoint"):
+        train(small_cfg(tmp_path, *common, "--train.resume", "true", *change), log=quiet)
+    assert not built
+
+
+def test_resuming_with_more_steps_and_a_new_schedule_warns_and_follows_the_new_schedule(tmp_path):
+    common = ["--train.eval_every", "0", "--schedule.warmup_steps", "2"]
+    train(small_cfg(tmp_path, *common, "--train.steps", "6", "--train.stop_after", "3"), log=quiet)
+    said: list[str] = []
+    s = train(small_cfg(tmp_path, *common, "--train.steps", "10", "--schedule.min_ratio", "0.5", "--train.resume", "true"),
+              log=said.append)
+    assert s["steps"] == 10 and s["resumed_from"].endswith("step_00000003")
+    warnings = [m for m in said if m.startswith("warning:")]
+    assert len(warnings) == 2 and "train.steps: checkpoint 6, now 10" in warnings[0] and "schedule" in warnings[1]
+    cfg = small_cfg(tmp_path)
+    for r in read_metrics(s["metrics"]):
+        if r["step"] > 3:  # the rates after the resume point are the new schedule's
+            factor = warmup_cosine(r["step"] - 1, 2, 10, 0.5)
+            assert r["lr"]["hidden"] == pytest.approx(cfg.optim.lr.hidden * factor), r["step"]
 
 
 def test_option_two_runs_two_half_batches_on_estimation_steps(tmp_path):
@@ -216,13 +243,14 @@ def test_unsupported_backend_is_a_clear_error_naming_the_supported_ones(tmp_path
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--train.micro_batch", "3"], "does not divide"),
+    (["--train.micro_batch", "3"], "train.micro_batch 3 does not divide"),
     (["--data.seq_len", "256"], "max_seq_len"),
     (["--train.stop_after", "99"], "stop_after"),
     (["--train.device", "tpu"], "train.device"),
+    (["--optim.option", "II", "--train.global_batch", "3"], "optim.option II .* train.global_batch 3"),
 ])
-def test_bad_training_settings_are_clear_errors(tmp_path, extra, message):
-    with pytest.raises(ValueError, match=message):
+def test_bad_training_settings_are_config_errors(tmp_path, extra, message):
+    with pytest.raises(ConfigError, match=message):
         train(small_cfg(tmp_path, "--train.steps", "2", "--train.eval_every", "0", *extra), log=quiet)
 
 
@@ -241,7 +269,7 @@ def test_a_stop_request_checkpoints_the_current_step_and_resume_finishes_like_an
     flag = tmp_path / "stop"
     flag.touch()
     cut = train(small_cfg(tmp_path / "cut", *common), log=quiet, stop=StopRequest(str(flag)))
-    assert cut["stopped"] and cut["steps"] == 1 and Path(cut["checkpoint"]).is_file()
+    assert cut["stopped"] and cut["steps"] == 1 and (Path(cut["checkpoint"]) / "COMMITTED").is_file()
     assert not (tmp_path / "cut" / COMPLETED).exists(), "a stopped run must be requeued, not marked complete"
     flag.unlink()
     resumed = train(small_cfg(tmp_path / "cut", *common, "--train.resume", "true"), log=quiet, stop=StopRequest(str(flag)))
@@ -281,5 +309,5 @@ def test_launch_train_stops_on_the_job_scripts_stop_file(tmp_path):
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "stop requested" in res.stdout
-    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step_00000001.pt"]
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step_00000001"]
     assert not (tmp_path / "run" / "COMPLETED").exists()
