@@ -12,6 +12,7 @@ the entries print it as one ``config error: …`` line and exit with status 2. T
 from __future__ import annotations
 
 import dataclasses
+import glob
 import math
 import os
 import types
@@ -394,20 +395,25 @@ def _check_data(d: DataConfig, model: ModelConfig) -> None:
         raise ConfigError(f"data.seq_len must be >= 1, got {d.seq_len}")
     if d.seq_len > model.max_seq_len:
         raise ConfigError(f"data.seq_len {d.seq_len} exceeds model.max_seq_len {model.max_seq_len}")
-    if d.source == "megatron":
+    if d.source in ("indexed", "megatron"):
         _number("data.val_fraction", d.val_fraction, high=1.0)
         if not d.path:
-            raise ConfigError("data.path is required for data.source megatron: the prefix of an indexed dataset "
+            raise ConfigError(f"data.path is required for data.source {d.source}: the prefix of an indexed dataset "
                               "(<path>.bin / <path>.idx)")
         missing = [d.path + ext for ext in (".bin", ".idx") if not os.path.exists(d.path + ext)]
         if missing:
             raise ConfigError(f"data.path {d.path!r}: {' and '.join(missing)} does not exist "
                               "(give the prefix of the indexed dataset, without extension)")
-    else:
-        if not (math.isfinite(d.val_fraction) and 0.0 < d.val_fraction < 1.0):
-            raise ConfigError(f"data.val_fraction must be in (0, 1), got {d.val_fraction!r}")
-        if d.path:
-            raise ConfigError(f"data.path is read by data.source megatron only; data.source is {d.source!r}")
+        return
+    if not (math.isfinite(d.val_fraction) and 0.0 < d.val_fraction < 1.0):
+        raise ConfigError(f"data.val_fraction must be in (0, 1), got {d.val_fraction!r}")
+    if d.source in ("text", "jsonl"):
+        if not d.path:
+            raise ConfigError(f"data.path is required for data.source {d.source}: a file, a directory or a glob")
+        if not (os.path.exists(d.path) or glob.glob(d.path)):
+            raise ConfigError(f"data.path {d.path!r} does not exist and matches no file")
+    elif d.path:
+        raise ConfigError(f"data.path is not read by data.source {d.source!r} (built-in corpus)")
 
 
 def _check_parallel(cfg: RunConfig, data_parallel: int) -> None:

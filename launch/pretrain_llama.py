@@ -64,14 +64,14 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from lanton_dist import checkpoint_dir  # noqa: E402
-from lanton_dist.config import ConfigError, RunConfig, check_resume, check_run_config, load_run_config, to_dict  # noqa: E402
+from lanton_dist.config import DATA_SOURCES, ConfigError, RunConfig, check_resume, check_run_config, load_run_config, to_dict  # noqa: E402
+from lanton_dist.data import INDEXED_SOURCES, TokenSamples, build_dataset, build_gpt_datasets  # noqa: E402
 from lanton_dist.divergence import EXIT_DIVERGED, DivergenceGuard, Diverged  # noqa: E402
 from lanton_dist.factory import build_optimizer, param_groups  # noqa: E402
 from lanton_dist.preemption import COMPLETED, StopRequest, any_rank  # noqa: E402
 from lanton_dist.schedule import build_scheduler  # noqa: E402
 
 CPU_SHIM = ROOT / "tests" / "megatron_cpu_shim.py"
-DATA_SOURCES = ("synthetic", "megatron")
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -104,8 +104,7 @@ def check_pretrain_config(cfg: RunConfig) -> None:
     if cfg.parallel.backend != "megatron":
         raise ConfigError(f"parallel.backend: launch/pretrain_llama.py runs megatron, the config says {cfg.parallel.backend!r}")
     if cfg.data.source not in DATA_SOURCES:
-        raise ConfigError(f"data.source: launch/pretrain_llama.py reads {DATA_SOURCES}, got {cfg.data.source!r} "
-                          "(the stdlib corpus is for launch/train.py)")
+        raise ConfigError(f"data.source: launch/pretrain_llama.py reads {DATA_SOURCES}, got {cfg.data.source!r}")
     if cfg.optim.name == "lanton" and cfg.optim.option == "II":
         raise ConfigError("optim.option II needs two half-batch gradients, which Megatron's pipeline schedule does "
                           "not produce: use optim.option I with launch/pretrain_llama.py")
@@ -181,52 +180,19 @@ class SyntheticTokens:
         return 2**62
 
 
-class _NoTokenizer:
-    """What ``GPTDataset`` needs of a tokenizer for pre-tokenised data: the vocabulary size.
-    There is no EOD/pad id in :class:`~lanton_dist.config.DataConfig`, so documents are not
-    separated inside a sequence (reset_position_ids / reset_attention_mask / eod_mask_loss
-    are off) and no token is treated as padding."""
-
-    def __init__(self, vocab_size: int) -> None:
-        self.vocab_size = vocab_size
-        self.eod = None
-        # Megatron hashes the dataset configuration (tokenizer included) to name its index cache.
-        self.unique_identifiers = {"class": "pretokenized", "vocab_size": vocab_size}
-
-
-def build_megatron_datasets(cfg: RunConfig, train_samples: int, valid_samples: int):
-    """Train and validation ``GPTDataset`` over the indexed dataset at ``data.path``."""
-    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
-
-    prefix = cfg.data.path  # checked by check_pretrain_config
-    vf = cfg.data.val_fraction
-    split = f"{1.0 - vf:.6f},{vf:.6f},0"
-    config = GPTDatasetConfig(
-        random_seed=cfg.data.seed,
-        sequence_length=cfg.data.seq_len,
-        blend=([prefix], None),
-        split=split,
-        path_to_cache=str(Path(cfg.train.out_dir) / "data_cache"),
-        tokenizer=_NoTokenizer(cfg.model.vocab_size),
-        reset_position_ids=False,
-        reset_attention_mask=False,
-        eod_mask_loss=False,
-        create_attention_mask=False,
-    )
-    sizes = [train_samples, valid_samples if vf > 0 else 0, 0]
-    train, valid, _ = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
-    if train is None:
-        raise ValueError(f"{prefix}: no training split was built (val_fraction {vf})")
-    return train, valid
-
-
 def build_data(cfg: RunConfig, train_samples: int, valid_samples: int):
-    """Train and validation datasets of ``data.source`` (checked by :func:`check_pretrain_config`)."""
-    if cfg.data.source == "synthetic":
+    """``(train, valid)`` sample sources of ``data.source`` (checked by :func:`check_pretrain_config`):
+    ``synthetic`` here; ``indexed``/``megatron`` through Megatron's ``GPTDataset``;
+    ``stdlib``/``text``/``jsonl`` as launch/train.py's global batches."""
+    source = cfg.data.source
+    if source == "synthetic":
         return (SyntheticTokens(cfg.model.vocab_size, cfg.data.seq_len, cfg.data.seed, 0),
                 SyntheticTokens(cfg.model.vocab_size, cfg.data.seq_len, cfg.data.seed, 1))
-    return build_megatron_datasets(cfg, train_samples, valid_samples)
+    if source in INDEXED_SOURCES:
+        return build_gpt_datasets(cfg.data, cfg.model.vocab_size, train_samples, valid_samples,
+                                  Path(cfg.train.out_dir) / "data_cache")
+    data = build_dataset(cfg.data, cfg.model.vocab_size)
+    return TokenSamples(data, cfg.train.global_batch, "train"), TokenSamples(data, cfg.train.global_batch, "val")
 
 
 def micro_batches(dataset, step: int, global_batch: int, micro: int, num_micro: int,
@@ -485,7 +451,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
             metrics_path.write_text("".join(r + "\n" for r in rows if r and json.loads(r)["step"] <= start))
 
     eval_every, eval_batches = cfg.train.eval_every, cfg.train.eval_batches
-    if eval_every > 0 and cfg.data.source == "megatron" and cfg.data.val_fraction == 0:
+    if eval_every > 0 and cfg.data.source in INDEXED_SOURCES and cfg.data.val_fraction == 0:
         log("eval: data.val_fraction is 0, so there is no validation split; evaluation is off")
     train_samples = cfg.train.steps * cfg.train.global_batch
     valid_samples = eval_batches * cfg.train.global_batch if eval_every > 0 else 0

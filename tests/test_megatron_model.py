@@ -373,6 +373,20 @@ def test_pretrain_megatron_indexed_dataset(tmp_path):
     assert "megatron LLaMA" not in bad.stdout  # refused before the model was built
 
 
+
+@pytest.mark.slow
+def test_pretrain_reads_a_text_file_through_the_shared_data_module(tmp_path):
+    import numpy as np
+
+    path = tmp_path / "c.txt"
+    path.write_text("\n".join(f"line {i}: the quick brown fox" for i in range(300)))
+    out = tmp_path / "run"
+    cfg = _write_config(tmp_path / "c.yaml", out, steps=3, eval_every=3)
+    _pretrain(cfg, "--model.vocab_size", "256", "--data.source", "text", "--data.path", str(path),
+              "--data.sample_by", "line")
+    rows = _metrics(out)
+    assert sorted(rows) == [1, 2, 3] and np.isfinite(rows[3]["val_loss"]), rows
+
 @pytest.mark.slow
 @pytest.mark.parametrize("overrides, key", [
     (["--optim.lr.hidden", "nan"], "optim.lr.hidden"),
