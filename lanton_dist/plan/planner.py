@@ -377,7 +377,7 @@ def _build_stages(specs: tuple[ParamSpec, ...], n_layers: int, L: ParallelLayout
         local = [local_spec(s, L.tp) for s in full]
         if L.strategy == "ddp":
             ns_ranks = L.tp if L.tp_mode == "owner" else 1
-            ownership = plan_ownership(full, ns_ranks, ns_steps)
+            ownership = plan_ownership(full, ns_ranks, ns_steps, balance_numel=False)
             dp_plan = OwnershipPlan(1, {n: 0 for n in ownership.owner}, (sum(ownership.flops),), (0,))
         else:
             dp_plan = plan_ownership(local, L.dp, ns_steps)   # the engine's plan, on TP-local shapes
@@ -399,7 +399,7 @@ def _tp_plan(full: list[ParamSpec], dp_plan: OwnershipPlan, dp: int, tp: int, ns
     flops, numel = [0] * (dp * tp), [0] * (dp * tp)
     hidden = [s for s in full if s.geometry is Geometry.HIDDEN]
     for d in range(dp):
-        sub = plan_ownership([s for s in hidden if dp_plan.owner[s.name] == d], tp, ns_steps)
+        sub = plan_ownership([s for s in hidden if dp_plan.owner[s.name] == d], tp, ns_steps, balance_numel=False)
         for n, t in sub.owner.items():
             owner[n] = d * tp + t
         for t in range(tp):
