@@ -24,7 +24,7 @@ otherwise buckets are larger (:attr:`Layout.cap_honoured` is False): a segment c
 smaller than its largest matrix, so at 70B with TP 8 on 16 DP ranks (29 M-element FFN shards,
 67 M elements per rank and stage) no packing into buckets below ≈ 1 G elements pads less than
 ≈ 13%. ``plan=None`` has no owners: the plain-ZeRO AdamW layout, every tensor elementwise,
-which always honours the cap (at most one bucket per parameter).
+which honours any cap of at least ``world`` elements.
 """
 from __future__ import annotations
 
@@ -117,7 +117,7 @@ def build_layout(specs: list[ParamSpec], plan: OwnershipPlan | None, world: int,
             stream.append((s.name, s.numel))
     if plan is None:
         per = max(1, bucket_numel // world)
-        n = max(1, min(len(specs), math.ceil(total / (per * world))))
+        n = max(1, math.ceil(total / (per * world)))
         return _build(owned, stream, world, n, total, bucket_numel)
     largest = max((k for o in owned for _, k in o), default=1)
     n = max(1, min(len(specs), math.ceil(total / bucket_numel), total // (world * largest)))
