@@ -18,7 +18,7 @@ cannot fill is padding, reported by :attr:`Layout.padding`.
 Bucket size: ``bucket_numel`` is a cap on ``world × segment``. The layout uses the most buckets
 — starting from ``⌈total / bucket_numel⌉``, or ``⌊total / (world·largest matrix)⌋`` if fewer
 (a segment holds its largest matrix whole) — whose padding stays within ``max_padding`` of the
-elements (default :data:`MAX_PADDING`), down to one bucket (the least padding whole matrices
+elements (default :data:`MAX_PADDING`, 1%), down to one bucket (the least padding whole matrices
 allow). So the cap is honoured exactly when whole matrices permit it within the padding bound;
 otherwise buckets are larger (:attr:`Layout.cap_honoured` is False): a segment can never be
 smaller than its largest matrix, so at 70B with TP 8 on 16 DP ranks (29 M-element FFN shards,
@@ -35,7 +35,7 @@ from lanton_dist.engine.ownership import OwnershipPlan
 from lanton_dist.groups import Geometry, ParamSpec
 
 #: Default bound on padding, as a fraction of the model's elements (module doc).
-MAX_PADDING = 0.05
+MAX_PADDING = 0.01
 
 
 @dataclass(frozen=True)
