@@ -28,6 +28,10 @@ columns that fill it to τ, and the least-loaded candidates take as many columns
 under τ. Candidates are the
 owner's TP group first when ``tp > 1`` (NVLink; team group ``tp``), then every NS rank of the
 stage (team group ``dp``, across nodes at scale). Columns nobody can take stay with the owner.
+At 70B on 1,024 GPUs TP-group teams alone reach only 1.28 (the DP owners' whole-shape NS totals
+differ by that much); the few cross-node teams that bring it to 1.02 cost more Gram traffic
+time (m = 8192: 268 MB per fp32 Gram collective) than they save — ``lanton-dist plan`` prints both
+the NS time and the split's collective time.
 
 Where it plugs in (the next core round). The core's LMO step (``ShardedCore._directions`` →
 ``lmo.newton_schulz`` on the owner's whole matrices) gains a ``SplitNS`` exchange next to
