@@ -90,7 +90,8 @@ def _plan_parser(sub) -> None:
     for name, help_ in (("matmul-tflops", "bf16 matmul TFLOP/s"), ("ns-efficiency", "NS rate / matmul rate"),
                         ("intra-gbps", "NVLink GB/s per GPU per direction"), ("inter-gbps", "network GB/s per GPU"),
                         ("comm-efficiency", "fraction of nominal bandwidth reached"), ("hbm-gbps", "HBM GB/s"),
-                        ("mfu", "model FLOP utilisation of fwd+bwd")):
+                        ("mfu", "model FLOP utilisation of fwd+bwd"),
+                        ("memory-gib", "GPU memory the per-rank bytes must fit (GiB)")):
         p.add_argument(f"--{name}", type=float, help=help_)
     p.add_argument("--global-batch", type=int, default=None, help="sequences per step (default: YAML train.global_batch, else 1024)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: YAML data.seq_len, else max_seq_len)")
@@ -129,7 +130,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
                                param_bytes=args.param_bytes)
     hw = P.HARDWARE[args.hardware]
     overrides = {k: getattr(args, k) for k in ("matmul_tflops", "ns_efficiency", "intra_gbps", "inter_gbps", "comm_efficiency",
-                                               "hbm_gbps", "mfu") if getattr(args, k) is not None}
+                                               "hbm_gbps", "mfu", "memory_gib") if getattr(args, k) is not None}
     hw = replace(hw, **overrides)
     unknown = set(args.algorithms) - set(ALGORITHMS)
     if unknown:

@@ -1,6 +1,8 @@
 """Communication and optimizer-step time: LANTON vs D-Muon vs AdamW, on the ZeRO engine and the adapters.
 
-For each world size (spawned gloo CPU processes) and each framework:
+For each world size (spawned processes, one per device: ``--device cpu --backend gloo`` by
+default, ``--device cuda --backend nccl`` for one GPU per process, ``cuda:<local rank>``) and
+each framework:
 
 * ``zero``      — :func:`lanton_dist.engine.build_sharded_optimizer` (owner-aligned ZeRO-1/2):
   LANTON, D-Muon, AdamW, and AdamW on ``layout='plain'`` (plain ZeRO, the baseline);
@@ -23,6 +25,9 @@ side by side within one world size.
 Usage::
 
     python launch/bench_comm.py --worlds 2 4 --steps 20 --out bench_comm.json
+    python launch/bench_comm.py --device cuda --backend nccl --worlds 2 4 8
+
+On CUDA the step is timed between two ``torch.cuda.synchronize()`` calls.
 """
 from __future__ import annotations
 
@@ -51,9 +56,23 @@ MODEL = ModelConfig(vocab_size=256, dim=128, n_layers=4, n_heads=4, n_kv_heads=2
 ALGORITHMS = ("lanton", "dmuon", "adamw")
 
 
-def _batches(steps: int, batch: int, seq: int) -> list[torch.Tensor]:
+def _batches(steps: int, batch: int, seq: int, device: torch.device) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(0)
-    return [torch.randint(0, MODEL.vocab_size, (batch, seq + 1), generator=g) for _ in range(steps)]
+    return [torch.randint(0, MODEL.vocab_size, (batch, seq + 1), generator=g).to(device) for _ in range(steps)]
+
+
+def _device(args) -> torch.device:
+    """This process's device: the CPU, or ``cuda:<local rank>`` (set as the current device)."""
+    if args.device == "cpu":
+        return torch.device("cpu")
+    local_rank = int(os.environ["LOCAL_RANK"])
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _loss(model, x: torch.Tensor) -> torch.Tensor:
@@ -75,7 +94,7 @@ def _run_zero(rank, world, args, algo, layout):
     from lanton_dist.engine.zero import ShardedLANTON
 
     cfg = OptimConfig(name=algo, estimate_every=args.k)
-    model = Transformer(MODEL)
+    model = Transformer(MODEL).to(_device(args))
     if layout == "plain":
         opt = ShardedLANTON(param_groups(model, cfg), "adamw", layout="plain", **lanton_options(cfg), **hyper_parameters(cfg))
     else:
@@ -89,8 +108,9 @@ def _run_fsdp2(rank, world, args, algo):
 
     from lanton_dist.integrations.fsdp2 import LANTONFSDP2
 
-    mesh = init_device_mesh("cpu", (world,))
-    model = Transformer(MODEL)
+    device = _device(args)
+    mesh = init_device_mesh(device.type, (world,))
+    model = Transformer(MODEL).to(device)
     for block in model.layers:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
@@ -103,7 +123,7 @@ def _run_deepspeed(rank, world, args, algo):
     os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world))
     from lanton_dist.integrations.deepspeed import initialize
 
-    model = Transformer(MODEL)
+    model = Transformer(MODEL).to(_device(args))
     config = {"train_micro_batch_size_per_gpu": args.batch // world, "gradient_accumulation_steps": 1,
               "zero_optimization": {"stage": 2}, "steps_per_print": 10**9, "gradient_clipping": 0.0}
     engine, opt = initialize(model, OptimConfig(name=algo, estimate_every=args.k), config)
@@ -116,7 +136,8 @@ def _run_deepspeed(rank, world, args, algo):
 
 
 def _train(rank, world, args, model, step, zero_grad, meter, backward=None, optimum=0.0):
-    xs = _batches(args.warmup + args.steps, args.batch, args.seq)
+    device = _device(args)
+    xs = _batches(args.warmup + args.steps, args.batch, args.seq, device)
     times = []
     for i, x in enumerate(xs):
         local = x[rank * (args.batch // world):(rank + 1) * (args.batch // world)]
@@ -124,9 +145,11 @@ def _train(rank, world, args, model, step, zero_grad, meter, backward=None, opti
             _loss(model, local).backward()
         else:
             backward(local)
+        _sync(device)
         dist.barrier()
         t0 = time.perf_counter()
         step()
+        _sync(device)
         t = time.perf_counter() - t0
         zero_grad()
         if i >= args.warmup:
@@ -152,9 +175,13 @@ def _job(rank, world, args, framework):
 
 def _worker(rank, world, init_file, out_dir, args, framework):
     torch.set_num_threads(1)
-    os.environ["DS_ACCELERATOR"] = "cpu"
+    os.environ["LOCAL_RANK"] = str(rank)
+    if args.device == "cpu":
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    else:
+        _device(args)
     try:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+        dist.init_process_group(args.backend, init_method=f"file://{init_file}", rank=rank, world_size=world,
                                 timeout=timedelta(seconds=600))
         result = ("ok", _job(rank, world, args, framework))
     except BaseException as exc:  # noqa: BLE001 - reported by the parent
@@ -167,7 +194,7 @@ def _worker(rank, world, init_file, out_dir, args, framework):
 
 
 def spawn(world: int, args, framework: str) -> list[dict]:
-    """Run one framework's configurations on ``world`` gloo processes; per-rank results."""
+    """Run one framework's configurations on ``world`` processes (``args.backend``); per-rank results."""
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_worker, args=(world, os.path.join(tmp, "init"), tmp, args, framework), nprocs=world, join=True)
         results = []
@@ -180,6 +207,18 @@ def spawn(world: int, args, framework: str) -> list[dict]:
     return results
 
 
+def check_device(ap: argparse.ArgumentParser, device: str, backend: str, world: int) -> None:
+    """Reject a device/backend pair that cannot run: nccl without CUDA, CUDA absent, or fewer GPUs
+    than processes."""
+    if backend == "nccl" and device != "cuda":
+        ap.error("--backend nccl needs --device cuda")
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            ap.error("--device cuda: CUDA is not available on this machine (torch.cuda.is_available() is False)")
+        if torch.cuda.device_count() < world:
+            ap.error(f"--device cuda: {world} processes need {world} GPUs, found {torch.cuda.device_count()}")
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--worlds", type=int, nargs="+", default=[2, 4])
@@ -189,11 +228,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--batch", type=int, default=8, help="global batch (divisible by every world size)")
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--frameworks", nargs="+", default=["zero", "fsdp2", "deepspeed"])
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="one device per process (cuda: cuda:<rank>)")
+    ap.add_argument("--backend", choices=("gloo", "nccl"), default="gloo", help="torch.distributed backend (nccl needs --device cuda)")
     ap.add_argument("--out", default="bench_comm.json")
     args = ap.parse_args(argv)
     for w in args.worlds:
         if args.batch % w:
             ap.error(f"--batch {args.batch} is not divisible by world size {w}")
+    check_device(ap, args.device, args.backend, max(args.worlds))
     frameworks = list(args.frameworks)
     if "deepspeed" in frameworks:
         try:
@@ -202,7 +244,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             print("deepspeed not installed: skipping the DeepSpeed adapter")
             frameworks.remove("deepspeed")
     n_params = sum(p.numel() for p in Transformer(MODEL).parameters())
-    print(f"model: {n_params / 1e6:.2f} M parameters ({MODEL}); k = {args.k}; {args.steps} steps after {args.warmup}")
+    print(f"model: {n_params / 1e6:.2f} M parameters ({MODEL}); k = {args.k}; {args.steps} steps after {args.warmup}; "
+          f"{args.device}/{args.backend}")
     rows = []
     for world in args.worlds:
         for fw in frameworks:

@@ -3,6 +3,7 @@
 per estimation interval k and nuclear-norm estimator.
 
     python launch/bench_overhead.py [--dim 256 --n-layers 4 ...] [--steps 40] [--out runs/bench_overhead.json]
+    python launch/bench_overhead.py --device cuda --backend nccl --dim 4096 --ffn-dim 11008 --n-layers 2
 
 One process. A LLaMA-shaped model (:class:`lanton_dist.model.Transformer`; default d=256,
 4 blocks, SwiGLU width 688 = 2.6875·d as LLaMA-7B's 11008/4096, 8000 tokens — LLaMA's shapes
@@ -16,6 +17,11 @@ estimator in ``--estimators`` (``exact`` = fp32 svdvals, the CPU default; ``ns``
 with 5 quintic + 6 cubic Newton–Schulz steps in fp32; ``rsvd`` = rank 16, 2 power iterations).
 The single-process reference optimizers of :func:`lanton_dist.factory.build_optimizer` are used,
 so this measures the algorithms, not communication (see ``lanton-dist plan`` / ``profile`` for that).
+``--device cuda`` puts the model, gradients and optimizer state on ``cuda:<LOCAL_RANK>`` (0
+by default) and times each step between ``torch.cuda.synchronize()`` calls. ``--backend``
+names the process-group backend of the device (``nccl`` needs ``--device cuda``) and is
+checked like ``bench_comm.py``'s so both benchmarks take the same command line; this
+benchmark is one process with no collectives, so the backend is recorded, not used.
 
 Printed per configuration: mean step time over the measured steps and its ratio to D-Muon; for
 LANTON also the mean of estimation and of plain steps and the extra time per step over Scion
@@ -26,6 +32,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import statistics
 import sys
@@ -36,8 +43,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for path in (ROOT, ROOT / "launch"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
 
 from lanton_dist.config import ModelConfig, OptimConfig  # noqa: E402
 from lanton_dist.factory import build_optimizer  # noqa: E402
@@ -72,11 +80,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--estimators", default="exact,ns,rsvd")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--backend", choices=("gloo", "nccl"), default="gloo", help="checked and recorded (one process: no collectives)")
     p.add_argument("--out", default="runs/bench_overhead.json")
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         p.error("--steps must be >= 1 and --warmup >= 0")
+    from bench_comm import check_device
+
+    check_device(p, args.device, args.backend, 1)
     return args
+
+
+def device_of(args: argparse.Namespace) -> torch.device:
+    """The benchmark's device: the CPU, or ``cuda:<LOCAL_RANK>`` made the current device."""
+    if args.device == "cpu":
+        return torch.device("cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
 
 
 def configurations(ks: list[int], estimators: list[str]) -> list[Config]:
@@ -95,7 +117,9 @@ def run(args: argparse.Namespace) -> dict:
         raise SystemExit(f"bad --ks/--estimators: {ks} {sorted(bad)}")
     cfg = ModelConfig(vocab_size=args.vocab_size, dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads,
                       n_kv_heads=args.n_kv_heads, ffn_dim=args.ffn_dim, max_seq_len=16)
-    base = Transformer(cfg, seed=args.seed)
+    device = device_of(args)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    base = Transformer(cfg, seed=args.seed).to(device)
     configs = configurations(ks, estimators)
     runs = []
     for c in configs:
@@ -106,12 +130,14 @@ def run(args: argparse.Namespace) -> dict:
     total = args.warmup + args.steps
     for step in range(total):
         gen = torch.Generator().manual_seed(args.seed * 100003 + step)
-        grads = [torch.randn(s, generator=gen) * 0.01 for s in shapes]
+        grads = [(torch.randn(s, generator=gen) * 0.01).to(device) for s in shapes]
         for c, model, params, opt in runs:
             for p, g in zip(params, grads):
                 p.grad = g.clone()
+            sync()
             start = time.perf_counter()
             opt.step()
+            sync()
             elapsed = time.perf_counter() - start
             opt.zero_grad(set_to_none=True)
             if step >= args.warmup:
@@ -137,7 +163,7 @@ def run(args: argparse.Namespace) -> dict:
         results[c.name] = row
     n_params = sum(p.numel() for p in base.parameters())
     return {"model": cfg.__dict__, "params": n_params, "steps": args.steps, "warmup": args.warmup,
-            "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
+            "device": str(device), "backend": args.backend, "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
             "processor": platform.processor() or platform.platform(), "results": results}
 
 

@@ -4,14 +4,27 @@ Each bucket is one flat buffer of ``world × segment`` elements; rank r's segmen
 receives from the bucket's reduce-scatter and contributes to its all-gather. Whole hidden
 matrices lie inside their owner's segment (so the ordinary reduce-scatter hands owners
 whole reduced gradients — no extra traffic for Newton–Schulz); embed_head and vector tensors
-are cut elementwise into flat pieces that fill the remaining room, as in plain ZeRO, because
-their LMOs are elementwise and their dual norms decompose.
+are cut elementwise into flat pieces that fill the remaining room, split wherever a segment
+ends, as in plain ZeRO, because their LMOs are elementwise and their dual norms decompose.
 
-Buckets follow reverse parameter order (backward order). With ``n_buckets`` buckets, each
-rank's owned matrices and the elementwise stream are cut into ``n_buckets`` consecutive
-chunks of about equal size, so every bucket carries a similar share for every rank.
-``segment = max(⌈bucket_numel/W⌉, max_r owned_r)``; the difference is padding, reported
-by :attr:`Layout.padding` (``layout='plain'`` has no owners: the plain-ZeRO AdamW layout).
+Buckets are *rounds*: with ``n`` buckets every segment aims at ``⌈total / (n·world)⌉`` elements.
+Each rank walks its owned matrices in reverse parameter order (backward order) and puts into
+bucket b every next matrix that still fits (first fit, so a large matrix that does not fit
+leaves room for the smaller ones after it); a segment grows only to hold a single matrix larger
+than the aim; the last bucket takes what is left. The elementwise stream (reverse order too)
+then fills every segment's room, bucket by bucket and rank by rank. Whatever room the stream
+cannot fill is padding, reported by :attr:`Layout.padding`.
+
+Bucket size: ``bucket_numel`` is a cap on ``world × segment``. The layout uses the most buckets
+— starting from ``⌈total / bucket_numel⌉``, or ``⌊total / (world·largest matrix)⌋`` if fewer
+(a segment holds its largest matrix whole) — whose padding stays within ``max_padding`` of the
+elements (default :data:`MAX_PADDING`, 1%), down to one bucket (the least padding whole matrices
+allow). So the cap is honoured exactly when whole matrices permit it within the padding bound;
+otherwise buckets are larger (:attr:`Layout.cap_honoured` is False): a segment can never be
+smaller than its largest matrix, so at 70B with TP 8 on 16 DP ranks (29 M-element FFN shards,
+67 M elements per rank and stage) no packing into buckets below ≈ 1 G elements pads less than
+≈ 13%. ``plan=None`` has no owners: the plain-ZeRO AdamW layout, every tensor elementwise,
+which honours any cap of at least ``world`` elements.
 """
 from __future__ import annotations
 
@@ -20,6 +33,9 @@ from dataclasses import dataclass
 
 from lanton_dist.engine.ownership import OwnershipPlan
 from lanton_dist.groups import Geometry, ParamSpec
+
+#: Default bound on padding, as a fraction of the model's elements (module doc).
+MAX_PADDING = 0.01
 
 
 @dataclass(frozen=True)
@@ -49,9 +65,13 @@ class Bucket:
 
 @dataclass(frozen=True)
 class Layout:
+    """``buckets`` over ``world`` ranks holding ``numel`` model elements; ``cap``: the requested
+    ``bucket_numel`` (module doc)."""
+
     world: int
     buckets: tuple[Bucket, ...]
     numel: int
+    cap: int = 0
 
     @property
     def padded_numel(self) -> int:
@@ -61,77 +81,97 @@ class Layout:
     def padding(self) -> int:
         return self.padded_numel - self.numel
 
+    @property
+    def padding_fraction(self) -> float:
+        return self.padding / self.numel if self.numel else 0.0
+
+    @property
+    def max_bucket_numel(self) -> int:
+        """Largest bucket, ``world × segment`` elements."""
+        return max((b.segment for b in self.buckets), default=0) * self.world
+
+    @property
+    def cap_honoured(self) -> bool:
+        return self.max_bucket_numel <= self.cap
+
     def pieces_of(self, name: str) -> list[Piece]:
         return [p for b in self.buckets for p in b.pieces if p.name == name]
 
 
-def _chunks(items: list[tuple[str, int]], n: int) -> list[list[tuple[str, int]]]:
-    """Cut whole ``(name, numel)`` items, in order, into ``n`` runs of about equal size."""
-    total = sum(k for _, k in items)
-    out: list[list[tuple[str, int]]] = [[] for _ in range(n)]
-    acc = 0
-    for name, k in items:
-        b = min(n - 1, int(acc * n // total)) if total else 0
-        out[b].append((name, k))
-        acc += k
-    return out
+def build_layout(specs: list[ParamSpec], plan: OwnershipPlan | None, world: int, bucket_numel: int,
+                 max_padding: float = MAX_PADDING) -> Layout:
+    """The layout of ``specs`` (model parameter order) for ``world`` ranks (module doc).
 
-
-MAX_PADDING = 0.01
-
-
-def build_layout(specs: list[ParamSpec], plan: OwnershipPlan | None, world: int, bucket_numel: int) -> Layout:
-    """The layout of ``specs`` (model parameter order) for ``world`` ranks.
-
-    Uses ``⌈total/bucket_numel⌉`` buckets, or fewer when whole-matrix granularity would pad
-    more than :data:`MAX_PADDING` of the elements (down to one bucket, the least padding).
-    ``plan=None`` gives the plain ZeRO layout (every tensor elementwise).
+    ``plan=None`` gives the plain ZeRO layout (every tensor elementwise). Raises ``ValueError``
+    on a world below 1, a non-positive cap or a negative ``max_padding``.
     """
-    total = sum(s.numel for s in specs)
-    n = max(1, min(len(specs), math.ceil(total / max(1, bucket_numel))))
-    while True:
-        layout = _build(specs, plan, world, n)
-        if n == 1 or layout.padding <= MAX_PADDING * total:
-            return layout
-        n = max(1, n // 2)
-
-
-def _build(specs: list[ParamSpec], plan: OwnershipPlan | None, world: int, n_buckets: int) -> Layout:
-    order = list(reversed(specs))
+    if world < 1 or bucket_numel < 1 or not max_padding >= 0:
+        raise ValueError(f"need world >= 1, bucket_numel >= 1, max_padding >= 0; got {world}, {bucket_numel}, {max_padding}")
     total = sum(s.numel for s in specs)
     owned: list[list[tuple[str, int]]] = [[] for _ in range(world)]
     stream: list[tuple[str, int]] = []
-    for s in order:
+    for s in reversed(specs):
         if plan is not None and s.geometry is Geometry.HIDDEN:
             owned[plan.owner[s.name]].append((s.name, s.numel))
         else:
             stream.append((s.name, s.numel))
-    owned_chunks = [_chunks(o, n_buckets) for o in owned]
-    stream_total = sum(k for _, k in stream)
+    if plan is None:
+        per = max(1, bucket_numel // world)
+        n = max(1, math.ceil(total / (per * world)))
+        return _build(owned, stream, world, n, total, bucket_numel)
+    largest = max((k for o in owned for _, k in o), default=1)
+    n = max(1, min(len(specs), math.ceil(total / bucket_numel), total // (world * largest)))
+    while True:
+        layout = _build(owned, stream, world, n, total, bucket_numel)
+        if n == 1 or layout.padding <= max_padding * total:
+            return layout
+        n -= 1
+
+
+def _build(owned: list[list[tuple[str, int]]], stream: list[tuple[str, int]], world: int, n_buckets: int,
+           total: int, cap: int) -> Layout:
+    aim = max(1, math.ceil(total / (n_buckets * world)))
+    queues = [list(o) for o in owned]
     stream_pos = [(name, 0, k) for name, k in stream]  # (name, next start, numel)
+    stream_left = sum(k for _, k in stream)
     buckets = []
     for b in range(n_buckets):
-        hidden = [owned_chunks[r][b] for r in range(world)]
+        last = b == n_buckets - 1
+        hidden: list[list[tuple[str, int]]] = []
+        for q in queues:
+            if last:
+                take, q[:] = list(q), []
+            else:
+                take, load, rest = [], 0, []
+                for name, k in q:
+                    if load + k <= aim or not take and k > aim and not rest:
+                        take.append((name, k))
+                        load += k
+                    else:
+                        rest.append((name, k))
+                q[:] = rest
+            hidden.append(take)
         loads = [sum(k for _, k in h) for h in hidden]
-        stream_share = stream_total * (b + 1) // n_buckets - stream_total * b // n_buckets
-        segment = max(math.ceil((sum(loads) + stream_share) / world), max(loads), 1)
+        segment = max(aim, max(loads))
+        if last:
+            segment = max(max(loads), math.ceil((sum(loads) + stream_left) / world), 1)
         pieces: list[Piece] = []
         for r in range(world):
             off = 0
             for name, k in hidden[r]:
                 pieces.append(Piece(name, 0, k, r, off))
                 off += k
-            room = min(segment - off, stream_share)
+            room = segment - off
             while room > 0 and stream_pos:
                 name, start, k = stream_pos[0]
-                take = min(room, k - start)
-                pieces.append(Piece(name, start, start + take, r, off))
-                off, room, stream_share = off + take, room - take, stream_share - take
-                if start + take == k:
+                take_n = min(room, k - start)
+                pieces.append(Piece(name, start, start + take_n, r, off))
+                off, room, stream_left = off + take_n, room - take_n, stream_left - take_n
+                if start + take_n == k:
                     stream_pos.pop(0)
                 else:
-                    stream_pos[0] = (name, start + take, k)
+                    stream_pos[0] = (name, start + take_n, k)
         buckets.append(Bucket(b, segment, tuple(pieces)))
-    if stream_pos:
+    if stream_pos or any(queues):
         raise AssertionError(f"layout left elements unplaced: {stream_pos[:3]}")
-    return Layout(world, tuple(buckets), total)
+    return Layout(world, tuple(buckets), total, cap)

@@ -10,7 +10,10 @@ predicts, per rank and per step:
   using the meter's own :func:`~lanton_dist.engine.meter.sent_bytes`);
 * Newton–Schulz FLOPs (the LMO of the hidden matrices this rank owns) and, on estimation
   steps, the nuclear-norm estimator's FLOPs;
-* optimizer-state memory;
+* per-rank memory — parameters, gradients, communication buffers, optimizer state — and whether
+  it fits the GPU (:mod:`.memory`; equal to what the ZeRO engine holds);
+* the engine layout's padding, and the NS imbalance with whole matrices and with large matrices'
+  Newton–Schulz split over teams of ranks (:mod:`.splitns`, a model of the next core round);
 * the time these imply on given hardware (:class:`Hardware`).
 
 The plan is *not* re-implemented: owners come from
@@ -31,6 +34,9 @@ Modules (one concern each; all torch-free, so ``lanton-dist plan`` starts in a f
   ``deepspeed3``, ``ddp``) and what each was validated against.
 * :mod:`.planner`     — :class:`StepPlanner`: tensor/pipeline parallelism, the time model and the
   estimation overhead.
+* :mod:`.memory`      — :class:`RankMemory` and :func:`rank_memory`, per strategy.
+* :mod:`.splitns`     — :func:`plan_split` / :class:`SplitPlan` / :func:`split_collectives`: split
+  Newton–Schulz (design, FLOPs and bytes).
 * :mod:`.report`      — :func:`plan_table` and :func:`estimation_growth`, the ``lanton-dist plan`` text.
 
 Option names (algorithms, estimators, options) come from :mod:`lanton_dist.names`, the scalar
@@ -40,11 +46,13 @@ phases from :data:`lanton_dist.engine.meter.SCALAR_PHASES`, piece layouts from
 from __future__ import annotations
 
 from lanton_dist.plan.inputs import HARDWARE, PRESETS, TP_MODES, Hardware, OptimSettings, ParallelLayout
+from lanton_dist.plan.memory import RankMemory, rank_memory
 from lanton_dist.plan.model import check_tp, engine_order, llama_specs, local_spec, resolve_model, stage_specs, tp_split_dim
 from lanton_dist.plan.planner import (ELEMENTWISE_ACCESSES, STATE_TENSORS, StepPlanner, block_estimator_flops, estimator_flops,
                                       estimator_seconds)
 from lanton_dist.plan.predictions import STRATEGY_MODELS, Collective, RankStep, StagePlan, StrategyModel, register_strategy
 from lanton_dist.plan.report import estimation_growth, human_bytes, plan_table
+from lanton_dist.plan.splitns import SplitPlan, plan_split, split_collectives
 from lanton_dist.plan.strategies import (ddp_buckets, deepspeed_ranges, engine_collectives, exchange_buckets,
                                          piece_exchange_collectives)
 
@@ -55,4 +63,5 @@ __all__ = [
     "engine_collectives", "ddp_buckets", "exchange_buckets", "piece_exchange_collectives", "deepspeed_ranges",
     "StepPlanner", "ELEMENTWISE_ACCESSES", "STATE_TENSORS", "estimator_flops", "estimator_seconds", "block_estimator_flops",
     "plan_table", "estimation_growth", "human_bytes",
+    "RankMemory", "rank_memory", "SplitPlan", "plan_split", "split_collectives",
 ]

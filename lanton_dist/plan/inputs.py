@@ -30,7 +30,8 @@ class Hardware:
     effective rate of fp32 ``svdvals`` (calibrated: the spec's ≈1.2 s for 4096×11008);
     ``fp32_tflops`` the rate of the small fp32 matmuls and QRs of ``rsvd``. Latencies are per
     hop (:meth:`Collective.latency_steps`). These are assumptions, not measurements, except
-    where the spec's H100 table is quoted.
+    where the spec's H100 table is quoted. ``memory_gib``: device memory the fit check compares
+    per-rank bytes with (H100 SXM 80 GiB; H200 about 140 GiB as the driver reports it).
     """
 
     name: str = "h100"
@@ -45,10 +46,11 @@ class Hardware:
     intra_latency_us: float = 2.0
     inter_latency_us: float = 5.0
     mfu: float = 0.45
+    memory_gib: float = 80.0
 
     def __post_init__(self) -> None:
         for f in ("matmul_tflops", "ns_efficiency", "fp32_tflops", "svd_tflops", "hbm_gbps", "intra_gbps",
-                  "inter_gbps", "comm_efficiency", "mfu"):
+                  "inter_gbps", "comm_efficiency", "mfu", "memory_gib"):
             if not getattr(self, f) > 0:
                 raise ValueError(f"hardware.{f} must be > 0, got {getattr(self, f)}")
         if self.ns_efficiency > 1 or self.comm_efficiency > 1 or self.mfu > 1:
@@ -58,9 +60,13 @@ class Hardware:
     def ns_flops_per_s(self) -> float:
         return self.matmul_tflops * self.ns_efficiency * 1e12
 
+    @property
+    def memory_bytes(self) -> int:
+        return int(self.memory_gib * 2**30)
+
 
 #: Hardware presets. H200 is the H100's GH100 die with HBM3e: same matmul rate assumed.
-HARDWARE: dict[str, Hardware] = {"h100": Hardware(), "h200": Hardware(name="h200", hbm_gbps=4800.0)}
+HARDWARE: dict[str, Hardware] = {"h100": Hardware(), "h200": Hardware(name="h200", hbm_gbps=4800.0, memory_gib=140.0)}
 
 
 @dataclass(frozen=True)

@@ -71,7 +71,9 @@ from lanton_dist.groups import Geometry, ParamSpec
 from lanton_dist.newton_schulz import DEFAULT_STEPS, newton_schulz_flops
 from lanton_dist.plan.inputs import Hardware, OptimSettings, ParallelLayout
 from lanton_dist.plan.model import check_tp, engine_order, llama_specs, local_spec, resolve_model, stage_specs
+from lanton_dist.plan.memory import RankMemory, rank_memory
 from lanton_dist.plan.predictions import STRATEGY_MODELS, Collective, RankStep, StagePlan
+from lanton_dist.plan.splitns import SplitPlan, plan_split, split_collectives
 
 #: Tensor reads + writes per owned element of one step's elementwise work (momentum/moments,
 #: gradient, parameter), per algorithm and geometry: LANTON/Scion read G, read+write B, read
@@ -142,6 +144,7 @@ class StepPlanner:
         self.n_layers_total = sum(len(s.blocks) for s in self.specs)
         self.n_vector_total = sum(1 for s in self.specs if s.geometry is Geometry.VECTOR)
         self.bucket_numel = int(layout.bucket_mb * 2**20 / optim.param_bytes)
+        self._seconds: dict[Collective, float] = {}     # collective_seconds of each distinct collective
 
     # ------------------------------------------------------------------ structure
     @cached_property
@@ -217,10 +220,13 @@ class StepPlanner:
 
     # ------------------------------------------------------------------ time and memory
     def collective_seconds(self, c: Collective) -> float:
-        intra = self.layout.intra_node(c.group)
-        bw = (self.hw.intra_gbps if intra else self.hw.inter_gbps) * 1e9 * self.hw.comm_efficiency
-        lat = (self.hw.intra_latency_us if intra else self.hw.inter_latency_us) * 1e-6
-        return c.latency_steps() * lat + c.sent_bytes / bw
+        t = self._seconds.get(c)
+        if t is None:
+            intra = self.layout.intra_node(c.group)
+            bw = (self.hw.intra_gbps if intra else self.hw.inter_gbps) * 1e9 * self.hw.comm_efficiency
+            lat = (self.hw.intra_latency_us if intra else self.hw.inter_latency_us) * 1e-6
+            t = self._seconds[c] = c.latency_steps() * lat + c.sent_bytes / bw
+        return t
 
     def state_bytes(self, owned: dict[str, int], stage: StagePlan) -> tuple[int, int]:
         """(steady optimizer-state bytes, peak extra) of a rank owning ``owned`` elements per
@@ -228,12 +234,63 @@ class StepPlanner:
         estimation; Option II holds a stashed half-batch gradient of the local model."""
         a, E = self.optim.algorithm, self.optim.param_bytes
         steady = sum(n * STATE_TENSORS[a][g] * E for g, n in owned.items())
-        if a in ("lanton", "scion"):
-            steady += 2 * self.n_layers_total * self.optim.scalar_bytes      # H and rate factors (replicated)
+        steady += 2 * self.n_layers_total * self.optim.scalar_bytes      # the core's H and F (replicated, every algorithm)
         extra = 0
         if a == "lanton":
             extra = sum(owned.values()) * E if self.optim.option == "I" else sum(s.numel for s in stage.local) * E
         return steady, extra
+
+    def rank_memory(self, stage: int, d: int, t: int) -> RankMemory:
+        """Bytes DP rank ``d``, TP rank ``t`` of pipeline stage ``stage`` holds (:mod:`lanton_dist.plan.memory`)."""
+        st = self.stages[stage]
+        return st.memo(("memory", self.layout.strategy, self.optim, d, t), lambda: rank_memory(self, st, d, t))
+
+    def memory_summary(self) -> dict[str, Any]:
+        """The rank with the largest peak memory: its components, and whether it fits the GPU."""
+        worst = max(((self.rank_memory(s, d, t), (s, d, t)) for s, d, t in self.ranks()), key=lambda x: (x[0].peak, x[1]))
+        m, (s, d, t) = worst
+        return asdict(m) | {"stage": s, "dp_rank": d, "tp_rank": t, "steady": m.steady, "peak": m.peak,
+                            "gpu_bytes": self.hw.memory_bytes, "fits": m.peak <= self.hw.memory_bytes}
+
+    def split_plan(self, stage: int) -> SplitPlan:
+        """NS of stage ``stage`` with large matrices split over teams (:mod:`lanton_dist.plan.splitns`)."""
+        st, L = self.stages[stage], self.layout
+        group = L.tp if (L.tp > 1 and L.tp_mode == "owner") else 1
+        return st.memo(("split", self.optim.ns_steps), lambda: plan_split(st.hidden, st.ownership, self.optim.ns_steps, group))
+
+    def split_summary(self) -> dict[str, Any]:
+        """NS imbalance (max/mean per-rank NS FLOPs over every rank of every stage) of the
+        whole-matrix plan and with split NS; the number of split matrices and the split's bytes per rank
+        (max, per step: :func:`~lanton_dist.plan.splitns.split_collectives`)."""
+        whole, split, n_split, sent, comm_t = [], [], 0, 0, 0.0
+        E = self.optim.param_bytes
+        for s, st in enumerate(self.stages):
+            plan = self.split_plan(s)
+            whole += list(plan.whole_flops)
+            split += list(plan.flops)
+            n_split += len(plan.teams)
+            for q in range(plan.ranks):
+                colls = split_collectives(plan, st.hidden, q, self.optim.ns_steps, E)
+                sent = max(sent, sum(c.sent_bytes for c in colls))
+                comm_t = max(comm_t, sum(self.collective_seconds(c) for c in colls))
+        mean = sum(whole) / len(whole) if whole else 0
+        return {"ns_imbalance_whole": max(whole) / mean if mean else 1.0, "ns_imbalance_split": max(split) / mean if mean else 1.0,
+                "split_matrices": n_split,
+                "split_bytes_per_rank_max": sent, "ns_flops_max_split": max(split) if split else 0,
+                "ns_s_whole": max(whole, default=0) / self.hw.ns_flops_per_s, "ns_s_split": max(split, default=0) / self.hw.ns_flops_per_s,
+                "split_comm_s_max": comm_t}
+
+    def layout_summary(self) -> list[dict[str, Any]]:
+        """Per stage: buckets, padding and the bucket cap of the engine layout (zero strategies)."""
+        out = []
+        for st in self.stages:
+            lay = st.layout
+            if lay is None:
+                continue
+            out.append({"stage": st.index, "buckets": len(lay.buckets), "numel": lay.numel, "padding": lay.padding,
+                        "padding_fraction": lay.padding_fraction, "max_bucket_numel": lay.max_bucket_numel,
+                        "cap": lay.cap, "cap_honoured": lay.cap_honoured})
+        return out
 
     def step_summary(self, step: int) -> dict[str, Any]:
         """Per-step figures over all ranks: bytes per phase (max over ranks), collective counts,
@@ -333,6 +390,8 @@ class StepPlanner:
             "optim": asdict(self.optim), "hardware": asdict(self.hw),
             "strategy_validated_by": self.strategy.validated_by if self.layout.tp * self.layout.pp == 1 else None,
             "padding": [st.layout.padding if st.layout else 0 for st in self.stages],
+            "layout_stats": self.layout_summary(), "memory": self.memory_summary(),
+            "ns_split": self.split_summary() if self.optim.uses_ns else None,
             "step": a, "estimation_step": b, "after_estimation_step": c,
             "amortized_step_s": amort, "fwd_bwd_s": self.fwd_bwd_seconds(global_batch, seq), "tokens_per_step": global_batch * seq,
         }
@@ -377,7 +436,7 @@ def _build_stages(specs: tuple[ParamSpec, ...], n_layers: int, L: ParallelLayout
         local = [local_spec(s, L.tp) for s in full]
         if L.strategy == "ddp":
             ns_ranks = L.tp if L.tp_mode == "owner" else 1
-            ownership = plan_ownership(full, ns_ranks, ns_steps)
+            ownership = plan_ownership(full, ns_ranks, ns_steps, balance_numel=False)
             dp_plan = OwnershipPlan(1, {n: 0 for n in ownership.owner}, (sum(ownership.flops),), (0,))
         else:
             dp_plan = plan_ownership(local, L.dp, ns_steps)   # the engine's plan, on TP-local shapes
@@ -399,7 +458,7 @@ def _tp_plan(full: list[ParamSpec], dp_plan: OwnershipPlan, dp: int, tp: int, ns
     flops, numel = [0] * (dp * tp), [0] * (dp * tp)
     hidden = [s for s in full if s.geometry is Geometry.HIDDEN]
     for d in range(dp):
-        sub = plan_ownership([s for s in hidden if dp_plan.owner[s.name] == d], tp, ns_steps)
+        sub = plan_ownership([s for s in hidden if dp_plan.owner[s.name] == d], tp, ns_steps, balance_numel=False)
         for n, t in sub.owner.items():
             owner[n] = d * tp + t
         for t in range(tp):

@@ -66,6 +66,7 @@ def plan_table(model: str | ModelConfig, layout: ParallelLayout, optim: OptimSet
             lines.append(f"{a:<9} {label:<5} {cells} {human_bytes(step['state_bytes_max']):>10} {step['ns_flops_max'] / 1e9:>9.0f} "
                          f"{step['ns_imbalance']:>5.2f} {t['comm'] * 1e3:>8.2f} {t['ns'] * 1e3:>7.2f} {t['estimator'] * 1e3:>7.2f} "
                          f"{t['elementwise'] * 1e3:>7.2f} {t['total'] * 1e3:>7.2f}")
+    lines += _layout_lines(first, summaries)
     lines.append(f"fwd+bwd estimate: {first['fwd_bwd_s'] * 1e3:.0f} ms per step ({first['tokens_per_step']} tokens, MFU {hw.mfu:g})")
     if "lanton" in summaries and "dmuon" in summaries:
         lt, dm = summaries["lanton"]["amortized_step_s"], summaries["dmuon"]["amortized_step_s"]
@@ -84,6 +85,36 @@ def plan_table(model: str | ModelConfig, layout: ParallelLayout, optim: OptimSet
     data = {"plans": summaries, "estimation_growth": growth, "strategy": strat.name,
             "strategy_description": strat.description}
     return "\n".join(lines), data
+
+
+def _layout_lines(first: dict[str, Any], summaries: dict[str, dict[str, Any]]) -> list[str]:
+    """Padding of the engine layout, NS balance with and without split NS, per-rank memory and fit."""
+    lines = []
+    stats = first["layout_stats"]
+    if stats:
+        worst = max(stats, key=lambda x: x["padding_fraction"])
+        big = max(x["max_bucket_numel"] for x in stats)
+        honoured = all(x["cap_honoured"] for x in stats)
+        lines.append(f"engine layout: padding {worst['padding_fraction']:.2%} (worst stage), {max(x['buckets'] for x in stats)} bucket(s) "
+                     f"per stage, largest {big / 1e6:.1f} M elements; bucket cap {stats[0]['cap'] / 1e6:.1f} M elements "
+                     + ("honoured" if honoured else "raised (whole matrices do not fit it within the padding bound)"))
+    split = next((s["ns_split"] for s in summaries.values() if s["ns_split"]), None)
+    if split:
+        lines.append(f"NS imbalance (max/mean over NS ranks): whole matrices {split['ns_imbalance_whole']:.3f}, with split NS "
+                     f"{split['ns_imbalance_split']:.3f} ({split['split_matrices']} matrices split, "
+                     f"{human_bytes(split['split_bytes_per_rank_max'])} per rank per step scatter/gather/Gram: NS "
+                     f"{split['ns_s_whole'] * 1e3:.1f} -> {split['ns_s_split'] * 1e3:.1f} ms for {split['split_comm_s_max'] * 1e3:.1f} ms "
+                     "of collectives; modelled, not in the engine yet)")
+    gpu = first["memory"]["gpu_bytes"]
+    lines.append(f"memory per rank (worst rank, activations apart; GPU {human_bytes(gpu)}):")
+    lines.append(f"{'algorithm':<9} {'params':>9} {'grads':>9} {'buffers':>9} {'state':>9} {'peak+':>9} {'total':>9}  fits")
+    for a, s in summaries.items():
+        m = s["memory"]
+        extra = m["buffers_peak_extra"] + m["state_peak_extra"]
+        lines.append(f"{a:<9} {human_bytes(m['parameters']):>9} {human_bytes(m['gradients']):>9} {human_bytes(m['buffers']):>9} "
+                     f"{human_bytes(m['state']):>9} {human_bytes(extra):>9} {human_bytes(m['peak']):>9}  "
+                     + ("yes" if m["fits"] else "WARNING: does not fit"))
+    return lines
 
 
 def estimation_growth(layout: ParallelLayout, optim: OptimSettings, hw: Hardware, ks: tuple[int, ...] = (1, 5, 10, 20),

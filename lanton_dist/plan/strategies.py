@@ -128,10 +128,12 @@ def _stage_vectors(p: StepPlanner, st: StagePlan) -> int:
 
 
 def _engine_colls(p: StepPlanner, st: StagePlan, d: int, t: int, step: int) -> list[Collective]:
+    """The same on every rank of the stage (one layout, one scalar schedule): computed once per step."""
     sg, ng = _scalar_groups(p)
     gathers = ("param_gather_fwd", "param_gather_bwd") if p.layout.strategy == "zero3" else ("param_gather",)
-    return engine_collectives(st.layout, step, p.optim, p.n_layers_total, _stage_vectors(p, st),
-                              scalar_group=sg, norm_group=ng, gather_phases=gathers)
+    return list(st.memo(("engine_colls", p.layout, p.optim, p.n_layers_total, step),
+                        lambda: engine_collectives(st.layout, step, p.optim, p.n_layers_total, _stage_vectors(p, st),
+                                                   scalar_group=sg, norm_group=ng, gather_phases=gathers)))
 
 
 def _engine_owned(p: StepPlanner, st: StagePlan, d: int, t: int) -> dict[str, int]:

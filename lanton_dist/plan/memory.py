@@ -1,0 +1,92 @@
+"""Per-rank memory of one training setup: parameters, gradients, communication buffers and
+optimizer state (activations apart), and whether it fits the GPU.
+
+``zero1`` / ``zero2`` — what :class:`~lanton_dist.engine.ShardedLANTON` holds, checked byte for
+byte against a built engine on CPU at world 2 and 3 (``tests/test_plan_memory.py``):
+
+* parameters: the whole local model (every DP rank keeps a replica);
+* gradients: ``p.grad`` of the whole local model, alive from backward until ``step()`` frees it;
+* buffers: the gradient and the parameter bucket buffers (``2 ×`` the padded layout) plus the
+  reduce-scatter outputs of the buckets where this rank has pieces (its segments), which the
+  pieces keep as their gradients until the next step; Option II estimation steps add a second
+  padded gradient buffer and its outputs for the half batch (``buffers_peak_extra``);
+* state: :data:`~lanton_dist.plan.planner.STATE_TENSORS` per owned element, plus the core's
+  replicated per-layer trackers ``H`` and ``F`` (``2L`` accumulation scalars);
+  ``state_peak_extra``: Option I's previous gradient of the owned pieces (held on the step
+  before each estimation), Option II's stashed half-batch gradient of the local model.
+
+Other strategies are modelled from their documented behaviour, not measured: ``zero3`` keeps
+parameters and gradients sharded (segments) with the same bucket buffers; ``ddp`` holds
+parameters, gradients, DDP's gradient buckets (one more model-size copy) and the full state;
+``fsdp2`` holds dim-0 shards of parameters and gradients plus, at peak, the largest unit
+unsharded (all-gather and reduce-scatter buffers, padded); ``deepspeed`` (ZeRO-1/2) the whole
+model in ``param_bytes`` plus fp32 master and gradient partitions, ``deepspeed3`` only
+partitions plus the largest parameter gathered. Their optimizer state is that of the elements
+they update (:meth:`StrategyModel.owned`).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from lanton_dist.groups import ParamSpec
+from lanton_dist.plan.predictions import StagePlan
+
+if TYPE_CHECKING:
+    from lanton_dist.plan.planner import StepPlanner
+
+
+@dataclass(frozen=True)
+class RankMemory:
+    """Bytes one rank holds (module doc); ``peak`` adds the transient extras to ``steady``."""
+
+    parameters: int
+    gradients: int
+    buffers: int
+    state: int
+    buffers_peak_extra: int = 0
+    state_peak_extra: int = 0
+
+    @property
+    def steady(self) -> int:
+        return self.parameters + self.gradients + self.buffers + self.state
+
+    @property
+    def peak(self) -> int:
+        return self.steady + self.buffers_peak_extra + self.state_peak_extra
+
+
+def _numel(specs: list[ParamSpec]) -> int:
+    return sum(s.numel for s in specs)
+
+
+def rank_memory(p: StepPlanner, st: StagePlan, d: int, t: int) -> RankMemory:
+    """Memory of DP rank ``d``, TP rank ``t`` of stage ``st`` under ``p``'s strategy (module doc)."""
+    E, o, L = p.optim.param_bytes, p.optim, p.layout
+    owned = p.strategy.owned(p, st, d, t)
+    state, state_extra = p.state_bytes(owned, st)
+    local = _numel(st.local)
+    if L.strategy in ("zero1", "zero2", "zero3"):
+        lay = st.layout
+        padded = lay.padded_numel
+        mine = sum(b.segment for b in lay.buckets if b.on_rank(d))
+        half = (padded + mine) * E if (o.algorithm == "lanton" and o.option == "II") else 0
+        if L.strategy == "zero3":
+            shard = sum(b.segment for b in lay.buckets)
+            return RankMemory(shard * E, shard * E, 2 * padded * E + mine * E, state, half, state_extra)
+        return RankMemory(local * E, local * E, 2 * padded * E + mine * E, state, half, state_extra)
+    if L.strategy == "ddp":
+        return RankMemory(local * E, local * E, local * E, state, 0, state_extra)
+    if L.strategy == "fsdp2":
+        shard = sum(owned.values())
+        W = L.dp
+        units: dict[str, int] = {}
+        for s in st.local:
+            key = ".".join(s.name.split(".")[:2]) if s.name.startswith("layers.") else "root"
+            units[key] = units.get(key, 0) + math.ceil(s.shape[0] / W) * W * (s.numel // s.shape[0])
+        return RankMemory(shard * E, shard * E, 2 * max(units.values()) * E, state, 0, state_extra)
+    shard = sum(owned.values())
+    if L.strategy == "deepspeed3":
+        return RankMemory(shard * E, shard * 4, max(s.numel for s in st.local) * E, state, 0, state_extra)
+    return RankMemory(local * E + shard * 4, shard * 4, local * E, state, 0, state_extra)
