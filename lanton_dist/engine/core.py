@@ -191,6 +191,7 @@ class ShardedCore:
         self.F = torch.ones(self.n_layers, dtype=self.acc_dtype)
         self.E = torch.zeros(self.n_layers, dtype=torch.bool)  # layers with a noise estimate
         self.t = 0
+        self.param_steps = {s.name: 0 for s in specs}  # steps each parameter was stepped (AdamW)
         self.skipped_steps = 0
         self.state: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
         self._pending: tuple[Any, torch.Tensor] | None = None
@@ -216,12 +217,15 @@ class ShardedCore:
         """
         device = pieces[0].param.device if pieces else torch.device("cpu")
         self._to(device)
-        live = self._agree(pieces, present, device)
-        if live is None:
+        agreed = self._agree(pieces, present, device)
+        if agreed is None:
             self.skipped_steps += 1
             return False
+        live, stepped = agreed
         self.finish_variance()
         self.t += 1
+        for name in stepped:
+            self.param_steps[name] += 1
         if self.noise_adaptive and self.option == "I":  # G̃ must be G_{t−1}: drop older ones
             stepped = {id(p) for p in live}
             for p in pieces:
@@ -236,11 +240,12 @@ class ShardedCore:
         return True
 
     def _agree(self, pieces: list[LocalPiece], present: Collection[str] | None,
-               device: torch.device) -> list[LocalPiece] | None:
+               device: torch.device) -> tuple[list[LocalPiece], list[str]] | None:
         """The job-wide skip vote and gradient presence, in ONE all-reduce ("finite") of
         ``[non-finite count, presence of each layer…]`` (``1 + n_layers`` scalars, the same
         size on every rank; a parameter's blocks share its flag) and one host read of it.
-        Returns the pieces to step (``None``: skip the step, a non-finite gradient somewhere)."""
+        Returns the pieces to step and the names of every parameter stepped job-wide
+        (``None``: skip the step, a non-finite gradient somewhere)."""
         vec = torch.zeros(1 + self.n_layers, device=device, dtype=self.acc_dtype)
         grads = [p.grad for p in pieces if p.grad is not None and p.grad.numel()]
         if self.skip_nonfinite and grads:
@@ -259,7 +264,20 @@ class ShardedCore:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p.param)
                 live.append(p)
-        return live
+        return live, [n for n in self.specs if votes[1 + self.layer_start[n]] > 0]
+
+    def stepped_counts(self) -> torch.Tensor:
+        """``(n_params,)`` int64, in ``specs`` order: steps each parameter was stepped (AdamW's
+        bias correction counts those, as torch's); replicated, for checkpoints."""
+        return torch.tensor([self.param_steps[n] for n in self.specs], dtype=torch.long)
+
+    def load_stepped_counts(self, counts: torch.Tensor | None) -> None:
+        """Inverse of :meth:`stepped_counts`; ``None`` (checkpoints from before the counts were
+        kept) counts every parameter as stepped at every step: ``t``."""
+        if counts is not None and counts.numel() != len(self.specs):
+            raise ValueError(f"checkpoint has step counts of {counts.numel()} parameters, this model has {len(self.specs)}")
+        values = [self.t] * len(self.specs) if counts is None else counts.tolist()
+        self.param_steps = dict(zip(self.specs, (int(v) for v in values)))
 
     def finish_variance(self) -> None:
         """Wait for a pending variance reduction and refresh H and the rate factors
@@ -338,7 +356,7 @@ class ShardedCore:
             st = self.state_of(p)
             if "exp_avg" not in st:
                 st["exp_avg"], st["exp_avg_sq"] = torch.zeros_like(p.param), torch.zeros_like(p.param)
-            adamw_step_(p.param, p.grad, st["exp_avg"], st["exp_avg_sq"], self.t, g["lr"],
+            adamw_step_(p.param, p.grad, st["exp_avg"], st["exp_avg_sq"], self.param_steps[p.name], g["lr"],
                         tuple(g["adam_betas"]), g["adam_eps"], g["weight_decay"])
 
     # ------------------------------------------------------------------ pieces of the math

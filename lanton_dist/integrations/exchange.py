@@ -598,7 +598,7 @@ class PieceOptimizer(Optimizer):
                  for (n, s), st in core.state.items() if (n, s) in pieces}
         hyper = [{k: v for k, v in g.items() if k not in ("params", "specs", "names")} for g in self._groups]
         return {"lanton_core": dict(t=core.t, skipped=core.skipped_steps, H=core.H.clone(), F=core.F.clone(),
-                                    E=core.E.clone(), state=state, world=self.world, rank=self.rank, ranges=self.ranges),
+                                    E=core.E.clone(), steps=core.stepped_counts(), state=state, world=self.world, rank=self.rank, ranges=self.ranges),
                 "param_groups": hyper}
 
     def load_local_state_dict(self, sd: dict[str, Any]) -> None:
@@ -614,6 +614,7 @@ class PieceOptimizer(Optimizer):
         core.H.copy_(c["H"])
         core.F.copy_(c["F"])
         core.E = c["E"].to(core.H.device, copy=True) if "E" in c else core.H > 0  # older states: H > 0
+        core.load_stepped_counts(c.get("steps"))
         core._pending, core._deferred = None, None
         core.state.clear()
         for key, st in c["state"].items():
