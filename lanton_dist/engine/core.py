@@ -23,8 +23,9 @@ Reductions, all over the scalar group (every rank holding pieces):
   updates the replicated trackers H, the "estimated" mask E (H updated at least once) and
   the rate factors, so the group-wide max α costs no extra collective. The anchor runs over
   estimated layers only; the others run at factor 1. Option I compares with G_{t−1} only: a
-  piece that missed a step drops its stored gradient. With ``overlap=True`` the reduction is waited for at the start of the
-  next step and its factors apply from then on — the reference's ``delay_lr_factor=True``.
+  piece that missed a step drops its stored gradient. With ``overlap=True`` the reduction is
+  waited for at the start of the next step and its factors apply from then on — the
+  reference's ``delay_lr_factor=True``.
   With ``defer_variance=True`` as well (exchanges with ``launch_gather``), even the
   gathering of D = G_t − G̃_t to the owners and the nuclear norms are left in flight at the
   end of the estimation step (the owners compute on a background thread) and are finished,
@@ -39,8 +40,8 @@ whole matrices → scatter, bucket by bucket) and ``launch_gather(pieces, tensor
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from collections.abc import Collection
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -227,9 +228,9 @@ class ShardedCore:
         for name in stepped:
             self.param_steps[name] += 1
         if self.noise_adaptive and self.option == "I":  # G̃ must be G_{t−1}: drop older ones
-            stepped = {id(p) for p in live}
+            live_ids = {id(p) for p in live}
             for p in pieces:
-                if id(p) not in stepped:
+                if id(p) not in live_ids:
                     self.state.get((p.name, p.start), {}).pop("prev_grad", None)
         if self.algorithm in ("lanton", "scion"):
             self._lanton(live)

@@ -44,8 +44,10 @@ gradients internally, so the two half-batch gradients never reach the optimizer 
 Parameters without a gradient: DeepSpeed zero-fills them in its flat partitions, so the
 adapter records presence itself (a post-accumulate-grad hook per parameter, OR-ed over the
 micro-batches of an optimizer step) and the core skips a parameter no rank had a gradient
-for; one that some ranks lack is reduced with their zeros (DeepSpeed's reduction, DDP's
-convention).
+for. DeepSpeed ZeRO itself needs every rank to produce gradients for the same parameters: its
+bucketed reductions follow each rank's autograd hooks, and rank-dependent use mismatches its
+collectives (the job dies; checked on every stage on CPU gloo). A branch that only some ranks
+use must run with weight 0 on the others — the DDP convention's result (reduced with zeros).
 
 fp64 is not possible: DeepSpeed's master partitions are fp32 whatever the model dtype.
 """
