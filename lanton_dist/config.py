@@ -23,10 +23,12 @@ from typing import Any, TypeVar
 
 import yaml
 
+from lanton_dist.names import ALGORITHMS
+
 T = TypeVar("T")
 
 #: ``optim.name`` values (:func:`lanton_dist.factory.build_optimizer`).
-OPTIMIZERS: tuple[str, ...] = ("lanton", "scion", "dmuon", "adamw")
+OPTIMIZERS: tuple[str, ...] = ALGORITHMS  # optim.name
 
 
 class ConfigError(ValueError):

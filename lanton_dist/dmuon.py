@@ -3,7 +3,8 @@
 hidden: sum momentum ``M ← μM + G``, Nesterov direction ``G + μM``, Newton–Schulz with
 Moonlight's scale 0.2·√max(d_out, d_in) per logical block, ``W ← W(1 − ηλ) − η·0.2√max·NS``;
 embed_head and vector: AdamW (β = (0.9, 0.95)) with their group's own rate. Same param
-groups as :class:`~lanton_dist.lanton.LANTON`; single process.
+groups as :class:`~lanton_dist.lanton.LANTON`; single process. A parameter without ``.grad``
+is skipped for the step (its AdamW bias correction counts its own steps, as torch's does).
 """
 from __future__ import annotations
 
@@ -67,6 +68,9 @@ class DMuon(Optimizer):
                 continue
             st = self.state[p]
             if "exp_avg" not in st:
-                st["exp_avg"], st["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
-            adamw_step_(p, p.grad, st["exp_avg"], st["exp_avg_sq"], g["step"], g["lr"], g["adam_betas"], g["adam_eps"], g["weight_decay"])
+                st["exp_avg"], st["exp_avg_sq"], st["step"] = torch.zeros_like(p), torch.zeros_like(p), torch.tensor(0.0)
+            # Its own step count, a CPU tensor as in torch's AdamW (reading it syncs no device);
+            # states saved before it existed count the group's steps.
+            st["step"] = st.get("step", torch.tensor(float(g["step"] - 1))) + 1
+            adamw_step_(p, p.grad, st["exp_avg"], st["exp_avg_sq"], int(st["step"]), g["lr"], g["adam_betas"], g["adam_eps"], g["weight_decay"])
         return loss

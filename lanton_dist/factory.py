@@ -26,7 +26,7 @@ def check_not_zero_init(params: Iterable[tuple[str, torch.Tensor]]) -> None:
     if partitioned:
         raise ValueError(
             f"{len(partitioned)} parameters (e.g. {partitioned[0]!r}) were created under deepspeed.zero.Init and are "
-            "already partitioned (shape (0,)): LANTON cannot see their matrix shapes. Build the model without "
+            "already partitioned (shape (0,), DeepSpeed issue #8438): LANTON cannot see their matrix shapes. Build the model without "
             "zero.Init and pass it to lanton_dist.integrations.deepspeed.initialize (ZeRO-3 partitions it there), "
             "or run launch/train.py with parallel.backend deepspeed.")
 

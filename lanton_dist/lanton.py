@@ -21,6 +21,11 @@ estimation is ours.
 what the sharded engine and adapters do when they overlap the variance reduction with the
 next step — so the reference can be compared with them bit for bit.
 
+A parameter without ``.grad`` is skipped for the step, as torch's optimizers do (no momentum
+decay, no weight decay, no update, no tracker update); Option I never compares with a gradient
+older than t−1 (a parameter that missed step t−1 keeps its H at t), and the group anchor runs
+only over layers with a noise estimate (state ``estimated``): unestimated layers run at factor 1.
+
 Parameters come in torch param groups whose ``"specs"`` list (parallel to ``"params"``)
 holds each parameter's :class:`~lanton_dist.groups.ParamSpec`; build them with
 :func:`lanton_dist.factory.param_groups`. Non-finite gradients skip the whole step
@@ -41,7 +46,8 @@ from lanton_dist.groups import Geometry, ParamSpec, block_scale
 from lanton_dist.lmo import LMOConfig
 from lanton_dist.nuclear import resolve_estimator
 
-GEOMETRY_INDEX = {Geometry.HIDDEN: 0, Geometry.EMBED_HEAD: 1, Geometry.VECTOR: 2}
+
+_EXACT_STATE = ("H", "lr_factor", "estimated")  # state that must not take the parameter's dtype
 
 
 def run_closure(closure: Callable[[], Any] | None) -> Any:
@@ -178,6 +184,7 @@ class LANTON(Optimizer):
             acc = torch.promote_types(p.dtype, torch.float32)
             st["H"] = torch.zeros(n, dtype=acc, device=p.device)
             st["lr_factor"] = torch.ones(n, dtype=acc, device=p.device)
+            st["estimated"] = torch.zeros(n, dtype=torch.bool, device=p.device)
         return st
 
     # ------------------------------------------------------------------ step
@@ -215,11 +222,14 @@ class LANTON(Optimizer):
         if estimate:
             self._update_trackers(live)
         if self.noise_adaptive and self.option == "I":
+            # G̃ at t+1 must be G_t: parameters without a gradient now drop any older one.
             keep = noise.keeps_previous_gradient(t, k)
             for _, p, _, grad, _ in live:
                 if keep:
                     self.state[p]["prev_grad"] = grad.clone()
-                else:
+            present = {id(x[1]) for x in live} if keep else set()
+            for _, p, _ in self._entries():
+                if id(p) not in present and p in self.state:
                     self.state[p].pop("prev_grad", None)
         factors = self._rate_factors(estimate)
 
@@ -267,6 +277,7 @@ class LANTON(Optimizer):
                 dual = lmo_mod.dual_norm(spec, diffs[i]).reshape(1)
             st = self.state[p]
             st["H"] = noise.update_tracker(st["H"], dual.to(st["H"].dtype) ** 2, g["beta2"])
+            st["estimated"].fill_(True)
 
     def _rate_factors(self, estimate: bool) -> dict[torch.Tensor, torch.Tensor]:
         """Per-parameter ``(n_blocks,)`` factors used this step; refreshes them on estimation steps."""
@@ -277,8 +288,9 @@ class LANTON(Optimizer):
             hs = torch.cat([self.state[p]["H"] for _, p, _ in entries])
             dev = hs.device
             alphas = torch.cat([torch.full((len(s.blocks),), g["alpha"], dtype=hs.dtype, device=dev) for g, _, s in entries])
-            gids = torch.cat([torch.full((len(s.blocks),), GEOMETRY_INDEX[s.geometry], dtype=torch.long, device=dev) for _, _, s in entries])
-            new = noise.lr_factors(noise.noise_alpha(hs, alphas), gids, self.ratio_anchor).split([len(s.blocks) for _, _, s in entries])
+            gids = torch.cat([torch.full((len(s.blocks),), noise.GEOMETRY_INDEX[s.geometry], dtype=torch.long, device=dev) for _, _, s in entries])
+            est = torch.cat([self.state[p]["estimated"] for _, p, _ in entries])
+            new = noise.lr_factors(noise.noise_alpha(hs, alphas), gids, self.ratio_anchor, est).split([len(s.blocks) for _, _, s in entries])
             used = {}
             for (_, p, _), f in zip(entries, new):
                 used[p] = self.state[p]["lr_factor"] if self.delay_lr_factor else f
@@ -287,17 +299,22 @@ class LANTON(Optimizer):
         return {p: self.state[p]["lr_factor"] for _, p, _ in entries}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """torch's, except that ``H`` and ``lr_factor`` keep their (≥ fp32) dtype: torch casts
-        every floating state tensor to its parameter's dtype, rounding them to bf16 for bf16 params."""
+        """torch's, except that ``H``, ``lr_factor`` and ``estimated`` keep their dtypes: torch
+        casts every state tensor of a floating parameter to its dtype (bf16 rounding, bool → float).
+
+        Checkpoints written before the ``estimated`` mask existed load with ``estimated = H > 0``
+        (a layer whose tracker is still exactly 0 is treated as never estimated)."""
         saved = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
-        keep = {p: {k: v for k, v in state_dict["state"].get(i, {}).items() if k in ("H", "lr_factor")}
+        keep = {p: {k: v for k, v in state_dict["state"].get(i, {}).items() if k in _EXACT_STATE}
                 for i, p in zip(saved, params)}
         super().load_state_dict(state_dict)
         self.skipped_steps = int(state_dict.get("skipped_steps", 0))
         for p, tensors in keep.items():
             for k, v in tensors.items():
                 self.state[p][k] = v.to(device=p.device, copy=True)
+            if "H" in tensors and "estimated" not in tensors:
+                self.state[p]["estimated"] = self.state[p]["H"] > 0
 
     # ------------------------------------------------------------------ diagnostics
     def layer_diagnostics(self) -> list[dict[str, Any]]:

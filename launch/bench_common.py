@@ -40,8 +40,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from lanton_dist.names import ALGORITHMS as OPTIMIZERS  # noqa: E402
+
 CONFIG = ROOT / "configs" / "llama-tiny-cpu.yaml"
-OPTIMIZERS = ("lanton", "scion", "dmuon", "adamw")
 GROUPS = ("hidden", "embed_head", "vector")
 # Base (hidden, embed_head, vector) rates, multiplied by the grid: LANTON's and D-Muon's are the
 # centres of the sweeps recorded in the config's header; Scion starts from LANTON's (same

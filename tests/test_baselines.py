@@ -121,7 +121,7 @@ def test_dmuon_adam_state_and_steps_count_from_one():
             p.grad = G[n].clone()
         opt.step()
     assert all(g["step"] == 2 for g in opt.param_groups)
-    assert set(opt.state[params["emb"]]) == {"exp_avg", "exp_avg_sq"}
+    assert set(opt.state[params["emb"]]) == {"exp_avg", "exp_avg_sq", "step"} and opt.state[params["emb"]]["step"] == 2
     assert set(opt.state[params["w1"]]) == {"momentum_buffer"}
 
 
@@ -148,6 +148,22 @@ def test_dmuon_skips_nonfinite_steps_and_touches_nothing():
 def test_dmuon_requires_specs():
     with pytest.raises(ValueError, match="specs"):
         DMuon(nn.Linear(2, 2).parameters())
+
+
+def test_dmuon_skips_a_parameter_without_gradient_exactly_as_torch_adamw():
+    """emb misses step 2: no decay, no update, and its bias correction counts its own 2 steps."""
+    params = _params()
+    opt = DMuon(_groups(params), weight_decay=0.1)
+    twin = nn.Parameter(params["emb"].detach().clone())
+    ref = torch.optim.AdamW([twin], lr=LR[EMBED_HEAD], betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, foreach=False)
+    for t, G in enumerate(_grads(3), 1):
+        for n, p in params.items():
+            p.grad = None if (n == "emb" and t == 2) else G[n].clone()
+        twin.grad = params["emb"].grad
+        opt.step()
+        ref.step()
+        assert torch.equal(params["emb"].detach(), twin.detach()), t
+    assert opt.state[params["emb"]]["step"] == 2
 
 
 # --------------------------------------------------------------------------- AdamW kernel

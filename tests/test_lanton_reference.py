@@ -23,6 +23,7 @@ from torch import nn
 from lanton_dist.config import OptimConfig
 from lanton_dist.factory import param_groups
 from lanton_dist.groups import Geometry, ParamSpec, qkv_blocks
+from lanton_dist import noise
 from lanton_dist.lanton import LANTON
 
 HIDDEN, EMBED_HEAD, VECTOR = Geometry.HIDDEN, Geometry.EMBED_HEAD, Geometry.VECTOR
@@ -709,5 +710,74 @@ def test_state_after_training_holds_only_documented_tensors():
     got, _, opt, params = run_both(2, option="I", k=1)
     for p in params.values():
         st = opt.state[p]
-        assert set(st) <= {"momentum_buffer", "H", "lr_factor", "prev_grad"}
+        assert set(st) <= {"momentum_buffer", "H", "lr_factor", "prev_grad", "estimated"}
+        assert st["estimated"].dtype == torch.bool
         assert st["H"].dtype == torch.float32 and st["H"].shape == (1,)
+
+
+# =========================================================================== parameters that miss a step
+def _drive_missing(opt, params, grads, missing):
+    """Step with ``grads``, leaving ``p.grad`` None for the (step, name) pairs in ``missing``."""
+    for t, G in enumerate(grads, 1):
+        for n, p in params.items():
+            p.grad = None if (t, n) in missing else G[n].clone()
+        opt.step()
+
+
+def test_option_I_never_compares_with_a_gradient_older_than_the_previous_step():
+    """k = 1, h1 misses step 2: at step 3 its H is NOT updated (G₃ − G₁ would mix two steps);
+    at step 4 it is, from G₄ − G₃. Until then it has no estimate and runs at factor 1."""
+    params = make_params()
+    opt = LANTON(make_groups(params), estimate_every=1, nuclear_estimator="exact")
+    grads = grad_stream(4)
+    _drive_missing(opt, params, grads[:3], {(2, "h1")})
+    st = opt.state[params["h1"]]
+    assert float(st["H"][0]) == 0.0 and not bool(st["estimated"][0]) and float(st["lr_factor"][0]) == 1.0
+    assert bool(opt.state[params["h2"]]["estimated"][0])
+    prev = grads[2]["h1"]
+    _drive_missing(opt, params, grads[3:], set())
+    d = grads[3]["h1"] - prev
+    want = 0.1 * (torch.linalg.svdvals(d).sum().item() * math.sqrt(2 / 2)) ** 2  # (1 − β₂)·‖D‖², d_out = d_in
+    assert float(st["H"][0]) == pytest.approx(want, rel=1e-5) and bool(st["estimated"][0])
+
+
+def test_an_unestimated_layer_runs_at_factor_one_and_does_not_pin_its_groups_anchor():
+    alphas = torch.tensor([0.5, 0.8, 1.0, 0.3])
+    gids = torch.tensor([0, 0, 0, 1])
+    est = torch.tensor([True, True, False, False])
+    assert noise.lr_factors(alphas, gids, "max", est).tolist() == pytest.approx([math.sqrt(0.5 / 0.8), 1, 1, 1])
+    assert noise.lr_factors(alphas, gids, "min", est).tolist() == pytest.approx([1, math.sqrt(0.8 / 0.5), 1, 1])
+    # In the optimizer: h1 gets a gradient on odd steps only, so it is never estimated (k = 1);
+    # h2 is the only estimated hidden layer, hence its own anchor: factor 1, not √(α_h2 / 1).
+    params = make_params()
+    opt = LANTON(make_groups(params), estimate_every=1, nuclear_estimator="exact")
+    _drive_missing(opt, params, grad_stream(5), {(t, "h1") for t in (2, 4)})
+    h1, h2 = opt.state[params["h1"]], opt.state[params["h2"]]
+    assert not bool(h1["estimated"][0]) and float(h1["H"][0]) == 0.0
+    assert float(h2["H"][0]) > 0 and float(h2["lr_factor"][0]) == pytest.approx(1.0)
+
+
+def test_lr_factors_reads_nothing_back_to_the_host():
+    """Meta tensors hold no values, so any .item() / bool() on them raises."""
+    a = torch.rand(5, device="meta")
+    g = torch.zeros(5, dtype=torch.long, device="meta")
+    assert noise.lr_factors(a, g, "max", torch.ones(5, dtype=torch.bool, device="meta")).shape == (5,)
+    assert noise.lr_factors(a, g, "min").shape == (5,)
+
+
+def test_estimated_mask_survives_state_dict_and_old_checkpoints_fall_back_to_H_positive():
+    params = make_params()
+    opt = LANTON(make_groups(params), estimate_every=1, nuclear_estimator="exact")
+    _drive_missing(opt, params, grad_stream(3), {(2, "h1")})
+    sd = opt.state_dict()
+    fresh = LANTON(make_groups(make_params()), estimate_every=1, nuclear_estimator="exact")
+    fresh.load_state_dict(sd)
+    for (n, p), q in zip(params.items(), [p for g in fresh.param_groups for p in g["params"]]):
+        got = fresh.state[q]["estimated"]
+        assert got.dtype == torch.bool and torch.equal(got, opt.state[p]["estimated"]), n
+    for st in sd["state"].values():
+        st.pop("estimated")
+    old = LANTON(make_groups(make_params()), estimate_every=1, nuclear_estimator="exact")
+    old.load_state_dict(sd)
+    for q in [p for g in old.param_groups for p in g["params"]]:
+        assert torch.equal(old.state[q]["estimated"], old.state[q]["H"] > 0)

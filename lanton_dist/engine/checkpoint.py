@@ -3,14 +3,16 @@
 Each rank writes only its own pieces: optimizer-state tensor ``key`` of elements
 ``[start, stop)`` of parameter ``name`` is stored under ``optim/<name>/<key>/<start>_<stop>``
 (flattened), so whole matrices are written by their owner alone and elementwise pieces by
-whoever holds them. The replicated scalars (step, trackers H, rate factors, skipped steps)
-and, optionally, the model's parameters are stored once (DCP de-duplicates replicated keys).
+whoever holds them. The replicated scalars (step, trackers H, rate factors, the "estimated"
+mask E, each parameter's step count, skipped steps) and, optionally, the model's parameters are stored once (DCP de-duplicates replicated keys).
 
 Loading reads the stored chunk list from the checkpoint's metadata and assembles each local
 piece of the *new* layout from the chunks that overlap it, so a checkpoint written on 4
 ranks loads on 2 or 3. A pending variance reduction is completed before saving (it would
 be waited for at the next step anyway; the result is the same). After loading, parameters
 are copied into the engine's buffers on every rank: no rank resumes from stale weights.
+Checkpoints written before E and the step counts existed load with E = (H > 0) (a layer whose
+tracker is exactly 0 counts as never estimated) and every parameter stepped ``t`` times.
 """
 from __future__ import annotations
 
@@ -35,6 +37,8 @@ def core_state_dict(core: ShardedCore, pieces: list[LocalPiece]) -> dict[str, An
         "meta/skipped": torch.tensor(core.skipped_steps),
         "meta/H": core.H.clone(),
         "meta/F": core.F.clone(),
+        "meta/E": core.E.clone(),
+        "meta/steps": core.stepped_counts(),
     }
     for pc in pieces:
         for key, value in core.state.get((pc.name, pc.start), {}).items():
@@ -55,6 +59,10 @@ def load_core_state(core: ShardedCore, pieces: list[LocalPiece], path: str, extr
         "meta/t": torch.tensor(0), "meta/skipped": torch.tensor(0),
         "meta/H": torch.empty_like(core.H), "meta/F": torch.empty_like(core.F),
     }
+    if "meta/E" in meta:
+        request["meta/E"] = torch.empty_like(core.E)
+    if "meta/steps" in meta:
+        request["meta/steps"] = torch.empty(len(core.specs), dtype=torch.long)
     wanted: list[tuple[LocalPiece, int, int, str, str]] = []
     for pc in pieces:
         if pc.name not in core.specs:
@@ -72,6 +80,8 @@ def load_core_state(core: ShardedCore, pieces: list[LocalPiece], path: str, extr
     core.t, core.skipped_steps = int(request["meta/t"]), int(request["meta/skipped"])
     core.H.copy_(request["meta/H"])
     core.F.copy_(request["meta/F"])
+    core.E = request["meta/E"].clone() if "meta/E" in request else core.H > 0  # older checkpoints: H > 0
+    core.load_stepped_counts(request.get("meta/steps"))
     core._pending = None
     core.state.clear()
     filled: dict[tuple[str, int, str], int] = defaultdict(int)

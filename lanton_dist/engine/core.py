@@ -10,15 +10,22 @@ back; :class:`LocalExchange` is the no-traffic case where pieces are already who
 
 Reductions, all over the scalar group (every rank holding pieces):
 
-* ``finite`` — one flag per step: any non-finite gradient anywhere skips the step on all
-  ranks, state untouched.
+* ``finite`` — one ``(1 + L)`` vector per step (also with ``skip_nonfinite=False``): the
+  non-finite count (any non-finite gradient anywhere skips the step on all ranks, state
+  untouched) and which layers' parameters have a gradient on some rank (L logical layers, as
+  below). A parameter no rank has a gradient for is skipped (no momentum decay, weight decay,
+  update or tracker update); one that some ranks lack was reduced with zeros by the caller
+  (DDP's convention).
 * ``norm`` — Σ B² of vector-group pieces (their RMS LMO needs ‖B‖₂), every step.
 * ``variance`` — on estimation steps, a ``(2L,)`` vector over all L logical layers of the
   model: each layer's dual-norm contribution (owner's √(d_out/d_in)·‖D‖_* for hidden
   blocks, partial Σ|D| or Σ D² for pieces) and a presence count. After the SUM every rank
-  updates the replicated trackers H and the rate factors, so the group-wide max α costs no
-  extra collective. With ``overlap=True`` the reduction is waited for at the start of the
-  next step and its factors apply from then on — the reference's ``delay_lr_factor=True``.
+  updates the replicated trackers H, the "estimated" mask E (H updated at least once) and
+  the rate factors, so the group-wide max α costs no extra collective. The anchor runs over
+  estimated layers only; the others run at factor 1. Option I compares with G_{t−1} only: a
+  piece that missed a step drops its stored gradient. With ``overlap=True`` the reduction is
+  waited for at the start of the next step and its factors apply from then on — the
+  reference's ``delay_lr_factor=True``.
   With ``defer_variance=True`` as well (exchanges with ``launch_gather``), even the
   gathering of D = G_t − G̃_t to the owners and the nuclear norms are left in flight at the
   end of the estimation step (the owners compute on a background thread) and are finished,
@@ -33,6 +40,7 @@ whole matrices → scatter, bucket by bucket) and ``launch_gather(pieces, tensor
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -43,11 +51,10 @@ from lanton_dist import noise
 from lanton_dist.adamw import adamw_step_
 from lanton_dist.engine.meter import Collectives
 from lanton_dist.groups import Geometry, ParamSpec, block_scale
-from lanton_dist.lanton import GEOMETRY_INDEX
 from lanton_dist.lmo import LMOConfig
+from lanton_dist.names import ALGORITHMS
 from lanton_dist.nuclear import resolve_estimator
 
-ALGORITHMS = ("lanton", "scion", "dmuon", "adamw")
 
 
 @dataclass
@@ -164,7 +171,7 @@ class ShardedCore:
             for _ in s.blocks:
                 kinds.append(s.geometry)
                 groups_.append(group_of[s.name])
-                gids.append(GEOMETRY_INDEX[s.geometry])
+                gids.append(noise.GEOMETRY_INDEX[s.geometry])
         self.n_layers = len(kinds)
         self.layer_kind, self.layer_group = kinds, groups_
         self.layer_gid = torch.tensor(gids, dtype=torch.long)
@@ -173,7 +180,9 @@ class ShardedCore:
         self.acc_dtype = torch.promote_types(dtype, torch.float32)
         self.H = torch.zeros(self.n_layers, dtype=self.acc_dtype)
         self.F = torch.ones(self.n_layers, dtype=self.acc_dtype)
+        self.E = torch.zeros(self.n_layers, dtype=torch.bool)  # layers with a noise estimate
         self.t = 0
+        self.param_steps = {s.name: 0 for s in specs}  # steps each parameter was stepped (AdamW)
         self.skipped_steps = 0
         self.state: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
         self._pending: tuple[Any, torch.Tensor] | None = None
@@ -187,22 +196,32 @@ class ShardedCore:
         return self.state.setdefault((piece.name, piece.start), {})
 
     @torch.no_grad()
-    def step(self, pieces: list[LocalPiece]) -> bool:
-        """One optimizer step on ``pieces`` (gradients already reduced). False if skipped."""
+    def step(self, pieces: list[LocalPiece], present: Collection[str] | None = None) -> bool:
+        """One optimizer step on ``pieces`` (gradients already reduced). False if skipped.
+
+        ``present``: names of the parameters that had a gradient on this rank before the
+        reduction (``None``: those whose piece has a ``grad``). A parameter is stepped iff some
+        rank of the scalar group reports it; a stepped piece without ``grad`` (another rank had
+        the gradient) steps with zeros, and the ``grad`` of a piece whose parameter nobody
+        reports (a framework's zero fill) is ignored: no momentum decay, weight decay, update
+        or tracker update for it this step.
+        """
         device = pieces[0].param.device if pieces else torch.device("cpu")
         self._to(device)
-        if self.skip_nonfinite:
-            bad = torch.zeros(1, device=device, dtype=self.acc_dtype)
-            for p in pieces:
-                if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
-                    bad += 1
-            self.coll.all_reduce(bad, "finite").wait()
-            if bad.item() > 0:
-                self.skipped_steps += 1
-                return False
+        agreed = self._agree(pieces, present, device)
+        if agreed is None:
+            self.skipped_steps += 1
+            return False
+        live, stepped = agreed
         self.finish_variance()
         self.t += 1
-        live = [p for p in pieces if p.grad is not None]
+        for name in stepped:
+            self.param_steps[name] += 1
+        if self.noise_adaptive and self.option == "I":  # G̃ must be G_{t−1}: drop older ones
+            live_ids = {id(p) for p in live}
+            for p in pieces:
+                if id(p) not in live_ids:
+                    self.state.get((p.name, p.start), {}).pop("prev_grad", None)
         if self.algorithm in ("lanton", "scion"):
             self._lanton(live)
         elif self.algorithm == "dmuon":
@@ -210,6 +229,46 @@ class ShardedCore:
         else:
             self._adamw(live)
         return True
+
+    def _agree(self, pieces: list[LocalPiece], present: Collection[str] | None,
+               device: torch.device) -> tuple[list[LocalPiece], list[str]] | None:
+        """The job-wide skip vote and gradient presence, in ONE all-reduce ("finite") of
+        ``[non-finite count, presence of each layer…]`` (``1 + n_layers`` scalars, the same
+        size on every rank; a parameter's blocks share its flag) and one host read of it.
+        Returns the pieces to step and the names of every parameter stepped job-wide
+        (``None``: skip the step, a non-finite gradient somewhere)."""
+        vec = torch.zeros(1 + self.n_layers, device=device, dtype=self.acc_dtype)
+        grads = [p.grad for p in pieces if p.grad is not None and p.grad.numel()]
+        if self.skip_nonfinite and grads:
+            vec[0] = torch.stack([torch.isfinite(g).all() for g in grads]).logical_not().sum()
+        names = set(present if present is not None else [p.name for p in pieces if p.grad is not None])
+        if names:
+            idx = [1 + self.layer_start[n] + b for n in sorted(names) for b in range(len(self.specs[n].blocks))]
+            vec.index_fill_(0, torch.tensor(idx, device=device), 1.0)
+        self.coll.all_reduce(vec, "finite").wait()
+        votes = vec.tolist()  # the step's one host read
+        if self.skip_nonfinite and votes[0] > 0:
+            return None
+        live = []
+        for p in pieces:
+            if votes[1 + self.layer_start[p.name]] > 0:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p.param)
+                live.append(p)
+        return live, [n for n in self.specs if votes[1 + self.layer_start[n]] > 0]
+
+    def stepped_counts(self) -> torch.Tensor:
+        """``(n_params,)`` int64, in ``specs`` order: steps each parameter was stepped (AdamW's
+        bias correction counts those, as torch's); replicated, for checkpoints."""
+        return torch.tensor([self.param_steps[n] for n in self.specs], dtype=torch.long)
+
+    def load_stepped_counts(self, counts: torch.Tensor | None) -> None:
+        """Inverse of :meth:`stepped_counts`; ``None`` (checkpoints from before the counts were
+        kept) counts every parameter as stepped at every step: ``t``."""
+        if counts is not None and counts.numel() != len(self.specs):
+            raise ValueError(f"checkpoint has step counts of {counts.numel()} parameters, this model has {len(self.specs)}")
+        values = [self.t] * len(self.specs) if counts is None else counts.tolist()
+        self.param_steps = dict(zip(self.specs, (int(v) for v in values)))
 
     def finish_variance(self) -> None:
         """Wait for a pending variance reduction and refresh H and the rate factors
@@ -232,7 +291,8 @@ class ShardedCore:
         beta2 = torch.tensor([self.param_groups[g]["beta2"] for g in self.layer_group], dtype=self.H.dtype, device=self.H.device)
         alpha = torch.tensor([self.param_groups[g]["alpha"] for g in self.layer_group], dtype=self.H.dtype, device=self.H.device)
         self.H = torch.where(present, self.H * beta2 + sq * (1 - beta2), self.H)
-        self.F = noise.lr_factors(noise.noise_alpha(self.H, alpha), self.layer_gid, self.anchor)
+        self.E = self.E | present
+        self.F = noise.lr_factors(noise.noise_alpha(self.H, alpha), self.layer_gid, self.anchor, self.E)
 
     # ------------------------------------------------------------------ algorithms
     def _lanton(self, live: list[LocalPiece]) -> None:
@@ -287,7 +347,7 @@ class ShardedCore:
             st = self.state_of(p)
             if "exp_avg" not in st:
                 st["exp_avg"], st["exp_avg_sq"] = torch.zeros_like(p.param), torch.zeros_like(p.param)
-            adamw_step_(p.param, p.grad, st["exp_avg"], st["exp_avg_sq"], self.t, g["lr"],
+            adamw_step_(p.param, p.grad, st["exp_avg"], st["exp_avg_sq"], self.param_steps[p.name], g["lr"],
                         tuple(g["adam_betas"]), g["adam_eps"], g["weight_decay"])
 
     # ------------------------------------------------------------------ pieces of the math
@@ -378,7 +438,8 @@ class ShardedCore:
     # ------------------------------------------------------------------ bookkeeping
     def _to(self, device: torch.device) -> None:
         if self.H.device != device:
-            self.H, self.F, self.layer_gid = self.H.to(device), self.F.to(device), self.layer_gid.to(device)
+            self.H, self.F, self.E = self.H.to(device), self.F.to(device), self.E.to(device)
+            self.layer_gid = self.layer_gid.to(device)
 
     def layer_diagnostics(self) -> list[dict[str, Any]]:
         """Per logical layer (replicated on every rank): name, geometry, H, α, factor, lr."""

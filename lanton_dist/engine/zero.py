@@ -34,6 +34,7 @@ from lanton_dist.engine.ownership import OwnershipPlan, plan_ownership
 from lanton_dist.groups import ParamSpec
 from lanton_dist.lanton import check_param_groups, run_closure
 from lanton_dist.lmo import LMOConfig
+from lanton_dist.names import ZERO_LAYOUTS
 
 @dataclass(frozen=True)
 class LogicalView:
@@ -88,7 +89,7 @@ class ShardedLANTON(Optimizer):
             raise ValueError(f"unknown hyper-parameters {sorted(unknown)}; valid: {sorted(DEFAULTS)}")
         if algorithm not in ALGORITHMS:
             raise ValueError(f"unknown algorithm {algorithm!r}; choose one of {ALGORITHMS}")
-        if layout not in ("owner", "plain") or (layout == "plain" and algorithm != "adamw"):
+        if layout not in ZERO_LAYOUTS or (layout == "plain" and algorithm != "adamw"):
             raise ValueError("layout must be 'owner', or 'plain' with algorithm='adamw' (whole matrices need owners)")
         if not dist.is_initialized():
             raise RuntimeError("ShardedLANTON needs torch.distributed initialised (use LANTON for one process)")
@@ -130,7 +131,9 @@ class ShardedLANTON(Optimizer):
         core_specs = specs
         if logical is not None:
             core_specs = self._job_specs([logical[s.name].spec if s.name in logical else s for s in specs], scalar_coll)
-        group_of = {(logical[s.name].spec.name if logical and s.name in logical else s.name): gi for _, s, gi in self._params}
+        self._core_name = {s.name: (logical[s.name].spec.name if logical and s.name in logical else s.name)
+                           for _, s, _ in self._params}
+        group_of = {self._core_name[s.name]: gi for _, s, gi in self._params}
         group_of.update({s.name: self._group_by_geometry(s) for s in core_specs if s.name not in group_of})
         self.core = ShardedCore(core_specs, group_of, self.param_groups, algorithm,
                                 scalar_coll, exchange or LocalExchange(), estimate_every=estimate_every, option=option,
@@ -175,6 +178,8 @@ class ShardedLANTON(Optimizer):
         loss = run_closure(closure)
         self.meter.step = self.core.t + 1
         try:
+            present = [self._core_name[s.name] for p, s, _ in self._params
+                       if p.grad is not None or (self._half is not None and s.name in self._half)]
             grads = self._reduce_scatter(lambda s: self._grad_of(s), "grad_reduce", self._grad_bufs)
             halves = None
             if self._half is not None:
@@ -190,7 +195,7 @@ class ShardedLANTON(Optimizer):
                     half = halves[(place.name, place.start)]
                     pc.diff2 = 2.0 * (half - pc.grad)
                     pc.grad = pc.grad + half
-            if self.core.step(self.pieces):
+            if self.core.step(self.pieces, present):
                 self._all_gather_params("param_gather")
         except Exception as exc:
             self.coll.publish_error(exc)
@@ -225,7 +230,9 @@ class ShardedLANTON(Optimizer):
         return self._by_name[spec.name][0].grad
 
     def _reduce_scatter(self, source, phase: str, bufs: list[torch.Tensor]) -> dict[tuple[str, int], torch.Tensor]:
-        """Fill ``bufs`` from ``source(spec)`` (full local grads), reduce-scatter (mean) all buckets."""
+        """Fill ``bufs`` from ``source(spec)`` (full local grads), reduce-scatter (mean) all buckets.
+        A rank without a gradient contributes zeros (DDP's convention); whether a parameter is
+        stepped at all is the core's job-wide presence vote (``step``'s ``present``)."""
         handles, outs = [], []
         for b, buf in zip(self.layout.buckets, bufs):
             buf.zero_()

@@ -41,10 +41,19 @@ checkpoints, model/pipeline parallelism, any wrapper other than the ZeRO optimiz
 (ZeRO stage 0, FP16/BF16_Optimizer), Option II (DeepSpeed accumulates micro-batch
 gradients internally, so the two half-batch gradients never reach the optimizer separately).
 
+Parameters without a gradient: DeepSpeed zero-fills them in its flat partitions, so the
+adapter records presence itself (a post-accumulate-grad hook per parameter, OR-ed over the
+micro-batches of an optimizer step) and the core skips a parameter no rank had a gradient
+for. DeepSpeed ZeRO itself needs every rank to produce gradients for the same parameters: its
+bucketed reductions follow each rank's autograd hooks, and rank-dependent use mismatches its
+collectives (the job dies; checked on every stage on CPU gloo). A branch that only some ranks
+use must run with weight 0 on the others — the DDP convention's result (reduced with zeros).
+
 fp64 is not possible: DeepSpeed's master partitions are fp32 whatever the model dtype.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -80,15 +89,9 @@ class LANTONDeepSpeed(PieceOptimizer):
     def __init__(self, model: nn.Module, cfg, *, meter: CommMeter | None = None, bucket_mb: float = 25.0,
                  pad: bool = False, window: int = 2, overlap: bool = True, defer_variance: bool = True,
                  groups: list[dict[str, Any]] | None = None) -> None:
-        from lanton_dist.factory import hyper_parameters, lanton_options, param_groups
+        from lanton_dist.factory import check_not_zero_init, hyper_parameters, lanton_options, param_groups
 
-        partitioned = [n for n, p in model.named_parameters() if hasattr(p, "ds_id")]
-        if partitioned:
-            raise ValueError(
-                f"{len(partitioned)} parameters (e.g. {partitioned[0]}) were created under deepspeed.zero.Init and "
-                "are already partitioned: their shapes look 1-D, so LANTON would treat every matrix as a vector and "
-                "silently skip Newton–Schulz (DeepSpeed issue #8438). Build the model without zero.Init; ZeRO-3 "
-                "partitions it at deepspeed.initialize.")
+        check_not_zero_init(model.named_parameters())  # DeepSpeed issue #8438: matrices would look 1-D
         if cfg.name == "lanton" and cfg.option == "II":
             raise ValueError("Option II needs the two half-batch gradients separately; DeepSpeed accumulates "
                              "micro-batch gradients internally. Use option='I' with DeepSpeed.")
@@ -100,6 +103,11 @@ class LANTONDeepSpeed(PieceOptimizer):
         self._index = {id(p): k for k, p in enumerate(p for g in self._groups for p in g["params"])}
         self._flats: list[_Flat] = []
         self._grads: dict[int, torch.Tensor] = {}
+        # DeepSpeed zero-fills absent gradients in its flat buffers: presence is recorded here,
+        # per parameter, as autograd accumulates into it (all micro-batches of the step).
+        self._seen: set[int] = set()
+        self._hooks = [p.register_post_accumulate_grad_hook(functools.partial(self._mark, k))
+                       for g in self._groups for p in g["params"] for k in [self._index[id(p)]]]
         self._zopt = None
         self._resync: Callable[[int], None] | None = None
 
@@ -186,6 +194,10 @@ class LANTONDeepSpeed(PieceOptimizer):
         self._setup(ranges, flats[0].tensor.dtype)
         return self
 
+    def _mark(self, k: int, _param: torch.Tensor) -> None:
+        """Post-accumulate-grad hook of parameter ``k``: it has a gradient this optimizer step."""
+        self._seen.add(k)
+
     def _member(self, p: torch.Tensor) -> int:
         k = self._index.get(id(p))
         if k is None:
@@ -230,10 +242,11 @@ class LANTONDeepSpeed(PieceOptimizer):
         self._grads[f] = grad
         if f < len(self._flats) - 1:
             return None
+        present = [self.specs[k].name for k in sorted(self._seen)]
         try:
-            stepped = self._run_core(self._local_pieces())
+            stepped = self._run_core(self._local_pieces(), present)
         finally:
-            self._grads = {}
+            self._grads, self._seen = {}, set()
         if stepped:
             for i in range(len(self._flats) - 1):
                 self._resync(i)
@@ -249,18 +262,32 @@ class LANTONDeepSpeed(PieceOptimizer):
         self.load_local_state_dict(state_dict)
 
 
-def initialize(model: nn.Module, cfg, config: dict[str, Any], **kwargs: Any):
+def initialize(model: nn.Module, cfg, config: dict[str, Any] | str, *, meter: CommMeter | None = None,
+               bucket_mb: float = 25.0, pad: bool = False, window: int = 2, overlap: bool = True,
+               defer_variance: bool = True, groups: list[dict[str, Any]] | None = None, **deepspeed_kwargs: Any):
     """``deepspeed.initialize`` with a :class:`LANTONDeepSpeed` client optimizer, attached.
 
-    ``config`` is the DeepSpeed config dict (``zero_allow_untested_optimizer`` is set for you;
-    note that DeepSpeed clips the gradient norm at 1.0 when ``gradient_clipping`` is absent —
-    set it to 0.0 to feed LANTON unclipped gradients, as the other backends do;
+    ``config`` is the DeepSpeed config (a dict or a JSON file path; ``zero_allow_untested_optimizer``
+    is set for you; note that DeepSpeed clips the gradient norm at 1.0 when ``gradient_clipping``
+    is absent — set it to 0.0 to feed LANTON unclipped gradients, as the other backends do;
     ``zero_force_ds_cpu_optimizer`` is set to False when optimizer offload is requested).
+    ``meter`` … ``groups`` configure the optimizer (see :class:`LANTONDeepSpeed`); every other
+    keyword (``lr_scheduler``, ``training_data``, ``collate_fn``, ``model_parameters``, ``mpu``,
+    …) goes to ``deepspeed.initialize`` unchanged — what DeepSpeed builds from them is on the
+    engine (``engine.training_dataloader``, ``engine.lr_scheduler``).
     Needs ``torch.distributed`` initialised and ``LOCAL_RANK`` set (launchers do it).
     Returns ``(engine, optimizer)``.
     """
+    import json
+
     import deepspeed
 
+    for taken in ("model", "optimizer"):
+        if taken in deepspeed_kwargs:
+            raise ValueError(f"initialize sets deepspeed.initialize's {taken!r} itself; do not pass it")
+    if isinstance(config, str):
+        with open(config) as f:
+            config = json.load(f)
     config = dict(config)
     config.setdefault("zero_allow_untested_optimizer", True)
     zero = config.get("zero_optimization", {})
@@ -268,6 +295,7 @@ def initialize(model: nn.Module, cfg, config: dict[str, Any], **kwargs: Any):
         config.setdefault("zero_force_ds_cpu_optimizer", False)
     if "optimizer" in config:
         raise ValueError("remove the 'optimizer' section from the DeepSpeed config: LANTON is the client optimizer")
-    opt = LANTONDeepSpeed(model, cfg, **kwargs)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=config)
+    opt = LANTONDeepSpeed(model, cfg, meter=meter, bucket_mb=bucket_mb, pad=pad, window=window, overlap=overlap,
+                          defer_variance=defer_variance, groups=groups)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=config, **deepspeed_kwargs)
     return engine, opt.attach(engine)

@@ -476,9 +476,11 @@ class PieceOptimizer(Optimizer):
         return sum(s.numel for s in self.specs if self.plan.owner.get(s.name) == self.rank) * elem
 
     @torch.no_grad()
-    def _run_core(self, pieces: list[LocalPiece]) -> bool:
+    def _run_core(self, pieces: list[LocalPiece], present: list[str] | None = None) -> bool:
         """One core step on ``pieces`` (Option II halves combined); any failure is published so
-        peers stuck in a collective fail naming this rank."""
+        peers stuck in a collective fail naming this rank. ``present``: the parameters that had
+        a gradient on this rank, for frameworks that zero-fill absent ones (``None``: those
+        whose piece has a ``grad``; see :meth:`ShardedCore.step`)."""
         core = self._require_core()
         self.meter.step = core.t + 1
         try:
@@ -489,7 +491,7 @@ class PieceOptimizer(Optimizer):
                     h = half[pc.name]
                     pc.diff2 = 2.0 * (h - pc.grad)
                     pc.grad = pc.grad + h
-            return core.step(pieces)
+            return core.step(pieces, present)
         except Exception as exc:
             self.coll.publish_error(exc)
             raise
@@ -546,7 +548,7 @@ class PieceOptimizer(Optimizer):
                  for (n, s), st in core.state.items() if (n, s) in pieces}
         hyper = [{k: v for k, v in g.items() if k not in ("params", "specs", "names")} for g in self._groups]
         return {"lanton_core": dict(t=core.t, skipped=core.skipped_steps, H=core.H.clone(), F=core.F.clone(),
-                                    state=state, world=self.world, rank=self.rank, ranges=self.ranges),
+                                    E=core.E.clone(), steps=core.stepped_counts(), state=state, world=self.world, rank=self.rank, ranges=self.ranges),
                 "param_groups": hyper}
 
     def load_local_state_dict(self, sd: dict[str, Any]) -> None:
@@ -561,6 +563,8 @@ class PieceOptimizer(Optimizer):
         core.t, core.skipped_steps = int(c["t"]), int(c["skipped"])
         core.H.copy_(c["H"])
         core.F.copy_(c["F"])
+        core.E = c["E"].to(core.H.device, copy=True) if "E" in c else core.H > 0  # older states: H > 0
+        core.load_stepped_counts(c.get("steps"))
         core._pending, core._deferred = None, None
         core.state.clear()
         for key, st in c["state"].items():

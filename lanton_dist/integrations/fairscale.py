@@ -22,7 +22,7 @@ Usage::
 
 Checkpoints go through OSS's torch-format state dict: each owned parameter's LANTON state
 (momentum, previous gradient, Adam moments) is its per-parameter state, and the replicated
-step counter, trackers H and rate factors ride along in every owned parameter's entry
+step counter, trackers H, rate factors, "estimated" mask and per-parameter step counts ride along in every owned parameter's entry
 (``lanton_meta``); after ``OSS.load_state_dict`` the next step restores them on every rank
 (one all-reduce). The variance all-reduce is overlapped (consumed one step late) but the owners'
 nuclear norms are computed in the step: OSS gathers state rank by rank, so its ``state_dict``
@@ -113,7 +113,7 @@ class LANTONOSSShard(PieceOptimizer):
         for s, gi in self.named:
             p = self._mine.get(s.name)
             if p is None:
-                out.append(self._piece(s, gi, self._empty, self._empty))
+                out.append(self._piece(s, gi, self._empty, None))  # presence is the owner's to report
             else:
                 out.append(self._piece(s, gi, p.data.view(-1), None if p.grad is None else p.grad.reshape(-1)))
         return out
@@ -132,7 +132,8 @@ class LANTONOSSShard(PieceOptimizer):
         core = self._require_core()
         core.finish_variance()  # waits for the already-posted all-reduce: no new collective
         meta = {"t": torch.tensor(core.t), "skipped": torch.tensor(core.skipped_steps), "H": core.H.clone(),
-                "F": core.F.clone()}
+                "F": core.F.clone(), "E": core.E.clone(),
+                "steps": core.stepped_counts()}
         state, groups, i = {}, [], 0
         for g in self.param_groups:
             idx = []
@@ -172,16 +173,22 @@ class LANTONOSSShard(PieceOptimizer):
             return
         self._first = False
         L = core.n_layers
-        vec = torch.zeros(3 + 2 * L, dtype=core.acc_dtype)
-        if meta is not None:
+        P = len(core.specs)
+        vec = torch.zeros(4 + 3 * L + P, dtype=core.acc_dtype)
+        if meta is not None:  # [loaded, t, skipped, H, F, E, has step counts, step counts]
             vec[0], vec[1], vec[2] = 1.0, float(meta["t"]), float(meta["skipped"])
-            vec[3 : 3 + L], vec[3 + L :] = meta["H"], meta["F"]
+            vec[3 : 3 + L], vec[3 + L : 3 + 2 * L] = meta["H"], meta["F"]
+            vec[3 + 2 * L : 3 + 3 * L] = meta["E"] if "E" in meta else meta["H"] > 0  # older checkpoints: H > 0
+            if "steps" in meta:
+                vec[3 + 3 * L], vec[4 + 3 * L :] = 1.0, meta["steps"]
         self.coll.all_reduce(vec, "finite").wait()
         if vec[0] > 0:
             vec = vec / vec[0]
             core.t, core.skipped_steps = int(round(float(vec[1]))), int(round(float(vec[2])))
             core.H.copy_(vec[3 : 3 + L])
-            core.F.copy_(vec[3 + L :])
+            core.F.copy_(vec[3 + L : 3 + 2 * L])
+            core.E = vec[3 + 2 * L : 3 + 3 * L] > 0.5
+            core.load_stepped_counts(vec[4 + 3 * L :].round().long() if vec[3 + 3 * L] > 0.5 else None)
             core._pending = core._deferred = None
 
 

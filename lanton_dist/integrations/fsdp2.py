@@ -27,11 +27,19 @@ Usage::
     loss.backward(); opt.step(); opt.zero_grad()
     opt.save(path, model) / opt.load(path, model)      # torch.distributed.checkpoint
 
+Parameters without a gradient: FSDP2 leaves ``.grad`` None for a parameter no rank used;
+a parameter only some ranks use needs FSDP2's ``model.set_reduce_scatter_unused_params(True)``
+(otherwise its reduce-scatters mismatch across ranks), which reduces zeros for the others
+and zero-fills the gradient even where no rank used it. Presence is therefore recorded by
+a post-accumulate-grad hook on each unsharded parameter (installed by a forward pre-hook of
+its FSDP module) and the core skips a parameter no rank had a gradient for.
+
 Process group: the FSDP mesh's (1-D; HSDP or FSDP+TP meshes are refused) unless
 ``process_group`` is given (it must span the same ranks in the same order).
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -102,6 +110,39 @@ class LANTONFSDP2(PieceOptimizer):
                 raise ValueError(f"{s.name}: local shard has {p.to_local().numel()} elements, the torch.chunk row "
                                  f"layout gives {b - a}: unsupported FSDP2 sharding")
         self._setup(ranges, self._params[0].dtype)
+        self._seen: set[int] = set()  # parameters with a gradient this step (presence hooks)
+        self._hooked: dict[int, int] = {}  # id of an unsharded parameter → its index
+        from torch.distributed.fsdp import FSDPModule
+
+        index = {id(p): k for k, p in enumerate(self._params)}
+        self._presence_hooks = []
+        for fsdp_module in model.modules():
+            if isinstance(fsdp_module, FSDPModule):
+                owned = [(m, attr, index[id(q)]) for m in fsdp_module.modules()
+                         for attr, q in m.named_parameters(recurse=False) if id(q) in index]
+                self._presence_hooks.append(fsdp_module.register_forward_pre_hook(functools.partial(self._watch, owned)))
+
+    # ------------------------------------------------------------------ presence
+    def _watch(self, params: list[tuple[nn.Module, str, int]], _module: nn.Module, _args: Any) -> None:
+        """Forward pre-hook of an FSDP module, after FSDP2's own (which put its parameters'
+        unsharded tensors on their modules): hook each unsharded parameter once. Parameters of
+        nested FSDP modules are still sharded here; their own module's hook takes them."""
+        for module, attr, k in params:
+            q = module._parameters.get(attr)
+            if q is not None and q is not self._params[k] and q.requires_grad and id(q) not in self._hooked:
+                q.register_post_accumulate_grad_hook(functools.partial(self._mark, k))
+                self._hooked[id(q)] = k
+
+    def _mark(self, k: int, _param: torch.Tensor) -> None:
+        self._seen.add(k)
+
+    def _present(self) -> list[str]:
+        """Parameters with a gradient on this rank this step: those whose unsharded parameter
+        accumulated one (FSDP2's ``set_reduce_scatter_unused_params(True)`` zero-fills the
+        others), plus any with a gradient whose FSDP module never ran a forward here."""
+        hooked = set(self._hooked.values())
+        return [s.name for k, (p, s) in enumerate(zip(self._params, self.specs))
+                if k in self._seen or (k not in hooked and (p.grad is not None or s.name in (self._half or {})))]
 
     # ------------------------------------------------------------------ pieces
     def _local_pieces(self) -> list[LocalPiece]:
@@ -126,7 +167,10 @@ class LANTONFSDP2(PieceOptimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         loss = run_closure(closure)
-        self._run_core(self._local_pieces())
+        try:
+            self._run_core(self._local_pieces(), self._present())
+        finally:
+            self._seen = set()
         return loss
 
     def save(self, path: str, model: nn.Module | None = None) -> None:

@@ -19,6 +19,10 @@ Each rank holds TP shards of its pipeline stage's parameters. LANTON sees the *l
   TP rank 0 only), and the core's layer list spans all pipeline stages, so the group-wide α
   max covers every stage with one all-reduce per estimation step.
 
+A parameter whose ``.grad`` is None on every rank of the job is skipped for the step (the
+engine reports presence into the core's skip vote, over the whole job); one that some DP ranks
+lack is reduced with their zeros.
+
 A local shard is placed in its logical tensor's flattening at ``tp_rank · numel(shard)``
 (TP-rank-major order: row-major for dim-0 shards). Checkpoints
 (:mod:`lanton_dist.engine.checkpoint`) reshard across DP sizes, not across TP sizes.
@@ -54,7 +58,7 @@ class TensorParallelExchange:
         self.tp, self.rank = coll.world, coll.rank
 
     def _owners(self, names: list[str]) -> dict[str, int]:
-        plan = plan_ownership([self.infos[n].spec for n in names], self.tp)
+        plan = plan_ownership([self.infos[n].spec for n in names], self.tp, balance_numel=False)  # as the planner's TP plan
         return plan.owner
 
     def _shard_numel(self, name: str) -> int:

@@ -81,8 +81,7 @@ def engine_collectives(layout: Layout, step: int, optim: OptimSettings, n_layers
     out = per_bucket("reduce_scatter", "grad_reduce")
     if optim.estimates(step) and optim.option == "II":
         out += per_bucket("reduce_scatter", "grad_reduce_half")
-    if optim.skip_nonfinite:
-        out.append(Collective("all_reduce", "finite", sg[0], sg[1], 1, A))
+    out.append(Collective("all_reduce", "finite", sg[0], sg[1], 1 + n_layers, A))  # skip vote + presence per layer
     if optim.estimates(step):
         out.append(Collective("all_reduce", "variance", sg[0], sg[1], 2 * n_layers, A))
     if optim.algorithm in ("lanton", "scion") and n_vector:
@@ -195,8 +194,7 @@ def piece_exchange_collectives(p: StepPlanner, st: StagePlan, d: int, step: int,
     sg, ng = _scalar_groups(p)
     A = 8 if E >= 8 else 4
     out: list[Collective] = []
-    if o.skip_nonfinite:
-        out.append(Collective("all_reduce", "finite", sg[0], sg[1], 1, A))
+    out.append(Collective("all_reduce", "finite", sg[0], sg[1], 1 + p.n_layers_total, A))  # skip vote + presence
     variance = Collective("all_reduce", "variance", sg[0], sg[1], 2 * p.n_layers_total, A)
     if o.defer_variance and o.estimates(step - 1):
         out.append(variance)
