@@ -62,6 +62,13 @@ class LMOConfig:
         if self.ns_start not in STARTS:
             raise ValueError(f"ns_start must be one of {STARTS}, got {self.ns_start!r}")
 
+    def ns_options(self) -> dict[str, object]:
+        """The keyword options of :func:`~lanton_dist.newton_schulz.newton_schulz` this config
+        changes from their defaults (empty for Muon's plain kernel)."""
+        opts = {"start": self.ns_start, "symmetric": self.ns_symmetric, "compile_backend": self.ns_compile}
+        defaults = {"start": "frobenius", "symmetric": False, "compile_backend": None}
+        return {k: v for k, v in opts.items() if v != defaults[k]}
+
 
 def hidden_scale(d_out: int, d_in: int, mode: str) -> float:
     """Scale of the polar factor: Scion's √(d_out/d_in) or Moonlight's 0.2·√max(d_out, d_in)."""
@@ -85,7 +92,7 @@ def polar_batched(mats: list[torch.Tensor], cfg: LMOConfig, refine_steps: int = 
         by_shape[tuple(m.shape)].append(i)
     for idx in by_shape.values():
         polar = newton_schulz(torch.stack([mats[i] for i in idx]), cfg.ns_steps, refine_steps, cfg.ns_dtype,
-                              start=cfg.ns_start, symmetric=cfg.ns_symmetric, compile_backend=cfg.ns_compile)
+                              **cfg.ns_options())
         for j, i in enumerate(idx):
             out[i] = polar[j]
     return out  # type: ignore[return-value]

@@ -366,3 +366,17 @@ def test_symmetric_flag_without_a_triton_backend_falls_back_to_the_same_torch_re
         pytest.skip("interpreter on: tests/test_kernels_symmetric.py covers this case")
     x = gaussian(20, 36, 20)
     assert torch.equal(newton_schulz(x, symmetric=True), newton_schulz(x))
+
+
+# --------------------------------------------------------------------------- LMOConfig options
+def test_lmo_config_passes_its_newton_schulz_options_to_the_batched_polar():
+    from lanton_dist.lmo import LMOConfig, polar_batched
+
+    mats = [gaussian(12, 20, 21), gaussian(12, 20, 22), gaussian(20, 12, 23)]
+    assert LMOConfig().ns_options() == {}
+    cfg = LMOConfig(ns_steps=4, ns_start="gram", ns_compile="aot_eager")
+    assert cfg.ns_options() == {"start": "gram", "compile_backend": "aot_eager"}
+    for m, p in zip(mats, polar_batched(mats, cfg)):
+        assert torch.allclose(p, newton_schulz(m, 4, start="gram"), atol=1e-6)
+    with pytest.raises(ValueError, match="ns_start"):
+        LMOConfig(ns_start="spectral")
