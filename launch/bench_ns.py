@@ -59,24 +59,27 @@ def spectrum_matrix(kind: str, m: int, n: int, seed: int = 0, device: str | torc
     0.01·N(0, 1/max(m, n)) noise (σ_noise ≈ 0.01·(1 ± √(min/max)))."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     r = min(m, n)
+
+    def randn(*shape: int) -> torch.Tensor:  # drawn on CPU (the same matrix everywhere), used on device
+        return torch.randn(*shape, generator=g).to(device)
+
     if kind == "gaussian":
-        d = torch.randn(m, n, generator=g)
-    elif kind in ("decaying", "lowrank_noise"):
-        k = r if kind == "decaying" else min(16, r)
-        u, _ = torch.linalg.qr(torch.randn(m, k, generator=g))
-        v, _ = torch.linalg.qr(torch.randn(n, k, generator=g))
-        s = torch.logspace(0, -4, k) if kind == "decaying" else torch.linspace(1.0, 0.5, k)
-        d = (u * s) @ v.T
-        if kind == "lowrank_noise":
-            d = d + 0.01 * torch.randn(m, n, generator=g) / max(m, n) ** 0.5
-    else:
+        return randn(m, n)
+    if kind not in ("decaying", "lowrank_noise"):
         raise ValueError(f"unknown spectrum {kind!r}; choose one of {SPECTRA}")
-    return d.to(device)
+    k = r if kind == "decaying" else min(16, r)
+    u, _ = torch.linalg.qr(randn(m, k))
+    v, _ = torch.linalg.qr(randn(n, k))
+    s = torch.logspace(0, -4, k) if kind == "decaying" else torch.linspace(1.0, 0.5, k)
+    d = (u * s.to(device)) @ v.T
+    if kind == "lowrank_noise":
+        d = d + 0.01 * randn(m, n) / max(m, n) ** 0.5
+    return d
 
 
 def true_nuclear(d: torch.Tensor) -> float:
-    """‖d‖_* from fp64 svdvals (on CPU)."""
-    return float(torch.linalg.svdvals(d.detach().double().cpu()).sum())
+    """‖d‖_* from fp64 svdvals (on d's device)."""
+    return float(torch.linalg.svdvals(d.detach().double()).sum())
 
 
 def relative_error(estimate: torch.Tensor, truth: float) -> float:
