@@ -380,3 +380,19 @@ def test_lmo_config_passes_its_newton_schulz_options_to_the_batched_polar():
         assert torch.allclose(p, newton_schulz(m, 4, start="gram"), atol=1e-6)
     with pytest.raises(ValueError, match="ns_start"):
         LMOConfig(ns_start="spectral")
+
+
+def test_lmo_start_table_measures_orthogonality_and_rms_norm_of_each_variant():
+    """``launch/bench_ns.py``'s measurement behind the ``ns_start`` option: one row per
+    (spectrum, variant) with ‖OOᵀ − I‖₂ and σ_max(O) (the step's RMS→RMS norm), in Muon's band."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "launch"))
+    import bench_ns
+
+    rows = bench_ns.lmo_table([(32, 86)], ["fp32"], torch.device("cpu"))
+    assert len(rows) == len(bench_ns.SPECTRA) * len(bench_ns.LMO_VARIANTS)
+    for r in rows:
+        assert 0 < r["rms_to_rms"] <= MUON_BAND[1]
+        assert r["rms_to_rms"] ** 2 - 1 - 1e-9 <= r["orth_err"] <= 1.0  # max|σ² − 1| ≥ σ_max² − 1; σ ≥ 0
