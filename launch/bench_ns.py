@@ -205,20 +205,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--compile", default=None, help="torch.compile backend for the kernel table (e.g. inductor)")
+    p.add_argument("--sections", default="estimators,lmo,kernel", help="comma list of estimators, lmo, kernel")
     p.add_argument("--out", default="launch/results/bench_ns.json")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     torch.manual_seed(0)
-    est_rows = estimator_table(args.shapes, args.dtypes.split(","), CANDIDATES, device, args.repeats)
+    sections = set(args.sections.split(","))
+    est_rows = estimator_table(args.shapes, args.dtypes.split(","), CANDIDATES, device, args.repeats) if "estimators" in sections else []
     summary = summarize(est_rows)
     print(f"{'estimator':34s} {'dtype':5s} {'worst |err|':>11s} {'FLOPs/NS5':>9s} {'time/NS5':>8s}")
     for s in summary:
         print(f"{s['estimator']:34s} {s['dtype']:5s} {s['worst_abs_err']:11.2e} {s['flops_ratio']:9.2f} {s['time_ratio_median']:8.2f}")
-    lmo = lmo_table(args.shapes, args.dtypes.split(","), device)
+    lmo = lmo_table(args.shapes, args.dtypes.split(","), device) if "lmo" in sections else []
     for r in lmo:
         print(f"lmo {r['shape']} {r['dtype']} {r['spectrum']:13s} {r['variant']:26s} ‖OOᵀ−I‖₂ {r['orth_err']:.3f} "
               f"RMS→RMS {r['rms_to_rms']:.3f} σ_min(top half) {r['sigma_min_top_half']:.3f}")
-    kern = kernel_table(args.shapes, DTYPES[args.dtypes.split(",")[0]], device, args.repeats, args.compile)
+    kern = kernel_table(args.shapes, DTYPES[args.dtypes.split(",")[0]], device, args.repeats, args.compile) if "kernel" in sections else []
     for k in kern:
         print(f"kernel {k['shape']} {k['variant']}: textbook {k['reference_s']*1e3:.1f} ms / ours {k['ours_s']*1e3:.1f} ms "
               f"= {k['speedup']:.2f}x, max diff {k['max_abs_diff']:.1e}")
