@@ -27,8 +27,8 @@ dimensions (same shape). The iteration runs on the wide orientation (a transpose
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # torch is imported where it is used: the FLOP count and constants are torch-free
     import torch

@@ -27,7 +27,12 @@ from typing import Literal
 
 import torch
 
-from lanton_dist.newton_schulz import SCHEDULES, STARTS, newton_schulz, newton_schulz_flops
+from lanton_dist.newton_schulz import (
+    SCHEDULES,
+    STARTS,
+    newton_schulz,
+    newton_schulz_flops,
+)
 
 Estimator = Literal["exact", "ns", "rsvd"]
 ESTIMATORS: tuple[str, ...] = ("exact", "ns", "rsvd")

@@ -24,9 +24,10 @@ import json
 import platform
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -34,8 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from lanton_dist.newton_schulz import newton_schulz, newton_schulz_reference  # noqa: E402
-from lanton_dist.nuclear import NS_ESTIMATE, NSEstimate, nuclear_norm  # noqa: E402
+from lanton_dist.newton_schulz import newton_schulz, newton_schulz_reference
+from lanton_dist.nuclear import NS_ESTIMATE, NSEstimate, nuclear_norm
 
 SPECTRA = ("gaussian", "decaying", "lowrank_noise")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -115,16 +116,16 @@ def estimator_table(shapes: list[tuple[int, int]], dtypes: list[str], candidates
             for kind in SPECTRA:
                 d = spectrum_matrix(kind, m, n, device=device).to(dt)
                 truth = true_nuclear(d)
-                _, base = timed(lambda: newton_schulz(d, dtype=dt), device, repeats)
+                _, base = timed(lambda d=d, dt=dt: newton_schulz(d, dtype=dt), device, repeats)
                 for name, est in candidates.items():
                     est = replace(est, dtype=dt)
-                    value, t = timed(lambda: nuclear_norm(d, "ns", ns=est), device, repeats)
+                    value, t = timed(lambda d=d, est=est: nuclear_norm(d, "ns", ns=est), device, repeats)
                     rows.append({"shape": [m, n], "dtype": dname, "spectrum": kind, "estimator": name,
                                  "steps": est.steps, "refine_steps": est.refine_steps, "schedule": est.schedule,
                                  "start": est.start, "rel_err": relative_error(value, truth),
                                  "flops_ratio": est.cost(m, n), "time_s": t, "time_ratio": t / base})
                 if exact_time:
-                    value, t = timed(lambda: torch.linalg.svdvals(d.float()).sum(), device, 1)
+                    value, t = timed(lambda d=d: torch.linalg.svdvals(d.float()).sum(), device, 1)
                     rows.append({"shape": [m, n], "dtype": dname, "spectrum": kind, "estimator": "exact (svdvals fp32)",
                                  "rel_err": relative_error(value, truth), "time_s": t, "time_ratio": t / base})
     return rows
@@ -159,9 +160,9 @@ def kernel_table(shapes: list[tuple[int, int]], dtype: torch.dtype, device: torc
             variants["fused+compile"] = {"compile_backend": compile_backend}
         if symmetric:
             variants["fused+symmetric"] = {"symmetric": True}
-        ref, t_ref = timed(lambda: newton_schulz_reference(x, dtype=dtype), device, repeats)
+        ref, t_ref = timed(lambda x=x: newton_schulz_reference(x, dtype=dtype), device, repeats)
         for name, kw in variants.items():
-            out, t = timed(lambda: newton_schulz(x, dtype=dtype, **kw), device, repeats)
+            out, t = timed(lambda x=x, kw=kw: newton_schulz(x, dtype=dtype, **kw), device, repeats)
             rows.append({"shape": [m, n], "variant": name, "dtype": str(dtype).removeprefix("torch."),
                          "reference_s": t_ref, "ours_s": t, "speedup": t_ref / t,
                          "max_abs_diff": float((out.float() - ref.float()).abs().max())})

@@ -31,14 +31,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -47,9 +47,10 @@ for p in (ROOT, ROOT / "launch"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-import bench_ns  # noqa: E402
-from lanton_dist.config import ModelConfig, OptimConfig  # noqa: E402
-from lanton_dist.nuclear import NS_ESTIMATE, NSEstimate  # noqa: E402
+import bench_ns
+
+from lanton_dist.config import ModelConfig, OptimConfig
+from lanton_dist.nuclear import NS_ESTIMATE, NSEstimate
 
 LLAMA7B_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]
 TINY_SHAPES = [(64, 64), (64, 172), (172, 64)]
@@ -149,7 +150,7 @@ def optimizer_steps(cfg: ModelConfig, device: torch.device, steps: int) -> dict[
                 times[alg] = {"step_s": per_step, "mean_s": sum(per_step) / len(per_step),
                               "mean_plain_s": sum(plain) / max(1, len(plain)), "mean_every_kth_s": sum(est) / max(1, len(est))}
 
-                def k_steps() -> None:
+                def k_steps(opt: Any = opt, gen: torch.Generator = gen) -> None:
                     for _ in range(K):
                         _set_grads(model, gen)
                         opt.step()

@@ -19,7 +19,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "launch"))
-import gpu_check  # noqa: E402
+import gpu_check
 
 
 @pytest.fixture(scope="module")

@@ -33,10 +33,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from lanton_dist.nuclear import ESTIMATORS, NS_ESTIMATE, NSEstimate, nuclear_norm, resolve_estimator
+from lanton_dist.nuclear import (
+    ESTIMATORS,
+    NS_ESTIMATE,
+    NSEstimate,
+    nuclear_norm,
+    resolve_estimator,
+)
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "launch"))
-import bench_ns as bench  # noqa: E402  (the test spectra, shared with the benchmark)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "launch"))  # bench_ns: the test spectra, shared with the benchmark
+import bench_ns as bench
 
 
 def _gauss(m, n, seed):
@@ -240,7 +246,7 @@ if __name__ == "__main__":  # re-measure the docstring table
     rows: dict[tuple[str, str], list[float]] = {}
     for kind, name in CASES:
         d = case_matrix(kind, name)
-        g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+        g = lambda: torch.Generator().manual_seed(0)
         for label, est in [
             ("exact", nuclear_norm(d, "exact")),
             ("ns", nuclear_norm(d, "ns")),

@@ -31,7 +31,7 @@ def _interpreting() -> bool:
 def _triton() -> Any:
     """The ``triton`` module, or None when it is not installed."""
     try:
-        import triton  # noqa: F401
+        import triton
     except ImportError:
         return None
     return triton
