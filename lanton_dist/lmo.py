@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from lanton_dist.groups import Geometry, ParamSpec
-from lanton_dist.newton_schulz import DEFAULT_STEPS, newton_schulz
+from lanton_dist.newton_schulz import DEFAULT_STEPS, STARTS, newton_schulz
 from lanton_dist.nuclear import Estimator, nuclear_norm
 
 SCALE_MODES = ("spectral", "moonlight")
@@ -38,12 +38,21 @@ SIGN_SCALES = ("scion", "unit")
 
 @dataclass(frozen=True)
 class LMOConfig:
-    """How directions are computed. ``ns_dtype=None`` → bf16 on GPU, fp32 on CPU."""
+    """How directions are computed. ``ns_dtype=None`` → bf16 on GPU, fp32 on CPU.
+
+    ``ns_start``: ``frobenius`` (Muon's) or ``gram`` (the tighter ‖(BBᵀ)²‖_F^¼ scale of
+    :mod:`lanton_dist.newton_schulz`; with ``ns_steps=4`` it saves a step — measured in
+    ``launch/bench_ns.py``, not the default). ``ns_symmetric``: one-triangle XXᵀ/A·A kernel where
+    Triton runs. ``ns_compile``: a ``torch.compile`` backend for the iteration, or None.
+    """
 
     scale_mode: str = "spectral"
     sign_scale: str = "scion"
     ns_steps: int = DEFAULT_STEPS
     ns_dtype: torch.dtype | None = None
+    ns_start: str = "frobenius"
+    ns_symmetric: bool = False
+    ns_compile: str | None = None
 
     def __post_init__(self) -> None:
         if self.scale_mode not in SCALE_MODES:
@@ -52,6 +61,15 @@ class LMOConfig:
             raise ValueError(f"sign_scale must be one of {SIGN_SCALES}, got {self.sign_scale!r}")
         if self.ns_steps < 1:
             raise ValueError(f"ns_steps must be >= 1, got {self.ns_steps}")
+        if self.ns_start not in STARTS:
+            raise ValueError(f"ns_start must be one of {STARTS}, got {self.ns_start!r}")
+
+    def ns_options(self) -> dict[str, object]:
+        """The keyword options of :func:`~lanton_dist.newton_schulz.newton_schulz` this config
+        changes from their defaults (empty for Muon's plain kernel)."""
+        opts = {"start": self.ns_start, "symmetric": self.ns_symmetric, "compile_backend": self.ns_compile}
+        defaults = {"start": "frobenius", "symmetric": False, "compile_backend": None}
+        return {k: v for k, v in opts.items() if v != defaults[k]}
 
 
 def hidden_scale(d_out: int, d_in: int, mode: str) -> float:
@@ -75,7 +93,8 @@ def polar_batched(mats: list[torch.Tensor], cfg: LMOConfig, refine_steps: int = 
     for i, m in enumerate(mats):
         by_shape[tuple(m.shape)].append(i)
     for idx in by_shape.values():
-        polar = newton_schulz(torch.stack([mats[i] for i in idx]), cfg.ns_steps, refine_steps, cfg.ns_dtype)
+        polar = newton_schulz(torch.stack([mats[i] for i in idx]), cfg.ns_steps, refine_steps, cfg.ns_dtype,
+                              **cfg.ns_options())
         for j, i in enumerate(idx):
             out[i] = polar[j]
     return out  # type: ignore[return-value]

@@ -1,21 +1,62 @@
-"""Newton–Schulz polar factor: the whole-matrix kernel of the hidden-group LMO.
+"""Newton–Schulz polar factor: the whole-matrix kernel of the hidden-group LMO and of the
+nuclear-norm estimator.
 
-polar(X) = U Vᵀ for X = U Σ Vᵀ. Muon's quintic iteration (Keller Jordan) drives the
-singular values of X/‖X‖_F into roughly [0.7, 1.2] in 5 steps; ``refine_steps`` cubic
-steps ``X ← 1.5X − 0.5(XXᵀ)X`` afterwards drive them to 1 (the accurate polar used by
-the nuclear-norm estimator, see :mod:`lanton_dist.nuclear`).
+polar(X) = U Vᵀ for X = U Σ Vᵀ. Every step is an odd polynomial of X applied through its Gram
+matrix, ``X ← aX + (b·A + c·A²)X`` with ``A = XXᵀ``:
 
-Everything here is process-local: callers hand in whole matrices.
+* **schedules** (``schedule=``): ``"muon"`` repeats Keller Jordan's quintic
+  :data:`QUINTIC_COEFFS`, which drives the singular values of X/‖X‖_F into roughly
+  [0.7, 1.2] in 5 steps (the Muon/Scion update); ``"polar_express"`` is the Polar Express
+  schedule :data:`POLAR_EXPRESS_COEFFS` (Amsel, Persson, Musco, Gower 2025, arXiv 2505.16932,
+  Algorithm 1: minimax degree-5 polynomials for σ ∈ [1e-3, 1], each but the last divided by
+  the paper's safety factor 1.01, 1.01³, 1.01⁵), which converges to σ = 1.
+  ``refine_steps`` cubic steps ``X ← 1.5X − 0.5(XXᵀ)X`` may follow either.
+* **starts** (``start=``): ``"frobenius"`` scales X by 1/‖X‖_F (overshoots ‖X‖₂ by up to
+  √rank); ``"gram"`` scales by 1/‖(XXᵀ)²‖_F^¼ = 1/(Σσ⁸)^⅛ ≥ 1/‖X‖₂, an upper bound of σ_max that
+  is 1.4–1.8× tight on LLM-like spectra, computed from the first step's own XXᵀ and A² (no
+  extra matmul: A and A² are rescaled by s⁻² and s⁻⁴).
+* **kernel**: updates are fused into ``baddbmm`` (``B = bA + cA·A``, ``X = aX + B·X``); the two
+  symmetric products XXᵀ and A·A go through :func:`lanton_dist.kernels.symmetric_gram` when
+  ``symmetric=True`` and a Triton backend is available (one triangle computed, the other
+  mirrored), else ``bmm``/``baddbmm``. ``compile_backend`` runs the iteration under
+  ``torch.compile(fullgraph=True)``.
+
+Everything here is process-local: callers hand in whole matrices, batched over leading
+dimensions (same shape). The iteration runs on the wide orientation (a transpose when m > n).
 """
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # torch is imported where it is used: the FLOP count and constants are torch-free
     import torch
 
-QUINTIC_COEFFS: tuple[float, float, float] = (3.4445, -4.7750, 2.0315)
+Coeffs = tuple[float, float, float]
+
+QUINTIC_COEFFS: Coeffs = (3.4445, -4.7750, 2.0315)
 DEFAULT_STEPS = 5
+CUBIC_COEFFS: tuple[float, float] = (1.5, -0.5)
+
+_POLAR_EXPRESS_RAW: tuple[Coeffs, ...] = (  # arXiv 2505.16932, Algorithm 1 (l = 1e-3, degree 5)
+    (8.28721201814563, -23.595886519098837, 17.300387312530933),
+    (4.107059111542203, -2.9478499167379106, 0.5448431082926601),
+    (3.9486908534822946, -2.908902115962949, 0.5518191394370137),
+    (3.3184196573706015, -2.488488024314874, 0.51004894012372),
+    (2.300652019954817, -1.6689039845747493, 0.4188073119525673),
+    (1.891301407787398, -1.2679958271945868, 0.37680408948524835),
+    (1.8750014808534479, -1.2500016453999487, 0.3750001645474248),
+    (1.875, -1.25, 0.375),
+)
+#: The published schedule with its safety factor (all but the last polynomial, as in the paper);
+#: steps past the eighth repeat the last, (15/8, −5/4, 3/8): p(1) = 1, p'(1) = p''(1) = 0.
+POLAR_EXPRESS_COEFFS: tuple[Coeffs, ...] = tuple(
+    (a / 1.01, b / 1.01**3, c / 1.01**5) for a, b, c in _POLAR_EXPRESS_RAW[:-1]
+) + (_POLAR_EXPRESS_RAW[-1],)
+
+SCHEDULES = ("muon", "polar_express")
+STARTS = ("frobenius", "gram")
 _EPS = 1e-7
 
 
@@ -28,52 +69,137 @@ def default_ns_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def schedule_coeffs(schedule: str, steps: int) -> tuple[Coeffs, ...]:
+    """The ``(a, b, c)`` of each of ``steps`` quintic steps of ``schedule`` (see :data:`SCHEDULES`)."""
+    if schedule == "muon":
+        return (QUINTIC_COEFFS,) * steps
+    if schedule == "polar_express":
+        n = len(POLAR_EXPRESS_COEFFS)
+        return POLAR_EXPRESS_COEFFS[:steps] + (POLAR_EXPRESS_COEFFS[-1],) * max(0, steps - n)
+    raise ValueError(f"unknown Newton–Schulz schedule {schedule!r}; choose one of {SCHEDULES}")
+
+
 def newton_schulz(
     x: torch.Tensor,
     steps: int = DEFAULT_STEPS,
     refine_steps: int = 0,
     dtype: torch.dtype | None = None,
+    *,
+    schedule: str = "muon",
+    start: str = "frobenius",
+    symmetric: bool = False,
+    compile_backend: str | None = None,
 ) -> torch.Tensor:
     """Approximate polar factor of each matrix in ``x``.
 
     Args:
         x: ``(..., m, n)``; leading dimensions are a batch of same-shape matrices.
-        steps: quintic steps (coefficients :data:`QUINTIC_COEFFS`).
+        steps: quintic steps of ``schedule`` (``"muon"`` | ``"polar_express"``).
         refine_steps: cubic steps after the quintic ones (0 for the Muon/Scion update).
         dtype: compute dtype; default :func:`default_ns_dtype` of ``x``.
+        start: ``"frobenius"`` | ``"gram"`` — the initial scaling (module docstring).
+        symmetric: compute XXᵀ and A·A with the one-triangle kernel of
+            :mod:`lanton_dist.kernels` where Triton can run it (else the torch path, same result).
+        compile_backend: ``None`` (eager) or a ``torch.compile`` backend (``"inductor"``).
 
     Returns:
-        ``(..., m, n)`` in ``x.dtype``. The iteration runs on the wide orientation
-        (a contiguous transpose when ``m > n``) so the Gram matrix is ``min(m,n)²``.
+        ``(..., m, n)`` in ``x.dtype``; an all-zero matrix maps to zero.
     """
     if x.ndim < 2:
         raise ValueError(f"newton_schulz needs (..., m, n) matrices, got shape {tuple(x.shape)}")
     if steps < 0 or refine_steps < 0:
         raise ValueError("steps and refine_steps must be >= 0")
-    out_dtype = x.dtype
-    dtype = dtype or default_ns_dtype(x)
+    if start not in STARTS:
+        raise ValueError(f"unknown Newton–Schulz start {start!r}; choose one of {STARTS}")
+    if start == "gram" and steps == 0:
+        raise ValueError("start='gram' reuses the first quintic step's products: needs steps >= 1")
+    coeffs = schedule_coeffs(schedule, steps)
+    out_dtype, dtype = x.dtype, dtype or default_ns_dtype(x)
     tall = x.size(-2) > x.size(-1)
-    X = x.mT.contiguous() if tall else x
-    X = X.to(dtype)
+    X = x.mT if tall else x
+    batch = X.shape[:-2]
+    X = X.reshape(-1, *X.shape[-2:]).to(dtype).contiguous()
+    gram = _gram_fn(X, symmetric)
+    fn = _iterate if compile_backend is None else _compiled(compile_backend)
+    X = fn(X, coeffs, refine_steps, start == "gram", gram)
+    X = X.reshape(*batch, *X.shape[-2:])
+    return (X.mT if tall else X).to(out_dtype).contiguous()
+
+
+def _gram_fn(X: torch.Tensor, symmetric: bool) -> Callable[..., torch.Tensor]:
+    """``gram(Y, Z=None, alpha=1, beta=0)`` = ``alpha·Y Yᵀ + beta·Z`` (Z symmetric) for ``(b, s, k)`` Y."""
+    if symmetric:
+        from lanton_dist.kernels import symmetric_gram, triton_usable
+
+        if triton_usable(X):
+            return symmetric_gram
+    return torch_gram
+
+
+def torch_gram(Y: torch.Tensor, Z: torch.Tensor | None = None, alpha: float = 1.0, beta: float = 0.0) -> torch.Tensor:
+    """``alpha·Y Yᵀ + beta·Z`` with ``bmm``/``baddbmm`` (both triangles computed)."""
+    import torch
+
+    if Z is None:
+        return torch.bmm(Y, Y.mT) if alpha == 1.0 else torch.bmm(Y, Y.mT).mul_(alpha)
+    return torch.baddbmm(Z, Y, Y.mT, beta=beta, alpha=alpha)
+
+
+def _iterate(X: torch.Tensor, coeffs: Sequence[Coeffs], refine_steps: int, gram_start: bool,
+             gram: Callable[..., torch.Tensor]) -> torch.Tensor:
+    """The iteration on a wide ``(b, s, l)`` batch, s ≤ l. A = XXᵀ and A·A are symmetric: ``gram``."""
+    import torch
+
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + _EPS)  # keeps bf16/fp32 products in range
+    for i, (a, b, c) in enumerate(coeffs):
+        A = gram(X)
+        if i == 0 and gram_start:
+            A2 = gram(A)
+            # s = (Σσ⁸)^⅛ ≥ σ_max; X/s, A/s², A²/s⁴ — the first step's own products, rescaled.
+            inv = A2.float().norm(dim=(-2, -1), keepdim=True).pow(-0.25).nan_to_num_(0.0, 0.0, 0.0)
+            inv2 = inv * inv
+            B = (A * (b * inv2).to(A.dtype)).add_(A2 * (c * inv2 * inv2).to(A.dtype))
+            X = X * inv.to(X.dtype)
+        else:
+            B = gram(A, A, alpha=c, beta=b)  # bA + c·A·A (A symmetric, so A·Aᵀ = A·A)
+        X = torch.baddbmm(X, B, X, beta=a, alpha=1.0)
+    c1, c3 = CUBIC_COEFFS
+    for _ in range(refine_steps):
+        X = torch.baddbmm(X, gram(X), X, beta=c1, alpha=c3)
+    return X
+
+
+def newton_schulz_reference(x: torch.Tensor, steps: int = DEFAULT_STEPS, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Muon's textbook loop (unfused elementwise updates, full products, Frobenius start): the
+    baseline :func:`newton_schulz` is tested and benchmarked against. ``(..., m, n)`` → same."""
+    out_dtype, dtype = x.dtype, dtype or default_ns_dtype(x)
+    tall = x.size(-2) > x.size(-1)
+    X = (x.mT if tall else x).to(dtype)
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + _EPS)
     a, b, c = QUINTIC_COEFFS
     for _ in range(steps):
         A = X @ X.mT
         B = b * A + c * (A @ A)
         X = a * X + B @ X
-    for _ in range(refine_steps):
-        A = X @ X.mT
-        X = 1.5 * X - 0.5 * (A @ X)
-    if tall:
-        X = X.mT
-    return X.to(out_dtype).contiguous()
+    return (X.mT if tall else X).to(out_dtype).contiguous()
 
 
-def newton_schulz_flops(m: int, n: int, steps: int = DEFAULT_STEPS, refine_steps: int = 0) -> int:
+@functools.cache
+def _compiled(backend: str) -> Callable[..., torch.Tensor]:
+    import torch
+
+    return torch.compile(_iterate, backend=backend, fullgraph=True, dynamic=False)
+
+
+def newton_schulz_flops(m: int, n: int, steps: int = DEFAULT_STEPS, refine_steps: int = 0, symmetric: bool = False) -> int:
     """Multiply-add FLOPs (2 per MAC) of :func:`newton_schulz` on one ``m × n`` matrix.
 
     With s = min(m, n), l = max(m, n): a quintic step is X Xᵀ (2s²l), A·A (2s³) and B·X
     (2s²l); a cubic step is X Xᵀ and A·X (4s²l). This is the cost the ownership plan balances.
+    ``symmetric=True`` counts the one-triangle products at half (s²l and s³), the tile-level
+    saving of :func:`lanton_dist.kernels.symmetric_gram` up to its diagonal tiles.
     """
     s, l = min(m, n), max(m, n)
+    if symmetric:
+        return steps * (3 * s * s * l + s**3) + refine_steps * 3 * s * s * l
     return steps * (4 * s * s * l + 2 * s**3) + refine_steps * 4 * s * s * l

@@ -1,28 +1,67 @@
 """Nuclear-norm estimators ‖D‖_* = Σ σᵢ(D) for whole matrices (the hidden group's dual norm).
 
-=========  ==============================================  =============================
+=========  ==============================================  ====================================
 name       method                                          use
-=========  ==============================================  =============================
-exact      ``torch.linalg.svdvals`` in fp32                CPU default, test reference
-ns         ⟨D, polar(D)⟩, polar = NS5 + ``refine`` cubic   GPU default (≈1.5 NS calls)
-rsvd       randomized range finder, rank r, q power its    low-rank differences only
-=========  ==============================================  =============================
+=========  ==============================================  ====================================
+exact      ``torch.linalg.svdvals`` in fp32                CPU default, the reference
+ns         ⟨D, polar(D)⟩, polar by Newton–Schulz with the  GPU default: ≤ 1e-3 relative error
+           Gram-norm start and the Polar Express schedule  at ≤ 1.5× one NS5 call (below)
+rsvd       randomized range finder, rank r, q power its    **unusable for full-rank D** (it
+                                                           sees the top-r subspace only: −40…
+                                                           −98% on full-rank differences); kept
+                                                           for rank(D) ≤ r, where it is exact
+=========  ==============================================  ====================================
 
-‖D‖_* = ⟨D, polar(D)⟩ exactly, so ``ns``'s error is the Newton–Schulz error: the plain
-quintic leaves singular values in ≈[0.7, 1.2] (9–20% low); cubic refinement removes it
-(errors measured in ``tests/test_nuclear.py``). ``rsvd`` sees only the top-r subspace and
-is biased low on full-rank inputs. Process-local: callers pass whole matrices.
+‖D‖_* = ⟨D, polar(D)⟩ exactly, so ``ns``'s error is Σσᵢ(φ(σᵢ) − 1)/Σσᵢ, with φ the scalar map of
+the iteration. The default :data:`NS_ESTIMATE` (Gram-norm start ‖(DDᵀ)²‖_F^¼, then Polar Express
+steps, :mod:`lanton_dist.newton_schulz`) was chosen from the table of ``launch/bench_ns.py``
+(``launch/results/bench_ns.json``): the fewest steps whose worst error over the three test
+spectra (Gaussian, decaying logspace(0, −4), rank 16 + noise) at 512×1376 and 1024×2752 stays
+≤ 1e-3 in fp32 and in bf16 — see the table quoted in ``tests/test_nuclear.py``. Process-local:
+callers pass whole matrices.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
-from lanton_dist.newton_schulz import newton_schulz
+from lanton_dist.newton_schulz import (
+    SCHEDULES,
+    STARTS,
+    newton_schulz,
+    newton_schulz_flops,
+)
 
 Estimator = Literal["exact", "ns", "rsvd"]
 ESTIMATORS: tuple[str, ...] = ("exact", "ns", "rsvd")
+
+
+@dataclass(frozen=True)
+class NSEstimate:
+    """The Newton–Schulz run behind the ``ns`` estimator (``dtype=None``: bf16 on GPU, fp32 on CPU)."""
+
+    steps: int = 6
+    refine_steps: int = 1
+    schedule: str = "polar_express"
+    start: str = "gram"
+    dtype: torch.dtype | None = None
+    symmetric: bool = False
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES or self.start not in STARTS:
+            raise ValueError(f"schedule must be one of {SCHEDULES} and start one of {STARTS}")
+        if self.steps < 1 or self.refine_steps < 0:
+            raise ValueError("NSEstimate needs steps >= 1 and refine_steps >= 0")
+
+    def cost(self, m: int, n: int) -> float:
+        """FLOPs relative to one plain 5-step Newton–Schulz call (the LMO's) on ``m × n``."""
+        return newton_schulz_flops(m, n, self.steps, self.refine_steps) / newton_schulz_flops(m, n)
+
+
+#: The default ``ns`` estimate (measured choice, module docstring).
+NS_ESTIMATE = NSEstimate()
 
 
 def resolve_estimator(name: str, device: torch.device) -> Estimator:
@@ -38,6 +77,7 @@ def nuclear_norm(
     d: torch.Tensor,
     estimator: Estimator = "exact",
     *,
+    ns: NSEstimate = NS_ESTIMATE,
     refine_steps: int | None = None,
     rank: int = 16,
     power_iters: int = 2,
@@ -47,7 +87,8 @@ def nuclear_norm(
 
     Args:
         estimator: see the module table.
-        refine_steps: cubic steps for ``ns``; default 3 in bf16 (GPU) and 6 in fp32 (CPU).
+        ns: the ``ns`` estimator's Newton–Schulz run; ``refine_steps`` (if given) replaces its
+            cubic step count.
         rank, power_iters, generator: ``rsvd`` parameters (rank is capped at min(m, n)).
     """
     if d.ndim < 2:
@@ -56,10 +97,9 @@ def nuclear_norm(
     if estimator == "exact":
         return torch.linalg.svdvals(d32).sum(-1)
     if estimator == "ns":
-        if refine_steps is None:
-            refine_steps = 3 if d.device.type == "cuda" else 6
-        polar = newton_schulz(d, refine_steps=refine_steps).to(d32.dtype)
-        return (d32 * polar).sum(dim=(-2, -1))
+        polar = newton_schulz(d, ns.steps, ns.refine_steps if refine_steps is None else refine_steps, ns.dtype,
+                              schedule=ns.schedule, start=ns.start, symmetric=ns.symmetric)
+        return (d32 * polar.to(d32.dtype)).sum(dim=(-2, -1))
     if estimator == "rsvd":
         m, n = d.shape[-2:]
         r = min(rank, m, n)
