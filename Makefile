@@ -10,6 +10,8 @@ FAIRSCALE := fairscale==0.4.13
 # DeepSpeed builds no ops at install (DS_BUILD_OPS=0) and must not pull a CUDA torch into an
 # isolated build environment; at run time DS_ACCELERATOR=cpu JIT-builds one small op with g++.
 DEEPSPEED := deepspeed==0.19.8
+# Triton runs the symmetric-product kernel on GPU, and on CPU under TRITON_INTERPRET=1 (tests).
+TRITON := triton==3.9.0
 
 .PHONY: env demo test clean
 
@@ -19,7 +21,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q $(MEGATRON) $(NVML) $(FAIRSCALE)
+	$(PY) -m pip install -q $(MEGATRON) $(NVML) $(FAIRSCALE) $(TRITON)
 	DS_BUILD_OPS=0 DS_ACCELERATOR=cpu $(PY) -m pip install -q --no-build-isolation $(DEEPSPEED)
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@

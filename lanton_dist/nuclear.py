@@ -27,6 +27,7 @@ from typing import Literal
 
 import torch
 
+from lanton_dist.names import ESTIMATORS
 from lanton_dist.newton_schulz import (
     SCHEDULES,
     STARTS,
@@ -35,7 +36,6 @@ from lanton_dist.newton_schulz import (
 )
 
 Estimator = Literal["exact", "ns", "rsvd"]
-ESTIMATORS: tuple[str, ...] = ("exact", "ns", "rsvd")
 
 
 @dataclass(frozen=True)

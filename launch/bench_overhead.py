@@ -14,7 +14,7 @@ any), so a change in machine load hits all of them alike.
 
 Configurations: ``adamw``, ``dmuon``, ``scion``, and ``lanton`` for every k in ``--ks`` and
 estimator in ``--estimators`` (``exact`` = fp32 svdvals, the CPU default; ``ns`` = ⟨D, polar(D)⟩
-with 5 quintic + 6 cubic Newton–Schulz steps in fp32; ``rsvd`` = rank 16, 2 power iterations).
+with the Gram-norm start, 6 Polar Express steps and 1 cubic step (``nuclear.NS_ESTIMATE``); ``rsvd`` = rank 16, 2 power iterations).
 The single-process reference optimizers of :func:`lanton_dist.factory.build_optimizer` are used,
 so this measures the algorithms, not communication (see ``lanton-dist plan`` / ``profile`` for that).
 ``--device cuda`` puts the model, gradients and optimizer state on ``cuda:<LOCAL_RANK>`` (0
