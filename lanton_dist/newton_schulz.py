@@ -37,6 +37,10 @@ Coeffs = tuple[float, float, float]
 
 QUINTIC_COEFFS: Coeffs = (3.4445, -4.7750, 2.0315)
 DEFAULT_STEPS = 5
+#: The ``ns`` nuclear-norm estimate's run (:data:`lanton_dist.nuclear.NS_ESTIMATE`): Gram start,
+#: this many Polar Express steps, then this many cubic steps; torch-free for the planner.
+ESTIMATE_STEPS = 6
+ESTIMATE_REFINE_STEPS = 1
 CUBIC_COEFFS: tuple[float, float] = (1.5, -0.5)
 
 _POLAR_EXPRESS_RAW: tuple[Coeffs, ...] = (  # arXiv 2505.16932, Algorithm 1 (l = 1e-3, degree 5)

@@ -29,6 +29,8 @@ import torch
 
 from lanton_dist.names import ESTIMATORS
 from lanton_dist.newton_schulz import (
+    ESTIMATE_REFINE_STEPS,
+    ESTIMATE_STEPS,
     SCHEDULES,
     STARTS,
     newton_schulz,
@@ -42,8 +44,8 @@ Estimator = Literal["exact", "ns", "rsvd"]
 class NSEstimate:
     """The Newton–Schulz run behind the ``ns`` estimator (``dtype=None``: bf16 on GPU, fp32 on CPU)."""
 
-    steps: int = 6
-    refine_steps: int = 1
+    steps: int = ESTIMATE_STEPS
+    refine_steps: int = ESTIMATE_REFINE_STEPS
     schedule: str = "polar_express"
     start: str = "gram"
     dtype: torch.dtype | None = None

@@ -39,10 +39,10 @@ VARIANTS = [
 
 def _count_ns(calls: list, meter_step, kind: str):
     def counted(real):
-        def fn(x, steps=5, refine_steps=0, dtype=None):
+        def fn(x, steps=5, refine_steps=0, dtype=None, **options):
             batch = x.shape[0] if x.ndim == 3 else 1
             calls.append((meter_step(), kind, batch * newton_schulz_flops(x.shape[-2], x.shape[-1], steps, refine_steps)))
-            return real(x, steps, refine_steps, dtype)
+            return real(x, steps, refine_steps, dtype, **options)
         return fn
     return counted
 

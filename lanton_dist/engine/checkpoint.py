@@ -82,7 +82,7 @@ def load_core_state(core: ShardedCore, pieces: list[LocalPiece], path: str, extr
     core.F.copy_(request["meta/F"])
     core.E = request["meta/E"].clone() if "meta/E" in request else core.H > 0  # older checkpoints: H > 0
     core.load_stepped_counts(request.get("meta/steps"))
-    core._pending = None
+    core.drop_pending()
     core.state.clear()
     filled: dict[tuple[str, int, str], int] = defaultdict(int)
     for pc, start, stop, key, k in wanted:

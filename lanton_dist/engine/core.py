@@ -30,7 +30,10 @@ Reductions, all over the scalar group (every rank holding pieces):
   gathering of D = G_t − G̃_t to the owners and the nuclear norms are left in flight at the
   end of the estimation step (the owners compute on a background thread) and are finished,
   then all-reduced, at the start of the next step: the same numbers, overlapped with the
-  next forward pass.
+  next forward pass. On a GPU with ``overlap=True`` the owner's nuclear norms run on a side
+  CUDA stream (:mod:`lanton_dist.engine.streams`) and are waited for, filled and
+  all-reduced at the start of the next step, so they overlap the parameter all-gather and
+  the next forward and backward; on CPU they run inline and are all-reduced in the step.
 
 Exchanges may implement two optional, pipelined entry points the core prefers when present:
 ``apply(pieces, tensors, fn, gather_phase, scatter_phase)`` (gather → ``fn`` on the owner's
@@ -50,6 +53,7 @@ from lanton_dist import lmo as lmo_mod
 from lanton_dist import noise
 from lanton_dist.adamw import adamw_step_
 from lanton_dist.engine.meter import Collectives
+from lanton_dist.engine.streams import SideStream
 from lanton_dist.groups import Geometry, ParamSpec, block_scale
 from lanton_dist.lmo import LMOConfig
 from lanton_dist.names import ALGORITHMS
@@ -187,6 +191,7 @@ class ShardedCore:
         self.state: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
         self._pending: tuple[Any, torch.Tensor] | None = None
         self._deferred: tuple[Any, torch.Tensor] | None = None
+        self._side: SideStream | None = None
 
     # ------------------------------------------------------------------ public
     def needs_two_half_batches(self) -> bool:
@@ -269,6 +274,10 @@ class ShardedCore:
             raise ValueError(f"checkpoint has step counts of {counts.numel()} parameters, this model has {len(self.specs)}")
         values = [self.t] * len(self.specs) if counts is None else counts.tolist()
         self.param_steps = dict(zip(self.specs, (int(v) for v in values)))
+
+    def drop_pending(self) -> None:
+        """Forget a variance reduction still in flight (its step is being replaced by a loaded state)."""
+        self._pending = self._deferred = None
 
     def finish_variance(self) -> None:
         """Wait for a pending variance reduction and refresh H and the rate factors
@@ -420,8 +429,12 @@ class ShardedCore:
             pending = launch([p for p, _ in hidden], [d for _, d in hidden], "variance_gather")
         else:
             pending = _ReadyGather(self.exchange.gather([p for p, _ in hidden], [d for _, d in hidden], "variance_gather"))
+        side = self._side_stream() if self.overlap and not self.defer_variance else None
         if self.defer_variance:
             pending.start(self._dual_norms)
+        elif side is not None and side.defers:
+            gathered = pending
+            pending = side.launch(lambda: gathered.map(self._dual_norms), keep=[d for _, d in hidden])
         else:
             self._fill_hidden_norms(vec, pending.map(self._dual_norms))
         for p, d in zip(live, diffs):
@@ -430,12 +443,18 @@ class ShardedCore:
             s = self.layer_start[p.name]
             vec[s] += (lmo_mod.l1_partial(d) if p.spec.geometry is Geometry.EMBED_HEAD else lmo_mod.sq_partial(d)) * p.weight
             vec[L + s] += p.weight
-        if self.defer_variance:
+        if self.defer_variance or (side is not None and side.defers):
             self._deferred = (pending, vec)
         else:
             self._pending = (self.coll.all_reduce(vec, "variance"), vec)
 
     # ------------------------------------------------------------------ bookkeeping
+    def _side_stream(self) -> SideStream:
+        """The side stream of the parameters' device (made on first use)."""
+        if self._side is None or self._side.device != self.H.device:
+            self._side = SideStream(self.H.device)
+        return self._side
+
     def _to(self, device: torch.device) -> None:
         if self.H.device != device:
             self.H, self.F, self.E = self.H.to(device), self.F.to(device), self.E.to(device)

@@ -112,8 +112,12 @@ class PendingGather:
     def start(self, fn) -> None:
         """Run :meth:`map` on a background thread (it only waits and computes: no collective is
         posted from it, so the issue order stays the same on every rank)."""
+        device = torch.cuda.current_device() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+
         def work() -> None:
             try:
+                if device is not None:  # a new thread starts on device 0
+                    torch.cuda.set_device(device)
                 with torch.no_grad():
                     self._result = self.map(fn)
             except BaseException as exc:  # noqa: BLE001 - re-raised by result()
@@ -519,7 +523,7 @@ class PieceOptimizer(Optimizer):
         extra["meta/lr"] = torch.zeros(len(self._groups), dtype=torch.float64)
         pieces = self._local_pieces()
         load_core_state(core, [p for p in pieces if p.stop > p.start], path, extra)
-        core._deferred = None
+        core.drop_pending()
         keys: dict[str, set[str]] = defaultdict(set)
         for k in dcp.FileSystemReader(path).read_metadata().state_dict_metadata:
             m = _KEY.match(k)
@@ -565,7 +569,7 @@ class PieceOptimizer(Optimizer):
         core.F.copy_(c["F"])
         core.E = c["E"].to(core.H.device, copy=True) if "E" in c else core.H > 0  # older states: H > 0
         core.load_stepped_counts(c.get("steps"))
-        core._pending, core._deferred = None, None
+        core.drop_pending()
         core.state.clear()
         for key, st in c["state"].items():
             name, start, _ = key.rsplit("|", 2)

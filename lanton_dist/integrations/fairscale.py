@@ -189,7 +189,7 @@ class LANTONOSSShard(PieceOptimizer):
             core.F.copy_(vec[3 + L : 3 + 2 * L])
             core.E = vec[3 + 2 * L : 3 + 3 * L] > 0.5
             core.load_stepped_counts(vec[4 + 3 * L :].round().long() if vec[3 + 3 * L] > 0.5 else None)
-            core._pending = core._deferred = None
+            core.drop_pending()
 
 
 def lanton_oss(model: nn.Module, cfg, *, group: dist.ProcessGroup | None = None, overlap: bool = True,

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from lanton_dist.config import ModelConfig
 from lanton_dist.names import ALGORITHMS, ESTIMATORS, OPTIONS, ZERO_LAYOUTS
-from lanton_dist.newton_schulz import DEFAULT_STEPS
+from lanton_dist.newton_schulz import DEFAULT_STEPS, ESTIMATE_REFINE_STEPS
 from lanton_dist.plan.predictions import STRATEGY_MODELS
 
 TP_MODES: tuple[str, ...] = ("owner", "duplicated")
@@ -134,10 +134,12 @@ class OptimSettings:
     optimizer states (4 = fp32 master weights); scalar reductions use max(4, param_bytes)
     (the engine's ``promote_types(dtype, float32)``). ``nuclear_estimator``: ``ns`` | ``exact`` |
     ``rsvd`` (``auto`` is ``ns`` on GPU). ``refine_steps``: cubic steps of the ``ns`` estimator
-    (None: 3 on GPU, 6 on CPU, as :func:`lanton_dist.nuclear.nuclear_norm`). ``defer_variance``:
-    adapters with an all-to-all exchange (FSDP2) issue an estimation step's variance all-reduce at
-    the start of the next step (their ``overlap=True, defer_variance=True`` default); the ZeRO
-    engine never defers it.
+    after its Polar Express steps (None: :data:`~lanton_dist.newton_schulz.ESTIMATE_REFINE_STEPS`,
+    as :data:`lanton_dist.nuclear.NS_ESTIMATE`). ``defer_variance``: adapters with an all-to-all
+    exchange (FSDP2) issue an estimation step's variance all-reduce at the start of the next step
+    (their ``overlap=True, defer_variance=True`` default). The ZeRO engine does so on ``cuda``
+    only, where the owners' nuclear norms run on a side stream (:mod:`lanton_dist.engine.streams`);
+    the planner books its all-reduce at the estimation step (the same bytes, one step earlier).
     """
 
     algorithm: str = "lanton"
@@ -173,7 +175,7 @@ class OptimSettings:
 
     @property
     def refine(self) -> int:
-        return self.refine_steps if self.refine_steps is not None else (3 if self.device == "cuda" else 6)
+        return self.refine_steps if self.refine_steps is not None else ESTIMATE_REFINE_STEPS
 
     def estimates(self, step: int) -> bool:
         """Whether ``step`` (1-based) is an estimation step (LANTON only)."""

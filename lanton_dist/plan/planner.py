@@ -36,8 +36,8 @@ Newton–Schulz runs at ``matmul_tflops · ns_efficiency`` (spec table: NS5 at 7
 HBM-bound (:data:`ELEMENTWISE_ACCESSES` tensor reads+writes per owned element). Nothing is
 assumed to overlap: this is the step as :class:`~lanton_dist.engine.ShardedLANTON` runs it
 (reduce-scatter in ``step()``, not under backward). Nuclear-norm estimators: ``ns`` costs
-``newton_schulz_flops(m, n, 5, refine)`` at the NS rate (3 refinement steps on GPU, as
-:mod:`lanton_dist.nuclear`), ``rsvd`` ``(2 + 4q)·m·n·r + (q+1)·4·l·r²`` FLOPs at the fp32 rate,
+``newton_schulz_flops(m, n, 6, refine)`` at the NS rate (Gram start, 6 Polar Express steps and
+1 cubic step, as :data:`lanton_dist.nuclear.NS_ESTIMATE`), ``rsvd`` ``(2 + 4q)·m·n·r + (q+1)·4·l·r²`` FLOPs at the fp32 rate,
 ``exact`` (svdvals) ``4·l·s² + 8·s³`` FLOPs at :attr:`Hardware.svd_tflops`, calibrated on the
 spec's 1.0–1.35 s for one 4096×11008 matrix. ``fwd+bwd`` is ``6·N·tokens/world`` at
 ``matmul_tflops · mfu`` (attention FLOPs and pipeline bubbles ignored) and only serves to put
@@ -68,7 +68,7 @@ from lanton_dist.engine.layout import build_layout
 from lanton_dist.engine.meter import SCALAR_PHASES
 from lanton_dist.engine.ownership import OwnershipPlan, ns_cost, plan_ownership
 from lanton_dist.groups import Geometry, ParamSpec
-from lanton_dist.newton_schulz import DEFAULT_STEPS, newton_schulz_flops
+from lanton_dist.newton_schulz import ESTIMATE_STEPS, newton_schulz_flops
 from lanton_dist.plan.inputs import Hardware, OptimSettings, ParallelLayout
 from lanton_dist.plan.model import check_tp, engine_order, llama_specs, local_spec, resolve_model, stage_specs
 from lanton_dist.plan.memory import RankMemory, rank_memory
@@ -96,11 +96,11 @@ STATE_TENSORS: dict[str, dict[str, int]] = {
 
 def estimator_flops(m: int, n: int, optim: OptimSettings) -> int:
     """FLOPs of one nuclear-norm estimate of an ``m × n`` matrix (module doc, "Time model"); for
-    ``ns`` exactly the Newton–Schulz kernel's (5 quintic + ``refine`` cubic steps, as
+    ``ns`` exactly the Newton–Schulz kernel's (6 Polar Express + ``refine`` cubic steps, as
     :func:`lanton_dist.nuclear.nuclear_norm` calls it; the final ⟨D, polar⟩ is not counted)."""
     s, l = min(m, n), max(m, n)
     if optim.nuclear_estimator == "ns":
-        return newton_schulz_flops(m, n, DEFAULT_STEPS, optim.refine)
+        return newton_schulz_flops(m, n, ESTIMATE_STEPS, optim.refine)
     if optim.nuclear_estimator == "rsvd":
         r, q = min(optim.rsvd_rank, s), optim.rsvd_power_iters
         return (2 + 4 * q) * m * n * r + (q + 1) * 4 * l * r * r + 4 * n * r * r
