@@ -22,8 +22,9 @@ the record of that step in ``metrics.jsonl`` carries the same numbers under :dat
   on CPU or an unknown GPU without ``logging.peak_tflops``.
 
 LANTON's per-layer diagnostics (H, α, rate factor of every layer) are recorded under
-``layers`` at every estimation step (:func:`layer_record`); :func:`plot_rate_factors` draws
-them as a layer × step heat map at the end of a run.
+``layers`` at every estimation step (:func:`layer_record`: the values in force after that
+step; with ``parallel.overlap`` an estimate is applied one step late, so it shows in the next
+column); :func:`plot_rate_factors` draws them as a layer × step heat map at the end of a run.
 """
 from __future__ import annotations
 
