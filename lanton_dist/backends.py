@@ -102,6 +102,19 @@ class Backend:
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
+    def grad_norm(self, two_halves: bool) -> torch.Tensor | None:
+        """Global L2 norm of the gradient the optimizer step just used: a scalar tensor on
+        ``device``, the same on every rank; call after :meth:`step` and before :meth:`zero_grad`
+        (on log steps only: it costs at most one scalar all-reduce).
+
+        Here (one process, and DDP) ``p.grad`` of the unwrapped model is already the global
+        gradient. None after a two-half-batch step (Option II estimation step): ``p.grad`` then
+        holds only the second half, the first half being the optimizer's."""
+        if two_halves:
+            return None
+        grads = [p.grad for p in self.unwrap().parameters() if p.grad is not None]
+        return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
+
     def skipped_steps(self) -> int:
         """Optimizer steps skipped so far for non-finite gradients (a host-side counter)."""
         return int(getattr(self.optimizer, "skipped_steps", 0))
@@ -239,12 +252,30 @@ class EngineBackend(_DistributedBackend):
         with fail_fast():
             loss.backward()
 
+    def grad_norm(self, two_halves: bool) -> torch.Tensor | None:
+        """:func:`pieces_grad_norm` (Option II steps included: the pieces hold both halves)."""
+        return pieces_grad_norm(self.optimizer, self.device)
+
     def save(self, directory: Path) -> None:
         """A sharded DCP checkpoint in ``directory``; every rank writes its pieces."""
         checkpoint.save(self.optimizer, str(directory), self.model)
 
     def load(self, directory: Path) -> None:
         checkpoint.load(self.optimizer, str(directory), self.model)
+
+
+def pieces_grad_norm(optimizer: torch.optim.Optimizer, device: torch.device) -> torch.Tensor:
+    """Global L2 norm of the gradient a :class:`~lanton_dist.engine.ShardedLANTON` step used,
+    after that step: each :class:`~lanton_dist.engine.core.LocalPiece` ``.grad`` is this rank's
+    share of the reduced gradient (both halves combined on an Option II step) and ``.weight``
+    its share in job-wide sums (0 for a replica counted elsewhere, e.g. Megatron's
+    TP-replicated norms); one scalar all-reduce over the default (world) group."""
+    sq = torch.zeros((), device=device, dtype=torch.float32)
+    for piece in optimizer.pieces:
+        if piece.grad is not None and piece.weight:
+            sq += piece.weight * piece.grad.float().square().sum()
+    dist.all_reduce(sq)
+    return sq.sqrt()
 
 
 class DDPBackend(_DistributedBackend):
@@ -281,6 +312,12 @@ class DeepSpeedBackend(_DistributedBackend):
 
     def zero_grad(self) -> None:
         """``engine.step`` has zeroed the gradients at the accumulation boundary."""
+
+    def grad_norm(self, two_halves: bool) -> torch.Tensor | None:
+        """The engine's global gradient norm of its last step (``get_global_grad_norm``; ZeRO
+        computes it over its partitions); None if the engine did not compute one."""
+        norm = self.model.get_global_grad_norm()
+        return None if norm is None else torch.as_tensor(norm, dtype=torch.float32, device=self.device)
 
     def skipped_steps(self) -> int:
         """The client optimizer's skipped steps plus DeepSpeed's own (loss-scale overflows)."""
@@ -320,6 +357,18 @@ class FSDP2Backend(_DistributedBackend):
     """``parallel.backend: fsdp2``."""
 
     name = "fsdp2"
+
+    def grad_norm(self, two_halves: bool) -> torch.Tensor | None:
+        """From the ``Shard(0)`` DTensor gradients: local sums of squares, one scalar all-reduce
+        (None after an Option II two-half step, as for the base class)."""
+        if two_halves:
+            return None
+        sq = torch.zeros((), device=self.device, dtype=torch.float32)
+        for p in self.model.parameters():
+            if p.grad is not None:
+                sq += p.grad.to_local().float().square().sum()
+        dist.all_reduce(sq)
+        return sq.sqrt()
 
     def save(self, directory: Path) -> None:
         self.optimizer.save(str(directory), self.model)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import importlib.util
 import math
 import os
 import types
@@ -316,6 +317,17 @@ class ParallelConfig:
 
 
 @dataclass
+class LoggingConfig:
+    """What a run reports besides the progress line and ``metrics.jsonl``
+    (:mod:`lanton_dist.training_log`). ``tensorboard``: also write TensorBoard scalars to
+    ``<out_dir>/tensorboard`` (needs the ``tensorboard`` extra). ``peak_tflops``: one device's
+    peak dense FLOP/s (in TFLOP/s) for the MFU estimate; 0 looks the GPU up by name."""
+
+    tensorboard: bool = False
+    peak_tflops: float = 0.0
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -323,6 +335,7 @@ class RunConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
 def load_run_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
@@ -449,8 +462,9 @@ def check_run_config(cfg: RunConfig, data_parallel: int = 1) -> None:
     """Raise :class:`ConfigError`, naming the key, for a config no entry can train: numbers
     out of range (non-finite or negative rates and weight decay, momentum coefficients outside
     ``[0, 1)`` for every algorithm), an Option II batch that does not split in two on each of
-    the ``data_parallel`` ranks, a missing Megatron ``data.path``. Cheap and torch-free: the
-    entries call it before building a model or a process group."""
+    the ``data_parallel`` ranks, a missing Megatron ``data.path``, ``logging.tensorboard``
+    without the package. Cheap and torch-free: the entries call it before building a model or
+    a process group."""
     check_model_config(cfg.model)
     _check_train(cfg.train)
     _check_data(cfg.data, cfg.model)
@@ -458,6 +472,10 @@ def check_run_config(cfg: RunConfig, data_parallel: int = 1) -> None:
     if cfg.schedule.warmup_steps < 0:
         raise ConfigError(f"schedule.warmup_steps must be >= 0, got {cfg.schedule.warmup_steps}")
     _number("schedule.min_ratio", cfg.schedule.min_ratio, high=1.0, open_high=False)
+    _number("logging.peak_tflops", cfg.logging.peak_tflops, high=None)
+    if cfg.logging.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("logging.tensorboard is true but the tensorboard package is not installed: "
+                          "pip install 'lanton-dist[tensorboard]' (or set logging.tensorboard false)")
     _check_parallel(cfg, data_parallel)
 
 

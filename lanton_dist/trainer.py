@@ -17,7 +17,12 @@ Per step ``s`` (0-based; the record written after it has ``step = s + 1``):
   two halves — every micro-batch then lies in one half and its weight ``rows / b`` equals
   ``½ · rows / (b/2)``: each half's loss is weighted ½ — and ``stash_half_gradient()`` is
   called between the halves;
-* optimizer step, scheduler step (linear warm-up + cosine), ``metrics.jsonl`` record.
+* optimizer step, scheduler step (linear warm-up + cosine), ``metrics.jsonl`` record; every
+  ``train.log_every`` steps (and the last) also one progress line — printed whether or not
+  stdout is a terminal — with tokens/s, the global gradient norm
+  (:meth:`~lanton_dist.backends.Backend.grad_norm`), peak memory and MFU, the same numbers in
+  the record (:mod:`lanton_dist.training_log`); every LANTON estimation step
+  (``step mod optim.estimate_every == 0``) the per-layer H, α and rate factors (``layers``).
 
 Checkpoints are atomic directories ``checkpoints/step_N`` (:mod:`lanton_dist.checkpoint_dir`).
 Resuming (``train.resume: true``) loads the newest complete one: model, optimizer and
@@ -38,7 +43,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -52,8 +57,10 @@ from lanton_dist.divergence import DivergenceGuard
 from lanton_dist.model import Transformer
 from lanton_dist.preemption import COMPLETED, StopRequest, any_rank
 from lanton_dist.schedule import build_scheduler
+from lanton_dist.training_log import (MetricsLog, RunShape, TensorBoardLog, Throughput, format_line, model_flops_per_token,
+                                      layer_record, plot_rate_factors, read_metrics)
 
-__all__ = ["Backend", "micro_slices", "setup_backend", "read_metrics", "train", "train_step", "evaluate"]
+__all__ = ["Backend", "StepResult", "micro_slices", "setup_backend", "read_metrics", "train", "train_step", "evaluate"]
 
 
 def seed_everything(seed: int) -> None:
@@ -63,40 +70,6 @@ def seed_everything(seed: int) -> None:
 
 
 # ============================================================================ metrics
-class MetricsLog:
-    """``metrics.jsonl`` writer (main rank only); on resume keeps the records up to the resumed step."""
-
-    def __init__(self, path: Path, enabled: bool, resume_step: int | None) -> None:
-        self.path = path
-        self.enabled = enabled
-        self._f = None
-        if not enabled:
-            return
-        kept: list[str] = []
-        if resume_step is not None and path.exists():
-            kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= resume_step]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = open(path, "w")
-        for ln in kept:
-            self._f.write(ln + "\n")
-        self._f.flush()
-
-    def write(self, record: dict[str, Any]) -> None:
-        if self._f is not None:
-            self._f.write(json.dumps(record) + "\n")
-            self._f.flush()
-
-    def close(self) -> None:
-        if self._f is not None:
-            self._f.close()
-            self._f = None
-
-
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """Every record of a ``metrics.jsonl`` file."""
-    return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
-
-
 def diagnostics_summary(opt: torch.optim.Optimizer) -> dict[str, dict[str, float]] | None:
     """Per geometry group: min/max of LANTON's ``lr_factor`` and ``H`` (None for other optimizers)."""
     if not hasattr(opt, "layer_diagnostics"):
@@ -151,13 +124,21 @@ def _autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextMan
     return contextlib.nullcontext()
 
 
-def train_step(
-    backend: Backend, x: torch.Tensor, y: torch.Tensor, micro_batch: int, dtype: str
-) -> tuple[torch.Tensor, bool]:
-    """Forward/backward of this rank's rows ``x, y`` ``(b, T)`` and one optimizer step.
+class StepResult(NamedTuple):
+    """One training step: the global mean loss (scalar tensor), whether the batch ran as two
+    halves, and the global gradient norm (scalar tensor; None when not asked for or not
+    measured, see :meth:`~lanton_dist.backends.Backend.grad_norm`)."""
 
-    Returns the global mean loss (scalar tensor) and whether the batch ran as two halves.
-    """
+    loss: torch.Tensor
+    two_halves: bool
+    grad_norm: torch.Tensor | None
+
+
+def train_step(
+    backend: Backend, x: torch.Tensor, y: torch.Tensor, micro_batch: int, dtype: str, *, grad_norm: bool = False
+) -> StepResult:
+    """Forward/backward of this rank's rows ``x, y`` ``(b, T)`` and one optimizer step; with
+    ``grad_norm`` also the global norm of the gradient that step used (a log step)."""
     opt = backend.optimizer
     two = bool(getattr(opt, "needs_two_half_batches", lambda: False)())
     rows = x.shape[0]
@@ -175,8 +156,9 @@ def train_step(
         if two and h == 0:
             opt.stash_half_gradient()
     backend.step()
+    norm = backend.grad_norm(two) if grad_norm else None
     backend.zero_grad()
-    return backend.reduce_loss(total), two
+    return StepResult(backend.reduce_loss(total), two, norm)
 
 
 @torch.no_grad()
@@ -207,13 +189,17 @@ def train(cfg: RunConfig, *, optimizer_factory: OptimizerFactory | None = None, 
     """Train ``cfg`` to ``train.steps`` (or ``train.stop_after``) and return a summary.
 
     Writes into ``train.out_dir``: ``metrics.jsonl``, ``loss.png``, ``summary.json``,
+    ``rate_factors.png`` (LANTON: the layer × estimation-step heat map of its rate factors),
+    ``tensorboard/`` (with ``logging.tensorboard``),
     ``checkpoints/step_*`` (every ``checkpoint_every`` steps and at the end; the newest
     ``keep_checkpoints`` are kept) and, once all ``train.steps`` are done, ``COMPLETED``. With
     ``stop`` (a :class:`~lanton_dist.preemption.StopRequest`, asked once per step by every rank)
     a requested run checkpoints at the end of the current step and returns early. The summary
     has ``final_train_loss`` (mean of the last ``log_every`` steps), ``last_train_loss``,
     ``final_val_loss``, ``unigram_baseline``, ``steps`` (the last step run), ``tokens``,
-    ``wall_s``, ``num_params``, ``skipped_steps``, ``stopped`` (on request) and the paths.
+    ``wall_s``, ``num_params``, ``skipped_steps``, ``stopped`` (on request) and the paths
+    (``rate_factor_plot`` None for other optimizers). A run resumed at its last step trains
+    nothing and evaluates the checkpoint, so ``final_val_loss`` is still reported.
 
     Raises :class:`~lanton_dist.config.ConfigError` for a config it cannot run or a resume
     that does not match its checkpoint (both before a model is built), and
@@ -284,6 +270,7 @@ def _run(cfg: RunConfig, backend: Backend, data: TokenDataset, out: Path, log: C
 
     metrics_path = out / "metrics.jsonl"
     metrics = MetricsLog(metrics_path, backend.is_main, start if resumed_from else None)
+    board = TensorBoardLog(out / "tensorboard", backend.is_main and cfg.logging.tensorboard)
     if backend.is_main:
         (out / "config.json").write_text(json.dumps(cfg_dict, indent=2))
         if start < t_cfg.steps:
@@ -297,46 +284,67 @@ def _run(cfg: RunConfig, backend: Backend, data: TokenDataset, out: Path, log: C
         f"{tokens_per_step} tokens on {backend.device} (backend {backend.name}, world {backend.world})"
     )
 
+    shape = RunShape.of(t_cfg.steps, tokens_per_step, model_flops_per_token(cfg.model, cfg.data.seq_len), backend.device,
+                        backend.world, cfg.logging.peak_tflops)
+    evaluating = bool(t_cfg.eval_every and t_cfg.eval_batches)
     val_loss = None
-    if start == 0 and t_cfg.eval_every and t_cfg.eval_batches:
+    if evaluating and (start == 0 or start == stop):
+        # step 0; or a resumed run with no step left to run (killed after its last checkpoint):
+        # evaluate the checkpoint so the summary is complete
         val_loss = evaluate(backend, data, t_cfg.global_batch, t_cfg.eval_batches, dtype)
-        metrics.write({"step": 0, "tokens": 0, "val_loss": val_loss})
-        say(f"step 0 | val {val_loss:.4f}")
+        if start == 0:
+            metrics.write({"step": 0, "tokens": 0, "val_loss": val_loss})
+        say(f"step {start} | val {val_loss:.4f}")
 
     backend.model.train()
     guard = DivergenceGuard(t_cfg.max_consecutive_skips, backend.skipped_steps())
     stopped = False
     bar = _progress(stop, start, backend.is_main and sys.stderr.isatty(), cfg.optim.name)
+    emit = bar.write if not bar.disable else say  # one line per log step, on a terminal or not
     t_start = time.perf_counter()
+    window = Throughput(start)
     try:
         for s in range(start, stop):
             t0 = time.perf_counter()
+            step = s + 1
+            logging_step = step % t_cfg.log_every == 0 or step == t_cfg.steps
             x, y = data.get_batch(s, t_cfg.global_batch, backend.rank, backend.world)
             x, y = x.to(backend.device), y.to(backend.device)
             lrs = group_lrs(opt)
-            loss_t, two = train_step(backend, x, y, t_cfg.micro_batch, dtype)
+            res = train_step(backend, x, y, t_cfg.micro_batch, dtype, grad_norm=logging_step)
             sched.step()
-            loss = float(loss_t)
-            step = s + 1
+            loss = float(res.loss)
             rec: dict[str, Any] = {
                 "step": step, "loss": loss, "lr": lrs, "tokens": step * tokens_per_step,
-                "step_time": time.perf_counter() - t0, "skipped_steps": backend.skipped_steps(), "two_halves": two,
+                "step_time": time.perf_counter() - t0, "skipped_steps": backend.skipped_steps(), "two_halves": res.two_halves,
             }
-            if step % t_cfg.log_every == 0 or step == t_cfg.steps:
+            if logging_step:
+                norm = None if res.grad_norm is None else float(res.grad_norm)
+                rec.update(shape.log_fields(window.lap(step, tokens_per_step), norm, backend.device))
                 diag = diagnostics_summary(opt)
                 if diag is not None:
                     rec["lanton"] = diag
-            if t_cfg.eval_every and t_cfg.eval_batches and (step % t_cfg.eval_every == 0 or step == t_cfg.steps):
+            if cfg.optim.name == "lanton" and step % cfg.optim.estimate_every == 0:
+                layers = layer_record(opt)
+                if layers is not None:
+                    rec["layers"] = layers
+            if evaluating and (step % t_cfg.eval_every == 0 or step == t_cfg.steps):
+                t_eval = time.perf_counter()
                 val_loss = evaluate(backend, data, t_cfg.global_batch, t_cfg.eval_batches, dtype)
                 rec["val_loss"] = val_loss
-                (bar.write if not bar.disable else say)(f"step {step} | train {loss:.4f} | val {val_loss:.4f}")
+                window.exclude(time.perf_counter() - t_eval)
+            if logging_step or "val_loss" in rec:
+                emit(format_line(rec, t_cfg.steps))
             metrics.write(rec)
+            board.write(rec)
             if not math.isfinite(loss):
                 say(f"step {step}: non-finite loss {loss}")
             guard.observe(step, rec["skipped_steps"], loss)  # same on every rank: the loss is global
             saved = (t_cfg.checkpoint_every and step % t_cfg.checkpoint_every == 0) or step == stop
             if saved:
+                t_save = time.perf_counter()
                 _save_checkpoint(backend, root, step, sched, cfg_dict, t_cfg.keep_checkpoints)
+                window.exclude(time.perf_counter() - t_save)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}")
             if request is not None and step < stop and request.agreed(functools.partial(any_rank, device=backend.device)):
@@ -348,6 +356,7 @@ def _run(cfg: RunConfig, backend: Backend, data: TokenDataset, out: Path, log: C
     finally:
         bar.close()
         metrics.close()
+        board.close()
     wall = time.perf_counter() - t_start
     backend.barrier()
     if backend.is_main and stop == t_cfg.steps and not stopped:
@@ -383,7 +392,10 @@ def _summarize(cfg, backend, out, metrics_path, unigram, n_params, stop, wall, r
         tail = train_losses[-cfg.train.log_every :]
         summary["final_train_loss"] = sum(tail) / len(tail)
         summary["last_train_loss"] = train_losses[-1]
-        plot_losses(records, out / "loss.png", f"{cfg.optim.name}: {cfg.model.n_layers}L d{cfg.model.dim} on {cfg.data.source}", unigram)
+        title = f"{cfg.optim.name}: {cfg.model.n_layers}L d{cfg.model.dim} on {cfg.data.source}"
+        plot_losses(records, out / "loss.png", title, unigram)
+        heat = plot_rate_factors(records, out / "rate_factors.png", f"LANTON rate factor per layer\n{title}")
+        summary["rate_factor_plot"] = None if heat is None else str(heat)
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         val = f"{val_loss:.4f}" if val_loss is not None else "n/a"
         say(f"done: {stop} steps in {wall:.1f}s | train {summary['final_train_loss']:.4f} | val {val} | unigram {unigram:.4f} | {out}")

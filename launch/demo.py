@@ -1,7 +1,8 @@
 """``make demo``: train the tiny LLaMA on the Python standard library's source with LANTON and
 with D-Muon — same model, data, seed, steps and schedule; each with its own tuned rates —
 then print both final validation losses next to the unigram baseline and write one
-comparison plot and a JSON summary under ``--out`` (default ``runs/demo``).
+comparison plot and a JSON summary under ``--out`` (default ``runs/demo``). The LANTON run
+also leaves its rate-factor heat map (layer × estimation step, ``lanton/rate_factors.png``).
 
     python launch/demo.py [--steps 300] [--out runs/demo] [--nproc 2] [--threads 1]
 
@@ -152,7 +153,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     summary = {
         "steps": args.steps, "tokens_per_run": next(iter(results.values()))["tokens"], "unigram_baseline": unigram,
         "total_wall_s": wall, "total_cpu_s": cpu, "threads": torch.get_num_threads(), "nproc": args.nproc, "plot": str(plot),
-        "runs": {n: {k: s[k] for k in ("final_val_loss", "final_train_loss", "wall_s", "lr", "overrides", "num_params", "out_dir", "metrics", "plot")}
+        "runs": {n: {k: s[k] for k in ("final_val_loss", "final_train_loss", "wall_s", "lr", "overrides", "num_params", "out_dir",
+                                     "metrics", "plot", "rate_factor_plot")}
                  for n, s in results.items()},
     }
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -162,7 +164,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"{n:<10} {s['final_val_loss']:>15.4f} {s['final_train_loss']:>17.4f} {s['wall_s']:>8.1f}")
     print(f"unigram baseline (byte frequencies of the training files): {unigram:.4f} nats/byte")
     print(f"total {wall:.0f} s wall, {cpu:.0f} s CPU, {torch.get_num_threads()} thread(s)")
-    print(f"comparison plot: {plot}\nsummary: {args.out / 'summary.json'}")
+    print(f"comparison plot: {plot}")
+    for n, s in results.items():
+        if s.get("rate_factor_plot"):
+            print(f"{n} rate factors per layer and step (heat map): {s['rate_factor_plot']}")
+    print(f"summary: {args.out / 'summary.json'}")
     return summary
 
 

@@ -64,12 +64,14 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from lanton_dist import checkpoint_dir  # noqa: E402
+from lanton_dist.backends import pieces_grad_norm  # noqa: E402
 from lanton_dist.config import DATA_SOURCES, ConfigError, RunConfig, check_resume, check_run_config, load_run_config, to_dict  # noqa: E402
 from lanton_dist.data import INDEXED_SOURCES, TokenSamples, build_dataset, build_gpt_datasets  # noqa: E402
 from lanton_dist.divergence import EXIT_DIVERGED, DivergenceGuard, Diverged  # noqa: E402
 from lanton_dist.factory import build_optimizer, param_groups  # noqa: E402
 from lanton_dist.preemption import COMPLETED, StopRequest, any_rank  # noqa: E402
 from lanton_dist.schedule import build_scheduler  # noqa: E402
+from lanton_dist.training_log import RunShape, Throughput, format_line, model_flops_per_token  # noqa: E402
 
 CPU_SHIM = ROOT / "tests" / "megatron_cpu_shim.py"
 
@@ -466,6 +468,9 @@ def train(cfg: RunConfig) -> dict[str, Any]:
 
     history: list[dict[str, Any]] = []
     tokens_per_step = cfg.train.global_batch * seq
+    shape = RunShape.of(cfg.train.steps, tokens_per_step, model_flops_per_token(cfg.model, seq), device,
+                        dist.get_world_size(), cfg.logging.peak_tflops)
+    window = Throughput(start)
     step = start
     stopped = False
     last_saved = start if start else -1
@@ -483,12 +488,18 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         step += 1
         dt = time.perf_counter() - t0
         skipped = int(getattr(optimizer, "skipped_steps", 0))
-        record = dict(step=step, loss=loss, lr=lrs, step_s=dt, tokens_per_s=tokens_per_step / dt, skipped_steps=skipped)
+        record = dict(step=step, loss=loss, lr=lrs, step_s=dt, skipped_steps=skipped)
+        logging_step = step % max(1, cfg.train.log_every) == 0 or step == cfg.train.steps
+        if logging_step:  # the same line and fields as lanton_dist.trainer (lanton_dist.training_log)
+            record.update(shape.log_fields(window.lap(step, tokens_per_step), float(grad_norm(model, optimizer, device)),
+                                           device))
         if eval_every > 0 and valid_data is not None and (step % eval_every == 0 or step == cfg.train.steps):
+            t_eval = time.perf_counter()
             record["val_loss"] = evaluate(model, forward_step, valid_data, cfg, micro, num_micro, dp_rank, dp, device)
+            window.exclude(time.perf_counter() - t_eval)
         history.append(record)
-        if dist.get_rank() == 0 and (step % max(1, cfg.train.log_every) == 0 or step == cfg.train.steps or "val_loss" in record):
-            print(json.dumps(record), flush=True)
+        if dist.get_rank() == 0 and (logging_step or "val_loss" in record):
+            print(format_line(record, cfg.train.steps), flush=True)
         if dist.get_rank() == 0:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -506,6 +517,14 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     if not stopped and dist.get_rank() == 0:
         (out_dir / COMPLETED).write_text(f"{step}\n")
     return dict(history=history, start=start, step=step, stopped=stopped)
+
+
+def grad_norm(model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> torch.Tensor:
+    """Global L2 norm of the gradient of the step just taken: from the sharded engine's pieces
+    (:func:`lanton_dist.backends.pieces_grad_norm`), or in one process from ``p.grad``."""
+    if hasattr(optimizer, "pieces"):
+        return pieces_grad_norm(optimizer, device)
+    return torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
 
 
 def resume_point(cfg: RunConfig) -> tuple[Path, dict[str, Any]] | None:

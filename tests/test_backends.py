@@ -174,3 +174,35 @@ def test_framework_backends_train_like_the_engine_and_resume_exactly(tmp_path, b
     if backend == "deepspeed":  # its checkpoints do not reshard: a clear error, not a silent mis-load
         _train(tmp_path / "part", "--parallel.backend", backend, *args, "--train.resume", "true", nproc=4,
                fails_with="config error: cannot resume from")
+
+
+def reference_grad_norm(cfg) -> float:
+    """Global L2 norm of the first step's gradient in one process: the model the trainer builds
+    from ``cfg``'s seed, the whole global batch 0, mean cross-entropy."""
+    import torch
+    import torch.nn.functional as F
+
+    from lanton_dist.data import build_dataset
+    from lanton_dist.model import Transformer
+
+    model = Transformer(cfg.model, seed=cfg.train.seed)
+    x, y = build_dataset(cfg.data, cfg.model.vocab_size).get_batch(0, cfg.train.global_batch, 0, 1)
+    F.cross_entropy(model(x).float().flatten(0, 1), y.flatten()).backward()
+    return float(torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]))
+
+
+@pytest.mark.parametrize("backend, extra", [
+    ("zero", []),
+    ("zero", ["--optim.option", "II", "--optim.estimate_every", "1"]),  # two halves: the pieces combine them
+    ("fsdp2", []),
+    ("ddp", []),
+    ("deepspeed", ["--parallel.zero_stage", "2"]),
+], ids=["zero", "zero-option-II", "fsdp2", "ddp", "deepspeed-zero2"])
+def test_logged_grad_norm_equals_the_single_process_global_grad_norm(tmp_path, backend, extra):
+    from lanton_dist.config import load_run_config
+
+    args = ["--train.steps", "1", "--train.eval_every", "0", *extra]
+    logged = _train(tmp_path, "--parallel.backend", backend, *args)[0]
+    cfg = load_run_config(ROOT / "configs" / "llama-tiny-cpu.yaml", [*SMALL, *args])
+    assert logged["two_halves"] == ("II" in extra)
+    assert logged["grad_norm"] == pytest.approx(reference_grad_norm(cfg), rel=1e-4)

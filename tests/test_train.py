@@ -14,6 +14,8 @@ from lanton_dist.config import ConfigError, RunConfig, load_run_config
 from lanton_dist.model import Transformer
 from lanton_dist.schedule import warmup_cosine
 from lanton_dist.trainer import read_metrics, train, train_step
+from lanton_dist.training_log import LOG_FIELDS
+from test_backends import reference_grad_norm
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "llama-tiny-cpu.yaml"
@@ -184,7 +186,7 @@ def test_option_two_halves_are_weighted_one_half_and_sum_to_the_full_batch_gradi
     opt = RecordingSGD(model.parameters(), two_halves=True)
     x, y = _batch(cfg, 4)
     full, first = grads_of(model, x, y), grads_of(model, x[:2], y[:2])
-    loss, two = train_step(Backend(model, opt, torch.device("cpu")), x, y, micro, "fp32")
+    loss, two, _ = train_step(Backend(model, opt, torch.device("cpu")), x, y, micro, "fp32")
     assert two and opt.stashed is not None
     for s, f, g_full, g_a in zip(opt.stashed, opt.final, full, first):
         torch.testing.assert_close(s, 0.5 * g_a, rtol=1e-5, atol=1e-7)
@@ -198,7 +200,7 @@ def test_micro_batch_accumulation_gives_the_full_batch_gradient(tmp_path):
     opt = RecordingSGD(model.parameters(), two_halves=False)
     x, y = _batch(cfg, 4)
     full = grads_of(model, x, y)
-    _, two = train_step(Backend(model, opt, torch.device("cpu")), x, y, 1, "fp32")
+    _, two, _ = train_step(Backend(model, opt, torch.device("cpu")), x, y, 1, "fp32")
     assert not two and opt.stashed is None
     for f, g in zip(opt.final, full):
         torch.testing.assert_close(f, g, rtol=1e-4, atol=1e-6)
@@ -311,3 +313,90 @@ def test_launch_train_stops_on_the_job_scripts_stop_file(tmp_path):
     assert "stop requested" in res.stdout
     assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step_00000001"]
     assert not (tmp_path / "run" / "COMPLETED").exists()
+
+
+def test_a_run_without_a_terminal_prints_one_progress_line_per_log_step_with_the_logged_numbers(tmp_path):
+    lines: list[str] = []
+    s = train(small_cfg(tmp_path, "--train.steps", "6", "--train.eval_every", "3"), log=lines.append)
+    progress = [ln for ln in lines if "tok/s" in ln]
+    assert [ln.split(" | ")[0] for ln in progress] == ["step 2/6", "step 4/6", "step 6/6"]
+    recs = {r["step"]: r for r in read_metrics(s["metrics"]) if "loss" in r}
+    for ln in progress:
+        r = recs[int(ln.split()[1].split("/")[0])]
+        assert set(LOG_FIELDS) <= set(r)
+        assert r["tokens_per_s"] > 0 and r["grad_norm"] > 0 and r["mem_kind"] == "max_rss" and r["mfu"] is None
+        for part in (f"loss {r['loss']:.4f}", f"{r['tokens_per_s']:,.0f} tok/s", f"grad {r['grad_norm']:.4g}",
+                     "skipped 0", f"mem {r['peak_mem_gib']:.2f} GiB (max RSS)", "MFU n/a"):
+            assert part in ln, (part, ln)
+    assert all(not set(LOG_FIELDS) & set(recs[k]) for k in (1, 3, 5)), "log fields on log steps only"
+    assert [ln for ln in lines if ln.startswith("step 3/6")] == [f"step 3/6 | loss {recs[3]['loss']:.4f} | "
+                                                                 f"lr {recs[3]['lr']['hidden']:.3e} | val {recs[3]['val_loss']:.4f}"]
+
+
+def test_logged_grad_norm_is_the_global_norm_of_the_steps_gradient_and_absent_on_two_half_steps(tmp_path):
+    cfg = small_cfg(tmp_path / "one", "--train.steps", "1", "--train.eval_every", "0")
+    logged = read_metrics(train(cfg, log=quiet)["metrics"])[-1]["grad_norm"]
+    assert logged == pytest.approx(reference_grad_norm(cfg), rel=1e-5)
+    # Option II on one process: p.grad holds only the second half after the step, so no norm
+    cfg = small_cfg(tmp_path / "two", "--train.steps", "4", "--train.eval_every", "0", "--train.log_every", "1",
+                    "--optim.option", "II", "--optim.estimate_every", "2")
+    recs = read_metrics(train(cfg, log=quiet)["metrics"])
+    assert [r["grad_norm"] is None for r in recs] == [r["two_halves"] for r in recs] == [False, True, False, True]
+
+
+def test_lanton_layer_diagnostics_are_recorded_every_estimation_step_and_drawn_as_a_heat_map(tmp_path):
+    s = train(small_cfg(tmp_path, "--train.steps", "9", "--train.eval_every", "0", "--optim.estimate_every", "3"),
+              log=quiet)
+    recs = [r for r in read_metrics(s["metrics"]) if "layers" in r]
+    assert [r["step"] for r in recs] == [3, 6, 9]  # not only the log steps (2, 4, 6, 8, 9)
+    layers = recs[-1]["layers"]
+    assert len(layers["names"]) == len(layers["H"]) == len(layers["alpha"]) == len(layers["lr_factor"]) > 0
+    assert {"lm_head.weight", "layers.0.attention.wq.weight", "norm.weight"} <= set(layers["names"])
+    assert max(layers["H"]) > 0 and min(layers["lr_factor"]) < 1.0 <= max(layers["lr_factor"]) + 1e-12
+    assert Path(s["rate_factor_plot"]) == tmp_path / "rate_factors.png"
+    assert Path(s["rate_factor_plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    other = train(small_cfg(tmp_path / "dmuon", "--train.steps", "3", "--train.eval_every", "0", "--optim.name", "dmuon"),
+                  log=quiet)
+    assert other["rate_factor_plot"] is None and not any("layers" in r for r in read_metrics(other["metrics"]))
+
+
+def test_a_run_resumed_at_its_last_step_evaluates_so_the_summary_is_complete(tmp_path):
+    from lanton_dist.preemption import COMPLETED
+
+    common = ["--train.steps", "4", "--train.eval_every", "2"]
+    done = train(small_cfg(tmp_path, *common), log=quiet)
+    (tmp_path / COMPLETED).unlink()  # as if killed after the final checkpoint, before COMPLETED
+    again = train(small_cfg(tmp_path, *common, "--train.resume", "true"), log=quiet)
+    assert again["steps"] == 4 and (tmp_path / COMPLETED).exists()
+    assert again["final_val_loss"] == pytest.approx(done["final_val_loss"], rel=1e-6)
+    assert again["final_train_loss"] == done["final_train_loss"]
+    assert read_metrics(again["metrics"]) == read_metrics(done["metrics"]), "no record added or lost"
+
+
+def test_tensorboard_scalars_are_written_when_enabled(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train(small_cfg(tmp_path, "--train.steps", "4", "--train.eval_every", "0", "--logging.tensorboard", "true",
+                    "--optim.estimate_every", "2"), log=quiet)
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"loss", "grad_norm", "tokens_per_s", "lr/hidden", "rate_factor/lm_head.weight"} <= tags
+    assert [e.step for e in acc.Scalars("loss")] == [1, 2, 3, 4] and [e.step for e in acc.Scalars("grad_norm")] == [2, 4]
+
+
+@pytest.mark.slow
+def test_demo_prints_and_keeps_the_lanton_rate_factor_heat_map(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("demo", Path(__file__).resolve().parents[1] / "launch" / "demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    summary = demo.main(["--steps", "10", "--nproc", "1", "--threads", "0", "--out", str(tmp_path)])
+    heat = summary["runs"]["lanton"]["rate_factor_plot"]
+    assert heat == str(tmp_path / "lanton" / "rate_factors.png") and Path(heat).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert summary["runs"]["dmuon"]["rate_factor_plot"] is None
+    out = capsys.readouterr().out
+    assert f"lanton rate factors per layer and step (heat map): {heat}" in out
+    assert "[lanton] step 10/10 | loss" in out and "tok/s" in out
