@@ -113,8 +113,9 @@ def run_one(spec: RunSpec, root: str, threads: int, checkpoint_every: int) -> di
     validation), median step time ``step_s`` and the steps' total ``train_s``."""
     import torch
 
+    from lanton_dist import checkpoint_dir
     from lanton_dist.preemption import COMPLETED
-    from lanton_dist.trainer import CHECKPOINT_DIR, read_metrics, train
+    from lanton_dist.trainer import read_metrics, train
 
     torch.set_num_threads(threads)
     out = run_dir(Path(root), spec)
@@ -124,7 +125,7 @@ def run_one(spec: RunSpec, root: str, threads: int, checkpoint_every: int) -> di
                            "--train.checkpoint_every", str(checkpoint_every)])
         train(cfg, log=lambda _msg: None)
         if (out / COMPLETED).is_file():
-            shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
+            shutil.rmtree(checkpoint_dir.root_of(out), ignore_errors=True)
     summary = json.loads((out / "summary.json").read_text())
     records = read_metrics(out / "metrics.jsonl")
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
