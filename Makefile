@@ -30,6 +30,7 @@ demo: env
 	$(PY) launch/demo.py
 
 test: env
+	$(PY) -m ruff check lanton_dist launch tests slurm
 	DS_ACCELERATOR=cpu $(PY) -m pytest -q tests
 
 clean:

@@ -169,7 +169,9 @@ def resolve_device(name: str) -> torch.device:
 def micro_slices(rows: int, micro: int, halves: int) -> list[list[slice]]:
     """Row slices of a ``rows``-row batch: ``halves`` (1 or 2) lists of micro-batch slices."""
     if rows % halves:
-        raise ValueError(f"Option II splits each rank's batch in two halves, but it has {rows} rows (odd); use an even global_batch / world")
+        raise ValueError(
+            f"Option II splits each rank's batch in two halves, but it has {rows} rows (odd); use an even global_batch / world"
+        )
     per_half = rows // halves
     micro = min(micro or per_half, per_half)
     if per_half % micro:

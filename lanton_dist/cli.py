@@ -115,7 +115,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         model: str | ModelConfig = ModelConfig()
     else:
         model = P.resolve_model(args.model)[1]
-    dims = {k: getattr(args, k) for k in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim") if getattr(args, k) is not None}
+    dims = {
+        k: getattr(args, k) for k in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim") if getattr(args, k) is not None
+    }
     name = P.resolve_model(args.model)[0] if args.model != "custom" else "custom"
     if dims or args.model == "custom":
         model = replace(model, **dims)

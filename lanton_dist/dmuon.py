@@ -72,5 +72,7 @@ class DMuon(Optimizer):
             # Its own step count, a CPU tensor as in torch's AdamW (reading it syncs no device);
             # states saved before it existed count the group's steps.
             st["step"] = st.get("step", torch.tensor(float(g["step"] - 1))) + 1
-            adamw_step_(p, p.grad, st["exp_avg"], st["exp_avg_sq"], int(st["step"]), g["lr"], g["adam_betas"], g["adam_eps"], g["weight_decay"])
+            adamw_step_(
+                p, p.grad, st["exp_avg"], st["exp_avg_sq"], int(st["step"]), g["lr"], g["adam_betas"], g["adam_eps"], g["weight_decay"]
+            )
         return loss

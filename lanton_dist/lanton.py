@@ -44,6 +44,7 @@ from lanton_dist import lmo as lmo_mod
 from lanton_dist import noise
 from lanton_dist.groups import Geometry, ParamSpec, block_scale
 from lanton_dist.lmo import LMOConfig
+from lanton_dist.names import OPTIONS
 from lanton_dist.nuclear import resolve_estimator
 
 
@@ -111,7 +112,7 @@ class LANTON(Optimizer):
             raise ValueError(f"estimate_every must be an integer >= 1, got {estimate_every!r}")
         if not alpha > 0:
             raise ValueError(f"alpha must be > 0, got {alpha}")
-        if option not in noise.OPTIONS:
+        if option not in OPTIONS:
             raise ValueError(f"option must be 'I' or 'II', got {option!r}")
         if ratio_anchor not in noise.ANCHORS:
             raise ValueError(f"ratio_anchor must be one of {noise.ANCHORS}, got {ratio_anchor!r}")
@@ -288,9 +289,13 @@ class LANTON(Optimizer):
             hs = torch.cat([self.state[p]["H"] for _, p, _ in entries])
             dev = hs.device
             alphas = torch.cat([torch.full((len(s.blocks),), g["alpha"], dtype=hs.dtype, device=dev) for g, _, s in entries])
-            gids = torch.cat([torch.full((len(s.blocks),), noise.GEOMETRY_INDEX[s.geometry], dtype=torch.long, device=dev) for _, _, s in entries])
+            gids = torch.cat(
+                [torch.full((len(s.blocks),), noise.GEOMETRY_INDEX[s.geometry], dtype=torch.long, device=dev) for _, _, s in entries]
+            )
             est = torch.cat([self.state[p]["estimated"] for _, p, _ in entries])
-            new = noise.lr_factors(noise.noise_alpha(hs, alphas), gids, self.ratio_anchor, est).split([len(s.blocks) for _, _, s in entries])
+            new = noise.lr_factors(noise.noise_alpha(hs, alphas), gids, self.ratio_anchor, est).split(
+                [len(s.blocks) for _, _, s in entries]
+            )
             used = {}
             for (_, p, _), f in zip(entries, new):
                 used[p] = self.state[p]["lr_factor"] if self.delay_lr_factor else f
@@ -327,5 +332,7 @@ class LANTON(Optimizer):
             a = noise.noise_alpha(st["H"], g["alpha"])
             for i, blk in enumerate(spec.blocks):
                 f = float(st["lr_factor"][i])
-                rows.append(dict(name=blk.name, geometry=spec.geometry.value, H=float(st["H"][i]), alpha=float(a[i]), lr_factor=f, lr=g["lr"] * f))
+                rows.append(
+                    dict(name=blk.name, geometry=spec.geometry.value, H=float(st["H"][i]), alpha=float(a[i]), lr_factor=f, lr=g["lr"] * f)
+                )
         return rows

@@ -19,7 +19,6 @@ from __future__ import annotations
 import torch
 
 from lanton_dist.groups import Geometry
-from lanton_dist.names import OPTIONS
 
 ANCHORS = ("max", "min")
 GEOMETRY_INDEX = {Geometry.HIDDEN: 0, Geometry.EMBED_HEAD: 1, Geometry.VECTOR: 2}  # group id of a layer

@@ -76,7 +76,9 @@ def diagnostics_summary(opt: torch.optim.Optimizer) -> dict[str, dict[str, float
         return None
     out: dict[str, dict[str, float]] = {}
     for row in opt.layer_diagnostics():
-        s = out.setdefault(row["geometry"], {"lr_factor_min": math.inf, "lr_factor_max": -math.inf, "H_min": math.inf, "H_max": -math.inf, "layers": 0})
+        s = out.setdefault(
+            row["geometry"], {"lr_factor_min": math.inf, "lr_factor_max": -math.inf, "H_min": math.inf, "H_max": -math.inf, "layers": 0}
+        )
         s["lr_factor_min"] = min(s["lr_factor_min"], row["lr_factor"])
         s["lr_factor_max"] = max(s["lr_factor_max"], row["lr_factor"])
         s["H_min"] = min(s["H_min"], row["H"])
@@ -276,7 +278,9 @@ def _run(cfg: RunConfig, backend: Backend, data: TokenDataset, out: Path, log: C
         if start < t_cfg.steps:
             (out / COMPLETED).unlink(missing_ok=True)
     unigram = unigram_baseline(data.train, data.val, data.vocab_size)
-    n_params = backend.unwrap().num_params() if hasattr(backend.unwrap(), "num_params") else sum(p.numel() for p in backend.unwrap().parameters())
+    n_params = (
+        backend.unwrap().num_params() if hasattr(backend.unwrap(), "num_params") else sum(p.numel() for p in backend.unwrap().parameters())
+    )
     tokens_per_step = t_cfg.global_batch * cfg.data.seq_len
     say(
         f"{cfg.optim.name} | {n_params / 1e6:.2f}M params | {data.source} data: {data.train.numel():,} train / "

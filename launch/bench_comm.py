@@ -15,7 +15,8 @@ all-gathers/reduce-scatters (identical for every algorithm on one framework), so
 "bytes" are the optimizer's traffic; the extra over AdamW on the same framework is compared
 with the all-to-all optimum (the bytes a rank must send to move its pieces to the owners and
 the owners' results back, exact for the layout; ≈ 2 × owned hidden bytes × (W−1)/W) and
-with one ring all-gather of the fp32 model (what one FSDP/ZeRO parameter gather costs). ``step_ms`` is the median wall time of the optimizer step (for DeepSpeed,
+with one ring all-gather of the fp32 model (what one FSDP/ZeRO parameter gather costs). ``step_ms`` is the median wall
+time of the optimizer step (for DeepSpeed,
 ``engine.step()``, which includes its own all-gather), after ``--warmup`` steps. Bytes are
 per rank per step (sent bytes, standard ring/all-to-all accounting; see
 :mod:`lanton_dist.engine.meter`), averaged over the measured steps (estimation steps every

@@ -162,9 +162,19 @@ def run(args: argparse.Namespace) -> dict:
                        extra_over_dmuon_ratio=statistics.fmean(ts) / dm - 1)
         results[c.name] = row
     n_params = sum(p.numel() for p in base.parameters())
-    return {"model": cfg.__dict__, "params": n_params, "steps": args.steps, "warmup": args.warmup,
-            "device": str(device), "backend": args.backend, "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
-            "processor": platform.processor() or platform.platform(), "results": results}
+    return {
+        "model": cfg.__dict__,
+        "params": n_params,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "device": str(device),
+        "backend": args.backend,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "processor": platform.processor() or platform.platform(),
+        "results": results,
+    }
 
 
 def report(data: dict) -> str:

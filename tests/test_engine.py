@@ -11,7 +11,6 @@ from distributed import run
 from engine_cases import batches, make_model, max_rel_err, reference_run, rows, sharded_run, backward_step
 from lanton_dist.config import OptimConfig
 from lanton_dist.engine import build_sharded_optimizer, checkpoint, plan_ownership
-from lanton_dist.factory import param_groups
 from lanton_dist.groups import classify_parameters
 
 pytestmark = pytest.mark.slow

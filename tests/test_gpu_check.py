@@ -51,7 +51,9 @@ def test_default_estimator_is_within_1e3_in_both_dtypes_and_svdvals_is_timed(tin
     _, r = tiny_run
     rows = r["estimator"]["result"]["rows"]
     default = [x for x in rows if x["estimator"].startswith("ns default")]
-    assert {(x["dtype"], x["spectrum"]) for x in default} == {(d, s) for d in ("bf16", "fp32") for s in ("gaussian", "decaying", "lowrank_noise")}
+    assert {(x["dtype"], x["spectrum"]) for x in default} == {
+        (d, s) for d in ("bf16", "fp32") for s in ("gaussian", "decaying", "lowrank_noise")
+    }
     assert all(abs(x["rel_err"]) <= 1e-3 for x in default)
     assert any(x["estimator"].startswith("exact") and x["time_s"] > 0 for x in rows)
 

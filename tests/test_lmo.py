@@ -5,7 +5,8 @@ factor is exact. Radii: 1 for hidden (spectral scale √(d_out/d_in), i.e. the R
 embedding and vector; 1/d_in for the LM head under ``sign_scale='scion'``; Moonlight's
 0.2·√max(d_out, d_in) scale gives ⟨G, O⟩ = −0.2·√max·‖G‖_nuclear. Fused parameters act
 per logical block. A parameter stored transposed (``ParamSpec.transposed``, e.g. GPT-2's
-``Conv1D``) gets the transpose of its logical matrix's LMO and the same dual norms. The exact-polar checks swap the Newton–Schulz kernel for an SVD polar
+``Conv1D``) gets the transpose of its logical matrix's LMO and the same dual norms. The exact-polar checks swap the
+Newton–Schulz kernel for an SVD polar
 (``exact_polar`` fixture); the real kernel is checked to stay within Muon's band.
 """
 from __future__ import annotations

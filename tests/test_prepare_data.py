@@ -118,7 +118,9 @@ WORDS = ["<unk>", "<|endoftext|>", "the", "cat", "sat", "on", "mat", "a", "dog",
 
 @pytest.fixture(scope="module")
 def tokenizer_json(tmp_path_factory) -> Path:
-    tokenizers = pytest.importorskip("tokenizers", reason="the optional 'tokenizers' package is not installed (pip install 'lanton_dist[data]')")
+    tokenizers = pytest.importorskip(
+        "tokenizers", reason="the optional 'tokenizers' package is not installed (pip install 'lanton_dist[data]')"
+    )
     tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
     path = tmp_path_factory.mktemp("tok") / "tokenizer.json"

@@ -60,7 +60,9 @@ class TokenDataset:
         n_starts = self.tokens(split).numel() - self.seq_len  # windows of seq_len + 1 tokens
         return torch.randint(n_starts, (global_batch,), generator=self.batch_generator(step, split))
 
-    def get_batch(self, step: int, global_batch: int, rank: int = 0, world: int = 1, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+    def get_batch(
+        self, step: int, global_batch: int, rank: int = 0, world: int = 1, split: str = "train"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's rows of the global batch of ``step``: ``x, y`` of shape ``(global_batch // world, seq_len)``.
 
         The global batch depends only on ``(seed, split, step, global_batch)``; rank ``r``

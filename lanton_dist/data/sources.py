@@ -15,7 +15,14 @@ import sysconfig
 import torch
 
 from lanton_dist.config import DATA_SOURCES, DataConfig
-from lanton_dist.data.builtin import SYNTH_BRANCHING, SYNTH_TRAIN_TOKENS, SYNTH_VAL_TOKENS, STDLIB_MAX_BYTES, _stdlib_corpus, synthetic_tokens
+from lanton_dist.data.builtin import (
+    SYNTH_BRANCHING,
+    SYNTH_TRAIN_TOKENS,
+    SYNTH_VAL_TOKENS,
+    STDLIB_MAX_BYTES,
+    _stdlib_corpus,
+    synthetic_tokens,
+)
 from lanton_dist.data.dataset import TokenDataset
 from lanton_dist.data.documents import Documents, documents, encoded_documents
 from lanton_dist.data.indexed import read_indexed

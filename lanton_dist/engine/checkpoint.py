@@ -4,7 +4,8 @@ Each rank writes only its own pieces: optimizer-state tensor ``key`` of elements
 ``[start, stop)`` of parameter ``name`` is stored under ``optim/<name>/<key>/<start>_<stop>``
 (flattened), so whole matrices are written by their owner alone and elementwise pieces by
 whoever holds them. The replicated scalars (step, trackers H, rate factors, the "estimated"
-mask E, each parameter's step count, skipped steps) and, optionally, the model's parameters are stored once (DCP de-duplicates replicated keys).
+mask E, each parameter's step count, skipped steps) and, optionally, the model's parameters are stored once (DCP
+de-duplicates replicated keys).
 
 Loading reads the stored chunk list from the checkpoint's metadata and assembles each local
 piece of the *new* layout from the chunks that overlap it, so a checkpoint written on 4

@@ -56,7 +56,7 @@ from lanton_dist.engine.meter import Collectives
 from lanton_dist.engine.streams import SideStream
 from lanton_dist.groups import Geometry, ParamSpec, block_scale
 from lanton_dist.lmo import LMOConfig
-from lanton_dist.names import ALGORITHMS
+from lanton_dist.names import ALGORITHMS, OPTIONS
 from lanton_dist.nuclear import resolve_estimator
 
 
@@ -156,7 +156,7 @@ class ShardedCore:
             raise ValueError(f"unknown algorithm {algorithm!r}; choose one of {ALGORITHMS}")
         if not isinstance(estimate_every, int) or estimate_every < 1:
             raise ValueError(f"estimate_every must be an integer >= 1, got {estimate_every!r}")
-        if option not in noise.OPTIONS:
+        if option not in OPTIONS:
             raise ValueError(f"option must be 'I' or 'II', got {option!r}")
         if ratio_anchor not in noise.ANCHORS:
             raise ValueError(f"ratio_anchor must be one of {noise.ANCHORS}, got {ratio_anchor!r}")
@@ -166,7 +166,9 @@ class ShardedCore:
         self.estimator_name, self.wd_lr, self.skip_nonfinite = nuclear_estimator, wd_lr, skip_nonfinite
         self.noise_adaptive = algorithm == "lanton"
         self.defer_variance = bool(defer_variance and overlap and hasattr(exchange, "launch_gather"))
-        self.lmo = LMOConfig(scale_mode="moonlight", ns_steps=(lmo or LMOConfig()).ns_steps) if algorithm == "dmuon" else (lmo or LMOConfig())
+        self.lmo = (
+            LMOConfig(scale_mode="moonlight", ns_steps=(lmo or LMOConfig()).ns_steps) if algorithm == "dmuon" else (lmo or LMOConfig())
+        )
         self.specs = {s.name: s for s in specs}
         self.layer_start: dict[str, int] = {}
         kinds, groups_, gids = [], [], []

@@ -551,9 +551,21 @@ class PieceOptimizer(Optimizer):
         state = {f"{n}|{s}|{pieces[(n, s)].stop}": {k: v.clone() for k, v in st.items()}
                  for (n, s), st in core.state.items() if (n, s) in pieces}
         hyper = [{k: v for k, v in g.items() if k not in ("params", "specs", "names")} for g in self._groups]
-        return {"lanton_core": dict(t=core.t, skipped=core.skipped_steps, H=core.H.clone(), F=core.F.clone(),
-                                    E=core.E.clone(), steps=core.stepped_counts(), state=state, world=self.world, rank=self.rank, ranges=self.ranges),
-                "param_groups": hyper}
+        return {
+            "lanton_core": dict(
+                t=core.t,
+                skipped=core.skipped_steps,
+                H=core.H.clone(),
+                F=core.F.clone(),
+                E=core.E.clone(),
+                steps=core.stepped_counts(),
+                state=state,
+                world=self.world,
+                rank=self.rank,
+                ranges=self.ranges,
+            ),
+            "param_groups": hyper,
+        }
 
     def load_local_state_dict(self, sd: dict[str, Any]) -> None:
         """Inverse of :meth:`local_state_dict`; the layout (world size, ranges) must be the same."""

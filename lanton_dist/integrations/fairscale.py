@@ -207,4 +207,6 @@ def lanton_oss(model: nn.Module, cfg, *, group: dist.ProcessGroup | None = None,
     for g in groups:
         for p, spec in zip(g["params"], g["specs"]):
             p._lanton_name = spec.name
-    return OSS(groups, optim=functools.partial(LANTONOSSShard, cfg=cfg, group=group, overlap=overlap, meter=meter), group=group, **oss_kwargs)
+    return OSS(
+        groups, optim=functools.partial(LANTONOSSShard, cfg=cfg, group=group, overlap=overlap, meter=meter), group=group, **oss_kwargs
+    )

@@ -101,7 +101,9 @@ def profile_command(command: Sequence[str], out: str | Path, nvml_interval_s: fl
     child_env = dict(os.environ if env is None else env)
     child_env[ENV_DIR] = str(ranks_dir.resolve())
     pkg_root = str(Path(__file__).resolve().parents[2])  # the directory holding lanton_dist/
-    child_env["PYTHONPATH"] = os.pathsep.join([str(boot.resolve()), pkg_root] + [p for p in child_env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    child_env["PYTHONPATH"] = os.pathsep.join(
+        [str(boot.resolve()), pkg_root] + [p for p in child_env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    )
     sampler = NVMLSampler(nvml_interval_s, nvml=nvml).start()
     started = time.time()
     try:

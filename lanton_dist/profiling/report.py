@@ -40,7 +40,8 @@ def build_report(records: list[dict[str, Any]], nvml: dict[str, Any] | None = No
     over records), ``compute_s_mean``, ``phases`` (per phase: ``time_s_per_step`` mean over
     records, ``time_s_total``, ``count_per_step``), ``bytes_per_step`` (per phase: ``mean`` over
     all rank-steps, ``mean_when_present`` over those issuing the phase, ``max``, ``total``),
-    ``estimation_steps``, ``hidden_fraction`` (per async phase), ``energy`` (``J_per_step`` summed over GPUs, ``per_gpu_J_per_step``, ``power_W_mean``) or
+    ``estimation_steps``, ``hidden_fraction`` (per async phase), ``energy`` (``J_per_step`` summed over GPUs,
+    ``per_gpu_J_per_step``, ``power_W_mean``) or
     None with ``nvml_reason``.
     """
     nvml = nvml or nvml_unavailable("not sampled")
@@ -186,7 +187,11 @@ def render_plots(report: dict[str, Any], out: Path, timeline_steps: int = 4) -> 
     if phases:
         a1.legend(fontsize=7)
     per = report["summary"]["bytes_per_step"]
-    a2.barh(phases or ["(no metered collectives)"], [per[p]["mean"] for p in phases] or [0], color=[cmap(i % 20) for i in range(len(phases))] or None)
+    a2.barh(
+        phases or ["(no metered collectives)"],
+        [per[p]["mean"] for p in phases] or [0],
+        color=[cmap(i % 20) for i in range(len(phases))] or None,
+    )
     if phases and any(per[p]["mean"] > 0 for p in phases):
         a2.set_xscale("log")
     a2.set_xlabel("mean bytes per rank and step (log)")

@@ -171,7 +171,11 @@ class NVMLSampler:
             nvlink = self._get(i, "nvlink", lambda: self._nvlink_kib(h))
             prev = self._prev.get(i)
             if energy is None and power is not None:  # integrate power where the energy counter is missing
-                energy = (prev["energy_abs"] + 0.5 * (prev["power"] + power) * (t - prev["t"])) if prev and prev.get("power") is not None else 0.0
+                energy = (
+                    (prev["energy_abs"] + 0.5 * (prev["power"] + power) * (t - prev["t"]))
+                    if prev and prev.get("power") is not None
+                    else 0.0
+                )
             if energy is not None:
                 self._energy0.setdefault(i, energy)
             rec.update(power_W=power, energy_J=None if energy is None else energy - self._energy0[i],
