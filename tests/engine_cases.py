@@ -18,6 +18,12 @@ TINY = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, f
 GLOBAL_BATCH = 24  # divisible by 1, 2, 3, 4 and, halved, by each of them
 
 
+def svd_polar(x: torch.Tensor, steps: int = 5, refine_steps: int = 0, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The exact polar factor U·Vᵀ (fp64 SVD), with Newton–Schulz's signature: tests swap it in for the kernel."""
+    u, _, vh = torch.linalg.svd(x.double(), full_matrices=False)
+    return (u @ vh).to(x.dtype)
+
+
 def make_model(dtype: torch.dtype = torch.float32, seed: int = 0) -> Transformer:
     torch.manual_seed(seed)
     return Transformer(TINY).to(dtype)

@@ -45,10 +45,18 @@ def test_sharded_lanton_equals_reference_for_every_world_size_option_and_k(world
             assert err <= 1e-6, f"world {world} rank {r} option {option} k {k} overlap {overlap}: rel err {err:.2e}"
 
 
-def _fp32_worker(rank, world, name):
+def _fp32_worker(rank, world, name, dtype=torch.float32):
     cfg = OptimConfig(name=name, estimate_every=5, nuclear_estimator="exact")
-    model = make_model()
+    model = make_model(dtype)
     return sharded_run(rank, world, build_sharded_optimizer(model, cfg, overlap=False), model, STEPS)
+
+
+# 3 ranks' gradients differ from one process's full batch by the model's own rounding (its fp32
+# RMSNorm and batch-size-dependent matmul blocking, ~1e-7 relative even in an fp64 model). AdamW's
+# g/√v turns that into O(1) changes of the update in coordinates whose gradient is near zero
+# (wq/wk at initialisation): measured 7.6e-5 in fp32 and 2.6e-5 in fp64 at 3 ranks, exactly 0 at
+# world 1 (same batches). Its bound is therefore 1e-4, with world-1 exactness checked separately.
+FP32_TOLERANCE = {"lanton": 5e-5, "scion": 5e-5, "dmuon": 5e-5, "adamw": 1e-4}
 
 
 @pytest.mark.parametrize("name", ["lanton", "scion", "dmuon", "adamw"])
@@ -57,8 +65,15 @@ def test_sharded_engine_equals_reference_in_fp32_on_3_ranks(name):
     results = run(_fp32_worker, 3, name)
     ref = reference_run(OptimConfig(name=name, estimate_every=5, nuclear_estimator="exact"), STEPS)
     for r, res in enumerate(results):
-        assert max_rel_err(res, ref) <= 5e-5, f"rank {r}"
+        err = max_rel_err(res, ref)
+        assert err <= FP32_TOLERANCE[name], f"rank {r}: rel err {err:.2e}"
         assert all(torch.equal(res[n], results[0][n]) for n in res), "ranks disagree on parameters"
+
+
+def test_engine_adamw_at_world_1_equals_torch_adamw_exactly():
+    """Same batches, no reduction: the engine's elementwise AdamW is torch.optim.AdamW's arithmetic."""
+    ref = reference_run(OptimConfig(name="adamw", estimate_every=5, nuclear_estimator="exact"), STEPS, dtype=torch.float64)
+    assert max_rel_err(run(_fp32_worker, 1, "adamw", torch.float64)[0], ref) == 0.0
 
 
 def _meter_worker(rank, world, name, option):

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import lanton_dist.lmo as lmo
+from engine_cases import svd_polar
 from lanton_dist.groups import Block, Geometry, ParamSpec, qkv_blocks
 from lanton_dist.lmo import LMOConfig
 
@@ -40,15 +41,6 @@ def inner(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() * b.double()).sum())
 
 
-def svd_polar(x, steps=5, refine_steps=0, dtype=None):
-    u, _, vh = torch.linalg.svd(x.double(), full_matrices=False)
-    return (u @ vh).to(x.dtype)
-
-
-@pytest.fixture
-def exact_polar(monkeypatch):
-    """Replace the Newton–Schulz kernel inside ``lmo`` by an exact SVD polar factor."""
-    monkeypatch.setattr(lmo, "newton_schulz", svd_polar)
 
 
 # --------------------------------------------------------------------------- dual norms

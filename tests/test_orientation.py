@@ -19,7 +19,7 @@ from torch import nn
 
 import lanton_dist.lmo as lmo
 from distributed import run
-from engine_cases import TINY, backward_step, batches, make_model, max_rel_err, rows, sharded_run
+from engine_cases import TINY, backward_step, batches, make_model, max_rel_err, rows, sharded_run, svd_polar
 from lanton_dist.config import GroupValues, OptimConfig
 from lanton_dist.factory import build_optimizer, param_groups
 from lanton_dist.groups import Geometry, ParamSpec
@@ -45,14 +45,6 @@ class GPT2(nn.Module):
         return self.gpt(x).logits
 
 
-def svd_polar(x, steps=5, refine_steps=0, dtype=None):
-    u, _, vh = torch.linalg.svd(x.double(), full_matrices=False)
-    return (u @ vh).to(x.dtype)
-
-
-@pytest.fixture
-def exact_polar(monkeypatch):
-    monkeypatch.setattr(lmo, "newton_schulz", svd_polar)
 
 
 def logical_blocks(model: nn.Module) -> dict[str, tuple[str, bool, tuple[int, int]]]:

@@ -163,9 +163,9 @@ def fake_slurm(tmp_path):
     return tmp_path, out_dir, env
 
 
-def test_sbatch_requeues_after_usr1(fake_slurm):
-    tmp, out_dir, env = fake_slurm
-    env["FAKE_MODE"] = "wait"
+def _usr1_once_started(tmp: Path, out_dir: Path, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
+    """Run the 7B sbatch script under the fake Slurm, send USR1 once the fake srun started, and
+    return the finished process with its output."""
     proc = subprocess.Popen(["bash", str(SCRIPTS[0]), "configs/llama-7b.yaml", "--train.out_dir", str(out_dir)],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 60
@@ -175,6 +175,13 @@ def test_sbatch_requeues_after_usr1(fake_slurm):
         time.sleep(0.1)
     proc.send_signal(signal.SIGUSR1)
     out, _ = proc.communicate(timeout=60)
+    return proc, out
+
+
+def test_sbatch_requeues_after_usr1(fake_slurm):
+    tmp, out_dir, env = fake_slurm
+    env["FAKE_MODE"] = "wait"
+    proc, out = _usr1_once_started(tmp, out_dir, env)
     assert proc.returncode == 0, out
     assert "stop file seen" in out
     assert (tmp / "scontrol.log").read_text().split() == ["requeue", "555"]
@@ -197,15 +204,7 @@ def test_sbatch_does_not_requeue_a_run_that_failed_after_a_stop_request(fake_slu
     """Diverged (exit 3) or refused (exit 2) while a stop was pending: requeueing would repeat it."""
     tmp, out_dir, env = fake_slurm
     env.update(FAKE_MODE="wait", FAKE_EXIT="3")
-    proc = subprocess.Popen(["bash", str(SCRIPTS[0]), "configs/llama-7b.yaml", "--train.out_dir", str(out_dir)],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 60
-    while not (tmp / "started").exists():
-        assert proc.poll() is None, proc.stdout.read()
-        assert time.time() < deadline, "fake srun never started"
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGUSR1)
-    out, _ = proc.communicate(timeout=60)
+    proc, out = _usr1_once_started(tmp, out_dir, env)
     assert proc.returncode == 3, out
     assert "exited with status 3 before completing (not requeued)" in out
     assert not (tmp / "scontrol.log").exists() and not list(out_dir.glob(".stop-*"))

@@ -26,13 +26,7 @@ SMALL = [  # a very small model on the real stdlib corpus, for loop-logic tests
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: tiny matmuls gain nothing from more, and shared CPUs lose a lot."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_cfg(out: Path, *extra: str) -> RunConfig:
