@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from lanton_dist.config import ConfigError
+from lanton_dist.config import ConfigError, RunConfig, check_resume, to_dict
 
 CHECKPOINTS = "checkpoints"
 MARKER = "COMMITTED"
@@ -187,3 +187,23 @@ def restore_scheduler(scheduler: torch.optim.lr_scheduler.LambdaLR, state: dict[
     step = scheduler.last_epoch
     for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
         group["lr"] = base * factor(step)
+
+
+def resume_point(cfg: RunConfig, say: Callable[[str], None]) -> tuple[Path, dict[str, Any]] | None:
+    """With ``train.resume``: the newest complete checkpoint under ``train.out_dir`` and its loop
+    state, after checking that its config matches this run's (:func:`~lanton_dist.config.check_resume`,
+    warnings through ``say``); None to start from step 0. The same for both training entries."""
+    if not cfg.train.resume:
+        return None
+    root = root_of(cfg.train.out_dir)
+    path = latest_complete(root, say)
+    if path is None:
+        say(f"resume: no complete checkpoint in {root}, starting from step 0")
+        return None
+    loop = read_loop_state(path)
+    for warning in check_resume(loop["config"], to_dict(cfg), str(path)):
+        say(f"warning: {warning}")
+    if loop["step"] > (cfg.train.stop_after or cfg.train.steps):
+        raise ConfigError(f"cannot resume from {path}: its step {loop['step']} is past the stop step "
+                          f"(train.stop_after {cfg.train.stop_after} / train.steps {cfg.train.steps})")
+    return path, loop

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 
 from lanton_dist import checkpoint_dir
 from lanton_dist.backends import Backend, OptimizerFactory, data_parallel_size, micro_slices, setup_backend
-from lanton_dist.config import ConfigError, RunConfig, check_resume, check_run_config, to_dict
+from lanton_dist.config import ConfigError, RunConfig, check_run_config, to_dict
 from lanton_dist.data import TokenDataset, build_dataset, unigram_baseline
 from lanton_dist.divergence import DivergenceGuard
 from lanton_dist.model import Transformer
@@ -211,7 +211,7 @@ def train(cfg: RunConfig, *, optimizer_factory: OptimizerFactory | None = None, 
     t_cfg = cfg.train
     out = Path(t_cfg.out_dir)
     is_main = int(os.environ.get("RANK", "0")) == 0
-    resume = _resume_point(cfg, log if is_main else (lambda _msg: None))
+    resume = checkpoint_dir.resume_point(cfg, log if is_main else (lambda _msg: None))
     seed_everything(t_cfg.seed)
     data = build_dataset(cfg.data, cfg.model.vocab_size)
     model = Transformer(cfg.model, seed=t_cfg.seed)
@@ -220,26 +220,6 @@ def train(cfg: RunConfig, *, optimizer_factory: OptimizerFactory | None = None, 
         return _run(cfg, backend, data, out, log, stop, resume)
     finally:
         backend.close()
-
-
-def _resume_point(cfg: RunConfig, say: Callable[[str], None]) -> tuple[Path, dict[str, Any]] | None:
-    """With ``train.resume``: the newest complete checkpoint and its loop state, after checking
-    that its config matches this run's (:func:`~lanton_dist.config.check_resume`); None to
-    start from step 0."""
-    if not cfg.train.resume:
-        return None
-    root = checkpoint_dir.root_of(cfg.train.out_dir)
-    path = checkpoint_dir.latest_complete(root, say)
-    if path is None:
-        say(f"resume: no complete checkpoint in {root}, starting from step 0")
-        return None
-    loop = checkpoint_dir.read_loop_state(path)
-    for warning in check_resume(loop["config"], to_dict(cfg), str(path)):
-        say(f"warning: {warning}")
-    if loop["step"] > (cfg.train.stop_after or cfg.train.steps):
-        raise ConfigError(f"cannot resume from {path}: its step {loop['step']} is past the stop step "
-                          f"(train.stop_after {cfg.train.stop_after} / train.steps {cfg.train.steps})")
-    return path, loop
 
 
 def _run(cfg: RunConfig, backend: Backend, data: TokenDataset, out: Path, log: Callable[[str], None],

@@ -65,7 +65,7 @@ if str(ROOT) not in sys.path:
 
 from lanton_dist import checkpoint_dir  # noqa: E402
 from lanton_dist.backends import pieces_grad_norm  # noqa: E402
-from lanton_dist.config import DATA_SOURCES, ConfigError, RunConfig, check_resume, check_run_config, load_run_config, to_dict  # noqa: E402
+from lanton_dist.config import DATA_SOURCES, ConfigError, RunConfig, check_run_config, load_run_config, to_dict  # noqa: E402
 from lanton_dist.data import INDEXED_SOURCES, TokenSamples, build_dataset, build_gpt_datasets  # noqa: E402
 from lanton_dist.divergence import EXIT_DIVERGED, DivergenceGuard, Diverged  # noqa: E402
 from lanton_dist.factory import build_optimizer, param_groups  # noqa: E402
@@ -410,7 +410,8 @@ def log(msg: str) -> None:
 def train(cfg: RunConfig) -> dict[str, Any]:
     """The whole training run (torch.distributed must not be initialised yet, or be ours)."""
     check_pretrain_config(cfg)
-    resume = resume_point(cfg)  # before anything is built: a mismatching checkpoint is a config error
+    say = print if int(os.environ.get("RANK", "0")) == 0 else (lambda _msg: None)
+    resume = checkpoint_dir.resume_point(cfg, say)  # before anything is built: a mismatch is a config error
     from megatron.core import parallel_state as ps
 
     from lanton_dist.integrations import megatron_model as mm
@@ -525,25 +526,6 @@ def grad_norm(model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: 
     if hasattr(optimizer, "pieces"):
         return pieces_grad_norm(optimizer, device)
     return torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
-
-
-def resume_point(cfg: RunConfig) -> tuple[Path, dict[str, Any]] | None:
-    """With ``train.resume``: the newest complete checkpoint and its loop state, after checking
-    its config against this run's; None to start from step 0. Logs on global rank 0."""
-    if not cfg.train.resume:
-        return None
-    say = print if int(os.environ.get("RANK", "0")) == 0 else (lambda _msg: None)
-    root = checkpoint_dir.root_of(cfg.train.out_dir)
-    path = checkpoint_dir.latest_complete(root, say)
-    if path is None:
-        say(f"resume: no complete checkpoint under {root}; starting from step 0")
-        return None
-    loop = checkpoint_dir.read_loop_state(path)
-    for warning in check_resume(loop["config"], to_dict(cfg), str(path)):
-        say(f"warning: {warning}")
-    if loop["step"] > cfg.train.steps:
-        raise ConfigError(f"cannot resume from {path}: its step {loop['step']} is past train.steps {cfg.train.steps}")
-    return path, loop
 
 
 def evaluate(model, forward_step, dataset, cfg: RunConfig, micro: int, num_micro: int,
