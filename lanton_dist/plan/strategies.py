@@ -253,12 +253,16 @@ def _fsdp_piece(p: StepPlanner, st: StagePlan) -> Callable[[ParamSpec, int], int
     return _piece_sizes(st.memo("fsdp_ranges", lambda: {s.name: row_ranges(s.shape, p.layout.dp) for s in st.local}))
 
 
-def _fsdp_owned(p: StepPlanner, st: StagePlan, d: int, t: int) -> dict[str, int]:
-    piece = _fsdp_piece(p, st)
+def _owned_by_geometry(piece: Callable[[ParamSpec, int], int], st: StagePlan, d: int) -> dict[str, int]:
+    """Elements data-parallel rank ``d`` holds of each geometry, from the stack's piece sizes."""
     out: dict[str, int] = defaultdict(int)
     for s in st.local:
         out[s.geometry.value] += piece(s, d)
     return dict(out)
+
+
+def _fsdp_owned(p: StepPlanner, st: StagePlan, d: int, t: int) -> dict[str, int]:
+    return _owned_by_geometry(_fsdp_piece(p, st), st, d)
 
 
 def deepspeed_ranges(local: list[ParamSpec], dp: int, stage: int) -> dict[str, Ranges]:
@@ -313,11 +317,7 @@ def _ds_colls(p: StepPlanner, st: StagePlan, d: int, t: int, step: int) -> list[
 
 
 def _ds_owned(p: StepPlanner, st: StagePlan, d: int, t: int) -> dict[str, int]:
-    piece = _ds_piece(p, st)
-    out: dict[str, int] = defaultdict(int)
-    for s in st.local:
-        out[s.geometry.value] += piece(s, d)
-    return dict(out)
+    return _owned_by_geometry(_ds_piece(p, st), st, d)
 
 
 def _ddp_scalar_colls(p: StepPlanner, st: StagePlan, d: int, t: int, step: int) -> list[Collective]:
