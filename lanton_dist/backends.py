@@ -63,17 +63,26 @@ class Backend:
         optimizer: the optimizer the scheduler drives.
         device: where batches go. rank, world: this process and the data-parallel size.
         reshards: whether its checkpoints load at another world size.
+        clip_grad_norm: the threshold :meth:`clip_gradients` applies (0: it does nothing).
+
+    Gradient clipping (``optim.clip_grad_norm``): lanton_dist's optimizers clip inside their
+    step (they expose ``clip_grad_norm``; :mod:`lanton_dist.clipping`); for any other optimizer
+    (torch's AdamW, a custom factory's) the backend clips ``p.grad`` with
+    ``torch.nn.utils.clip_grad_norm_`` in :meth:`clip_gradients`, the same rule.
     """
 
     name = "none"
     reshards = True
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device, rank: int = 0, world: int = 1) -> None:
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device, rank: int = 0, world: int = 1,
+                 *, clip_grad_norm: float | None = None) -> None:
         self.model = model
         self.optimizer = optimizer
         self.device = device
         self.rank = rank
         self.world = world
+        self.clip_grad_norm = external_clip(optimizer, clip_grad_norm)
+        self._pre_clip_norm: torch.Tensor | None = None
 
     @property
     def is_main(self) -> bool:
@@ -96,6 +105,16 @@ class Backend:
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
+    def clip_gradients(self) -> None:
+        """Before :meth:`step`: clip the gradients for an optimizer that does not clip itself
+        (``clip_grad_norm`` > 0; ``torch.nn.utils.clip_grad_norm_`` over the model's gradients —
+        the global gradient here and under DDP, ``Shard(0)`` DTensors under FSDP2 — keeping the
+        pre-clip norm for :meth:`grad_norm`). A no-op otherwise."""
+        if self.clip_grad_norm:
+            params = [p for p in self.model.parameters() if p.grad is not None]
+            norm = torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm)
+            self._pre_clip_norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
     def step(self) -> None:
         self.optimizer.step()
 
@@ -103,13 +122,17 @@ class Backend:
         self.optimizer.zero_grad(set_to_none=True)
 
     def grad_norm(self, two_halves: bool) -> torch.Tensor | None:
-        """Global L2 norm of the gradient the optimizer step just used: a scalar tensor on
-        ``device``, the same on every rank; call after :meth:`step` and before :meth:`zero_grad`
-        (on log steps only: it costs at most one scalar all-reduce).
+        """Global L2 norm of the gradient the optimizer step just used, before clipping (as
+        torch and Megatron report it): a scalar tensor on ``device``, the same on every rank;
+        call after :meth:`step` and before :meth:`zero_grad` (on log steps only: it costs at
+        most one scalar all-reduce).
 
         Here (one process, and DDP) ``p.grad`` of the unwrapped model is already the global
-        gradient. None after a two-half-batch step (Option II estimation step): ``p.grad`` then
-        holds only the second half, the first half being the optimizer's."""
+        gradient (lanton_dist's optimizers leave it unclipped; :meth:`clip_gradients` keeps the
+        norm it clipped). None after a two-half-batch step (Option II estimation step):
+        ``p.grad`` then holds only the second half, the first half being the optimizer's."""
+        if self._pre_clip_norm is not None:
+            return self._pre_clip_norm
         if two_halves:
             return None
         grads = [p.grad for p in self.unwrap().parameters() if p.grad is not None]
@@ -138,6 +161,21 @@ class Backend:
         ckpt = torch.load(directory / STATE_FILE, map_location=self.device, weights_only=True)
         self.unwrap().load_state_dict(ckpt["model"])
         load_optimizer_state(self.optimizer, ckpt["optimizer"])
+
+
+def external_clip(optimizer: torch.optim.Optimizer, clip_grad_norm: float | None) -> float:
+    """The threshold a backend must clip at itself: 0 for an optimizer that clips in its own
+    step (it has ``clip_grad_norm``; an error if that differs from the run's), the run's
+    ``clip_grad_norm`` for any other; ``None``: the optimizer decides (0)."""
+    own = getattr(optimizer, "clip_grad_norm", None)
+    if clip_grad_norm is None:
+        return 0.0
+    if own is None:
+        return float(clip_grad_norm)
+    if own != clip_grad_norm:
+        raise ValueError(f"the optimizer clips gradients at {own} but optim.clip_grad_norm is {clip_grad_norm}: "
+                         "build it with the run's optim config")
+    return 0.0
 
 
 def optimizer_state(opt: torch.optim.Optimizer) -> dict[str, Any]:
@@ -202,7 +240,7 @@ def setup_backend(cfg: RunConfig, model: nn.Module, optimizer_factory: Optimizer
             )
         device = resolve_device(cfg.train.device)
         model.to(device)
-        return Backend(model, factory(model, cfg.optim), device)
+        return Backend(model, factory(model, cfg.optim), device, clip_grad_norm=cfg.optim.clip_grad_norm)
     if name in TRAINER_BACKENDS[1:]:
         return setup_distributed_backend(cfg, model, factory)
     if name == "megatron":
@@ -271,7 +309,10 @@ def pieces_grad_norm(optimizer: torch.optim.Optimizer, device: torch.device) -> 
     after that step: each :class:`~lanton_dist.engine.core.LocalPiece` ``.grad`` is this rank's
     share of the reduced gradient (both halves combined on an Option II step) and ``.weight``
     its share in job-wide sums (0 for a replica counted elsewhere, e.g. Megatron's
-    TP-replicated norms); one scalar all-reduce over the default (world) group."""
+    TP-replicated norms); one scalar all-reduce over the default (world) group — none when
+    the step clipped: its core already has the pre-clip norm (``core.grad_norm``)."""
+    if optimizer.core.grad_norm is not None:
+        return optimizer.core.grad_norm.float()
     sq = torch.zeros((), device=device, dtype=torch.float32)
     for piece in optimizer.pieces:
         if piece.grad is not None and piece.weight:
@@ -348,8 +389,8 @@ def deepspeed_config(cfg: RunConfig, world: int) -> dict[str, Any]:
         "train_micro_batch_size_per_gpu": rows // accumulation,
         "gradient_accumulation_steps": accumulation,
         "zero_optimization": {"stage": cfg.parallel.zero_stage},
-        # DeepSpeed clips the global gradient norm at 1.0 unless told otherwise; the loop does
-        # not clip on any other backend, and clipped gradients change LANTON's momentum mix.
+        # DeepSpeed clips at 1.0 unless told otherwise; our client optimizer clips at
+        # optim.clip_grad_norm itself (the same rule on every backend), so DeepSpeed never does.
         "gradient_clipping": 0.0,
         "steps_per_print": 2**31 - 1,
     }
@@ -361,8 +402,12 @@ class FSDP2Backend(_DistributedBackend):
     name = "fsdp2"
 
     def grad_norm(self, two_halves: bool) -> torch.Tensor | None:
-        """From the ``Shard(0)`` DTensor gradients: local sums of squares, one scalar all-reduce
-        (None after an Option II two-half step, as for the base class)."""
+        """The pre-clip norm the optimizer's core computed when it clips (``core.grad_norm``, Option
+        II steps included); else from the ``Shard(0)`` DTensor gradients: local sums of squares,
+        one scalar all-reduce (None after an Option II two-half step, as for the base class)."""
+        own = getattr(getattr(self.optimizer, "core", None), "grad_norm", None)
+        if own is not None:
+            return own.float()
         if two_halves:
             return None
         sq = torch.zeros((), device=self.device, dtype=torch.float32)
@@ -388,7 +433,7 @@ def setup_distributed_backend(cfg: RunConfig, model: nn.Module, factory: Optimiz
     p = cfg.parallel
     if p.backend == "zero":
         opt = build_sharded_optimizer(model, cfg.optim, bucket_mb=p.bucket_mb, overlap=p.overlap)
-        return EngineBackend(model, opt, device, rank, world)
+        return EngineBackend(model, opt, device, rank, world, clip_grad_norm=cfg.optim.clip_grad_norm)
     if p.backend == "fsdp2":
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
@@ -400,12 +445,12 @@ def setup_distributed_backend(cfg: RunConfig, model: nn.Module, factory: Optimiz
             fully_shard(block, mesh=mesh)
         fully_shard(model, mesh=mesh)
         opt = build_fsdp2_optimizer(model, cfg.optim, bucket_mb=p.bucket_mb, overlap=p.overlap)
-        return FSDP2Backend(model, opt, device, rank, world)
+        return FSDP2Backend(model, opt, device, rank, world, clip_grad_norm=cfg.optim.clip_grad_norm)
     if p.backend == "deepspeed":
         from lanton_dist.integrations.deepspeed import initialize
 
         engine, opt = initialize(model, cfg.optim, deepspeed_config(cfg, world), bucket_mb=p.bucket_mb,
                                  overlap=p.overlap)
-        return DeepSpeedBackend(engine, opt, device, rank, world)
+        return DeepSpeedBackend(engine, opt, device, rank, world, clip_grad_norm=cfg.optim.clip_grad_norm)
     ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    return DDPBackend(ddp, factory(model, cfg.optim), device, rank, world)
+    return DDPBackend(ddp, factory(model, cfg.optim), device, rank, world, clip_grad_norm=cfg.optim.clip_grad_norm)

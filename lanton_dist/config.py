@@ -55,6 +55,8 @@ class OptimConfig:
     ``name``: ``lanton`` | ``scion`` (LANTON with ``noise_adaptive=False``) | ``dmuon`` | ``adamw``.
     ``lr`` is per geometry group; for dmuon the embed_head/vector rates are AdamW rates, for
     adamw all three are. ``overrides`` maps fnmatch patterns of parameter names to a geometry.
+    ``clip_grad_norm``: clip the global L2 norm of each step's gradient to this value, as
+    ``torch.nn.utils.clip_grad_norm_`` (0: off; see :mod:`lanton_dist.engine.core`).
     """
 
     name: str = "lanton"
@@ -77,6 +79,7 @@ class OptimConfig:
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     adam_eps: float = 1e-8
     overrides: dict[str, str] = field(default_factory=dict)
+    clip_grad_norm: float = 0.0
 
 
 @dataclass
@@ -378,6 +381,7 @@ def _check_optim(o: OptimConfig) -> None:
     for i, beta in enumerate(o.adam_betas):
         _number(f"optim.adam_betas[{i}]", beta, high=1.0)
     _number("optim.adam_eps", o.adam_eps, positive=True)
+    _number("optim.clip_grad_norm", o.clip_grad_norm)
     if o.estimate_every < 1:
         raise ConfigError(f"optim.estimate_every must be >= 1, got {o.estimate_every}")
     if o.ns_steps < 1:

@@ -75,14 +75,20 @@ def hyper_parameters(cfg: OptimConfig) -> dict[str, Any]:
 
 
 def lanton_options(cfg: OptimConfig) -> dict[str, Any]:
-    """Optimizer-wide LANTON options shared by the reference and the sharded engine."""
+    """Optimizer-wide options shared by the LANTON reference and the sharded engine and adapters
+    (every algorithm there), gradient clipping (``clip_grad_norm``) included."""
     return dict(estimate_every=cfg.estimate_every, option=cfg.option, ratio_anchor=cfg.ratio_anchor,
                 nuclear_estimator=cfg.nuclear_estimator, wd_lr=cfg.wd_lr,
-                lmo=LMOConfig(scale_mode=cfg.scale_mode, sign_scale=cfg.sign_scale, ns_steps=cfg.ns_steps))
+                lmo=LMOConfig(scale_mode=cfg.scale_mode, sign_scale=cfg.sign_scale, ns_steps=cfg.ns_steps),
+                clip_grad_norm=cfg.clip_grad_norm)
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, groups: list[dict[str, Any]] | None = None) -> torch.optim.Optimizer:
-    """The single-process optimizer ``cfg.name`` over ``groups`` (default :func:`param_groups` of ``model``)."""
+    """The single-process optimizer ``cfg.name`` over ``groups`` (default :func:`param_groups` of ``model``).
+
+    LANTON, Scion and D-Muon clip at ``cfg.clip_grad_norm`` inside their step; ``adamw`` is
+    ``torch.optim.AdamW``, which does not clip: the training loop's backend clips its gradients
+    (:meth:`lanton_dist.backends.Backend.clip_gradients`)."""
     if cfg.name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {cfg.name!r}; choose one of {OPTIMIZERS}")
     if groups is not None:
@@ -93,7 +99,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, groups: list[dict[str, A
         return LANTON(groups, **hyper, noise_adaptive=cfg.name == "lanton", delay_lr_factor=cfg.delay_lr_factor,
                       **lanton_options(cfg))
     if cfg.name == "dmuon":
-        return DMuon(groups, **hyper, ns_steps=cfg.ns_steps)
+        return DMuon(groups, **hyper, ns_steps=cfg.ns_steps, clip_grad_norm=cfg.clip_grad_norm)
     for g in groups:
         g.pop("specs"), g.pop("alpha")
     return torch.optim.AdamW(groups, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps, weight_decay=cfg.weight_decay)

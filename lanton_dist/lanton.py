@@ -31,6 +31,12 @@ holds each parameter's :class:`~lanton_dist.groups.ParamSpec`; build them with
 :func:`lanton_dist.factory.param_groups`. Non-finite gradients skip the whole step
 (``skipped_steps`` counts them, and is saved in ``state_dict``) and leave every state
 untouched; a stashed Option II half-gradient is discarded with the skipped batch.
+
+``clip_grad_norm`` c > 0 clips the step's gradient G to global L2 norm c before the momentum
+reads it, as ``torch.nn.utils.clip_grad_norm_``: G ← min(1, c/(‖G‖₂ + 1e-6))·G, ‖G‖₂ over every
+parameter with a gradient (Option II: G = g_A + g_B, and D is scaled by the same factor; the
+Option I stored gradient is the clipped G). ``p.grad`` itself is left as it was. A non-finite
+‖G‖₂ skips the step. The rule, shared by every optimizer, is :mod:`lanton_dist.clipping`.
 """
 from __future__ import annotations
 
@@ -40,8 +46,8 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
+from lanton_dist import clipping, noise
 from lanton_dist import lmo as lmo_mod
-from lanton_dist import noise
 from lanton_dist.groups import Geometry, ParamSpec, block_scale
 from lanton_dist.lmo import LMOConfig
 from lanton_dist.names import OPTIONS
@@ -86,6 +92,7 @@ class LANTON(Optimizer):
         nuclear_estimator: ``auto`` | ``exact`` | ``ns`` | ``rsvd``.
         wd_lr: ``"group"`` (W·(1−η_t λ)) or ``"layer"`` (W·(1−η^ℓ λ)).
         lmo: :class:`~lanton_dist.lmo.LMOConfig`. skip_nonfinite: skip steps with NaN/Inf grads.
+        clip_grad_norm: global gradient-norm clipping threshold (0: off; see module doc).
     """
 
     def __init__(
@@ -107,6 +114,7 @@ class LANTON(Optimizer):
         wd_lr: str = "group",
         lmo: LMOConfig | None = None,
         skip_nonfinite: bool = True,
+        clip_grad_norm: float = 0.0,
     ) -> None:
         if isinstance(estimate_every, bool) or not isinstance(estimate_every, int) or estimate_every < 1:
             raise ValueError(f"estimate_every must be an integer >= 1, got {estimate_every!r}")
@@ -133,6 +141,7 @@ class LANTON(Optimizer):
         self.wd_lr = wd_lr
         self.lmo = lmo or LMOConfig()
         self.skip_nonfinite = skip_nonfinite
+        self.clip_grad_norm = clipping.check_max_norm(clip_grad_norm)
         self.skipped_steps = 0
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -200,8 +209,13 @@ class LANTON(Optimizer):
             grad = p.grad if half is None else half + p.grad
             diff2 = None if half is None else 2.0 * (half - p.grad)
             live.append((g, p, spec, grad, diff2))
+        sq = None
+        if self.clip_grad_norm and live:
+            sq = clipping.sq_sum([x[3] for x in live], torch.promote_types(live[0][3].dtype, torch.float32))
         if self.skip_nonfinite and live:
             finite = torch.stack([torch.isfinite(x[3]).all() for x in live]).all()
+            if sq is not None:
+                finite = finite & torch.isfinite(sq)
             if not bool(finite):
                 self.skipped_steps += 1
                 return loss
@@ -216,6 +230,10 @@ class LANTON(Optimizer):
             )
         for g in self.param_groups:
             g["step"] = t
+        if sq is not None:
+            coef = clipping.clip_coefficient(sq.sqrt(), self.clip_grad_norm)
+            live = [(g, p, spec, grad * coef, None if diff2 is None else diff2 * coef)
+                    for g, p, spec, grad, diff2 in live]
 
         for g, p, spec, grad, _ in live:
             self._init_state(p, spec)["momentum_buffer"].lerp_(grad, 1 - g["beta1"])

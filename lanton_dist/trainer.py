@@ -157,6 +157,7 @@ def train_step(
             total += weighted.detach()
         if two and h == 0:
             opt.stash_half_gradient()
+    backend.clip_gradients()  # optim.clip_grad_norm for optimizers that do not clip in their step
     backend.step()
     norm = backend.grad_norm(two) if grad_norm else None
     backend.zero_grad()

@@ -15,7 +15,13 @@ Reductions, all over the scalar group (every rank holding pieces):
   untouched) and which layers' parameters have a gradient on some rank (L logical layers, as
   below). A parameter no rank has a gradient for is skipped (no momentum decay, weight decay,
   update or tracker update); one that some ranks lack was reduced with zeros by the caller
-  (DDP's convention).
+  (DDP's convention). With gradient clipping on (``clip_grad_norm`` c > 0) the vector has one
+  more entry, the ``weight``-ed Σ G² of every piece's reduced gradient: after the SUM (the same
+  one host read) ‖G‖₂ is known on every rank, a non-finite one skips the step, and every live
+  piece's ``grad`` (and Option II's ``diff2``) is scaled in place by
+  min(1, c/(‖G‖₂ + 1e-6)) — a device tensor — before momentum, AdamW moments or the Option I
+  stored gradient read it (:mod:`lanton_dist.clipping`; the reference does the same). The
+  pre-clip norm stays in ``grad_norm`` for the log line.
 * ``norm`` — Σ B² of vector-group pieces (their RMS LMO needs ‖B‖₂), every step.
 * ``variance`` — on estimation steps, a ``(2L,)`` vector over all L logical layers of the
   model: each layer's dual-norm contribution (owner's √(d_out/d_in)·‖D‖_* for hidden
@@ -49,8 +55,8 @@ from typing import Any, Protocol
 
 import torch
 
+from lanton_dist import clipping, noise
 from lanton_dist import lmo as lmo_mod
-from lanton_dist import noise
 from lanton_dist.adamw import adamw_step_
 from lanton_dist.engine.meter import Collectives
 from lanton_dist.engine.streams import SideStream
@@ -142,7 +148,7 @@ class ShardedCore:
         options: ``estimate_every``, ``option``, ``ratio_anchor``, ``overlap``,
             ``nuclear_estimator``, ``wd_lr``, ``lmo`` (:class:`LMOConfig`), ``skip_nonfinite``,
             ``defer_variance`` (with ``overlap``: see module doc; ignored by exchanges without
-            ``launch_gather``).
+            ``launch_gather``), ``clip_grad_norm`` (0: off; see module doc).
         dtype: the parameters' dtype; trackers and norm sums use it promoted to at least fp32
             (the same on every rank, so the scalar collectives agree).
     """
@@ -151,7 +157,7 @@ class ShardedCore:
                  algorithm: str, coll: Collectives, exchange: MatrixExchange, *, estimate_every: int = 10,
                  option: str = "I", ratio_anchor: str = "max", overlap: bool = True, nuclear_estimator: str = "auto",
                  wd_lr: str = "group", lmo: LMOConfig | None = None, skip_nonfinite: bool = True,
-                 dtype: torch.dtype = torch.float32, defer_variance: bool = False) -> None:
+                 dtype: torch.dtype = torch.float32, defer_variance: bool = False, clip_grad_norm: float = 0.0) -> None:
         if algorithm not in ALGORITHMS:
             raise ValueError(f"unknown algorithm {algorithm!r}; choose one of {ALGORITHMS}")
         if not isinstance(estimate_every, int) or estimate_every < 1:
@@ -165,6 +171,8 @@ class ShardedCore:
         self.k, self.option, self.anchor, self.overlap = estimate_every, option, ratio_anchor, overlap
         self.estimator_name, self.wd_lr, self.skip_nonfinite = nuclear_estimator, wd_lr, skip_nonfinite
         self.noise_adaptive = algorithm == "lanton"
+        self.clip = clipping.check_max_norm(clip_grad_norm)
+        self.grad_norm: torch.Tensor | None = None  # pre-clip ‖G‖₂ of the last step (clipping on)
         self.defer_variance = bool(defer_variance and overlap and hasattr(exchange, "launch_gather"))
         self.lmo = (
             LMOConfig(scale_mode="moonlight", ns_steps=(lmo or LMOConfig()).ns_steps) if algorithm == "dmuon" else (lmo or LMOConfig())
@@ -220,6 +228,12 @@ class ShardedCore:
             self.skipped_steps += 1
             return False
         live, stepped = agreed
+        if self.clip:
+            coef = clipping.clip_coefficient(self.grad_norm, self.clip)
+            for p in live:
+                p.grad.mul_(coef)
+                if p.diff2 is not None:
+                    p.diff2.mul_(coef)
         self.finish_variance()
         self.t += 1
         for name in stepped:
@@ -240,21 +254,27 @@ class ShardedCore:
     def _agree(self, pieces: list[LocalPiece], present: Collection[str] | None,
                device: torch.device) -> tuple[list[LocalPiece], list[str]] | None:
         """The job-wide skip vote and gradient presence, in ONE all-reduce ("finite") of
-        ``[non-finite count, presence of each layer…]`` (``1 + n_layers`` scalars, the same
-        size on every rank; a parameter's blocks share its flag) and one host read of it.
+        ``[non-finite count, presence of each layer…, (clipping) Σ G²]`` (``1 + n_layers``
+        scalars, one more with clipping, the same size on every rank; a parameter's blocks
+        share its flag) and one host read of it; sets ``grad_norm`` when clipping.
         Returns the pieces to step and the names of every parameter stepped job-wide
-        (``None``: skip the step, a non-finite gradient somewhere)."""
-        vec = torch.zeros(1 + self.n_layers, device=device, dtype=self.acc_dtype)
+        (``None``: skip the step, a non-finite gradient or gradient norm somewhere)."""
+        vec = torch.zeros(1 + self.n_layers + (1 if self.clip else 0), device=device, dtype=self.acc_dtype)
         grads = [p.grad for p in pieces if p.grad is not None and p.grad.numel()]
         if self.skip_nonfinite and grads:
             vec[0] = torch.stack([torch.isfinite(g).all() for g in grads]).logical_not().sum()
+        counted = [p for p in pieces if p.grad is not None and p.grad.numel() and p.weight] if self.clip else []
+        if counted:
+            vec[-1] = clipping.sq_sum([p.grad for p in counted], self.acc_dtype, [p.weight for p in counted])
         names = set(present if present is not None else [p.name for p in pieces if p.grad is not None])
         if names:
             idx = [1 + self.layer_start[n] + b for n in sorted(names) for b in range(len(self.specs[n].blocks))]
             vec.index_fill_(0, torch.tensor(idx, device=device), 1.0)
         self.coll.all_reduce(vec, "finite").wait()
         votes = vec.tolist()  # the step's one host read
-        if self.skip_nonfinite and votes[0] > 0:
+        if self.clip:
+            self.grad_norm = vec[-1].sqrt()
+        if self.skip_nonfinite and (votes[0] > 0 or (self.clip and not math.isfinite(votes[-1]))):
             return None
         live = []
         for p in pieces:

@@ -73,6 +73,7 @@ class ShardedLANTON(Optimizer):
         exchange: how owned hidden pieces become whole matrices (default: they already are).
         scalar_world: run the scalar reductions over the whole job instead of
             ``process_group`` (needed when other groups — TP, PP — hold other parts of the model).
+        clip_grad_norm: global gradient-norm clipping (0: off; :class:`~.core.ShardedCore`).
         Remaining keyword arguments are the algorithm's hyper-parameters (as in
         :class:`~lanton_dist.lanton.LANTON` / :class:`~lanton_dist.dmuon.DMuon`).
     """
@@ -83,7 +84,7 @@ class ShardedLANTON(Optimizer):
                  ratio_anchor: str = "max", nuclear_estimator: str = "auto", wd_lr: str = "group",
                  lmo: LMOConfig | None = None, skip_nonfinite: bool = True,
                  logical: dict[str, LogicalView] | None = None, exchange: MatrixExchange | None = None,
-                 scalar_world: bool = False, **hyper: Any) -> None:
+                 scalar_world: bool = False, clip_grad_norm: float = 0.0, **hyper: Any) -> None:
         unknown = set(hyper) - set(DEFAULTS)
         if unknown:
             raise ValueError(f"unknown hyper-parameters {sorted(unknown)}; valid: {sorted(DEFAULTS)}")
@@ -138,7 +139,8 @@ class ShardedLANTON(Optimizer):
         self.core = ShardedCore(core_specs, group_of, self.param_groups, algorithm,
                                 scalar_coll, exchange or LocalExchange(), estimate_every=estimate_every, option=option,
                                 ratio_anchor=ratio_anchor, overlap=overlap, nuclear_estimator=nuclear_estimator,
-                                wd_lr=wd_lr, lmo=lmo, skip_nonfinite=skip_nonfinite, dtype=dtype)
+                                wd_lr=wd_lr, lmo=lmo, skip_nonfinite=skip_nonfinite, dtype=dtype,
+                                clip_grad_norm=clip_grad_norm)
         self.meter.step = 0
         self._all_gather_params("init_sync")
 
@@ -150,6 +152,11 @@ class ShardedLANTON(Optimizer):
     @property
     def skipped_steps(self) -> int:
         return self.core.skipped_steps
+
+    @property
+    def clip_grad_norm(self) -> float:
+        """The gradient-norm clipping threshold its steps apply (0: off)."""
+        return self.core.clip
 
     def needs_two_half_batches(self) -> bool:
         return self.core.needs_two_half_batches()

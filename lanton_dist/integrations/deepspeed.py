@@ -30,8 +30,9 @@ same Newton–Schulz on each of them.)
 
 Supported (tested on CPU gloo, ``DS_ACCELERATOR=cpu``): ZeRO stages 1, 2, 3; fp32 and bf16
 (``bf16.enabled``; the master partitions the optimizer sees stay fp32); gradient
-accumulation; gradient clipping (DeepSpeed clips the partitions before the hook);
-optimizer CPU offload for stages 1/2/3 (``offload_optimizer.device=cpu`` with
+accumulation; gradient clipping (``OptimConfig.clip_grad_norm``, applied by the core to the
+gradient partitions: :func:`initialize` maps a config's ``gradient_clipping`` onto it and turns
+DeepSpeed's own off); optimizer CPU offload for stages 1/2/3 (``offload_optimizer.device=cpu`` with
 ``zero_force_ds_cpu_optimizer: false``); ``engine.save_checkpoint`` / ``load_checkpoint``
 (same world size and layout). Refused with an error: models built under
 ``deepspeed.zero.Init`` (parameters already look 1-D, DeepSpeed issue #8438 — LANTON would
@@ -53,7 +54,9 @@ fp64 is not possible: DeepSpeed's master partitions are fp32 whatever the model 
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -268,9 +271,12 @@ def initialize(model: nn.Module, cfg, config: dict[str, Any] | str, *, meter: Co
     """``deepspeed.initialize`` with a :class:`LANTONDeepSpeed` client optimizer, attached.
 
     ``config`` is the DeepSpeed config (a dict or a JSON file path; ``zero_allow_untested_optimizer``
-    is set for you; note that DeepSpeed clips the gradient norm at 1.0 when ``gradient_clipping``
-    is absent — set it to 0.0 to feed LANTON unclipped gradients, as the other backends do;
-    ``zero_force_ds_cpu_optimizer`` is set to False when optimizer offload is requested).
+    is set for you; ``zero_force_ds_cpu_optimizer`` is set to False when optimizer offload is
+    requested). Gradient clipping is the optimizer's (``cfg.clip_grad_norm``, the same rule on
+    every backend, :mod:`lanton_dist.clipping`): a ``gradient_clipping`` > 0 in ``config`` becomes
+    ``cfg.clip_grad_norm`` (with a warning saying so; an error if ``cfg`` sets another value),
+    and DeepSpeed's own clipping is always set to 0 — also when the key is absent, where
+    DeepSpeed would otherwise clip at 1.0.
     ``meter`` … ``groups`` configure the optimizer (see :class:`LANTONDeepSpeed`); every other
     keyword (``lr_scheduler``, ``training_data``, ``collate_fn``, ``model_parameters``, ``mpu``,
     …) goes to ``deepspeed.initialize`` unchanged — what DeepSpeed builds from them is on the
@@ -295,7 +301,23 @@ def initialize(model: nn.Module, cfg, config: dict[str, Any] | str, *, meter: Co
         config.setdefault("zero_force_ds_cpu_optimizer", False)
     if "optimizer" in config:
         raise ValueError("remove the 'optimizer' section from the DeepSpeed config: LANTON is the client optimizer")
+    cfg = _take_gradient_clipping(cfg, config)
     opt = LANTONDeepSpeed(model, cfg, meter=meter, bucket_mb=bucket_mb, pad=pad, window=window, overlap=overlap,
                           defer_variance=defer_variance, groups=groups)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=config, **deepspeed_kwargs)
     return engine, opt.attach(engine)
+
+
+def _take_gradient_clipping(cfg, config: dict[str, Any]):
+    """``cfg`` with DeepSpeed's ``gradient_clipping`` (if > 0) as its ``clip_grad_norm``; sets
+    ``config["gradient_clipping"]`` to 0 so that DeepSpeed never clips (the core does)."""
+    value = float(config.get("gradient_clipping") or 0.0)
+    config["gradient_clipping"] = 0.0
+    if not value:
+        return cfg
+    if cfg.clip_grad_norm and cfg.clip_grad_norm != value:
+        raise ValueError(f"the DeepSpeed config's gradient_clipping {value} differs from the optimizer config's "
+                         f"clip_grad_norm {cfg.clip_grad_norm}: set one of them")
+    warnings.warn(f"DeepSpeed gradient_clipping {value} is applied by the LANTON client optimizer as clip_grad_norm "
+                  "(the same rule on every backend); DeepSpeed's own clipping is set to 0", stacklevel=3)
+    return dataclasses.replace(cfg, clip_grad_norm=value)

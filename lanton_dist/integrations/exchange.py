@@ -376,7 +376,7 @@ class PieceOptimizer(Optimizer):
         process_group: the data-parallel group the pieces are spread over.
         meter, bucket_mb, pad, window: see :class:`AllToAllExchange`.
         overlap, defer_variance, estimate_every, option, ratio_anchor, nuclear_estimator,
-        wd_lr, lmo, skip_nonfinite: see :class:`~lanton_dist.engine.core.ShardedCore`.
+        wd_lr, lmo, skip_nonfinite, clip_grad_norm: see :class:`~lanton_dist.engine.core.ShardedCore`.
         hyper: per-group defaults (:data:`lanton_dist.engine.zero.DEFAULTS`).
     """
 
@@ -385,7 +385,7 @@ class PieceOptimizer(Optimizer):
                  bucket_mb: float = 25.0, pad: bool = False, window: int = 2, overlap: bool = True,
                  defer_variance: bool = True, estimate_every: int = 10, option: str = "I", ratio_anchor: str = "max",
                  nuclear_estimator: str = "auto", wd_lr: str = "group", lmo: LMOConfig | None = None,
-                 skip_nonfinite: bool = True, **hyper: Any) -> None:
+                 skip_nonfinite: bool = True, clip_grad_norm: float = 0.0, **hyper: Any) -> None:
         unknown = set(hyper) - set(DEFAULTS)
         if unknown:
             raise ValueError(f"unknown hyper-parameters {sorted(unknown)}; valid: {sorted(DEFAULTS)}")
@@ -410,7 +410,7 @@ class PieceOptimizer(Optimizer):
         self._exchange_args = dict(bucket_mb=bucket_mb, pad=pad, window=window)
         self._core_args = dict(estimate_every=estimate_every, option=option, ratio_anchor=ratio_anchor,
                                overlap=overlap, nuclear_estimator=nuclear_estimator, wd_lr=wd_lr, lmo=lmo,
-                               skip_nonfinite=skip_nonfinite, defer_variance=defer_variance)
+                               skip_nonfinite=skip_nonfinite, defer_variance=defer_variance, clip_grad_norm=clip_grad_norm)
         self.plan: OwnershipPlan = plan_ownership(self.specs, self.world, (lmo or LMOConfig()).ns_steps)
         self.ranges: dict[str, Ranges] = {}
         self.exchange: AllToAllExchange | None = None
@@ -466,6 +466,11 @@ class PieceOptimizer(Optimizer):
     @property
     def skipped_steps(self) -> int:
         return self._require_core().skipped_steps
+
+    @property
+    def clip_grad_norm(self) -> float:
+        """The gradient-norm clipping threshold its steps apply (0: off)."""
+        return self._core_args["clip_grad_norm"]
 
     def needs_two_half_batches(self) -> bool:
         return self._require_core().needs_two_half_batches()
