@@ -115,6 +115,15 @@ class Backend:
             norm = torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm)
             self._pre_clip_norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
+    def clipped_norm(self) -> torch.Tensor | None:
+        """The pre-clip global gradient norm of the last step if it was clipped (by
+        :meth:`clip_gradients`, or inside the step by an optimizer's sharded core, which computes
+        it anyway), else None: no collective, no host read."""
+        if self._pre_clip_norm is not None:
+            return self._pre_clip_norm
+        norm = getattr(getattr(self.optimizer, "core", None), "grad_norm", None)
+        return None if norm is None else norm.float()
+
     def step(self) -> None:
         self.optimizer.step()
 
@@ -131,8 +140,9 @@ class Backend:
         gradient (lanton_dist's optimizers leave it unclipped; :meth:`clip_gradients` keeps the
         norm it clipped). None after a two-half-batch step (Option II estimation step):
         ``p.grad`` then holds only the second half, the first half being the optimizer's."""
-        if self._pre_clip_norm is not None:
-            return self._pre_clip_norm
+        clipped = self.clipped_norm()
+        if clipped is not None:
+            return clipped
         if two_halves:
             return None
         grads = [p.grad for p in self.unwrap().parameters() if p.grad is not None]
@@ -402,12 +412,12 @@ class FSDP2Backend(_DistributedBackend):
     name = "fsdp2"
 
     def grad_norm(self, two_halves: bool) -> torch.Tensor | None:
-        """The pre-clip norm the optimizer's core computed when it clips (``core.grad_norm``, Option
-        II steps included); else from the ``Shard(0)`` DTensor gradients: local sums of squares,
-        one scalar all-reduce (None after an Option II two-half step, as for the base class)."""
-        own = getattr(getattr(self.optimizer, "core", None), "grad_norm", None)
-        if own is not None:
-            return own.float()
+        """The pre-clip norm when the step clipped (:meth:`clipped_norm`, Option II steps
+        included); else from the ``Shard(0)`` DTensor gradients: local sums of squares, one
+        scalar all-reduce (None after an Option II two-half step, as for the base class)."""
+        clipped = self.clipped_norm()
+        if clipped is not None:
+            return clipped
         if two_halves:
             return None
         sq = torch.zeros((), device=self.device, dtype=torch.float32)
