@@ -328,6 +328,48 @@ def _fairscale_job(rank, world):
     return _params(model), norms
 
 
+class _MegatronNorms:
+    """A Megatron run's optimizer, recording each step's pre-clip global gradient norm: measured
+    from ``p.grad`` before the step in one process, the core's ``grad_norm`` when sharded."""
+
+    def __init__(self, opt, model, sharded: bool) -> None:
+        self.opt, self.model, self.sharded, self.norms = opt, model, sharded, []
+
+    def step(self) -> None:
+        if not self.sharded:
+            self.norms.append(float(torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters()])))
+        self.opt.step()
+        if self.sharded:
+            self.norms.append(float(self.opt.core.grad_norm))
+
+
+def _megatron_job(rank, world):
+    """World 1: the reference optimizer in one process; world 2: TP = 2, where every rank holds a
+    replica of the norm gains (weight 0 on TP rank 1: counted once in ‖G‖)."""
+    import megatron_cpu_shim
+    from test_megatron_lanton import OPTIM, _logical_params, _train, canonical_init
+    from test_megatron_model import load_pretrain, tiny_cfg
+
+    from lanton_dist.integrations import megatron_model as mm
+    from lanton_dist.integrations.megatron import build_megatron_optimizer
+
+    megatron_cpu_shim.install()
+    try:
+        cfg = tiny_cfg(parallel__tp=world, **{**OPTIM, "optim__estimate_every": 2, "optim__clip_grad_norm": CLIP})
+        mm.initialize_model_parallel(cfg)
+        model = mm.build_gpt_model(cfg)
+        canonical_init(model, cfg)
+        if world == 1:
+            opt = _MegatronNorms(load_pretrain().make_optimizer(model, cfg), model, sharded=False)
+        else:
+            opt = _MegatronNorms(build_megatron_optimizer(model, cfg), model, sharded=True)
+        _train(cfg, STEPS, opt=opt, model=model)
+        return _logical_params(model, cfg), opt.norms
+    finally:
+        mm.destroy_model_parallel()
+        megatron_cpu_shim.uninstall()
+
+
 @functools.cache
 def _results(stack: str) -> list[dict]:
     if stack == "engine":
@@ -340,6 +382,9 @@ def _results(stack: str) -> list[dict]:
     if stack == "fairscale":
         pytest.importorskip("fairscale")
         return run(_fairscale_job, 3)
+    if stack in ("megatron", "megatron_reference"):
+        pytest.importorskip("megatron.core")
+        return run(_megatron_job, 2 if stack == "megatron" else 1, timeout_s=120)
     raise ValueError(stack)
 
 
@@ -406,3 +451,17 @@ def test_deepspeed_refuses_two_different_thresholds_and_never_clips_itself():
 def test_fairscale_with_clipping_equals_the_reference_on_3_ranks():
     for r, res in enumerate(_results("fairscale")):
         _assert_equals_reference(*res, "lanton-I", 3, torch.float64, TOL, f"fairscale rank {r}")
+
+
+@pytest.mark.slow
+def test_megatron_tp2_with_clipping_equals_the_reference_and_counts_replicated_norms_once():
+    """TP = 2 (fused QKV / gate-up split, vocab-parallel embedding and head, TP-replicated norm
+    gains) clipped at c equals one process with the reference optimizer, and its pre-clip norm
+    is the single-process one: the replicated gains are not counted twice."""
+    ref, ref_norms = _results("megatron_reference")[0]
+    assert min(ref_norms) > CLIP
+    for r, (got, norms) in enumerate(_results("megatron")):
+        assert set(got) == set(ref)
+        err = max(((got[n].double() - ref[n].double()).norm() / ref[n].double().norm()).item() for n in ref)
+        assert err <= FP32_TOL, f"rank {r}: rel err {err:.2e}"
+        assert norms == pytest.approx(ref_norms, rel=1e-6), f"rank {r}"
