@@ -14,6 +14,8 @@ from __future__ import annotations
 import collections
 import functools
 import os
+import socket
+import tempfile
 import warnings
 from collections.abc import Callable
 
@@ -382,6 +384,12 @@ def _results(stack: str) -> list[dict]:
     if stack == "fairscale":
         pytest.importorskip("fairscale")
         return run(_fairscale_job, 3)
+    if stack == "trainer":
+        with tempfile.TemporaryDirectory() as tmp, socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+            sock.close()
+            return run(_trainer_job, 2, tmp, port, timeout_s=120)
     if stack in ("megatron", "megatron_reference"):
         pytest.importorskip("megatron.core")
         return run(_megatron_job, 2 if stack == "megatron" else 1, timeout_s=120)
@@ -465,3 +473,55 @@ def test_megatron_tp2_with_clipping_equals_the_reference_and_counts_replicated_n
         err = max(((got[n].double() - ref[n].double()).norm() / ref[n].double().norm()).item() for n in ref)
         assert err <= FP32_TOL, f"rank {r}: rel err {err:.2e}"
         assert norms == pytest.approx(ref_norms, rel=1e-6), f"rank {r}"
+
+
+# ---------------------------------------------------------------------------------------- the training loop
+TRAINER_ARGS = ("--train.steps", "4", "--train.eval_every", "0", "--train.log_every", "1", "--parallel.overlap", "false",
+                "--optim.estimate_every", "2")
+
+
+def _trainer_cfg(out, name: str, backend: str, clip: float):
+    from test_train import small_cfg
+
+    return small_cfg(out, *TRAINER_ARGS, "--optim.name", name, "--parallel.backend", backend,
+                     "--optim.clip_grad_norm", str(clip))
+
+
+def _logged(summary) -> list[tuple[float, float]]:
+    from lanton_dist.trainer import read_metrics
+
+    return [(r["loss"], r["grad_norm"]) for r in read_metrics(summary["metrics"]) if "loss" in r]
+
+
+def _trainer_job(rank, world, out, port):
+    """``parallel.backend: zero`` through :func:`lanton_dist.trainer.train` on this spawn's ranks
+    (the first run uses the spawn's process group and closes it; the next one opens its own)."""
+    from lanton_dist.trainer import train
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    return {name: _logged(train(_trainer_cfg(os.path.join(out, name), name, "zero", CLIP), log=lambda _m: None))
+            for name in ("lanton", "adamw")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["lanton", "adamw"])
+def test_the_loop_clips_alike_on_the_none_and_zero_backends_and_logs_the_pre_clip_norm(tmp_path, name):
+    """LANTON (clipped in its step) and torch's AdamW (clipped by the backend, ``none``) against
+    the engine's own (``zero``, 2 ranks): the same losses and the same logged pre-clip norms;
+    clipping changes the run, and the first step logs the unclipped gradient's norm."""
+    from test_backends import reference_grad_norm
+
+    from lanton_dist.trainer import train
+
+    none = _logged(train(_trainer_cfg(tmp_path / "none", name, "none", CLIP), log=lambda _m: None))
+    unclipped = _logged(train(_trainer_cfg(tmp_path / "off", name, "none", 0.0), log=lambda _m: None))
+    zero = _results("trainer")[0][name]
+    assert min(norm for _, norm in none) > CLIP
+    assert [loss for loss, _ in zero] == pytest.approx([loss for loss, _ in none], rel=1e-4)
+    assert [norm for _, norm in zero] == pytest.approx([norm for _, norm in none], rel=1e-4)
+    assert none[0] == unclipped[0] and none[0][1] == pytest.approx(reference_grad_norm(_trainer_cfg(tmp_path, name, "none", CLIP)),
+                                                                   rel=1e-5)
+    # step 1's update is nearly scale-invariant (normalised LMO; AdamW's first m/√v): the losses
+    # part from step 3 on, once momentum mixes gradients clipped by different factors
+    assert all(abs(a[0] - b[0]) > 1e-4 for a, b in zip(none[2:], unclipped[2:])), "clipping must change the run"
