@@ -14,7 +14,6 @@ from __future__ import annotations
 import collections
 import functools
 import os
-import socket
 import tempfile
 import warnings
 from collections.abc import Callable
@@ -385,11 +384,8 @@ def _results(stack: str) -> list[dict]:
         pytest.importorskip("fairscale")
         return run(_fairscale_job, 3)
     if stack == "trainer":
-        with tempfile.TemporaryDirectory() as tmp, socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-            sock.close()
-            return run(_trainer_job, 2, tmp, port, timeout_s=120)
+        with tempfile.TemporaryDirectory() as tmp:
+            return run(_trainer_job, 2, tmp, timeout_s=120)
     if stack in ("megatron", "megatron_reference"):
         pytest.importorskip("megatron.core")
         return run(_megatron_job, 2 if stack == "megatron" else 1, timeout_s=120)
@@ -493,33 +489,37 @@ def _logged(summary) -> list[tuple[float, float]]:
     return [(r["loss"], r["grad_norm"]) for r in read_metrics(summary["metrics"]) if "loss" in r]
 
 
-def _trainer_job(rank, world, out, port):
-    """``parallel.backend: zero`` through :func:`lanton_dist.trainer.train` on this spawn's ranks
-    (the first run uses the spawn's process group and closes it; the next one opens its own)."""
+def _trainer_job(rank, world, out):
+    """``parallel.backend: zero | ddp`` through :func:`lanton_dist.trainer.train` on this spawn's
+    ranks, every run in the spawn's process group (kept open between the runs)."""
+    from lanton_dist import backends
     from lanton_dist.trainer import train
 
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    return {name: _logged(train(_trainer_cfg(os.path.join(out, name), name, "zero", CLIP), log=lambda _m: None))
-            for name in ("lanton", "adamw")}
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    backends._DistributedBackend.close = lambda self: None  # distributed.run closes the group at the end
+    runs = [("zero", "lanton"), ("zero", "adamw"), ("ddp", "adamw")]
+    return {run: _logged(train(_trainer_cfg(os.path.join(out, *run), run[1], run[0], CLIP), log=lambda _m: None))
+            for run in runs}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["lanton", "adamw"])
 def test_the_loop_clips_alike_on_the_none_and_zero_backends_and_logs_the_pre_clip_norm(tmp_path, name):
-    """LANTON (clipped in its step) and torch's AdamW (clipped by the backend, ``none``) against
-    the engine's own (``zero``, 2 ranks): the same losses and the same logged pre-clip norms;
-    clipping changes the run, and the first step logs the unclipped gradient's norm."""
+    """LANTON (clipped in its step) and torch's AdamW (clipped by the backend, ``none``, and after
+    DDP's all-reduce, ``ddp``) against the engine's own (``zero``, 2 ranks): the same losses and
+    the same logged pre-clip norms; clipping changes the run, and the first step logs the
+    unclipped gradient's norm."""
     from test_backends import reference_grad_norm
 
     from lanton_dist.trainer import train
 
     none = _logged(train(_trainer_cfg(tmp_path / "none", name, "none", CLIP), log=lambda _m: None))
     unclipped = _logged(train(_trainer_cfg(tmp_path / "off", name, "none", 0.0), log=lambda _m: None))
-    zero = _results("trainer")[0][name]
     assert min(norm for _, norm in none) > CLIP
-    assert [loss for loss, _ in zero] == pytest.approx([loss for loss, _ in none], rel=1e-4)
-    assert [norm for _, norm in zero] == pytest.approx([norm for _, norm in none], rel=1e-4)
+    for backend in ("zero", "ddp") if name == "adamw" else ("zero",):
+        got = _results("trainer")[0][(backend, name)]
+        assert [loss for loss, _ in got] == pytest.approx([loss for loss, _ in none], rel=1e-4), backend
+        assert [norm for _, norm in got] == pytest.approx([norm for _, norm in none], rel=1e-4), backend
     assert none[0] == unclipped[0] and none[0][1] == pytest.approx(reference_grad_norm(_trainer_cfg(tmp_path, name, "none", CLIP)),
                                                                    rel=1e-5)
     # step 1's update is nearly scale-invariant (normalised LMO; AdamW's first m/√v): the losses
