@@ -7,7 +7,7 @@ is compared with them with clipping active on every step (the tiny model's gradi
 ~0.4, c = 0.05): the ZeRO engine and FSDP2 at world 3 (LANTON Option I and II, D-Muon, AdamW),
 DeepSpeed ZeRO-1 at world 2 (its config's ``gradient_clipping`` mapped onto ours), fairscale at
 world 3, Megatron at TP = 2 (TP-replicated norm gains counted once), and the training loop on the
-``none`` and ``zero`` backends. Clipping adds no collective and no host read to a step.
+``none``, ``zero`` and ``ddp`` backends. Clipping adds no collective and no host read to a step.
 """
 from __future__ import annotations
 
