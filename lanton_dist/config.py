@@ -1,13 +1,13 @@
 """Run configuration: dataclasses, strict YAML loading, ``--section.key value`` overrides and
-the checks both training entries run before anything is built.
+the checks the training entry runs before anything is built.
 
 Unknown keys (in YAML or on the command line) are errors that list the valid keys; values
 are converted to the field's declared type. One :class:`RunConfig` drives
-``launch/train.py`` (every ``parallel.backend``, Megatron included); every section is a plain dataclass so
-library users can build them in code. Every problem with a config — malformed YAML, an
+``launch/train.py`` (every ``parallel.backend``, Megatron included); every section is a plain
+dataclass so library users can build them in code. Every problem with a config — malformed YAML, an
 unknown key, a bad value (:func:`check_run_config`), a resume that does not match its
 checkpoint (:func:`check_resume`) — is a :class:`ConfigError` whose message names the key;
-the entries print it as one ``config error: …`` line and exit with status 2. Torch-free.
+the entry prints it as one ``config error: …`` line and exits with status 2. Torch-free.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ OPTIMIZERS: tuple[str, ...] = ALGORITHMS  # optim.name
 
 
 class ConfigError(ValueError):
-    """A run config the entries refuse before building anything; the message names the key."""
+    """A run config the training entry refuses before building anything; the message names the key."""
 
 
 @dataclass
@@ -464,7 +464,7 @@ def check_run_config(cfg: RunConfig, data_parallel: int = 1) -> None:
     out of range (non-finite or negative rates and weight decay, momentum coefficients outside
     ``[0, 1)`` for every algorithm), an Option II batch that does not split in two on each of
     the ``data_parallel`` ranks, a missing Megatron ``data.path``, ``logging.tensorboard``
-    without the package. Cheap and torch-free: the entries call it before building a model or
+    without the package. Cheap and torch-free: the loop calls it before building a model or
     a process group."""
     check_model_config(cfg.model)
     _check_train(cfg.train)

@@ -113,6 +113,36 @@ def test_shim_install_and_uninstall():
     assert schedules.torch is torch
 
 
+def test_option_two_is_refused_for_megatron_before_anything_is_built():
+    from lanton_dist.config import ConfigError, check_run_config
+
+    with pytest.raises(ConfigError, match="optim.option II .* parallel.backend megatron"):
+        check_run_config(tiny_cfg(optim__option="II"))
+    check_run_config(tiny_cfg(optim__option="I"))
+
+
+def test_megatron_on_a_cpu_only_machine_runs_only_when_train_device_says_cpu():
+    if torch.cuda.is_available():
+        pytest.skip("about machines without CUDA")
+    from lanton_dist.config import ConfigError
+    from lanton_dist.megatron_backend import setup_megatron_backend
+
+    with pytest.raises(ConfigError, match="train.device auto found no CUDA device: Megatron-core needs CUDA"):
+        setup_megatron_backend(tiny_cfg(train__device="auto"))
+    assert not dist.is_initialized() and not megatron_cpu.installed()
+
+
+def test_a_layout_the_world_does_not_allow_is_a_config_error_that_leaves_no_group_or_shim_behind():
+    if torch.cuda.is_available():
+        pytest.skip("runs Megatron on the CPU")
+    from lanton_dist.config import ConfigError
+    from lanton_dist.megatron_backend import setup_megatron_backend
+
+    with pytest.raises(ConfigError, match="world size 1 is not divisible by tp\\*pp = 3\\*1"):
+        setup_megatron_backend(tiny_cfg(parallel__tp=3, train__device="cpu"))
+    assert not dist.is_initialized() and not megatron_cpu.installed()
+
+
 def test_requires_distributed_and_cuda_or_shim():
     with pytest.raises(RuntimeError, match="init_process_group"):
         mm.initialize_model_parallel(tiny_cfg())
