@@ -238,26 +238,16 @@ def data_parallel_size(cfg: RunConfig) -> int:
     return world
 
 
-def setup_backend(cfg: RunConfig, model: nn.Module | None = None,
-                  optimizer_factory: OptimizerFactory | None = None) -> Backend:
-    """The :class:`Backend` of ``cfg.parallel.backend`` for ``model`` (built on CPU from the seed;
-    None: the :class:`~lanton_dist.model.Transformer` of ``cfg.model`` and ``train.seed``).
+def setup_backend(cfg: RunConfig, model: nn.Module, optimizer_factory: OptimizerFactory | None = None) -> Backend:
+    """The :class:`Backend` of ``cfg.parallel.backend`` for ``model`` (built on CPU from the seed).
 
     The one place that knows about process groups and wrappers: it places the model, builds
     the optimizer with ``optimizer_factory(model, cfg.optim)`` and reports rank/world.
-    ``megatron`` builds Megatron-core's model and optimizer itself
-    (:func:`lanton_dist.megatron_backend.setup_megatron_backend`).
+    ``megatron`` builds Megatron-core's own model instead:
+    :func:`lanton_dist.megatron_backend.setup_megatron_backend`.
     """
-    name = cfg.parallel.backend
-    if name == "megatron":
-        from lanton_dist.megatron_backend import setup_megatron_backend
-
-        return setup_megatron_backend(cfg, model, optimizer_factory)
     factory = optimizer_factory or build_optimizer
-    if model is None:
-        from lanton_dist.model import Transformer
-
-        model = Transformer(cfg.model, seed=cfg.train.seed)
+    name = cfg.parallel.backend
     if name == "none":
         world_env = int(os.environ.get("WORLD_SIZE", "1"))
         if world_env > 1:
@@ -268,6 +258,9 @@ def setup_backend(cfg: RunConfig, model: nn.Module | None = None,
         device = resolve_device(cfg.train.device)
         model.to(device)
         return Backend(model, factory(model, cfg.optim), device)
+    if name == "megatron":
+        raise ValueError("parallel.backend 'megatron' builds Megatron-core's GPTModel, not this model: set it up with "
+                         "lanton_dist.megatron_backend.setup_megatron_backend (lanton_dist.trainer.train does)")
     if name in TRAINER_BACKENDS[1:]:
         return setup_distributed_backend(cfg, model, factory)
     raise ValueError(f"unsupported parallel.backend {name!r}; supported backends: {TRAINER_BACKENDS}")

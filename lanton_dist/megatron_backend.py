@@ -276,16 +276,15 @@ def _init_process_group(cfg: RunConfig, device: torch.device) -> torch.device:
     return device
 
 
-def setup_megatron_backend(cfg: RunConfig, model: nn.Module | None = None,
-                           optimizer_factory: OptimizerFactory | None = None) -> MegatronBackend:
+def setup_megatron_backend(cfg: RunConfig, optimizer_factory: OptimizerFactory | None = None) -> MegatronBackend:
     """The :class:`MegatronBackend` of ``cfg``: process group, Megatron's parallel state, this
-    rank's model stage and :func:`make_optimizer`'s optimizer. ``model`` and
-    ``optimizer_factory`` must be None (Megatron builds its own ``GPTModel``). Raises
+    rank's model stage and :func:`make_optimizer`'s optimizer (``optimizer_factory`` must be
+    None: the optimizer follows the TP/PP/DP layout). Raises
     :class:`~lanton_dist.config.ConfigError` for a TP/PP layout the world size or the model
     does not allow."""
-    if model is not None or optimizer_factory is not None:
-        raise ValueError("parallel.backend megatron builds Megatron-core's GPTModel and its optimizer itself: "
-                         "pass neither a model nor an optimizer factory")
+    if optimizer_factory is not None:
+        raise ValueError("parallel.backend megatron builds its optimizer from Megatron's TP/PP/DP layout "
+                         "(lanton_dist.megatron_backend.make_optimizer): it takes no optimizer factory")
     from lanton_dist.integrations import megatron_model as mm
 
     device = _init_process_group(cfg, _device(cfg))

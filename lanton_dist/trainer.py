@@ -3,7 +3,9 @@
 One loop for every execution backend. Everything that differs between single-process and
 distributed training goes through one seam, :func:`lanton_dist.backends.setup_backend`, which
 returns a :class:`~lanton_dist.backends.Backend` (``none``, ``zero``, ``ddp``, ``fsdp2``,
-``deepspeed``, ``megatron``) and builds the model it runs; the loop does not change. Before anything is built the config is checked
+``deepspeed``) for the :class:`~lanton_dist.model.Transformer`, or
+:func:`lanton_dist.megatron_backend.setup_megatron_backend` (``megatron``: Megatron-core's own
+LLaMA ``GPTModel``); the loop does not change. Before anything is built the config is checked
 (:func:`lanton_dist.config.check_run_config`) and, on resume, compared with the checkpoint's.
 
 Per step ``s`` (0-based; the record written after it has ``step = s + 1``):
@@ -53,6 +55,8 @@ from lanton_dist.backends import Backend, OptimizerFactory, data_parallel_size, 
 from lanton_dist.config import ConfigError, RunConfig, check_run_config, to_dict
 from lanton_dist.data import TokenDataset, build_dataset, unigram_baseline
 from lanton_dist.divergence import DivergenceGuard
+from lanton_dist.megatron_backend import setup_megatron_backend
+from lanton_dist.model import Transformer
 from lanton_dist.preemption import COMPLETED, StopRequest, any_rank
 from lanton_dist.schedule import build_scheduler
 from lanton_dist.training_log import (MetricsLog, RunShape, TensorBoardLog, Throughput, format_line, model_flops_per_token,
@@ -190,7 +194,10 @@ def train(cfg: RunConfig, *, optimizer_factory: OptimizerFactory | None = None, 
     resume = checkpoint_dir.resume_point(cfg, log if is_main else (lambda _msg: None))
     seed_everything(t_cfg.seed)
     data = build_dataset(cfg.data, cfg.model.vocab_size)
-    backend = setup_backend(cfg, None, optimizer_factory)
+    if cfg.parallel.backend == "megatron":  # each rank builds its own stage and TP shard of Megatron's model
+        backend = setup_megatron_backend(cfg, optimizer_factory)
+    else:
+        backend = setup_backend(cfg, Transformer(cfg.model, seed=t_cfg.seed), optimizer_factory)
     try:
         return _run(cfg, backend, data, out, log, stop, resume)
     finally:
