@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from lanton_dist.config import TRAINER_BACKENDS, OptimConfig, RunConfig
@@ -101,6 +102,45 @@ class Backend:
         """Context for one micro-batch's backward; ``sync=False`` may skip gradient reduction
         (accumulation), ``sync=True`` is the last micro-batch of a (half-)batch."""
         return contextlib.nullcontext()
+
+    def data_shard(self) -> tuple[int, int]:
+        """``(index, count)``: which rows of each global batch this process computes — rows
+        ``[index·b, (index+1)·b)``, ``b = global_batch / count`` (here ``(rank, world)``)."""
+        return self.rank, self.world
+
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, micro_batch: int, dtype: str) -> tuple[torch.Tensor, bool]:
+        """Forward and backward of this process's rows ``x, y`` ``(b, T)`` int64: returns this
+        rank's mean loss (a detached scalar on ``device``; :meth:`reduce_loss` makes it global)
+        and whether the rows ran as two halves.
+
+        The rows are cut into micro-batches of ``micro_batch`` rows (0: all at once), each
+        micro-batch's mean loss weighted ``rows / b`` so the accumulated gradient is the one of
+        the mean loss. When the optimizer asks for Option II (``needs_two_half_batches()``) the
+        rows split into two halves (each half's loss weighted ½) and ``stash_half_gradient()``
+        is called between them."""
+        opt = self.optimizer
+        two = bool(getattr(opt, "needs_two_half_batches", lambda: False)())
+        rows = x.shape[0]
+        halves = micro_slices(rows, micro_batch, 2 if two else 1)
+        total = torch.zeros((), device=self.device)
+        for h, slices in enumerate(halves):
+            for i, sl in enumerate(slices):
+                xb, yb = x[sl], y[sl]
+                with self.sync_context(i == len(slices) - 1), autocast(self.device, dtype):
+                    logits = self.model(xb)
+                    loss = F.cross_entropy(logits.float().flatten(0, 1), yb.flatten())
+                    weighted = loss * (xb.shape[0] / rows)
+                    self.backward(weighted)
+                total += weighted.detach()
+            if two and h == 0:
+                opt.stash_half_gradient()
+        return total, two
+
+    def eval_loss(self, x: torch.Tensor, y: torch.Tensor, dtype: str) -> torch.Tensor:
+        """This rank's mean loss on rows ``x, y`` (no gradient; the caller sets eval mode)."""
+        with autocast(self.device, dtype):
+            logits = self.model(x)
+        return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
@@ -203,6 +243,13 @@ def load_optimizer_state(opt: torch.optim.Optimizer, sd: dict[str, Any]) -> None
         g.update(k)
 
 
+def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast for ``train.dtype: bf16`` on CUDA; nothing otherwise (fp32)."""
+    if dtype == "bf16" and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` → ``cuda`` when available, else ``cpu``; ``cuda`` without a GPU is an error."""
     if name == "auto":
@@ -228,9 +275,15 @@ def micro_slices(rows: int, micro: int, halves: int) -> list[list[slice]]:
 
 
 def data_parallel_size(cfg: RunConfig) -> int:
-    """The world size ``setup_backend`` will report, known before it runs (``WORLD_SIZE`` of
-    torchrun for the distributed backends, 1 otherwise), for the checks before training."""
-    return 1 if cfg.parallel.backend == "none" else int(os.environ.get("WORLD_SIZE", "1"))
+    """The number of data-parallel batch shards (:meth:`Backend.data_shard`), known before
+    :func:`setup_backend` runs, for the checks before training: 1 for ``none``, torchrun's
+    ``WORLD_SIZE`` for the distributed backends, ``WORLD_SIZE / (tp·pp)`` for ``megatron``."""
+    if cfg.parallel.backend == "none":
+        return 1
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.parallel.backend == "megatron":
+        return max(1, world // (cfg.parallel.tp * cfg.parallel.pp))
+    return world
 
 
 def setup_backend(cfg: RunConfig, model: nn.Module, optimizer_factory: OptimizerFactory | None = None) -> Backend:
@@ -238,6 +291,8 @@ def setup_backend(cfg: RunConfig, model: nn.Module, optimizer_factory: Optimizer
 
     The one place that knows about process groups and wrappers: it places the model, builds
     the optimizer with ``optimizer_factory(model, cfg.optim)`` and reports rank/world.
+    ``megatron`` builds Megatron-core's own model instead:
+    :func:`lanton_dist.megatron_backend.setup_megatron_backend`.
     """
     factory = optimizer_factory or build_optimizer
     name = cfg.parallel.backend
@@ -251,11 +306,11 @@ def setup_backend(cfg: RunConfig, model: nn.Module, optimizer_factory: Optimizer
         device = resolve_device(cfg.train.device)
         model.to(device)
         return Backend(model, factory(model, cfg.optim), device, clip_grad_norm=cfg.optim.clip_grad_norm)
+    if name == "megatron":
+        raise ValueError("parallel.backend 'megatron' builds Megatron-core's GPTModel, not this model: set it up with "
+                         "lanton_dist.megatron_backend.setup_megatron_backend (lanton_dist.trainer.train does)")
     if name in TRAINER_BACKENDS[1:]:
         return setup_distributed_backend(cfg, model, factory)
-    if name == "megatron":
-        raise ValueError("parallel.backend 'megatron' trains Megatron-core's GPTModel: launch it with "
-                         f"launch/pretrain_llama.py; this loop supports {TRAINER_BACKENDS}")
     raise ValueError(f"unsupported parallel.backend {name!r}; supported backends: {TRAINER_BACKENDS}")
 
 

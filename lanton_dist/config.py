@@ -1,13 +1,13 @@
 """Run configuration: dataclasses, strict YAML loading, ``--section.key value`` overrides and
-the checks both training entries run before anything is built.
+the checks the training entry runs before anything is built.
 
 Unknown keys (in YAML or on the command line) are errors that list the valid keys; values
 are converted to the field's declared type. One :class:`RunConfig` drives
-``launch/train.py`` and ``launch/pretrain_llama.py``; every section is a plain dataclass so
-library users can build them in code. Every problem with a config — malformed YAML, an
+``launch/train.py`` (every ``parallel.backend``, Megatron included); every section is a plain
+dataclass so library users can build them in code. Every problem with a config — malformed YAML, an
 unknown key, a bad value (:func:`check_run_config`), a resume that does not match its
 checkpoint (:func:`check_resume`) — is a :class:`ConfigError` whose message names the key;
-the entries print it as one ``config error: …`` line and exit with status 2. Torch-free.
+the entry prints it as one ``config error: …`` line and exits with status 2. Torch-free.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ OPTIMIZERS: tuple[str, ...] = ALGORITHMS  # optim.name
 
 
 class ConfigError(ValueError):
-    """A run config the entries refuse before building anything; the message names the key."""
+    """A run config the training entry refuses before building anything; the message names the key."""
 
 
 @dataclass
@@ -261,7 +261,7 @@ class DataConfig:
     ``synthetic`` (seeded random tokens, for tests), ``text`` (UTF-8 text at ``path``: a file,
     a directory of ``.txt`` files or a glob), ``jsonl`` (one JSON object per line, the
     document under ``text_key``), or ``indexed`` (a Megatron ``.bin``/``.idx`` pair, ``path``
-    its prefix; ``megatron`` is the same source under the name launch/pretrain_llama.py uses).
+    its prefix; ``megatron`` is another name for the same source).
     ``tokenizer``: a HF ``tokenizer.json`` for ``text``/``jsonl`` (empty: byte tokens, vocab
     256); ``eod_token``: its end-of-document token (empty: the first known one it has).
     ``sample_by``: one ``text`` document is a whole file (``document``), a blank-line
@@ -299,9 +299,8 @@ class TrainConfig:
     max_consecutive_skips: int = 5  # stop (exit 3) after this many skipped/non-finite steps in a row; 0: never
 
 
-# ``parallel.backend`` values run by launch/train.py (lanton_dist.trainer); ``megatron`` runs in
-# launch/pretrain_llama.py.
-TRAINER_BACKENDS: tuple[str, ...] = ("none", "zero", "ddp", "fsdp2", "deepspeed")
+#: ``parallel.backend`` values, every one run by launch/train.py (:mod:`lanton_dist.trainer`).
+TRAINER_BACKENDS: tuple[str, ...] = ("none", "zero", "ddp", "fsdp2", "deepspeed", "megatron")
 
 
 @dataclass
@@ -350,7 +349,6 @@ def load_run_config(path: str | Path | None, overrides: list[str] | None = None)
 # ============================================================================ checks before training
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 DTYPES: tuple[str, ...] = ("fp32", "bf16")
-BACKENDS: tuple[str, ...] = (*TRAINER_BACKENDS, "megatron")
 
 
 def _number(key: str, value: float, *, low: float = 0.0, high: float | None = None, open_high: bool = True,
@@ -437,8 +435,8 @@ def _check_data(d: DataConfig, model: ModelConfig) -> None:
 
 def _check_parallel(cfg: RunConfig, data_parallel: int) -> None:
     p, t, o = cfg.parallel, cfg.train, cfg.optim
-    if p.backend not in BACKENDS:
-        raise ConfigError(f"parallel.backend must be one of {BACKENDS}, got {p.backend!r}")
+    if p.backend not in TRAINER_BACKENDS:
+        raise ConfigError(f"parallel.backend must be one of {TRAINER_BACKENDS}, got {p.backend!r}")
     for name in ("tp", "pp"):
         if getattr(p, name) < 1:
             raise ConfigError(f"parallel.{name} must be >= 1, got {getattr(p, name)}")
@@ -450,6 +448,9 @@ def _check_parallel(cfg: RunConfig, data_parallel: int) -> None:
         if o.name == "lanton" and o.option == "II":
             raise ConfigError("optim.option II needs the two half-batch gradients separately, but DeepSpeed "
                               "accumulates micro-batch gradients internally: use optim.option I with parallel.backend deepspeed")
+    if p.backend == "megatron" and o.name == "lanton" and o.option == "II":
+        raise ConfigError("optim.option II needs two half-batch gradients, which Megatron's pipeline schedule does "
+                          "not produce: use optim.option I with parallel.backend megatron")
     if t.global_batch % data_parallel:
         raise ConfigError(f"train.global_batch {t.global_batch} is not divisible by the data-parallel size {data_parallel}")
     rows = t.global_batch // data_parallel
@@ -467,7 +468,7 @@ def check_run_config(cfg: RunConfig, data_parallel: int = 1) -> None:
     out of range (non-finite or negative rates and weight decay, momentum coefficients outside
     ``[0, 1)`` for every algorithm), an Option II batch that does not split in two on each of
     the ``data_parallel`` ranks, a missing Megatron ``data.path``, ``logging.tensorboard``
-    without the package. Cheap and torch-free: the entries call it before building a model or
+    without the package. Cheap and torch-free: the loop calls it before building a model or
     a process group."""
     check_model_config(cfg.model)
     _check_train(cfg.train)
@@ -505,7 +506,10 @@ def check_resume(saved: dict[str, Any], current: dict[str, Any], where: str) -> 
     """Compare the config stored with checkpoint ``where`` (``saved``) with this run's
     (``current``, both :func:`to_dict` form). Raise :class:`ConfigError` listing every
     :data:`RESUME_MUST_MATCH` entry that differs; return one warning per
-    :data:`RESUME_MAY_CHANGE` entry that does."""
+    :data:`RESUME_MAY_CHANGE` entry that does. Keys added after the checkpoint was written
+    take their defaults there (a checkpoint that predates a key ran with its default)."""
+    saved = _merge(to_dict(RunConfig()), saved)
+
     def diff(keys: tuple[str, ...]) -> list[str]:
         return [f"{k}: checkpoint {_dotted(saved, k)!r}, now {_dotted(current, k)!r}"
                 for k in keys if _dotted(saved, k) != _dotted(current, k)]

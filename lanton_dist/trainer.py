@@ -3,20 +3,23 @@
 One loop for every execution backend. Everything that differs between single-process and
 distributed training goes through one seam, :func:`lanton_dist.backends.setup_backend`, which
 returns a :class:`~lanton_dist.backends.Backend` (``none``, ``zero``, ``ddp``, ``fsdp2``,
-``deepspeed``); the loop does not change. Before anything is built the config is checked
+``deepspeed``) for the :class:`~lanton_dist.model.Transformer`, or
+:func:`lanton_dist.megatron_backend.setup_megatron_backend` (``megatron``: Megatron-core's own
+LLaMA ``GPTModel``); the loop does not change. Before anything is built the config is checked
 (:func:`lanton_dist.config.check_run_config`) and, on resume, compared with the checkpoint's.
 
 Per step ``s`` (0-based; the record written after it has ``step = s + 1``):
 
-* rank ``r`` takes rows ``[r·b, (r+1)·b)`` of the deterministic global batch of step ``s``
-  (:meth:`lanton_dist.data.TokenDataset.get_batch`, ``b = global_batch / world``);
-* the rows are split into micro-batches of ``train.micro_batch`` rows (0: all ``b`` rows at
-  once); each micro-batch's mean loss is weighted ``rows / b`` so the accumulated gradient is
-  the gradient of the per-rank mean loss; the backend's reduction makes it the global mean;
-* when the optimizer asks for Option II (``needs_two_half_batches()``), the rows are split into
-  two halves — every micro-batch then lies in one half and its weight ``rows / b`` equals
-  ``½ · rows / (b/2)``: each half's loss is weighted ½ — and ``stash_half_gradient()`` is
-  called between the halves;
+* data shard ``d`` of ``D`` (:meth:`~lanton_dist.backends.Backend.data_shard`: the rank and
+  world, or Megatron's data-parallel replica) takes rows ``[d·b, (d+1)·b)`` of the
+  deterministic global batch of step ``s`` (:meth:`lanton_dist.data.TokenDataset.get_batch`,
+  ``b = global_batch / D``);
+* :meth:`~lanton_dist.backends.Backend.forward_backward` runs them: split into micro-batches
+  of ``train.micro_batch`` rows (0: all ``b`` rows at once), each micro-batch's mean loss
+  weighted ``rows / b`` so the accumulated gradient is the gradient of the per-rank mean loss
+  (the backend's reduction makes it the global mean); when the optimizer asks for Option II
+  (``needs_two_half_batches()``) as two halves, each half's loss weighted ½, with
+  ``stash_half_gradient()`` between them; Megatron runs its pipeline schedule instead;
 * optimizer step, scheduler step (linear warm-up + cosine), ``metrics.jsonl`` record; every
   ``train.log_every`` steps (and the last) also one progress line — printed whether or not
   stdout is a terminal — with tokens/s, the global gradient norm
@@ -33,7 +36,6 @@ the step) and the RNG states — the continued run is bit-identical to an uninte
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import math
@@ -47,13 +49,13 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from lanton_dist import checkpoint_dir
 from lanton_dist.backends import Backend, OptimizerFactory, data_parallel_size, micro_slices, setup_backend
 from lanton_dist.config import ConfigError, RunConfig, check_run_config, to_dict
 from lanton_dist.data import TokenDataset, build_dataset, unigram_baseline
 from lanton_dist.divergence import DivergenceGuard
+from lanton_dist.megatron_backend import setup_megatron_backend
 from lanton_dist.model import Transformer
 from lanton_dist.preemption import COMPLETED, StopRequest, any_rank
 from lanton_dist.schedule import build_scheduler
@@ -120,12 +122,6 @@ def plot_losses(records: list[dict[str, Any]], path: Path, title: str, unigram: 
 
 
 # ============================================================================ the loop
-def _autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
-    if dtype == "bf16" and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 class StepResult(NamedTuple):
     """One training step: the global mean loss (scalar tensor), whether the batch ran as two
     halves, and the global gradient norm (scalar tensor; None when not asked for or not
@@ -139,24 +135,10 @@ class StepResult(NamedTuple):
 def train_step(
     backend: Backend, x: torch.Tensor, y: torch.Tensor, micro_batch: int, dtype: str, *, grad_norm: bool = False
 ) -> StepResult:
-    """Forward/backward of this rank's rows ``x, y`` ``(b, T)`` and one optimizer step; with
+    """Forward/backward of this rank's rows ``x, y`` ``(b, T)``
+    (:meth:`~lanton_dist.backends.Backend.forward_backward`) and one optimizer step; with
     ``grad_norm`` also the global norm of the gradient that step used (a log step)."""
-    opt = backend.optimizer
-    two = bool(getattr(opt, "needs_two_half_batches", lambda: False)())
-    rows = x.shape[0]
-    halves = micro_slices(rows, micro_batch, 2 if two else 1)
-    total = torch.zeros((), device=backend.device)
-    for h, slices in enumerate(halves):
-        for i, sl in enumerate(slices):
-            xb, yb = x[sl], y[sl]
-            with backend.sync_context(i == len(slices) - 1), _autocast(backend.device, dtype):
-                logits = backend.model(xb)
-                loss = F.cross_entropy(logits.float().flatten(0, 1), yb.flatten())
-                weighted = loss * (xb.shape[0] / rows)
-                backend.backward(weighted)
-            total += weighted.detach()
-        if two and h == 0:
-            opt.stash_half_gradient()
+    total, two = backend.forward_backward(x, y, micro_batch, dtype)
     backend.clip_gradients()  # optim.clip_grad_norm for optimizers that do not clip in their step
     backend.step()
     norm = backend.grad_norm(two) if grad_norm else None
@@ -172,11 +154,9 @@ def evaluate(backend: Backend, data: TokenDataset, global_batch: int, n_batches:
     model.eval()
     total = torch.zeros((), device=backend.device)
     for i in range(n_batches):
-        x, y = data.get_batch(i, global_batch, backend.rank, backend.world, split="val")
+        x, y = data.get_batch(i, global_batch, *backend.data_shard(), split="val")
         x, y = x.to(backend.device), y.to(backend.device)
-        with _autocast(backend.device, dtype):
-            logits = model(x)
-        total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        total += backend.eval_loss(x, y, dtype)
     model.train(was_training)
     return float(backend.reduce_loss(total / n_batches))
 
@@ -215,8 +195,10 @@ def train(cfg: RunConfig, *, optimizer_factory: OptimizerFactory | None = None, 
     resume = checkpoint_dir.resume_point(cfg, log if is_main else (lambda _msg: None))
     seed_everything(t_cfg.seed)
     data = build_dataset(cfg.data, cfg.model.vocab_size)
-    model = Transformer(cfg.model, seed=t_cfg.seed)
-    backend = setup_backend(cfg, model, optimizer_factory)
+    if cfg.parallel.backend == "megatron":  # each rank builds its own stage and TP shard of Megatron's model
+        backend = setup_megatron_backend(cfg, optimizer_factory)
+    else:
+        backend = setup_backend(cfg, Transformer(cfg.model, seed=t_cfg.seed), optimizer_factory)
     try:
         return _run(cfg, backend, data, out, log, stop, resume)
     finally:
@@ -293,7 +275,7 @@ def _run(cfg: RunConfig, backend: Backend, data: TokenDataset, out: Path, log: C
             t0 = time.perf_counter()
             step = s + 1
             logging_step = step % t_cfg.log_every == 0 or step == t_cfg.steps
-            x, y = data.get_batch(s, t_cfg.global_batch, backend.rank, backend.world)
+            x, y = data.get_batch(s, t_cfg.global_batch, *backend.data_shard())
             x, y = x.to(backend.device), y.to(backend.device)
             lrs = group_lrs(opt)
             res = train_step(backend, x, y, t_cfg.micro_batch, dtype, grad_norm=logging_step)

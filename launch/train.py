@@ -4,7 +4,13 @@
 
 ``--config PATH`` is optional (defaults: :class:`lanton_dist.config.RunConfig`); every other
 argument is an override. Rank and world come from the backend (``parallel.backend``), so
-the same command runs under ``torchrun`` once a distributed backend is configured.
+the same command runs under ``torchrun`` once a distributed backend is configured; Megatron-core
+LLaMA pretraining (TP × PP × DP) is ``parallel.backend: megatron``::
+
+    torchrun --nproc-per-node 8 launch/train.py --config configs/llama-1b.yaml --data.path /data/c4_text_document
+
+(``slurm/launch.py`` builds the multi-node command; ``train.device cpu`` runs Megatron on a
+CPU-only machine through the CI/test shim :mod:`lanton_dist.integrations.megatron_cpu`.)
 SIGUSR1/SIGTERM or ``$LANTON_STOP_FILE`` make every rank checkpoint at the end of the current
 step and exit (Slurm requeue: ``slurm/pretrain_llama.sbatch``); ``--train.resume true`` continues.
 

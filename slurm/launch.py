@@ -9,8 +9,8 @@ the exact commands for a given node count without Slurm being present::
 
 Multi-node: one ``srun`` task per node, each running ``torchrun --nnodes N --nproc-per-node G
 --rdzv-backend c10d --rdzv-endpoint MASTER_ADDR:PORT --rdzv-id JOB_ID``, whose workers run
-the config's training entry: ``launch/pretrain_llama.py`` for ``parallel.backend: megatron``,
-``launch/train.py`` for ``zero | ddp | fsdp2 | deepspeed``. ``--single-node``: ``torchrun
+the training entry ``launch/train.py`` for a distributed ``parallel.backend`` (``zero | ddp |
+fsdp2 | deepspeed | megatron``). ``--single-node``: ``torchrun
 --standalone`` without srun.
 Values default to the Slurm environment (``SLURM_NNODES``, ``SLURM_JOB_NODELIST``,
 ``SLURM_JOB_ID``, ``GPUS_PER_NODE``/``SLURM_GPUS_ON_NODE``, ``MASTER_ADDR``, ``MASTER_PORT``).
@@ -126,14 +126,12 @@ def load_config(config: str, overrides: list[str]):
 
 
 def entry_script(backend: str) -> str:
-    """The training entry of a distributed ``parallel.backend``."""
+    """The training entry of a distributed ``parallel.backend``: ``launch/train.py``."""
     from lanton_dist.config import TRAINER_BACKENDS
 
-    if backend == "megatron":
-        return "launch/pretrain_llama.py"
     if backend in TRAINER_BACKENDS and backend != "none":
         return "launch/train.py"
-    raise ValueError(f"parallel.backend is {backend!r}; this launcher runs megatron or "
+    raise ValueError(f"parallel.backend is {backend!r}; this launcher runs "
                      f"{', '.join(b for b in TRAINER_BACKENDS if b != 'none')} (a distributed backend)")
 
 

@@ -105,12 +105,27 @@ def test_ddp_backend_and_zero_backend_train_the_same_model_alike(tmp_path):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4), a["step"]
 
 
-def test_megatron_backend_in_the_small_loop_points_to_pretrain_llama():
+def test_megatron_builds_its_own_model_so_the_transformer_seam_points_to_its_setup():
     from lanton_dist.backends import setup_backend
     from lanton_dist.config import load_run_config
+    from lanton_dist.megatron_backend import setup_megatron_backend
+    from lanton_dist.model import Transformer
 
-    with pytest.raises(ValueError, match="pretrain_llama.py"):
-        setup_backend(load_run_config(None, ["--parallel.backend", "megatron"]), None)
+    cfg = load_run_config(None, ["--parallel.backend", "megatron"])
+    with pytest.raises(ValueError, match="megatron_backend.setup_megatron_backend"):
+        setup_backend(cfg, Transformer(cfg.model))
+    with pytest.raises(ValueError, match="takes no optimizer factory"):
+        setup_megatron_backend(cfg, lambda model, optim: None)
+
+
+def test_megatron_data_parallel_size_is_the_world_over_tp_times_pp(monkeypatch):
+    from lanton_dist.backends import data_parallel_size
+    from lanton_dist.config import load_run_config
+
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    assert data_parallel_size(load_run_config(None, ["--parallel.backend", "megatron", "--parallel.tp", "2",
+                                                     "--parallel.pp", "2"])) == 2
+    assert data_parallel_size(load_run_config(None, ["--parallel.backend", "zero"])) == 8
 
 
 def test_deepspeed_config_of_a_run_has_one_step_per_global_batch_and_no_clipping():

@@ -98,3 +98,15 @@ def test_cli_reports_config_errors_as_one_line_and_exit_status_2(tmp_path, capsy
         assert e.value.code == 2
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("config error: ") and key in lines[0], lines
+
+
+def test_a_checkpoint_config_written_before_a_key_existed_resumes_with_that_keys_default():
+    from lanton_dist.config import ConfigError, RunConfig, check_resume, to_dict
+
+    current = to_dict(RunConfig())
+    saved = to_dict(RunConfig())
+    del saved["optim"]["clip_grad_norm"]  # a checkpoint from before gradient clipping existed
+    assert check_resume(saved, current, "old") == []
+    current["optim"]["clip_grad_norm"] = 1.0  # ...but it ran without clipping: turning it on is a change
+    with pytest.raises(ConfigError, match="optim: checkpoint"):
+        check_resume(saved, current, "old")

@@ -1,6 +1,7 @@
 """LANTON on Megatron-core (TP × PP × DP on CPU gloo) equals the single-process reference."""
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 
@@ -9,11 +10,12 @@ import torch
 
 pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip install megatron-core==0.16.1)")
 
-import megatron_cpu_shim  # noqa: E402
 from distributed import run  # noqa: E402
-from test_megatron_model import load_pretrain, tiny_cfg  # noqa: E402
+from test_megatron_model import tiny_cfg  # noqa: E402
 from lanton_dist.groups import Geometry  # noqa: E402
+from lanton_dist.integrations import megatron_cpu  # noqa: E402
 from lanton_dist.integrations import megatron_model as mm  # noqa: E402
+from lanton_dist.megatron_backend import MegatronBackend, checkpoint_keys, make_optimizer  # noqa: E402
 
 pytestmark = pytest.mark.slow
 STEPS = 10
@@ -21,18 +23,33 @@ OPTIM = dict(optim__name="lanton", optim__estimate_every=3, optim__nuclear_estim
              train__micro_batch=2, parallel__overlap="false")
 
 
-def _train(cfg, steps, start=0, opt=None, model=None):
-    from megatron.core import parallel_state as ps
+def megatron_backend(cfg, model, opt) -> MegatronBackend:
+    """The training loop's Megatron backend around a model and optimizer built by the test."""
+    return MegatronBackend(model, opt, torch.device("cpu"), cfg, checkpoint_keys(mm.logical_param_specs(model, cfg)),
+                           shim=False)
 
-    pre = load_pretrain()
-    dp = ps.get_data_parallel_world_size()
-    micro, num_micro = pre.batch_geometry(cfg, dp)
-    data, _ = pre.build_data(cfg, 0, 0)
-    fwd = pre.make_forward_step(torch.device("cpu"), mm.causal_attention_mask(cfg.data.seq_len), False)
+
+@functools.cache
+def _dataset(source: str, vocab_size: int, seq_len: int, seed: int):
+    from lanton_dist.config import DataConfig
+    from lanton_dist.data import build_dataset
+
+    return build_dataset(DataConfig(source=source, seq_len=seq_len, seed=seed), vocab_size)
+
+
+def forward_backward(backend, cfg, step: int, shard: tuple[int, int]) -> None:
+    """Gradients of data shard ``shard`` = (replica, replicas) of the global batch of ``step``
+    (the loop's data and Megatron schedule)."""
+    data = _dataset(cfg.data.source, cfg.model.vocab_size, cfg.data.seq_len, cfg.data.seed)
+    x, y = data.get_batch(step, cfg.train.global_batch, *shard)
+    backend.forward_backward(x, y, cfg.train.micro_batch, "fp32")
+
+
+def _train(cfg, steps, start=0, opt=None, model=None):
+    backend = megatron_backend(cfg, model, opt)
     for step in range(start, steps):
         model.zero_grad(set_to_none=True)
-        batches = pre.micro_batches(data, step, cfg.train.global_batch, micro, num_micro, ps.get_data_parallel_rank(), dp)
-        pre.run_batches(model, fwd, batches, num_micro, cfg.data.seq_len, micro, False, torch.device("cpu"))
+        forward_backward(backend, cfg, step, backend.data_shard())
         opt.step()
 
 
@@ -63,7 +80,7 @@ def canonical_init(model, cfg) -> None:
 
 
 def _worker(rank, world, tp, pp, ckpt=None, phase=None):
-    megatron_cpu_shim.install()
+    megatron_cpu.install()
     try:
         from lanton_dist.integrations.megatron import build_megatron_optimizer
 
@@ -72,7 +89,7 @@ def _worker(rank, world, tp, pp, ckpt=None, phase=None):
         model = mm.build_gpt_model(cfg)
         canonical_init(model, cfg)
         if tp == pp == 1 and world == 1:
-            opt = load_pretrain().make_optimizer(model, cfg)
+            opt = make_optimizer(model, cfg)
         else:
             opt = build_megatron_optimizer(model, cfg)
         if phase is None:
@@ -92,7 +109,7 @@ def _worker(rank, world, tp, pp, ckpt=None, phase=None):
         return _logical_params(model, cfg), getattr(opt, "meter", None) and opt.meter.by_phase(2)
     finally:
         mm.destroy_model_parallel()
-        megatron_cpu_shim.uninstall()
+        megatron_cpu.uninstall()
 
 
 def _model_tensors(model, cfg):
@@ -144,7 +161,7 @@ def _ns_count_worker(rank, world, tp, pp):
     calls = []
     real = lmo.newton_schulz
     lmo.newton_schulz = lambda x, *a, **kw: (calls.append(x.shape[0] if x.ndim == 3 else 1), real(x, *a, **kw))[1]
-    megatron_cpu_shim.install()
+    megatron_cpu.install()
     try:
         from lanton_dist.integrations.megatron import build_megatron_optimizer
 
@@ -160,7 +177,7 @@ def _ns_count_worker(rank, world, tp, pp):
     finally:
         lmo.newton_schulz = real
         mm.destroy_model_parallel()
-        megatron_cpu_shim.uninstall()
+        megatron_cpu.uninstall()
 
 
 def test_each_logical_matrix_is_orthogonalised_once_per_step_across_tp_and_dp():

@@ -1,8 +1,8 @@
-"""Megatron-core LLaMA on CPU (gloo + tests/megatron_cpu_shim.py): TP=2 and PP=2 against TP=1/PP=1,
-the logical parameter specs LANTON sees, and launch/pretrain_llama.py end to end."""
+"""Megatron-core LLaMA on CPU (gloo + lanton_dist.integrations.megatron_cpu): TP=2 and PP=2 against
+TP=1/PP=1, the logical parameter specs LANTON sees, and ``launch/train.py --parallel.backend megatron``
+end to end (the same loop, logs, checkpoints and exit codes as every other backend)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import socket
@@ -18,13 +18,13 @@ pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
-import megatron_cpu_shim  # noqa: E402  (tests/ is on sys.path under pytest)
 from lanton_dist.config import load_run_config  # noqa: E402
 from lanton_dist.groups import Geometry  # noqa: E402
+from lanton_dist.integrations import megatron_cpu  # noqa: E402
 from lanton_dist.integrations import megatron_model as mm  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-PRETRAIN = ROOT / "launch" / "pretrain_llama.py"
+TRAIN = ROOT / "launch" / "train.py"
 
 TINY = {
     "model.vocab_size": 64, "model.dim": 32, "model.n_layers": 2, "model.n_heads": 4, "model.n_kv_heads": 2,
@@ -36,13 +36,6 @@ TINY = {
 def tiny_cfg(**extra):
     items = {**TINY, **{k.replace("__", "."): v for k, v in extra.items()}}
     return load_run_config(None, [f"--{k}={v}" for k, v in items.items()])
-
-
-def load_pretrain():
-    spec = importlib.util.spec_from_file_location("pretrain_llama", PRETRAIN)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def free_port() -> int:
@@ -58,7 +51,7 @@ def spawn(fn, world: int = 2, *args) -> None:
 def _entry(rank, fn, world, port, args):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    megatron_cpu_shim.install()
+    megatron_cpu.install()
     try:
         fn(rank, *args)
     finally:
@@ -108,16 +101,46 @@ def test_shim_install_and_uninstall():
     if torch.cuda.is_available():
         pytest.skip("the shim refuses to run where CUDA exists")
     original = torch.cuda.current_device
-    megatron_cpu_shim.install()
+    megatron_cpu.install()
     try:
         assert torch.cuda.current_device() == torch.device("cpu")
         from megatron.core.pipeline_parallel import schedules
         assert schedules.torch.zeros([], device="cuda").device.type == "cpu"
     finally:
-        megatron_cpu_shim.uninstall()
+        megatron_cpu.uninstall()
     assert torch.cuda.current_device is original
     from megatron.core.pipeline_parallel import schedules
     assert schedules.torch is torch
+
+
+def test_option_two_is_refused_for_megatron_before_anything_is_built():
+    from lanton_dist.config import ConfigError, check_run_config
+
+    with pytest.raises(ConfigError, match="optim.option II .* parallel.backend megatron"):
+        check_run_config(tiny_cfg(optim__option="II"))
+    check_run_config(tiny_cfg(optim__option="I"))
+
+
+def test_megatron_on_a_cpu_only_machine_runs_only_when_train_device_says_cpu():
+    if torch.cuda.is_available():
+        pytest.skip("about machines without CUDA")
+    from lanton_dist.config import ConfigError
+    from lanton_dist.megatron_backend import setup_megatron_backend
+
+    with pytest.raises(ConfigError, match="train.device auto found no CUDA device: Megatron-core needs CUDA"):
+        setup_megatron_backend(tiny_cfg(train__device="auto"))
+    assert not dist.is_initialized() and not megatron_cpu.installed()
+
+
+def test_a_layout_the_world_does_not_allow_is_a_config_error_that_leaves_no_group_or_shim_behind():
+    if torch.cuda.is_available():
+        pytest.skip("runs Megatron on the CPU")
+    from lanton_dist.config import ConfigError
+    from lanton_dist.megatron_backend import setup_megatron_backend
+
+    with pytest.raises(ConfigError, match="world size 1 is not divisible by tp\\*pp = 3\\*1"):
+        setup_megatron_backend(tiny_cfg(parallel__tp=3, train__device="cpu"))
+    assert not dist.is_initialized() and not megatron_cpu.installed()
 
 
 def test_requires_distributed_and_cuda_or_shim():
@@ -179,10 +202,10 @@ def _tp_worker(rank, out_dir):
     grads2 = {specs[n].global_name: mm.to_tp1_layout(mm.tp_gather(p.grad, specs[n]), specs[n])
               for n, p in model.named_parameters()}
 
-    pretrain = load_pretrain()
     from lanton_dist.engine import ShardedLANTON
+    from lanton_dist.megatron_backend import make_optimizer
 
-    assert isinstance(pretrain.make_optimizer(model, cfg2), ShardedLANTON)  # TP > 1: the TP-aware engine
+    assert isinstance(make_optimizer(model, cfg2), ShardedLANTON)  # TP > 1: the TP-aware engine
 
     # the same seed at TP=1 builds the same logical model (CPU init draws full master weights)
     cfg1 = tiny_cfg()
@@ -209,10 +232,20 @@ def test_tp2_forward_backward_matches_tp1(tmp_path):
 
 
 # ----------------------------------------------------------------------------- PP = 2 vs PP = 1
+def _schedule(stage, cfg, x, y, micro):
+    """``x, y`` through :class:`MegatronBackend`'s schedule (forward + backward): the global mean loss."""
+    from lanton_dist.megatron_backend import MegatronBackend, checkpoint_keys
+
+    backend = MegatronBackend(stage, None, torch.device("cpu"), cfg, checkpoint_keys(mm.logical_param_specs(stage, cfg)),
+                              shim=False)
+    loss, two = backend.forward_backward(x, y, micro, "fp32")
+    assert not two
+    return backend.reduce_loss(loss)
+
+
 def _pp_worker(rank, out_dir):
     from megatron.core import parallel_state as ps
 
-    pretrain = load_pretrain()
     cfg2 = tiny_cfg(parallel__pp=2)
     mm.initialize_model_parallel(cfg2)
     stage = mm.build_gpt_model(cfg2)
@@ -226,21 +259,15 @@ def _pp_worker(rank, out_dir):
         assert "decoder.layers.0.mlp.linear_fc1.weight" in dict(stage.named_parameters())
         assert "decoder.layers.1.mlp.linear_fc1.weight" in names and "output_layer.weight" in names
 
-    seq, micro, num_micro = cfg2.data.seq_len, 2, 4
-    data = pretrain.SyntheticTokens(cfg2.model.vocab_size, seq, seed=5)
-    fwd = pretrain.make_forward_step(torch.device("cpu"), mm.causal_attention_mask(seq), bf16=False)
-
-    def batches():
-        return pretrain.micro_batches(data, 0, micro * num_micro, micro, num_micro, 0, 1)
-
-    total2 = pretrain.run_batches(stage, fwd, batches(), num_micro, seq, micro, False, torch.device("cpu"))
+    x, y = _batch(cfg2, n=8, seed=5)  # 4 micro-batches of 2 rows through the 1F1B schedule
+    loss2 = _schedule(stage, cfg2, x, y, 2)
     assert ps.get_pipeline_model_parallel_world_size() == 2
     mine = {specs[n].global_name: (p.detach().clone(), p.grad.detach().clone()) for n, p in stage.named_parameters()}
     everything = [None, None]
     dist.all_gather_object(everything, mine)
     merged = {**everything[0], **everything[1]}
 
-    # PP=1 (the two ranks become data-parallel replicas) with the stages' weights
+    # PP=1 (the two ranks become data-parallel replicas, both given the same rows) with the stages' weights
     cfg1 = tiny_cfg()
     mm.initialize_model_parallel(cfg1)
     ref = mm.build_gpt_model(cfg1)
@@ -249,9 +276,9 @@ def _pp_worker(rank, out_dir):
     with torch.no_grad():
         for n, p in ref.named_parameters():
             p.copy_(merged[specs1[n].global_name][0])
-    total1 = pretrain.run_batches(ref, fwd, batches(), num_micro, seq, micro, False, torch.device("cpu"))
-    # run_batches sums over all ranks: PP=2 has one last stage, PP=1 here has two replicas
-    torch.testing.assert_close(total1 / 2, total2, rtol=1e-6, atol=1e-6)
+    loss1 = _schedule(ref, cfg1, x, y, 2)
+    assert torch.isfinite(loss2) and loss2 > 0
+    torch.testing.assert_close(loss1, loss2, rtol=1e-6, atol=1e-6)
     for n, p in ref.named_parameters():
         torch.testing.assert_close(p.grad, merged[specs1[n].global_name][1], rtol=1e-4, atol=1e-6, msg=n)
 
@@ -261,7 +288,7 @@ def test_pp2_pipeline_schedule_matches_pp1(tmp_path):
     spawn(_pp_worker, 2, str(tmp_path))
 
 
-# ----------------------------------------------------------------------------- launcher
+# ----------------------------------------------------------------------------- launch/train.py
 def _write_config(path: Path, out_dir: Path, **train) -> Path:
     import yaml
 
@@ -278,16 +305,22 @@ def _write_config(path: Path, out_dir: Path, **train) -> Path:
     return path
 
 
-def _pretrain(config: Path, *overrides: str, env: dict | None = None, nproc: int = 1,
-              returncode: int = 0) -> subprocess.CompletedProcess:
+def launch(script: Path, config: Path, *args: str, env: dict | None = None, nproc: int = 1,
+           returncode: int = 0) -> subprocess.CompletedProcess:
+    """``script --config config args…`` in one process, or under torchrun with ``nproc`` workers."""
     full_env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "LANTON_STOP_FILE")}
     full_env.update(env or {})
     launcher = [sys.executable] if nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", str(free_port())]
-    res = subprocess.run([*launcher, str(PRETRAIN), "--cpu-shim", "--config", str(config), *overrides],
+    res = subprocess.run([*launcher, str(script), "--config", str(config), *args],
                          cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=300)
     assert res.returncode == returncode, res.stdout[-3000:] + res.stderr[-5000:]
     return res
+
+
+def train_megatron(config: Path, *overrides: str, **kw) -> subprocess.CompletedProcess:
+    """``launch/train.py`` on a ``parallel.backend: megatron`` config (CPU: the shim installs itself)."""
+    return launch(TRAIN, config, *overrides, **kw)
 
 
 def _complete_checkpoints(out_dir: Path) -> list[str]:
@@ -297,10 +330,14 @@ def _complete_checkpoints(out_dir: Path) -> list[str]:
 
 
 def _assert_only_tensors(path: Path) -> None:
-    """No non-tensor object in the DCP checkpoint (DCP would un-pickle it on load)."""
+    """No non-tensor object in the checkpoint (DCP, or state.pt in one process): nothing un-pickled on load."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+    if (path / "state.pt").exists():
+        state = torch.load(path / "state.pt", weights_only=True)
+        assert state["model"] and all(torch.is_tensor(v) for v in state["model"].values())
+        return
     entries = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
     assert entries and all(isinstance(v, TensorStorageMetadata) for v in entries.values()), sorted(entries)
 
@@ -310,15 +347,18 @@ def _metrics(out_dir: Path) -> dict[int, dict]:
     return {r["step"]: r for r in rows}
 
 
+HEADER = "M params |"  # the loop's first line, printed once the model is built
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("tp", [1, 2])
-def test_pretrain_smoke_stop_and_resume(tmp_path, tp):
+def test_megatron_run_smoke_stop_and_resume(tmp_path, tp):
     """TP=1 (one process, reference optimizer) and TP=2 (two processes, the sharded engine)."""
     straight = tmp_path / "straight"
-    run = lambda cfg, **kw: _pretrain(cfg, "--parallel.tp", str(tp), nproc=tp, **kw)  # noqa: E731
+    run = lambda cfg, **kw: train_megatron(cfg, "--parallel.tp", str(tp), nproc=tp, **kw)  # noqa: E731
     run(_write_config(tmp_path / "a.yaml", straight))
     rows = _metrics(straight)
-    losses = [rows[s]["loss"] for s in sorted(rows)]
+    losses = [rows[s]["loss"] for s in sorted(rows) if s > 0]
     assert len(losses) == 8 and all(map(lambda x: x == x and abs(x) < 1e9, losses))
     assert losses[-1] < losses[0] - 0.1, losses
     assert "val_loss" in rows[4] and "val_loss" in rows[8]
@@ -337,7 +377,7 @@ def test_pretrain_smoke_stop_and_resume(tmp_path, tp):
     # … and the resumed run is the uninterrupted one, step for step (model, LANTON state, schedule)
     stop.unlink()
     second = run(cfg)
-    assert "step_00000001 is the newest complete checkpoint" in second.stdout and "resume: loaded" in second.stdout
+    assert "step_00000001 is the newest complete checkpoint" in second.stdout and "resumed from" in second.stdout
     again = _metrics(resumed)
     for step in range(1, 9):
         assert again[step]["loss"] == rows[step]["loss"], step
@@ -347,7 +387,7 @@ def test_pretrain_smoke_stop_and_resume(tmp_path, tp):
 
 
 @pytest.mark.slow
-def test_pretrain_megatron_indexed_dataset(tmp_path):
+def test_megatron_run_reads_an_indexed_dataset(tmp_path):
     import numpy as np
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
@@ -360,65 +400,98 @@ def test_pretrain_megatron_indexed_dataset(tmp_path):
     builder.finalize(f"{prefix}.idx")
     out = tmp_path / "run"
     cfg = _write_config(tmp_path / "c.yaml", out, steps=3, eval_every=3)
-    _pretrain(cfg, "--data.source", "megatron", "--data.path", str(prefix))
+    train_megatron(cfg, "--data.source", "megatron", "--data.path", str(prefix))
     rows = _metrics(out)
-    assert sorted(rows) == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in rows.values())
+    assert sorted(rows) == [0, 1, 2, 3] and all(np.isfinite(r["loss"]) for s, r in rows.items() if s)
     assert np.isfinite(rows[3]["val_loss"])
-    assert list((out / "data_cache").glob("*GPTDataset-train-*"))
 
-    bad = _pretrain(cfg, "--data.source", "megatron", "--data.path", str(tmp_path / "missing"), returncode=2)
+    bad = train_megatron(cfg, "--data.source", "megatron", "--data.path", str(tmp_path / "missing"), returncode=2)
     errors = [line for line in bad.stderr.splitlines() if "Error" in line or "error" in line]
     assert errors == [f"config error: data.path {str(tmp_path / 'missing')!r}: {tmp_path / 'missing'}.bin and "
                       f"{tmp_path / 'missing'}.idx does not exist (give the prefix of the indexed dataset, without extension)"]
-    assert "megatron LLaMA" not in bad.stdout  # refused before the model was built
-
+    assert HEADER not in bad.stdout  # refused before the model was built
 
 
 @pytest.mark.slow
-def test_pretrain_reads_a_text_file_through_the_shared_data_module(tmp_path):
+def test_megatron_run_reads_a_text_file_through_the_shared_data_module(tmp_path):
     import numpy as np
 
     path = tmp_path / "c.txt"
     path.write_text("\n".join(f"line {i}: the quick brown fox" for i in range(300)))
     out = tmp_path / "run"
     cfg = _write_config(tmp_path / "c.yaml", out, steps=3, eval_every=3)
-    _pretrain(cfg, "--model.vocab_size", "256", "--data.source", "text", "--data.path", str(path),
-              "--data.sample_by", "line")
+    train_megatron(cfg, "--model.vocab_size", "256", "--data.source", "text", "--data.path", str(path),
+                   "--data.sample_by", "line")
     rows = _metrics(out)
-    assert sorted(rows) == [1, 2, 3] and np.isfinite(rows[3]["val_loss"]), rows
+    assert sorted(rows) == [0, 1, 2, 3] and np.isfinite(rows[3]["val_loss"]), rows
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("overrides, key", [
     (["--optim.lr.hidden", "nan"], "optim.lr.hidden"),
     (["--optim.name", "dmuon", "--optim.adam_betas", "[1.5, 2]"], "optim.adam_betas[0]"),
     (["--optim.option", "II"], "optim.option II"),
+    (["--parallel.tp", "3"], "not divisible by tp*pp = 3*1"),
 ])
-def test_pretrain_refuses_a_bad_config_with_one_line_and_exit_2(tmp_path, overrides, key):
+def test_megatron_run_refuses_a_bad_config_with_one_line_and_exit_2(tmp_path, overrides, key):
     out = tmp_path / "run"
-    res = _pretrain(_write_config(tmp_path / "c.yaml", out), *overrides, returncode=2)
+    res = train_megatron(_write_config(tmp_path / "c.yaml", out), *overrides, returncode=2)
     errors = [line for line in res.stderr.splitlines() if "rror" in line]
     assert len(errors) == 1 and errors[0].startswith("config error: ") and key in errors[0], res.stderr[-3000:]
-    assert not (out / "COMPLETED").exists() and not (out / "checkpoints").exists()
+    assert not (out / "COMPLETED").exists() and not (out / "checkpoints").exists() and HEADER not in res.stdout
 
 
 @pytest.mark.slow
-def test_pretrain_stops_a_diverging_run_with_exit_3_and_no_completed(tmp_path):
+def test_megatron_run_stops_a_diverging_run_with_exit_3_and_no_completed(tmp_path):
     out = tmp_path / "run"
-    res = _pretrain(_write_config(tmp_path / "c.yaml", out, checkpoint_every=1, keep_checkpoints=5, max_consecutive_skips=2),
-                    "--optim.lr.hidden", "1e30", returncode=3)
+    res = train_megatron(_write_config(tmp_path / "c.yaml", out, checkpoint_every=1, keep_checkpoints=5,
+                                       max_consecutive_skips=2), "--optim.lr.hidden", "1e30", returncode=3)
     assert "error: training diverged: steps 2-3 (2 in a row)" in res.stderr and "Traceback" not in res.stderr
     assert not (out / "COMPLETED").exists()
     assert _complete_checkpoints(out) == ["step_00000001", "step_00000002"]
 
 
 @pytest.mark.slow
-def test_pretrain_resume_with_another_model_is_refused_before_building_it_and_more_steps_warn(tmp_path):
+def test_megatron_resume_with_another_model_is_refused_before_building_it_and_more_steps_warn(tmp_path):
     out = tmp_path / "run"
     cfg = _write_config(tmp_path / "c.yaml", out, steps=2, eval_every=0)
-    _pretrain(cfg)
-    res = _pretrain(cfg, "--train.resume", "true", "--model.ffn_dim", "64", returncode=2)
+    train_megatron(cfg)
+    res = train_megatron(cfg, "--train.resume", "true", "--model.ffn_dim", "64", returncode=2)
     assert "config error: cannot resume from" in res.stderr and "model: checkpoint" in res.stderr
-    assert "megatron LLaMA" not in res.stdout
-    res = _pretrain(cfg, "--train.resume", "true", "--train.steps", "3")
+    assert HEADER not in res.stdout
+    res = train_megatron(cfg, "--train.resume", "true", "--train.steps", "3")
     assert "warning: resume from" in res.stdout and "train.steps: checkpoint 2, now 3" in res.stdout
     assert sorted(_metrics(out)) == [1, 2, 3] and (out / "COMPLETED").read_text() == "3\n"
+
+
+#: The last commit with the separate Megatron trainer ``launch/pretrain_llama.py`` (and the shim in tests/).
+OLD_ENTRY_COMMIT = "b8dc165"
+
+
+@pytest.mark.slow
+def test_megatron_in_the_one_loop_reproduces_the_removed_pretrain_entry_at_tp_2(tmp_path):
+    """``launch/train.py --parallel.backend megatron`` trains exactly as the removed
+    ``launch/pretrain_llama.py`` did: that script is recomputed from git history, both run the
+    same TP = 2 config on the same text file (whose samples both entries draw from the shared
+    data module), and every step's loss is bit-identical, the gradient norms and validation
+    loss equal to fp32 rounding (the old entry summed them in another order/precision)."""
+    old = tmp_path / "old"
+    for path in ("launch/pretrain_llama.py", "tests/megatron_cpu_shim.py"):
+        res = subprocess.run(["git", "show", f"{OLD_ENTRY_COMMIT}:{path}"], cwd=ROOT, capture_output=True, text=True)
+        if res.returncode:
+            pytest.skip(f"needs the repository's git history (commit {OLD_ENTRY_COMMIT}): {res.stderr.strip()}")
+        (old / path).parent.mkdir(parents=True, exist_ok=True)
+        (old / path).write_text(res.stdout)
+    text = tmp_path / "c.txt"
+    text.write_text("\n".join(f"line {i}: the quick brown fox jumps over {i % 7} lazy dogs" for i in range(300)))
+    overrides = ["--parallel.tp", "2", "--model.vocab_size", "256", "--data.source", "text", "--data.path", str(text),
+                 "--data.sample_by", "line", "--train.steps", "4", "--train.eval_every", "4"]
+    env = {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    launch(old / "launch" / "pretrain_llama.py", _write_config(tmp_path / "old.yaml", tmp_path / "old_run"), "--cpu-shim",
+           *overrides, nproc=2, env=env)
+    train_megatron(_write_config(tmp_path / "new.yaml", tmp_path / "new_run"), *overrides, nproc=2)
+    before, after = _metrics(tmp_path / "old_run"), _metrics(tmp_path / "new_run")
+    for step in range(1, 5):
+        assert after[step]["loss"] == before[step]["loss"], (step, after[step]["loss"], before[step]["loss"])
+        assert after[step]["grad_norm"] == pytest.approx(before[step]["grad_norm"], rel=1e-6), step
+    assert after[4]["val_loss"] == pytest.approx(before[4]["val_loss"], rel=1e-6)

@@ -264,22 +264,16 @@ class _DropGrads:
 
 
 def _megatron_rank0_share(model, cfg):
-    """``t ↦`` the DROPPED parameters' gradients from DP rank 0's micro-batches of step t, as
-    they enter a DP = 2 mean (× 1/2); every other gradient is kept."""
-    from test_megatron_model import load_pretrain
+    """``t ↦`` the DROPPED parameters' gradients from DP rank 0's rows of step t, as they
+    enter a DP = 2 mean (× 1/2); every other gradient is kept."""
+    from test_megatron_lanton import forward_backward, megatron_backend
 
-    from lanton_dist.integrations import megatron_model as mm
-
-    pre = load_pretrain()
-    micro, num_micro = pre.batch_geometry(cfg, 2)
-    data, _ = pre.build_data(cfg, 0, 0)
-    fwd = pre.make_forward_step(torch.device("cpu"), mm.causal_attention_mask(cfg.data.seq_len), False)
+    backend = megatron_backend(cfg, model, None)
 
     def share(t: int) -> dict[str, torch.Tensor]:
         kept = {n: p.grad for n, p in model.named_parameters()}
         model.zero_grad(set_to_none=True)
-        batches = pre.micro_batches(data, t, cfg.train.global_batch, micro, num_micro, 0, 2)
-        pre.run_batches(model, fwd, batches, num_micro, cfg.data.seq_len, micro, False, torch.device("cpu"))
+        forward_backward(backend, cfg, t, (0, 2))
         out = {n: 0.5 * p.grad for n, p in model.named_parameters() if n.endswith(_DropGrads.DROPPED)}
         for n, p in model.named_parameters():
             p.grad = kept[n]
@@ -291,14 +285,15 @@ def _megatron_rank0_share(model, cfg):
 def _megatron_job(rank, world):
     """World 2: TP = 2 for some_steps / all_steps, then DP = 2 for some_ranks (the gradient on
     DP rank 0 only). World 1: the reference optimizer, one process."""
-    import megatron_cpu_shim
     from test_megatron_lanton import OPTIM, _logical_params, _train as megatron_train, canonical_init
-    from test_megatron_model import load_pretrain, tiny_cfg
+    from test_megatron_model import tiny_cfg
 
+    from lanton_dist.integrations import megatron_cpu
     from lanton_dist.integrations import megatron_model as mm
     from lanton_dist.integrations.megatron import build_megatron_optimizer
+    from lanton_dist.megatron_backend import make_optimizer
 
-    megatron_cpu_shim.install()
+    megatron_cpu.install()
     out = {}
     try:
         for situation in SITUATIONS:
@@ -309,7 +304,7 @@ def _megatron_job(rank, world):
             canonical_init(model, cfg)
             if world == 1:
                 share = _megatron_rank0_share(model, cfg) if situation == "some_ranks" else None
-                opt = _DropGrads(load_pretrain().make_optimizer(model, cfg), model, situation, rank0_share=share)
+                opt = _DropGrads(make_optimizer(model, cfg), model, situation, rank0_share=share)
             else:
                 from megatron.core import parallel_state as ps
 
@@ -318,7 +313,7 @@ def _megatron_job(rank, world):
             out[("megatron", situation)] = _logical_params(model, cfg)
             mm.destroy_model_parallel()
     finally:
-        megatron_cpu_shim.uninstall()
+        megatron_cpu.uninstall()
     return out
 
 

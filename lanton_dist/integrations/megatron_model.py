@@ -122,8 +122,8 @@ def initialize_model_parallel(cfg: RunConfig, seed: int | None = None) -> int:
     """Create Megatron's TP/PP/DP groups from ``cfg.parallel`` and seed its RNG tracker.
 
     ``torch.distributed`` must already be initialised (NCCL on GPU, gloo on CPU). On a machine
-    without CUDA, Megatron-core additionally needs the test-only CPU shim
-    (``tests/megatron_cpu_shim.py``; ``launch/pretrain_llama.py --cpu-shim``). Returns the
+    without CUDA, Megatron-core additionally needs the CPU/CI-only shim
+    (:mod:`lanton_dist.integrations.megatron_cpu`; ``train.device cpu`` installs it). Returns the
     data-parallel size. ``seed`` defaults to ``cfg.train.seed``; every rank must pass the same.
     """
     _require_megatron()
@@ -159,9 +159,9 @@ def _require_device_support() -> None:
         device = None
     if not isinstance(device, torch.device) or device.type != "cpu":
         raise RuntimeError(
-            "Megatron-core needs CUDA. On a CPU-only machine (CI, tests) install the test-only shim "
-            "first: `import megatron_cpu_shim; megatron_cpu_shim.install()` from tests/, or pass "
-            "--cpu-shim to launch/pretrain_llama.py"
+            "Megatron-core needs CUDA. On a CPU-only machine (CI, tests) install the CPU shim "
+            "first: `from lanton_dist.integrations import megatron_cpu; megatron_cpu.install()`, or run "
+            "launch/train.py with --parallel.backend megatron --train.device cpu"
         )
 
 

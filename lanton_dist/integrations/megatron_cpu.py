@@ -1,4 +1,4 @@
-"""Test-only shim: run Megatron-core (0.16.x) on CPU under the gloo backend.
+"""CPU/CI-only shim: run Megatron-core (0.16.x) on CPU under the gloo backend.
 
 Megatron-core assumes CUDA in a handful of places that are not about compute: it asks for the
 current CUDA device to place small tensors, creates a few tensors on a literal ``"cuda"``
@@ -39,9 +39,12 @@ A logging filter on ``megatron.core.tensor_parallel.random``
     Drops the tracker's "CPU RNG state changed within GPU RNG context" warning, which is
     expected here: inside a fork the CPU generator *is* the forked generator.
 
-Use it only in tests and CPU smoke runs (``launch/pretrain_llama.py --cpu-shim``); it is not
-part of the library. Models must be built with ``use_cpu_initialization=True`` and
-``params_dtype=torch.float32`` (see ``lanton_dist.integrations.megatron_model``).
+Use it only in tests and CPU smoke runs: ``parallel.backend: megatron`` with ``train.device:
+cpu`` on a machine without CUDA installs it (:mod:`lanton_dist.megatron_backend`), tests call
+:func:`install` / :func:`uninstall` themselves. It is never used for training on GPUs (it
+refuses to install where CUDA exists). Models must be built with
+``use_cpu_initialization=True`` and ``params_dtype=torch.float32`` (see
+``lanton_dist.integrations.megatron_model``).
 """
 from __future__ import annotations
 
@@ -96,13 +99,13 @@ def _cpu_device() -> torch.device:
 
 def _get_rng_state(device: Any = "cuda", clone: bool = False, graph_safe: bool = False) -> torch.Tensor:
     if graph_safe:
-        raise RuntimeError("megatron_cpu_shim: graph-safe (CUDA graph) RNG states do not exist on CPU")
+        raise RuntimeError("megatron_cpu: graph-safe (CUDA graph) RNG states do not exist on CPU")
     return torch.get_rng_state()
 
 
 def _set_rng_state(new_state: torch.Tensor, device: Any = -1, graph_safe: bool = False) -> None:
     if graph_safe:
-        raise RuntimeError("megatron_cpu_shim: graph-safe (CUDA graph) RNG states do not exist on CPU")
+        raise RuntimeError("megatron_cpu: graph-safe (CUDA graph) RNG states do not exist on CPU")
     torch.set_rng_state(new_state)
 
 
@@ -126,13 +129,14 @@ def _patch(obj: Any, name: str, value: Any) -> None:
 
 
 def installed() -> bool:
+    """Whether the patches are in place."""
     return bool(_SAVED)
 
 
 def install() -> None:
     """Apply the patches (idempotent). Refuses to run where CUDA is available: use the GPU."""
     if torch.cuda.is_available():
-        raise RuntimeError("megatron_cpu_shim is for CPU-only runs; CUDA is available here")
+        raise RuntimeError("lanton_dist.integrations.megatron_cpu is for CPU-only runs; CUDA is available here")
     from megatron.core.tensor_parallel import random as mrandom
 
     _patch(torch.cuda, "current_device", _cpu_device)
