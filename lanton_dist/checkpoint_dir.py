@@ -1,5 +1,5 @@
-"""The checkpoint directories of a run, for both training entries (``launch/train.py`` through
-:mod:`lanton_dist.trainer`, and ``launch/pretrain_llama.py``).
+"""The checkpoint directories of a run of the training loop (:mod:`lanton_dist.trainer`, every
+backend).
 
 Layout under ``<train.out_dir>/checkpoints``::
 
@@ -192,7 +192,7 @@ def restore_scheduler(scheduler: torch.optim.lr_scheduler.LambdaLR, state: dict[
 def resume_point(cfg: RunConfig, say: Callable[[str], None]) -> tuple[Path, dict[str, Any]] | None:
     """With ``train.resume``: the newest complete checkpoint under ``train.out_dir`` and its loop
     state, after checking that its config matches this run's (:func:`~lanton_dist.config.check_resume`,
-    warnings through ``say``); None to start from step 0. The same for both training entries."""
+    warnings through ``say``); None to start from step 0."""
     if not cfg.train.resume:
         return None
     root = root_of(cfg.train.out_dir)

@@ -23,7 +23,7 @@ Subcommands
 ``lanton-dist prepare-data --input FILES/DIR/GLOB [...] --output PREFIX``
                          tokenizes text (or ``.jsonl``: ``--jsonl-key``) files into the Megatron
                          indexed dataset ``PREFIX.bin``/``PREFIX.idx`` (:mod:`lanton_dist.data.prepare`)
-                         that ``data.source: indexed`` and launch/pretrain_llama.py read: byte
+                         that ``data.source: indexed`` (every backend) reads: byte
                          tokens with end-of-document byte 0, or ``--tokenizer tokenizer.json``.
 
 Bad input (unknown model, a world size not divisible by tp·pp, …) exits with status 2 and

@@ -1,6 +1,6 @@
 """What a training run reports: the progress line, ``metrics.jsonl``, TensorBoard and LANTON's
-rate-factor heat map. Shared by the library loop (:mod:`lanton_dist.trainer`) and the Megatron
-entry (``launch/pretrain_llama.py``), so both print the same line and write the same fields.
+rate-factor heat map, written by the one training loop (:mod:`lanton_dist.trainer`) for every
+backend, so each stack prints the same line and writes the same fields.
 
 Every ``train.log_every`` steps the main rank prints one line (plain ``print``-style text, so it
 lands in a Slurm log as well as on a terminal)::

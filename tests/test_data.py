@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lanton_dist.config import DataConfig
-from lanton_dist.data import SYNTH_BRANCHING, TokenSamples, build_dataset, unigram_baseline
+from lanton_dist.data import SYNTH_BRANCHING, build_dataset, unigram_baseline
 from lanton_dist.data import builtin as data_mod
 from lanton_dist.data import dataset as dataset_mod
 
@@ -220,15 +220,6 @@ def test_text_path_may_be_a_glob_and_a_single_file_split_by_paragraph_or_line(co
     assert torch.equal(by_paragraph.val, packed(["\n".join(DOCS[10:])]))
     by_line = build_dataset(file_cfg("text", one, sample_by="line"), 256)
     assert torch.equal(torch.cat([by_line.train, by_line.val]), packed(DOCS))
-
-
-def test_token_samples_are_the_rows_of_the_global_batch(file_data):
-    samples = TokenSamples(file_data, global_batch=4, split="val")
-    x, y = file_data.get_batch(3, 4, split="val")
-    for row in range(4):
-        s = samples[3 * 4 + row]
-        assert torch.equal(s["tokens"], x[row]) and torch.equal(s["labels"], y[row])
-        assert torch.equal(s["position_ids"], torch.arange(SEQ)) and s["loss_mask"].sum() == SEQ
 
 
 def test_unigram_baseline_counts_in_chunks_exactly(monkeypatch, file_data):

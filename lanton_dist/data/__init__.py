@@ -1,6 +1,6 @@
-"""Token data for both training entries: launch/train.py (:func:`build_dataset` →
-:class:`TokenDataset`) and launch/pretrain_llama.py (:class:`TokenSamples`, or Megatron's own
-``GPTDataset`` through :func:`build_gpt_datasets`).
+"""Token data for the training loop (every backend, Megatron included): :func:`build_dataset` →
+:class:`TokenDataset`; for users of Megatron's own data pipeline, its ``GPTDataset`` over the
+same documents through :func:`build_gpt_datasets`.
 
 Sources (``DataConfig.source``): the built-in ``stdlib`` and ``synthetic`` corpora
 (:mod:`.builtin`); ``text`` and ``jsonl`` files (:mod:`.documents`, tokenized by
@@ -18,7 +18,7 @@ from lanton_dist.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from lanton_dist.data.builtin import SYNTH_BRANCHING, markov_chain, stdlib_files, synthetic_tokens
-    from lanton_dist.data.dataset import TokenDataset, TokenSamples, unigram_baseline
+    from lanton_dist.data.dataset import TokenDataset, unigram_baseline
     from lanton_dist.data.documents import Documents
     from lanton_dist.data.indexed import IndexedWriter, read_indexed
     from lanton_dist.data.megatron import build_gpt_datasets
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 _LAZY: dict[str, str] = {
     "SYNTH_BRANCHING": "lanton_dist.data.builtin", "markov_chain": "lanton_dist.data.builtin",
     "stdlib_files": "lanton_dist.data.builtin", "synthetic_tokens": "lanton_dist.data.builtin",
-    "TokenDataset": "lanton_dist.data.dataset", "TokenSamples": "lanton_dist.data.dataset",
+    "TokenDataset": "lanton_dist.data.dataset",
     "unigram_baseline": "lanton_dist.data.dataset",
     "Documents": "lanton_dist.data.documents",
     "IndexedWriter": "lanton_dist.data.indexed", "read_indexed": "lanton_dist.data.indexed",

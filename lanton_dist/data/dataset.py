@@ -4,8 +4,7 @@ Batches are deterministic functions of ``(seed, split, step)``: :meth:`TokenData
 draws the *global* batch's window start positions with a ``torch.Generator`` seeded from
 those three numbers and returns the rows ``[rank·b, (rank+1)·b)`` of it (``b =
 global_batch / world``), so concatenating the ranks' rows gives the same global batch for any
-world size. :class:`TokenSamples` serves the same rows one sample at a time, as Megatron's
-schedule asks for them.
+world size (the Megatron backend feeds each data-parallel replica's rows to its pipeline schedule).
 """
 from __future__ import annotations
 
@@ -78,26 +77,6 @@ class TokenDataset:
         idx = starts[:, None] + torch.arange(self.seq_len + 1)[None, :]
         win = data[idx].long()
         return win[:, :-1].contiguous(), win[:, 1:].contiguous()
-
-
-class TokenSamples:
-    """One split of a :class:`TokenDataset` as Megatron-style samples: sample ``g`` is row
-    ``g mod global_batch`` of the global batch of step ``g // global_batch`` — the row
-    :meth:`TokenDataset.get_batch` gives that position — as ``{tokens, labels, loss_mask,
-    position_ids}``, each ``(seq_len,)``."""
-
-    def __init__(self, data: TokenDataset, global_batch: int, split: str = "train") -> None:
-        data.tokens(split)  # validates the split name
-        self.data, self.global_batch, self.split = data, global_batch, split
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        step, row = divmod(int(index), self.global_batch)
-        x, y = self.data.get_batch(step, self.global_batch, rank=row, world=self.global_batch, split=self.split)
-        seq = self.data.seq_len
-        return dict(tokens=x[0], labels=y[0], loss_mask=torch.ones(seq), position_ids=torch.arange(seq))
-
-    def __len__(self) -> int:
-        return 2**62
 
 
 def unigram_baseline(train_tokens: torch.Tensor, val_tokens: torch.Tensor, vocab_size: int = 256) -> float:

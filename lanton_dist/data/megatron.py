@@ -1,5 +1,6 @@
-"""Megatron-core ``GPTDataset`` train/validation pair over an indexed dataset, for
-launch/pretrain_llama.py (imports megatron-core when called)."""
+"""Megatron-core ``GPTDataset`` train/validation pair over an indexed dataset, holding out the
+same documents as the loop's ``indexed`` source — for users who feed Megatron's own data
+pipeline (imports megatron-core when called; the loop itself reads :mod:`.indexed`)."""
 from __future__ import annotations
 
 from pathlib import Path

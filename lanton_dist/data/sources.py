@@ -5,7 +5,7 @@ and ``jsonl`` read, tokenize and pack the documents at ``data.path`` in memory
 (:mod:`lanton_dist.data.documents`); ``indexed`` (also ``megatron``) memory-maps a Megatron
 ``.bin``/``.idx`` pair (:mod:`lanton_dist.data.indexed`). The last three split by document
 exactly as Megatron's ``GPTDataset`` does, so ``text`` files, the indexed dataset that
-``lanton-dist prepare-data`` writes from them, and launch/pretrain_llama.py see the same
+``lanton-dist prepare-data`` writes from them, and Megatron's own ``GPTDataset`` see the same
 validation documents.
 """
 from __future__ import annotations
