@@ -8,26 +8,26 @@ announces to every subscriber) and run on the thread announcing — the owners' 
 of a deferred variance too, so a callback must be thread-safe or ignore foreign threads. A
 callback must not raise; an exception propagates into the optimizer step.
 
-Phases (names are stable: the profiler and the tests key on them):
+Phases (names are stable: the profiler and the tests key on them; ``tests/test_phases.py``):
 
-==================  ===================================================================
-``grad_reduce``     ZeRO engine: bucket packing + gradient reduce-scatter
-``grad_reduce_half`` ZeRO engine, Option II: the first half-batch's reduce-scatter
-``param_gather``    ZeRO engine: all-gather of the updated segments into the parameters
-``core``            :meth:`ShardedCore.step` (everything below nests inside it)
-``agree``           the job-wide skip/presence vote (the step's one host read)
-``variance_finish`` completing a pending variance reduction: owners' norms, all-reduce
-                    wait, trackers H, rate factors (only when one is pending)
-``momentum``        momentum / Adam moments of every stepped piece
-``lmo``             hidden directions: exchange to owners, Newton–Schulz, exchange back
-``polar``           the owner's Newton–Schulz on whole matrices (inside ``lmo``)
-``variance_estimate`` estimation step: differences, gathers, nuclear norms, all-reduce launch
-``dual_norms``      the owner's nuclear norms (inside ``variance_estimate`` or
-                    ``variance_finish``; on a side stream/thread it is the launch only)
-``update``          the parameter update (weight decay + scaled direction)
-``exchange_gather`` / ``exchange_scatter``  the all-to-all exchange packing and posting
-                    pieces towards owners / results back (inside ``lmo`` or ``variance_*``)
-==================  ===================================================================
+=========================  ==============================================================
+``grad_reduce``            ZeRO engine: bucket packing + gradient reduce-scatter
+``grad_reduce_half``       ZeRO engine, Option II: the first half-batch's reduce-scatter
+``param_gather``           ZeRO engine: all-gather of the updated segments into the parameters
+``core``                   :meth:`ShardedCore.step` (the phases below nest inside it)
+``agree``                  the job-wide skip/presence vote (the step's one host read)
+``variance_finish``        completing a pending variance reduction (owners' norms of a
+                           deferred one, the all-reduce wait, trackers H, rate factors)
+``momentum``               momentum (LANTON, Scion, D-Muon hidden) of every stepped piece
+``lmo``                    hidden directions: exchange to owners, Newton–Schulz, back
+``polar``                  the owner's Newton–Schulz on whole matrices (inside ``lmo``)
+``variance_estimate``      estimation step: differences, gathers, norms, all-reduce launch
+``dual_norms``             the owner's nuclear norms (on the owners' thread when deferred)
+``update``                 the parameter update (weight decay + scaled direction; AdamW's step)
+``lmo_gather``,            all-to-all exchange (FSDP2/DeepSpeed/fairscale) and Megatron's TP
+``lmo_scatter``,           exchange: packing and posting pieces to the owners / results back
+``variance_gather``        (named as the collectives they post)
+=========================  ==============================================================
 """
 from __future__ import annotations
 
