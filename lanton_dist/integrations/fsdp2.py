@@ -162,7 +162,6 @@ class LANTONFSDP2(PieceOptimizer):
         return p.grad._local_tensor.reshape(-1)
 
     # ------------------------------------------------------------------ API
-
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         loss = run_closure(closure)
