@@ -98,7 +98,8 @@ def _exchange_case(rank, world, pad):
     """Random uneven/empty layouts: gather must assemble the exact matrices, scatter return the pieces."""
     from lanton_dist.engine import Collectives, CommMeter, LocalPiece, plan_ownership
     from lanton_dist.groups import Geometry, ParamSpec
-    from lanton_dist.integrations.exchange import AllToAllExchange, row_ranges
+    from lanton_dist.engine.exchange import AllToAllExchange
+    from lanton_dist.engine.ranges import row_ranges
 
     specs = [ParamSpec("a", Geometry.HIDDEN, (5, 3)), ParamSpec("b", Geometry.HIDDEN, (2, 4)),
              ParamSpec("c", Geometry.HIDDEN, (7, 6)), ParamSpec("d", Geometry.HIDDEN, (1, 9))]
@@ -322,7 +323,8 @@ def test_newton_schulz_of_one_bucket_overlaps_the_transfer_of_the_next():
     each bucket's Newton–Schulz runs with the next gather in flight; its scatter is posted at once."""
     from lanton_dist.engine import LocalPiece, plan_ownership
     from lanton_dist.groups import Geometry, ParamSpec
-    from lanton_dist.integrations.exchange import AllToAllExchange, row_ranges
+    from lanton_dist.engine.exchange import AllToAllExchange
+    from lanton_dist.engine.ranges import row_ranges
 
     specs = [ParamSpec(f"m{i}", Geometry.HIDDEN, (4, 4)) for i in range(6)]
     log: list = []

@@ -3,7 +3,11 @@
 * :mod:`.ownership`  — which rank owns (runs Newton–Schulz and the nuclear norm for) each matrix.
 * :mod:`.meter`      — every collective issued, with its bytes, phase and group.
 * :mod:`.layout`     — the owner-aligned flat bucket layout (ZeRO-1/2 with whole matrices on owners).
-* :mod:`.core`       — the optimizer math over this rank's pieces; adapters reuse it.
+* :mod:`.core`       — the optimizer math over this rank's pieces, and its state dict; adapters reuse it.
+* :mod:`.optimizer`  — :class:`ShardedOptimizer`, the base of every front end, and
+  :class:`PieceOptimizer`, the framework adapters' base.
+* :mod:`.exchange`   — :class:`AllToAllExchange`: pieces of hidden matrices to their owners and back.
+* :mod:`.phases`     — the phases a step announces (``record_function`` + :func:`subscribe`).
 * :mod:`.zero`       — :class:`ShardedLANTON`, the data-parallel engine.
 * :mod:`.checkpoint` — sharded save/load with ``torch.distributed.checkpoint``, reshardable.
 
@@ -18,8 +22,11 @@ from lanton_dist.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from lanton_dist.engine.core import LocalExchange, LocalPiece, MatrixExchange, ShardedCore
+    from lanton_dist.engine.exchange import AllToAllExchange
     from lanton_dist.engine.meter import Collectives, CommMeter
+    from lanton_dist.engine.optimizer import DEFAULTS, PieceOptimizer, ShardedOptimizer
     from lanton_dist.engine.ownership import OwnershipPlan, plan_ownership
+    from lanton_dist.engine.phases import subscribe
     from lanton_dist.engine.zero import ShardedLANTON, build_sharded_optimizer
 
 #: public name -> the submodule that defines it.
@@ -27,14 +34,18 @@ _LAZY: dict[str, str] = {
     "LocalExchange": "lanton_dist.engine.core", "LocalPiece": "lanton_dist.engine.core",
     "MatrixExchange": "lanton_dist.engine.core", "ShardedCore": "lanton_dist.engine.core",
     "Collectives": "lanton_dist.engine.meter", "CommMeter": "lanton_dist.engine.meter",
+    "AllToAllExchange": "lanton_dist.engine.exchange", "DEFAULTS": "lanton_dist.engine.optimizer",
+    "PieceOptimizer": "lanton_dist.engine.optimizer", "ShardedOptimizer": "lanton_dist.engine.optimizer",
+    "subscribe": "lanton_dist.engine.phases",
     "OwnershipPlan": "lanton_dist.engine.ownership", "plan_ownership": "lanton_dist.engine.ownership",
     "ShardedLANTON": "lanton_dist.engine.zero", "build_sharded_optimizer": "lanton_dist.engine.zero",
 }
 #: submodules an eager ``import lanton_dist.engine`` used to load, still reachable as attributes.
-_SUBMODULES = frozenset({"core", "layout", "meter", "ownership", "zero"})
+_SUBMODULES = frozenset({"core", "layout", "meter", "ownership", "zero", "optimizer", "exchange", "phases"})
 
 __all__ = ["CommMeter", "Collectives", "OwnershipPlan", "plan_ownership", "ShardedLANTON", "build_sharded_optimizer", "ShardedCore",
-           "LocalPiece", "MatrixExchange", "LocalExchange"]
+           "LocalPiece", "MatrixExchange", "LocalExchange", "AllToAllExchange", "DEFAULTS", "PieceOptimizer",
+           "ShardedOptimizer", "subscribe"]
 
 
 __getattr__, __dir__ = lazy_exports(__name__, globals(), _LAZY, _SUBMODULES)

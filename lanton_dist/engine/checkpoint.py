@@ -31,25 +31,28 @@ _KEY = re.compile(r"^optim/(?P<name>.+)/(?P<key>[^/]+)/(?P<start>\d+)_(?P<stop>\
 
 
 def core_state_dict(core: ShardedCore, pieces: list[LocalPiece]) -> dict[str, Any]:
-    """Flat DCP state dict of ``core``'s state for this rank's ``pieces``."""
-    core.finish_variance()
-    sd: dict[str, Any] = {
-        "meta/t": torch.tensor(core.t),
-        "meta/skipped": torch.tensor(core.skipped_steps),
-        "meta/H": core.H.clone(),
-        "meta/F": core.F.clone(),
-        "meta/E": core.E.clone(),
-        "meta/steps": core.stepped_counts(),
+    """Flat DCP state dict of ``core``'s state (:meth:`ShardedCore.state_dict`) for this rank's
+    non-empty ``pieces``."""
+    sd = core.state_dict([pc for pc in pieces if pc.stop > pc.start])
+    flat: dict[str, Any] = {
+        "meta/t": torch.tensor(sd["t"]),
+        "meta/skipped": torch.tensor(sd["skipped"]),
+        "meta/H": sd["H"],
+        "meta/F": sd["F"],
+        "meta/E": sd["E"],
+        "meta/steps": sd["steps"],
     }
-    for pc in pieces:
-        for key, value in core.state.get((pc.name, pc.start), {}).items():
-            sd[f"optim/{pc.name}/{key}/{pc.start}_{pc.stop}"] = value.reshape(-1)
-    return sd
+    for (name, start, stop), st in sd["pieces"].items():
+        for key, value in st.items():
+            flat[f"optim/{name}/{key}/{start}_{stop}"] = value.reshape(-1)
+    return flat
 
 
 def load_core_state(core: ShardedCore, pieces: list[LocalPiece], path: str, extra: dict[str, Any] | None = None) -> None:
-    """Fill ``core``'s state for this rank's ``pieces`` from the checkpoint at ``path``
-    (any world size); ``extra`` entries (e.g. model tensors) are loaded in the same pass."""
+    """Fill ``core``'s state for this rank's ``pieces`` from the checkpoint at ``path`` (any world
+    size; :meth:`ShardedCore.load_state_dict` assembles each piece from the stored chunks that
+    overlap it, reading only those); ``extra`` entries (e.g. model tensors) are loaded in the
+    same pass. An empty piece gets empty state under its parameter's stored keys."""
     meta = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
     chunks: dict[str, list[tuple[int, int, str, str]]] = defaultdict(list)
     for k in meta:
@@ -64,39 +67,23 @@ def load_core_state(core: ShardedCore, pieces: list[LocalPiece], path: str, extr
         request["meta/E"] = torch.empty_like(core.E)
     if "meta/steps" in meta:
         request["meta/steps"] = torch.empty(len(core.specs), dtype=torch.long)
-    wanted: list[tuple[LocalPiece, int, int, str, str]] = []
+    wanted: dict[tuple[str, int, int], dict[str, str]] = defaultdict(dict)  # chunk -> state key -> request key
+    empty: dict[tuple[str, int, int], dict[str, torch.Tensor]] = defaultdict(dict)
     for pc in pieces:
-        if pc.name not in core.specs:
-            continue
         for start, stop, key, k in chunks.get(pc.name, []):
-            if start < pc.stop and stop > pc.start:
+            if pc.stop == pc.start:  # only the parameter's keys matter: a zero-length chunk carries them
+                empty[(pc.name, pc.start, pc.start)][key] = pc.param.new_empty(0)
+            elif start < pc.stop and stop > pc.start:
                 if k not in request:
                     request[k] = torch.empty(stop - start, dtype=pc.param.dtype, device=pc.param.device)
-                wanted.append((pc, start, stop, key, k))
+                wanted[(pc.name, start, stop)][key] = k
     if extra:
         request.update(extra)
     dcp.load(request, checkpoint_id=path)
-    if request["meta/H"].numel() != core.n_layers:
-        raise ValueError(f"checkpoint has {request['meta/H'].numel()} layers, this model has {core.n_layers}")
-    core.t, core.skipped_steps = int(request["meta/t"]), int(request["meta/skipped"])
-    core.H.copy_(request["meta/H"])
-    core.F.copy_(request["meta/F"])
-    core.E = request["meta/E"].clone() if "meta/E" in request else core.H > 0  # older checkpoints: H > 0
-    core.load_stepped_counts(request.get("meta/steps"))
-    core.drop_pending()
-    core.state.clear()
-    filled: dict[tuple[str, int, str], int] = defaultdict(int)
-    for pc, start, stop, key, k in wanted:
-        st = core.state_of(pc)
-        if key not in st:
-            st[key] = torch.zeros_like(pc.param)
-        lo, hi = max(start, pc.start), min(stop, pc.stop)
-        st[key][lo - pc.start : hi - pc.start].copy_(request[k][lo - start : hi - start])
-        filled[(pc.name, pc.start, key)] += hi - lo
-    for (name, start, key), n in filled.items():
-        pc = next(p for p in pieces if p.name == name and p.start == start)
-        if n != pc.stop - pc.start:
-            raise ValueError(f"checkpoint covers {n} of {pc.stop - pc.start} elements of {name}/{key}")
+    stored = {chunk: {key: request[k] for key, k in keys.items()} for chunk, keys in wanted.items()}
+    core.load_state_dict({"t": request["meta/t"], "skipped": request["meta/skipped"], "H": request["meta/H"],
+                          "F": request["meta/F"], "E": request.get("meta/E"), "steps": request.get("meta/steps"),
+                          "pieces": {**stored, **empty}}, pieces)
 
 
 def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -107,8 +94,7 @@ def save(optimizer, path: str, model: nn.Module | None = None, extra: dict[str, 
     """Save a :class:`~lanton_dist.engine.ShardedLANTON` (and a replicated ``model``, and
     ``extra`` tensors such as tensor-parallel shards under rank-specific keys) to ``path``.
     Collective over the whole job."""
-    sd = core_state_dict(optimizer.core, optimizer.pieces)
-    sd["meta/lr"] = torch.tensor([g["lr"] for g in optimizer.param_groups], dtype=torch.float64)
+    sd = optimizer.dcp_state_dict()
     if model is not None:
         sd.update(model_tensors(model))
     sd.update(extra or {})
@@ -121,12 +107,10 @@ def load(optimizer, path: str, model: nn.Module | None = None, extra: dict[str, 
     nested dict (``{"loop": {"rank0": None}}``) — DCP sets those inside nested dicts only. With ``model`` the parameters are
     restored and copied into the engine; otherwise call ``optimizer.sync_from_model()`` after
     restoring them yourself."""
-    request = {"meta/lr": torch.zeros(len(optimizer.param_groups), dtype=torch.float64), **(extra or {})}
+    request = dict(extra or {})
     if model is not None:
         request.update({k: v.detach().clone() for k, v in model_tensors(model).items()})
-    load_core_state(optimizer.core, optimizer.pieces, path, request)
-    for g, lr in zip(optimizer.param_groups, request["meta/lr"].tolist()):
-        g["lr"] = lr
+    loaded = optimizer.load_dcp_state(path, request)
     if model is not None:
-        model.load_state_dict({k[len("model/"):]: v for k, v in request.items() if k.startswith("model/")})
+        model.load_state_dict({k[len("model/"):]: v for k, v in loaded.items() if k.startswith("model/")})
         optimizer.sync_from_model()

@@ -49,6 +49,7 @@ whole matrices → scatter, bucket by bucket) and ``launch_gather(pieces, tensor
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -59,6 +60,7 @@ from lanton_dist import clipping, noise
 from lanton_dist import lmo as lmo_mod
 from lanton_dist.adamw import adamw_step_
 from lanton_dist.engine.meter import Collectives
+from lanton_dist.engine.phases import announces, phase
 from lanton_dist.engine.streams import SideStream
 from lanton_dist.groups import Geometry, ParamSpec, block_scale
 from lanton_dist.lmo import LMOConfig
@@ -179,19 +181,19 @@ class ShardedCore:
         )
         self.specs = {s.name: s for s in specs}
         self.layer_start: dict[str, int] = {}
-        kinds, groups_, gids = [], [], []
+        groups_, gids, vector_numel = [], [], []
         for s in specs:
-            self.layer_start[s.name] = len(kinds)
+            self.layer_start[s.name] = len(gids)
             for _ in s.blocks:
-                kinds.append(s.geometry)
                 groups_.append(group_of[s.name])
                 gids.append(noise.GEOMETRY_INDEX[s.geometry])
-        self.n_layers = len(kinds)
-        self.layer_kind, self.layer_group = kinds, groups_
+                vector_numel.append(s.numel if s.geometry is Geometry.VECTOR else 0)
+        self.n_layers = len(gids)
+        self.layer_group = groups_
         self.layer_gid = torch.tensor(gids, dtype=torch.long)
         self._all_vector_names = [s.name for s in specs if s.geometry is Geometry.VECTOR]
-        self._vector_numel = [s.numel if k is Geometry.VECTOR else 0 for s in specs for k in [s.geometry] * len(s.blocks)]
         self.acc_dtype = torch.promote_types(dtype, torch.float32)
+        self._vector_numel = torch.tensor(vector_numel, dtype=self.acc_dtype)  # per layer; 0: not a vector
         self.H = torch.zeros(self.n_layers, dtype=self.acc_dtype)
         self.F = torch.ones(self.n_layers, dtype=self.acc_dtype)
         self.E = torch.zeros(self.n_layers, dtype=torch.bool)  # layers with a noise estimate
@@ -211,6 +213,7 @@ class ShardedCore:
         return self.state.setdefault((piece.name, piece.start), {})
 
     @torch.no_grad()
+    @announces("core")
     def step(self, pieces: list[LocalPiece], present: Collection[str] | None = None) -> bool:
         """One optimizer step on ``pieces`` (gradients already reduced). False if skipped.
 
@@ -251,6 +254,7 @@ class ShardedCore:
             self._adamw(live)
         return True
 
+    @announces("agree")
     def _agree(self, pieces: list[LocalPiece], present: Collection[str] | None,
                device: torch.device) -> tuple[list[LocalPiece], list[str]] | None:
         """The job-wide skip vote and gradient presence, in ONE all-reduce ("finite") of
@@ -289,7 +293,7 @@ class ShardedCore:
         bias correction counts those, as torch's); replicated, for checkpoints."""
         return torch.tensor([self.param_steps[n] for n in self.specs], dtype=torch.long)
 
-    def load_stepped_counts(self, counts: torch.Tensor | None) -> None:
+    def _load_stepped_counts(self, counts: torch.Tensor | None) -> None:
         """Inverse of :meth:`stepped_counts`; ``None`` (checkpoints from before the counts were
         kept) counts every parameter as stepped at every step: ``t``."""
         if counts is not None and counts.numel() != len(self.specs):
@@ -301,24 +305,83 @@ class ShardedCore:
         """Forget a variance reduction still in flight (its step is being replaced by a loaded state)."""
         self._pending = self._deferred = None
 
+    def state_dict(self, pieces: list[LocalPiece]) -> dict[str, Any]:
+        """The core's state for this rank's ``pieces`` (a pending variance reduction is completed
+        first: a local wait, or with ``defer_variance`` the owners' norms and their all-reduce)::
+
+            {"t": int, "skipped": int,                       # steps taken / skipped
+             "H", "F": (L,) acc dtype, "E": (L,) bool,       # trackers, rate factors, estimated
+             "steps": (n_params,) int64,                     # stepped_counts()
+             "pieces": {(name, start, stop): {key: 1-D tensor}}}  # pieces with state
+
+        ``H``/``F``/``E``/``steps`` are copies, replicated on every rank; the piece tensors are
+        the live state (clone them to keep them past the next step)."""
+        self.finish_variance()
+        return {"t": self.t, "skipped": self.skipped_steps, "H": self.H.clone(), "F": self.F.clone(),
+                "E": self.E.clone(), "steps": self.stepped_counts(),
+                "pieces": {(p.name, p.start, p.stop): dict(self.state[(p.name, p.start)])
+                           for p in pieces if (p.name, p.start) in self.state}}
+
+    def load_state_dict(self, sd: dict[str, Any], pieces: list[LocalPiece]) -> None:
+        """Inverse of :meth:`state_dict`, resharding: ``sd["pieces"]`` may be chunks of another
+        layout (another world size, other ranks' chunks too). Each of ``pieces`` gets, per
+        state key, the elements of the chunks of its parameter that overlap it — all of them,
+        or ``ValueError``; an empty piece gets an empty tensor under every key stored for its
+        parameter (so every rank keeps passing the same matrices to an exchange). ``E`` absent
+        or ``None`` (older checkpoints): ``H > 0``; ``steps`` absent or ``None``: every
+        parameter stepped ``t`` times. Work still pending from the replaced step is dropped."""
+        if sd["H"].numel() != self.n_layers:
+            raise ValueError(f"checkpoint has {sd['H'].numel()} layers, this model has {self.n_layers}")
+        self.drop_pending()
+        self.t, self.skipped_steps = int(sd["t"]), int(sd["skipped"])
+        self.H.copy_(sd["H"])
+        self.F.copy_(sd["F"])
+        E = sd.get("E")
+        self.E = self.H > 0 if E is None else E.to(device=self.H.device, dtype=torch.bool, copy=True)
+        self._load_stepped_counts(sd.get("steps"))
+        chunks: dict[str, list[tuple[int, int, dict[str, torch.Tensor]]]] = defaultdict(list)
+        for (name, start, stop), st in sd["pieces"].items():
+            chunks[name].append((int(start), int(stop), st))
+        self.state.clear()
+        for pc in pieces:
+            state: dict[str, torch.Tensor] = {}
+            filled: dict[str, int] = defaultdict(int)
+            for start, stop, st in chunks.get(pc.name, ()):
+                lo, hi = max(start, pc.start), min(stop, pc.stop)
+                for key, value in st.items():
+                    if pc.stop == pc.start:
+                        state.setdefault(key, pc.param.new_empty(0))
+                    elif lo < hi:
+                        dst = state.setdefault(key, torch.zeros_like(pc.param))
+                        dst[lo - pc.start : hi - pc.start].copy_(value.reshape(-1)[lo - start : hi - start])
+                        filled[key] += hi - lo
+            for key, n in filled.items():
+                if n != pc.stop - pc.start:
+                    raise ValueError(f"checkpoint covers {n} of {pc.stop - pc.start} elements of {pc.name}/{key}")
+            if state:
+                self.state[(pc.name, pc.start)] = state
+
     def finish_variance(self) -> None:
         """Wait for a pending variance reduction and refresh H and the rate factors
         (a deferred one is first completed: owners' nuclear norms, then the all-reduce)."""
+        if self._deferred is None and self._pending is None:
+            return
+        with phase("variance_finish"):
+            self._finish_variance()
+
+    def _finish_variance(self) -> None:
         if self._deferred is not None:
             pending, vec = self._deferred
             self._deferred = None
             self._fill_hidden_norms(vec, pending.result())
             self._pending = (self.coll.all_reduce(vec, "variance"), vec)
-        if self._pending is None:
-            return
         handle, vec = self._pending
         self._pending = None
         handle.wait()
         L = self.n_layers
         vals, present = vec[:L], vec[L:] > 0
-        sq = torch.empty_like(vals)
-        for i, kind in enumerate(self.layer_kind):
-            sq[i] = vals[i] * self._vector_numel[i] if kind is Geometry.VECTOR else vals[i] * vals[i]
+        numel = self._vector_numel
+        sq = torch.where(numel > 0, vals * numel, vals * vals)  # vectors: RMS² · n; others: the norm²
         beta2 = torch.tensor([self.param_groups[g]["beta2"] for g in self.layer_group], dtype=self.H.dtype, device=self.H.device)
         alpha = torch.tensor([self.param_groups[g]["alpha"] for g in self.layer_group], dtype=self.H.dtype, device=self.H.device)
         self.H = torch.where(present, self.H * beta2 + sq * (1 - beta2), self.H)
@@ -329,10 +392,11 @@ class ShardedCore:
     def _lanton(self, live: list[LocalPiece]) -> None:
         t = self.t
         estimate = self.noise_adaptive and noise.is_estimation_step(t, self.k)
-        for p in live:
-            st = self.state_of(p)
-            mom = st.setdefault("momentum", torch.zeros_like(p.param))
-            mom.lerp_(p.grad, 1 - self.param_groups[p.group]["beta1"])
+        with phase("momentum"):
+            for p in live:
+                st = self.state_of(p)
+                mom = st.setdefault("momentum", torch.zeros_like(p.param))
+                mom.lerp_(p.grad, 1 - self.param_groups[p.group]["beta1"])
         if estimate:
             self._launch_variance(live)
             if not self.overlap:
@@ -351,27 +415,32 @@ class ShardedCore:
             g = self.param_groups[p.group]
             effective.append(mom.lerp(p.grad, 1 - g["beta1"]) if g["nesterov"] else mom)
         directions = self._directions(live, effective)
-        for p, o in zip(live, directions):
-            g = self.param_groups[p.group]
-            start = self.layer_start[p.name]
-            scale = block_scale(p.spec, self.F[start : start + len(p.spec.blocks)], (p.start, p.stop)).to(p.param.dtype)
-            if g["weight_decay"]:
-                p.param.mul_(1 - g["lr"] * g["weight_decay"] * (scale if self.wd_lr == "layer" else 1.0))
-            p.param.add_(o * (scale * g["lr"]))
+        with phase("update"):
+            for p, o in zip(live, directions):
+                g = self.param_groups[p.group]
+                start = self.layer_start[p.name]
+                scale = block_scale(p.spec, self.F[start : start + len(p.spec.blocks)], (p.start, p.stop)).to(p.param.dtype)
+                if g["weight_decay"]:
+                    p.param.mul_(1 - g["lr"] * g["weight_decay"] * (scale if self.wd_lr == "layer" else 1.0))
+                p.param.add_(o * (scale * g["lr"]))
 
     def _dmuon(self, live: list[LocalPiece]) -> None:
         hidden = [p for p in live if p.spec.geometry is Geometry.HIDDEN]
         effective = []
-        for p in hidden:
-            g = self.param_groups[p.group]
-            mom = self.state_of(p).setdefault("momentum", torch.zeros_like(p.param))
-            mom.mul_(g["momentum"]).add_(p.grad)
-            effective.append(p.grad.add(mom, alpha=g["momentum"]) if g["nesterov"] else mom)
-        for p, o in zip(hidden, self._hidden_directions(hidden, effective)):
-            g = self.param_groups[p.group]
-            p.param.mul_(1 - g["lr"] * g["weight_decay"]).add_(o, alpha=g["lr"])
+        with phase("momentum"):
+            for p in hidden:
+                g = self.param_groups[p.group]
+                mom = self.state_of(p).setdefault("momentum", torch.zeros_like(p.param))
+                mom.mul_(g["momentum"]).add_(p.grad)
+                effective.append(p.grad.add(mom, alpha=g["momentum"]) if g["nesterov"] else mom)
+        directions = self._hidden_directions(hidden, effective)
+        with phase("update"):
+            for p, o in zip(hidden, directions):
+                g = self.param_groups[p.group]
+                p.param.mul_(1 - g["lr"] * g["weight_decay"]).add_(o, alpha=g["lr"])
         self._adamw([p for p in live if p.spec.geometry is not Geometry.HIDDEN])
 
+    @announces("update")
     def _adamw(self, pieces: list[LocalPiece]) -> None:
         for p in pieces:
             g = self.param_groups[p.group]
@@ -382,10 +451,12 @@ class ShardedCore:
                         tuple(g["adam_betas"]), g["adam_eps"], g["weight_decay"])
 
     # ------------------------------------------------------------------ pieces of the math
+    @announces("polar")
     def _polar(self, names: list[str], mats: list[torch.Tensor]) -> list[torch.Tensor]:
         """Owner side of the LMO: −s·polar of each whole matrix (Newton–Schulz, batched by shape)."""
         return lmo_mod.hidden_directions([self.specs[n] for n in names], mats, self.lmo)
 
+    @announces("dual_norms")
     def _dual_norms(self, names: list[str], mats: list[torch.Tensor]) -> list[list[torch.Tensor]]:
         """Owner side of the variance: per parameter, √(d_out/d_in)·‖D_b‖_* of each of its blocks."""
         if not names:
@@ -396,20 +467,23 @@ class ShardedCore:
             return [[next(flat) for _ in self.specs[n].blocks] for n in names]
 
     def _fill_hidden_norms(self, vec: torch.Tensor, norms: dict[str, list[torch.Tensor]]) -> None:
-        L = self.n_layers
-        for n, values in norms.items():
-            s = self.layer_start[n]
-            for b, v in enumerate(values):
-                vec[s + b] = v
-                vec[L + s + b] = 1.0
+        """Write the owner's per-block dual norms into ``vec[:L]`` and mark them present in
+        ``vec[L:]``: one stack and two indexed writes, whatever the number of matrices."""
+        if not norms:
+            return
+        idx = torch.tensor([self.layer_start[n] + b for n, values in norms.items() for b in range(len(values))],
+                           device=vec.device)
+        vec.index_put_((idx,), torch.stack([v for values in norms.values() for v in values]).to(vec.dtype))
+        vec.index_fill_(0, idx + self.n_layers, 1.0)
 
+    @announces("lmo")
     def _hidden_directions(self, hidden: list[LocalPiece], effective: list[torch.Tensor]) -> list[torch.Tensor]:
         apply = getattr(self.exchange, "apply", None)
         if apply is not None:
             return apply(hidden, effective, self._polar, "lmo_gather", "lmo_scatter")
         owned = self.exchange.gather(hidden, effective, "lmo_gather")
         names = list(owned)
-        dirs = lmo_mod.hidden_directions([self.specs[n] for n in names], [owned[n] for n in names], self.lmo)
+        dirs = self._polar(names, [owned[n] for n in names])
         return self.exchange.scatter(hidden, dict(zip(names, dirs)), "lmo_scatter")
 
     def _directions(self, live: list[LocalPiece], effective: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -432,6 +506,7 @@ class ShardedCore:
                 out[i] = lmo_mod.sign_direction(p.spec, effective[i], self.lmo)
         return out  # type: ignore[return-value]
 
+    @announces("variance_estimate")
     def _launch_variance(self, live: list[LocalPiece]) -> None:
         L = self.n_layers
         vec = torch.zeros(2 * L, device=self.H.device, dtype=self.acc_dtype)
@@ -480,7 +555,7 @@ class ShardedCore:
     def _to(self, device: torch.device) -> None:
         if self.H.device != device:
             self.H, self.F, self.E = self.H.to(device), self.F.to(device), self.E.to(device)
-            self.layer_gid = self.layer_gid.to(device)
+            self.layer_gid, self._vector_numel = self.layer_gid.to(device), self._vector_numel.to(device)
 
     def layer_diagnostics(self) -> list[dict[str, Any]]:
         """Per logical layer (replicated on every rank): name, geometry, H, α, factor, lr."""

@@ -1,5 +1,5 @@
 """Which flat element range of each parameter every rank holds: the piece layouts of the framework
-sharding schemes the all-to-all exchange (:mod:`lanton_dist.integrations.exchange`) works over.
+sharding schemes the all-to-all exchange (:mod:`lanton_dist.engine.exchange`) works over.
 
 A parameter's *ranges* are one ``(start, stop)`` per rank, in elements of its row-major
 flattening; empty ranges are allowed. FSDP2 row shards (:func:`row_ranges`), DeepSpeed ZeRO-1/2

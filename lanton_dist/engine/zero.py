@@ -25,14 +25,15 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.optim import Optimizer
 
-from lanton_dist.engine.core import ALGORITHMS, LocalExchange, LocalPiece, MatrixExchange, ShardedCore
+from lanton_dist.engine.core import LocalExchange, LocalPiece, MatrixExchange, ShardedCore
 from lanton_dist.engine.layout import Layout, Piece, build_layout
 from lanton_dist.engine.meter import Collectives, CommMeter
+from lanton_dist.engine.optimizer import ShardedOptimizer
 from lanton_dist.engine.ownership import OwnershipPlan, plan_ownership
+from lanton_dist.engine.phases import announces
 from lanton_dist.groups import ParamSpec
-from lanton_dist.lanton import check_param_groups, run_closure
+from lanton_dist.lanton import run_closure
 from lanton_dist.lmo import LMOConfig
 from lanton_dist.names import ZERO_LAYOUTS
 
@@ -50,11 +51,7 @@ class LogicalView:
     weight: float = 1.0
 
 
-DEFAULTS: dict[str, Any] = dict(lr=0.02, weight_decay=0.0, beta1=0.9, beta2=0.9, alpha=1.0, nesterov=False,
-                                momentum=0.95, adam_betas=(0.9, 0.95), adam_eps=1e-8)
-
-
-class ShardedLANTON(Optimizer):
+class ShardedLANTON(ShardedOptimizer):
     """Data-parallel sharded optimizer (see module doc).
 
     Args:
@@ -85,27 +82,14 @@ class ShardedLANTON(Optimizer):
                  lmo: LMOConfig | None = None, skip_nonfinite: bool = True,
                  logical: dict[str, LogicalView] | None = None, exchange: MatrixExchange | None = None,
                  scalar_world: bool = False, clip_grad_norm: float = 0.0, **hyper: Any) -> None:
-        unknown = set(hyper) - set(DEFAULTS)
-        if unknown:
-            raise ValueError(f"unknown hyper-parameters {sorted(unknown)}; valid: {sorted(DEFAULTS)}")
-        if algorithm not in ALGORITHMS:
-            raise ValueError(f"unknown algorithm {algorithm!r}; choose one of {ALGORITHMS}")
         if layout not in ZERO_LAYOUTS or (layout == "plain" and algorithm != "adamw"):
             raise ValueError("layout must be 'owner', or 'plain' with algorithm='adamw' (whole matrices need owners)")
-        if not dist.is_initialized():
-            raise RuntimeError("ShardedLANTON needs torch.distributed initialised (use LANTON for one process)")
-        super().__init__(params, {**DEFAULTS, **hyper})
-        check_param_groups(self.param_groups)
-        for g in self.param_groups:
-            if not g["alpha"] > 0:
-                raise ValueError(f"alpha must be > 0, got {g['alpha']}")
-        self.meter = meter or CommMeter()
-        self.coll = Collectives(self.meter, process_group, "dp")
+        super().__init__(params, algorithm, process_group=process_group, meter=meter, **hyper)
         scalar_coll = Collectives(self.meter, None, "world") if scalar_world else self.coll
-        self.world, self.rank = self.coll.world, self.coll.rank
         self._params = [(p, s, gi) for gi, g in enumerate(self.param_groups) for p, s in zip(g["params"], g["specs"])]
         specs = [s for _, s, _ in self._params]
-        self._check_same_model(specs, process_group)
+        self._check_same_model(self._signature(specs), "model/parameter list; every data-parallel rank must build "
+                                                       "the same model")
         ns_steps = (lmo or LMOConfig()).ns_steps
         self.plan: OwnershipPlan = plan_ownership(specs, self.world, ns_steps)
         elem = self._params[0][0].element_size() if self._params else 4
@@ -116,7 +100,6 @@ class ShardedLANTON(Optimizer):
         dtype = self._params[0][0].dtype if self._params else torch.float32
         self._grad_bufs = [torch.zeros(b.segment * self.world, device=device, dtype=dtype) for b in self.layout.buckets]
         self._param_bufs = [torch.zeros(b.segment * self.world, device=device, dtype=dtype) for b in self.layout.buckets]
-        self._half: dict[str, torch.Tensor] | None = None
         self.pieces: list[LocalPiece] = []
         self._placements: list[Piece] = []  # layout piece of each entry of self.pieces
         for b, buf, gbuf in zip(self.layout.buckets, self._param_bufs, self._grad_bufs):
@@ -145,31 +128,12 @@ class ShardedLANTON(Optimizer):
         self._all_gather_params("init_sync")
 
     # ------------------------------------------------------------------ API
-    @property
-    def t(self) -> int:
-        return self.core.t
+    def _local_pieces(self) -> list[LocalPiece]:
+        return self.pieces
 
-    @property
-    def skipped_steps(self) -> int:
-        return self.core.skipped_steps
-
-    @property
-    def clip_grad_norm(self) -> float:
-        """The gradient-norm clipping threshold its steps apply (0: off)."""
-        return self.core.clip
-
-    def needs_two_half_batches(self) -> bool:
-        return self.core.needs_two_half_batches()
-
-    @torch.no_grad()
-    def stash_half_gradient(self) -> None:
-        """Option II: keep the first half-batch's local gradients and clear ``p.grad``
-        (weight each half's loss by 1/2; both halves are reduce-scattered at ``step``)."""
-        self._half = {}
-        for p, s, _ in self._params:
-            if p.grad is not None:
-                self._half[s.name] = p.grad.detach().clone()
-                p.grad = None
+    def _named_params(self) -> list[tuple[str, torch.Tensor]]:
+        """Option II stash: full local gradients (both halves are reduce-scattered at ``step``)."""
+        return [(s.name, p) for p, s, _ in self._params]
 
     @torch.no_grad()
     def sync_from_model(self) -> None:
@@ -177,16 +141,11 @@ class ShardedLANTON(Optimizer):
         for piece, pc in zip(self.pieces, self._placements):
             piece.param.copy_(self._by_name[pc.name][0].detach().reshape(-1)[pc.start : pc.stop])
 
-    def layer_diagnostics(self) -> list[dict[str, Any]]:
-        return self.core.layer_diagnostics()
-
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         loss = run_closure(closure)
-        self.meter.step = self.core.t + 1
-        try:
-            present = [self._core_name[s.name] for p, s, _ in self._params
-                       if p.grad is not None or (self._half is not None and s.name in self._half)]
+        with self._stepping():
+            present = [self._core_name[s.name] for p, s, _ in self._params if p.grad is not None or self._has_half(s.name)]
             grads = self._reduce_scatter(lambda s: self._grad_of(s), "grad_reduce", self._grad_bufs)
             halves = None
             if self._half is not None:
@@ -197,16 +156,10 @@ class ShardedLANTON(Optimizer):
                 p.grad = None
             for pc, place in zip(self.pieces, self._placements):
                 pc.grad = grads[(place.name, place.start)]
-                pc.diff2 = None
-                if halves is not None:
-                    half = halves[(place.name, place.start)]
-                    pc.diff2 = 2.0 * (half - pc.grad)
-                    pc.grad = pc.grad + half
+            self._combine_halves(self.pieces, None if halves is None else
+                                 [halves[(place.name, place.start)] for place in self._placements])
             if self.core.step(self.pieces, present):
                 self._all_gather_params("param_gather")
-        except Exception as exc:
-            self.coll.publish_error(exc)
-            raise
         return loss
 
     # ------------------------------------------------------------------ internals
@@ -236,6 +189,7 @@ class ShardedLANTON(Optimizer):
     def _grad_of(self, spec) -> torch.Tensor | None:
         return self._by_name[spec.name][0].grad
 
+    @announces()
     def _reduce_scatter(self, source, phase: str, bufs: list[torch.Tensor]) -> dict[tuple[str, int], torch.Tensor]:
         """Fill ``bufs`` from ``source(spec)`` (full local grads), reduce-scatter (mean) all buckets.
         A rank without a gradient contributes zeros (DDP's convention); whether a parameter is
@@ -259,6 +213,7 @@ class ShardedLANTON(Optimizer):
                 result[(pc.name, pc.start)] = out[pc.offset : pc.offset + pc.numel]
         return result
 
+    @announces()
     def _all_gather_params(self, phase: str) -> None:
         handles = []
         for b, buf in zip(self.layout.buckets, self._param_bufs):
@@ -270,15 +225,6 @@ class ShardedLANTON(Optimizer):
                 p = self._by_name[pc.name][0]
                 at = pc.rank * b.segment + pc.offset
                 p.detach().view(-1)[pc.start : pc.stop].copy_(buf[at : at + pc.numel])
-
-    def _check_same_model(self, specs, group) -> None:
-        sig = [(s.name, s.shape, s.geometry.value, tuple(b.rows for b in s.blocks)) for s in specs]
-        gathered: list[Any] = [None] * self.world
-        dist.all_gather_object(gathered, sig, group=group)
-        for r, other in enumerate(gathered):
-            if other != sig:
-                raise ValueError(f"rank {self.rank}: rank {r} has a different model/parameter list; "
-                                 "every data-parallel rank must build the same model")
 
     def state_dict(self) -> dict[str, Any]:
         raise RuntimeError("ShardedLANTON state is sharded: save it with lanton_dist.engine.checkpoint.save(...)")

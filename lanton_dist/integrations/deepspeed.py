@@ -10,9 +10,9 @@ the model's parameters:
   a rank's flat sub-group tensor is its partitions of the sub-group's parameters, end to end.
 
 :meth:`LANTONDeepSpeed.attach` reads those layouts from the ZeRO optimizer and maps every
-rank's flat ranges to per-parameter pieces (:func:`~.exchange.flat_partition_ranges`,
-:func:`~.exchange.padded_partition_ranges`); the pieces are views of DeepSpeed's fp32 master
-partition and of the gradient partition it hands over. :class:`~.exchange.AllToAllExchange`
+rank's flat ranges to per-parameter pieces (:func:`~lanton_dist.engine.ranges.flat_partition_ranges`,
+:func:`~lanton_dist.engine.ranges.padded_partition_ranges`); the pieces are views of DeepSpeed's fp32 master
+partition and of the gradient partition it hands over. :class:`~lanton_dist.engine.exchange.AllToAllExchange`
 assembles whole matrices only on their owners, only for Newton–Schulz and the nuclear
 norm; everything else is elementwise or a scalar all-reduce, and per-layer H, α and rates
 are those of the whole model.
@@ -66,7 +66,8 @@ from torch import nn
 from lanton_dist.engine.core import LocalPiece
 from lanton_dist.engine.meter import Collectives, CommMeter
 from lanton_dist.engine.ownership import plan_ownership
-from lanton_dist.integrations.exchange import PieceOptimizer, flat_partition_ranges, padded_partition_ranges
+from lanton_dist.engine.optimizer import PieceOptimizer
+from lanton_dist.engine.ranges import flat_partition_ranges, padded_partition_ranges
 
 
 class _Flat:

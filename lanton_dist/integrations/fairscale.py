@@ -6,7 +6,7 @@ broadcasts and consolidates state. OSS shards optimizer state by **whole paramet
 that rank's parameters; after its ``step`` it broadcasts every parameter from its owner.
 That is an owner scheme already: each hidden matrix's Newton–Schulz and nuclear norm run on
 its OSS owner, with no tensor traffic at all (the
-:class:`~lanton_dist.integrations.exchange.AllToAllExchange` sees every piece on its owner and
+:class:`~lanton_dist.engine.exchange.AllToAllExchange` sees every piece on its owner and
 posts no collective). The ownership is OSS's numel-greedy one, not the FLOP-balanced plan.
 What LANTON adds is the scalar all-reduces (skip vote, vector norms, variance); the
 gradients must be averaged by the caller (``DistributedDataParallel`` or fairscale's
@@ -41,7 +41,8 @@ from torch import nn
 
 from lanton_dist.engine.core import LocalPiece
 from lanton_dist.engine.ownership import OwnershipPlan
-from lanton_dist.integrations.exchange import PieceOptimizer, whole_ranges
+from lanton_dist.engine.optimizer import PieceOptimizer
+from lanton_dist.engine.ranges import whole_ranges
 from lanton_dist.lanton import run_closure
 
 _META = "lanton_meta"
@@ -57,7 +58,7 @@ class LANTONOSSShard(PieceOptimizer):
             the core sees every layer of the model.
         cfg: :class:`~lanton_dist.config.OptimConfig`.
         group: OSS's process group (``None``: world).
-        meter, overlap: see :class:`~lanton_dist.integrations.exchange.PieceOptimizer`.
+        meter, overlap: see :class:`~lanton_dist.engine.optimizer.PieceOptimizer`.
     """
 
     def __init__(self, params, cfg=None, group: dist.ProcessGroup | None = None, meter=None,
@@ -129,16 +130,16 @@ class LANTONOSSShard(PieceOptimizer):
     def state_dict(self) -> dict[str, Any]:
         """Torch-format state of this rank's parameters (what ``OSS.consolidate_state_dict``
         gathers): per-parameter LANTON state plus the replicated ``lanton_meta``."""
-        core = self._require_core()
-        core.finish_variance()  # waits for the already-posted all-reduce: no new collective
-        meta = {"t": torch.tensor(core.t), "skipped": torch.tensor(core.skipped_steps), "H": core.H.clone(),
-                "F": core.F.clone(), "E": core.E.clone(),
-                "steps": core.stepped_counts()}
+        # finish_variance inside waits for the already-posted all-reduce: no new collective
+        sd = self._require_core().state_dict(self._local_pieces())
+        meta = {"t": torch.tensor(sd["t"]), "skipped": torch.tensor(sd["skipped"]), "H": sd["H"], "F": sd["F"],
+                "E": sd["E"], "steps": sd["steps"]}
+        by_name = {name: st for (name, _, _), st in sd["pieces"].items()}
         state, groups, i = {}, [], 0
         for g in self.param_groups:
             idx = []
             for p in g["params"]:
-                st = {k: v.clone() for k, v in core.state.get((p._lanton_name, 0), {}).items()}
+                st = {k: v.clone() for k, v in by_name.get(p._lanton_name, {}).items()}
                 st[_META] = meta
                 state[i] = st
                 idx.append(i)
@@ -157,17 +158,18 @@ class LANTONOSSShard(PieceOptimizer):
         self._first = True
 
     def _import_loaded_state(self) -> None:
-        """Move state OSS loaded into ``self.state`` into the core; on the first step after
-        construction or a load, agree on the replicated scalars across ranks (one all-reduce)."""
+        """Hand state OSS loaded into ``self.state`` to the core; on the first step after
+        construction or a load, agree on the replicated scalars across ranks (one all-reduce:
+        a rank owning no parameter has no ``lanton_meta`` of its own)."""
         core = self._require_core()
         loaded = [(p, st) for p, st in self.state.items() if st]
         if loaded and not self._first:
             raise RuntimeError("OSS loaded optimizer state after training steps on this rank only; call "
                                "load_state_dict on every rank before the next step")
-        meta = None
+        meta, states = None, {}
         for p, st in loaded:
             meta = st.pop(_META, meta)
-            core.state[(p._lanton_name, 0)] = {k: v.clone() for k, v in st.items()}
+            states[p._lanton_name] = st
         self.state.clear()
         if not self._first:
             return
@@ -182,14 +184,17 @@ class LANTONOSSShard(PieceOptimizer):
             if "steps" in meta:
                 vec[3 + 3 * L], vec[4 + 3 * L :] = 1.0, meta["steps"]
         self.coll.all_reduce(vec, "finite").wait()
+        if states and meta is None:
+            raise ValueError(f"OSS loaded state without {_META!r}: not a LANTONOSSShard state dict")
         if vec[0] > 0:
             vec = vec / vec[0]
-            core.t, core.skipped_steps = int(round(float(vec[1]))), int(round(float(vec[2])))
-            core.H.copy_(vec[3 : 3 + L])
-            core.F.copy_(vec[3 + L : 3 + 2 * L])
-            core.E = vec[3 + 2 * L : 3 + 3 * L] > 0.5
-            core.load_stepped_counts(vec[4 + 3 * L :].round().long() if vec[3 + 3 * L] > 0.5 else None)
-            core.drop_pending()
+            pieces = self._local_pieces()
+            core.load_state_dict(
+                {"t": round(float(vec[1])), "skipped": round(float(vec[2])), "H": vec[3 : 3 + L],
+                 "F": vec[3 + L : 3 + 2 * L], "E": vec[3 + 2 * L : 3 + 3 * L] > 0.5,
+                 "steps": vec[4 + 3 * L :].round().long() if vec[3 + 3 * L] > 0.5 else None,
+                 "pieces": {(pc.name, pc.start, pc.stop): states[pc.name] for pc in pieces if pc.name in states}},
+                pieces)
 
 
 def lanton_oss(model: nn.Module, cfg, *, group: dist.ProcessGroup | None = None, overlap: bool = True,

@@ -8,7 +8,7 @@ works directly on those local shards:
 * momentum, sign/RMS LMOs, AdamW and weight decay are elementwise on the shards; the
   embed_head and vector groups never gather anything (their norms are scalar all-reduces);
 * each hidden matrix's shards go to its owner (FLOP-balanced plan) through the bucketed
-  :class:`~lanton_dist.integrations.exchange.AllToAllExchange` — one all-to-all per bucket
+  :class:`~lanton_dist.engine.exchange.AllToAllExchange` — one all-to-all per bucket
   each way, Newton–Schulz of bucket i overlapping the transfer of bucket i+1 — so every
   Newton–Schulz runs once per matrix per step across the job, and nothing is all-gathered;
 * on estimation steps (``defer_variance=True``, the default) the D = G_t − G̃_t all-to-all is
@@ -51,7 +51,8 @@ from torch import nn
 from lanton_dist.engine.checkpoint import model_tensors
 from lanton_dist.engine.core import LocalPiece
 from lanton_dist.engine.meter import CommMeter
-from lanton_dist.integrations.exchange import PieceOptimizer, row_ranges
+from lanton_dist.engine.optimizer import PieceOptimizer
+from lanton_dist.engine.ranges import row_ranges
 from lanton_dist.lanton import run_closure
 
 
@@ -142,7 +143,7 @@ class LANTONFSDP2(PieceOptimizer):
         others), plus any with a gradient whose FSDP module never ran a forward here."""
         hooked = set(self._hooked.values())
         return [s.name for k, (p, s) in enumerate(zip(self._params, self.specs))
-                if k in self._seen or (k not in hooked and (p.grad is not None or s.name in (self._half or {})))]
+                if k in self._seen or (k not in hooked and (p.grad is not None or self._has_half(s.name)))]
 
     # ------------------------------------------------------------------ pieces
     def _local_pieces(self) -> list[LocalPiece]:
@@ -153,17 +154,14 @@ class LANTONFSDP2(PieceOptimizer):
             out.append(self._piece(s, gi, local.view(-1), grad))
         return out
 
-    # ------------------------------------------------------------------ API
-    @torch.no_grad()
-    def stash_half_gradient(self) -> None:
-        """Option II: keep the first half-batch's (reduce-scattered) gradient shards and clear
-        ``p.grad``; weight each half's loss by 1/2. ``step`` combines them."""
-        self._half = {}
-        for p, s in zip(self._params, self.specs):
-            if p.grad is not None:
-                self._half[s.name] = p.grad._local_tensor.reshape(-1).clone()
-                p.grad = None
+    def _named_params(self) -> list[tuple[str, torch.Tensor]]:
+        return [(s.name, p) for p, s in zip(self._params, self.specs)]
 
+    def _local_grad(self, p: torch.Tensor) -> torch.Tensor:
+        """Option II stash: the (reduce-scattered) local gradient shard, flat."""
+        return p.grad._local_tensor.reshape(-1)
+
+    # ------------------------------------------------------------------ API
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         loss = run_closure(closure)
@@ -176,7 +174,7 @@ class LANTONFSDP2(PieceOptimizer):
     def save(self, path: str, model: nn.Module | None = None) -> None:
         """Save optimizer state (and the FSDP2 model's sharded state dict) with
         ``torch.distributed.checkpoint`` to directory ``path``; each rank writes its shards."""
-        sd = self.core_state()
+        sd = self.dcp_state_dict()
         if model is not None:
             sd.update(model_tensors(model))
         dcp.save(sd, checkpoint_id=path, process_group=self.coll.group)
@@ -187,7 +185,7 @@ class LANTONFSDP2(PieceOptimizer):
         extra = {}
         if model is not None:
             extra = {k: v.detach() for k, v in model_tensors(model).items()}
-        loaded = self.load_core_state(path, extra)
+        loaded = self.load_dcp_state(path, extra)
         if model is not None:
             model.load_state_dict({k[len("model/"):]: v for k, v in loaded.items() if k.startswith("model/")})
 

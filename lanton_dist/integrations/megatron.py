@@ -39,6 +39,7 @@ from lanton_dist.config import RunConfig
 from lanton_dist.engine.core import LocalPiece
 from lanton_dist.engine.meter import Collectives, CommMeter
 from lanton_dist.engine.ownership import plan_ownership
+from lanton_dist.engine.phases import announces
 from lanton_dist.engine.zero import LogicalView, ShardedLANTON
 from lanton_dist.factory import hyper_parameters, lanton_options, param_groups
 from lanton_dist.groups import Geometry, ParamSpec
@@ -49,13 +50,21 @@ class TensorParallelExchange:
     """Whole hidden matrices from their TP shards (a :class:`~lanton_dist.engine.core.MatrixExchange`).
 
     Collective over ``tp_group``: every TP rank calls it with the same matrices in the same
-    order (those its DP rank owns). Tensors are 1-D TP-local shards (``numel(shard)``).
+    order (those its DP rank owns). Tensors are 1-D TP-local shards (``numel(shard)``) of
+    ``dtype`` on ``device`` (the parameters'); every buffer handed to a collective — also an
+    empty one, when a TP rank owns nothing in a call — is of that dtype and device (NCCL
+    rejects CPU tensors).
     """
 
-    def __init__(self, infos: dict[str, MegatronParam], coll: Collectives) -> None:
+    def __init__(self, infos: dict[str, MegatronParam], coll: Collectives, *, device: torch.device,
+                 dtype: torch.dtype) -> None:
         self.infos = infos  # global name → MegatronParam
         self.coll = coll
         self.tp, self.rank = coll.world, coll.rank
+        self.device, self.dtype = torch.device(device), dtype
+
+    def _empty(self) -> torch.Tensor:
+        return torch.empty(0, device=self.device, dtype=self.dtype)
 
     def _owners(self, names: list[str]) -> dict[str, int]:
         plan = plan_ownership([self.infos[n].spec for n in names], self.tp, balance_numel=False)  # as the planner's TP plan
@@ -64,15 +73,15 @@ class TensorParallelExchange:
     def _shard_numel(self, name: str) -> int:
         return self.infos[name].spec.numel // self.tp
 
+    @announces()
     def gather(self, pieces: list[LocalPiece], tensors: list[torch.Tensor], phase: str) -> dict[str, torch.Tensor]:
         names = [p.name for p in pieces]
         owner = self._owners(names)
         local = dict(zip(names, tensors))
-        send = [torch.cat([local[n].reshape(-1) for n in names if owner[n] == d] or [tensors[0].new_empty(0)])
-                if names else torch.empty(0) for d in range(self.tp)]
+        send = [torch.cat([local[n].reshape(-1) for n in names if owner[n] == d] or [self._empty()]) for d in range(self.tp)]
         mine = [n for n in names if owner[n] == self.rank]
         per_source = sum(self._shard_numel(n) for n in mine)
-        inp = torch.cat(send) if names else torch.empty(0)
+        inp = torch.cat(send)
         out = inp.new_empty(per_source * self.tp)
         self.coll.all_to_all(out, inp, [per_source] * self.tp, [s.numel() for s in send], phase).wait()
         result, chunks = {}, out.split(per_source) if per_source else [out] * self.tp
@@ -86,6 +95,7 @@ class TensorParallelExchange:
             result[n] = torch.cat(parts, dim=info.partition_dim) if info.is_sharded else parts[0]
         return result
 
+    @announces()
     def scatter(self, pieces: list[LocalPiece], owned: dict[str, torch.Tensor], phase: str) -> list[torch.Tensor]:
         names = [p.name for p in pieces]
         owner = self._owners(names)
@@ -93,8 +103,8 @@ class TensorParallelExchange:
         send = []
         for d in range(self.tp):
             parts = [self._shard_of(owned[n], n, d).reshape(-1) for n in mine]
-            send.append(torch.cat(parts) if parts else torch.empty(0))
-        inp = torch.cat(send) if names else torch.empty(0)
+            send.append(torch.cat(parts) if parts else self._empty())
+        inp = torch.cat(send)
         in_counts = [sum(self._shard_numel(n) for n in names if owner[n] == s) for s in range(self.tp)]
         out = inp.new_empty(sum(in_counts))
         self.coll.all_to_all(out, inp, in_counts, [s.numel() for s in send], phase).wait()
@@ -137,7 +147,9 @@ def build_megatron_optimizer(model: nn.Module, cfg: RunConfig, *, meter: CommMet
         )
     groups = param_groups(model, cfg.optim, specs=local_specs)
     tp_coll = Collectives(meter, ps.get_tensor_model_parallel_group(), "tp")
-    exchange = TensorParallelExchange({i.global_name: i for i in infos.values()}, tp_coll)
+    first = next(p for g in groups for p in g["params"])
+    exchange = TensorParallelExchange({i.global_name: i for i in infos.values()}, tp_coll, device=first.device,
+                                      dtype=first.dtype)
     return ShardedLANTON(
         groups, cfg.optim.name, process_group=ps.get_data_parallel_group(), scalar_world=True,
         bucket_mb=cfg.parallel.bucket_mb, overlap=cfg.parallel.overlap, meter=meter,

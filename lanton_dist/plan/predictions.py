@@ -121,7 +121,7 @@ def register_strategy(model: StrategyModel) -> StrategyModel:
     A model is two functions of ``(planner, stage, dp_rank, tp_rank[, step])``: the collectives
     one rank issues at a step (:class:`Collective`, in issue order; step 0 = construction) and the
     elements it updates per geometry. An adapter built on
-    :class:`~lanton_dist.integrations.exchange.PieceOptimizer` (a DeepSpeed one, say) needs only
+    :class:`~lanton_dist.engine.optimizer.PieceOptimizer` (a DeepSpeed one, say) needs only
     its framework's own collectives plus :func:`~lanton_dist.plan.strategies.piece_exchange_collectives`;
     validate it as ``tests/test_plan.py`` does FSDP2 (meter records vs predictions per step)."""
     STRATEGY_MODELS[model.name] = model

@@ -169,7 +169,7 @@ def _fsdp_units(st: StagePlan) -> list[list[ParamSpec]]:
 
 
 def exchange_buckets(hidden: list[ParamSpec], bucket_bytes: int, elem: int) -> list[list[ParamSpec]]:
-    """Buckets of :class:`~lanton_dist.integrations.exchange.AllToAllExchange`: hidden matrices in
+    """Buckets of :class:`~lanton_dist.engine.exchange.AllToAllExchange`: hidden matrices in
     canonical order, a new bucket whenever the next whole matrix would exceed ``bucket_bytes``."""
     groups: list[list[ParamSpec]] = [[]]
     size = 0
@@ -185,7 +185,7 @@ def exchange_buckets(hidden: list[ParamSpec], bucket_bytes: int, elem: int) -> l
 
 def piece_exchange_collectives(p: StepPlanner, st: StagePlan, d: int, step: int,
                                piece_numel: Callable[[ParamSpec, int], int], elem: int | None = None) -> list[Collective]:
-    """What a :class:`~lanton_dist.integrations.exchange.PieceOptimizer` adapter meters on DP rank
+    """What a :class:`~lanton_dist.engine.optimizer.PieceOptimizer` adapter meters on DP rank
     ``d`` at ``step``: the scalars and the bucketed all-to-alls of hidden pieces to their owners
     and back. ``piece_numel(spec, rank)``: elements of ``spec`` on ``rank`` in the framework's
     sharding (FSDP2: dim-0 rows; DeepSpeed: its flat partitions). ``elem``: bytes per element of

@@ -8,11 +8,12 @@ Modules (one concern each)
 * :mod:`.timers` — :class:`PhaseTimer` (CUDA events on a GPU, resolved lazily; perf_counter on
   CPU; epoch seconds so ranks and NVML samples share one time axis) and :class:`Profiler`, the
   per-process step recorder.
-* :mod:`.instrument` — the one place that wraps an optimizer's internals from outside
-  (:class:`Instrumentation`; its module doc lists every phase: ``optimizer_step``,
+* :mod:`.instrument` — the one place the profiler meets an optimizer (:class:`Instrumentation`):
+  it subscribes to the phases the engine announces (:mod:`lanton_dist.engine.phases` lists them:
   ``grad_reduce``, ``core``, ``lmo``, ``variance_estimate``, ``variance_finish``,
-  ``param_gather``, ``wait:<phase>``; ``forward_backward`` is whatever the caller times with
-  :meth:`Profiler.phase` between steps).
+  ``param_gather``, …), times collective waits (``wait:<phase>``) and whole steps
+  (``optimizer_step``); ``forward_backward`` is whatever the caller times with
+  :meth:`Profiler.phase` between steps.
 * :mod:`.report` — :func:`build_report` (per-step JSON records + a summary: time and bytes per
   phase, hidden fractions, energy per step when NVML is present), :func:`write_report`
   (``profile.json``, ``steps.jsonl``, ``timeline.png``, ``bytes.png``, ``nvml.png``),

@@ -1,41 +1,36 @@
-"""The one place the profiler reaches into an optimizer: :class:`Instrumentation` wraps instance
-attributes of the engine (and of adapters built on :class:`~lanton_dist.engine.core.ShardedCore`)
-from outside — nothing in the engine changes — and :meth:`Instrumentation.undo` restores them.
+"""The one place the profiler reaches into an optimizer: :class:`Instrumentation` subscribes to the
+phases the engine announces (:mod:`lanton_dist.engine.phases`) and wraps the public collective
+methods of the optimizer's :class:`~lanton_dist.engine.meter.Collectives` to time their waits;
+:meth:`Instrumentation.undo` unsubscribes and restores them.
 
-What is wrapped, and the phase each call is timed as:
+What is recorded, and as which phase:
 
-==========================================  ==================  =====================================
-attribute                                   phase               what it does
-==========================================  ==================  =====================================
-``optimizer._reduce_scatter(phase=…)``      its ``phase`` arg   bucket packing + reduce-scatter
-                                                                (``grad_reduce``, ``grad_reduce_half``)
-``optimizer._all_gather_params(phase=…)``   its ``phase`` arg   all-gather of updated segments
-``core.step``                               ``core``            finite vote, momentum, LMOs, update
-``core._hidden_directions``                 ``lmo``             Newton–Schulz, exchanges to owners
-``core._launch_variance``                   ``variance_estimate``  nuclear norms, all-reduce launch
-``core.finish_variance`` (when pending)     ``variance_finish`` waiting for the variance reduction
-``coll.<all_reduce|reduce_scatter|…>``      ``wait:<phase>``    time blocked in ``handle.wait()``
-step pre/post hooks (``hooks=True``)        ``optimizer_step``  the whole ``step()``
-==========================================  ==================  =====================================
+=========================================  ==================  =====================================
+source                                     phase               what it is
+=========================================  ==================  =====================================
+every phase a sharded optimizer announces  its name            ``grad_reduce``, ``core``, ``lmo``,
+(:mod:`lanton_dist.engine.phases`)                             ``variance_estimate``, ``param_gather``…
+``coll.<all_reduce|reduce_scatter|…>``     ``wait:<phase>``    time blocked in ``handle.wait()``
+step pre/post hooks (``hooks=True``)       ``optimizer_step``  the whole ``step()``
+=========================================  ==================  =====================================
 
-Attributes an optimizer lacks are skipped, so any ``torch.optim.Optimizer`` can be attached (it
-then records ``optimizer_step`` only). These private names are the engine's; when the engine
-grows phase callbacks this module is what changes.
+Phases are recorded only for a :class:`~lanton_dist.engine.optimizer.ShardedOptimizer` and only
+on the thread that attached (the owners' background thread of a deferred variance is not
+timed); any other ``torch.optim.Optimizer`` records ``optimizer_step`` (and user phases) only.
+Collective waits are timed by wrapping the *public* ``Collectives`` methods of ``optimizer.coll``
+(or ``optimizer.core.coll``): a handle's ``wait()`` is where a phase blocks, and no phase
+announcement sees it.
 """
 from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Callable
+import threading
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from lanton_dist.profiling.timers import Mark, Profiler
 
-#: Optimizer methods timed under the phase they are called with.
-_OPT_PHASES = ("_reduce_scatter", "_all_gather_params")
-#: Core methods timed under a fixed phase.
-_CORE_PHASES = {"step": "core", "_hidden_directions": "lmo", "_launch_variance": "variance_estimate"}
 #: Collectives of the engine's :class:`~lanton_dist.engine.meter.Collectives` whose waits are timed.
 _COLL_OPS = ("all_reduce", "reduce_scatter", "all_gather", "all_to_all")
 #: The attribute marking an optimizer as instrumented (one profiler per optimizer).
@@ -61,28 +56,24 @@ class _TimedHandle:
 
 
 class Instrumentation:
-    """Wrap ``optimizer`` for ``prof`` (module doc); ``hooks``: also register step pre/post hooks
-    calling :meth:`Profiler.begin_step`/:meth:`Profiler.end_step`. Raises ``RuntimeError`` if
-    the optimizer already has a profiler."""
+    """Instrument ``optimizer`` for ``prof`` (module doc); ``hooks``: also register step pre/post
+    hooks calling :meth:`Profiler.begin_step`/:meth:`Profiler.end_step`. Raises ``RuntimeError``
+    if the optimizer already has a profiler."""
 
     def __init__(self, prof: Profiler, optimizer: Any, hooks: bool = True) -> None:
+        from lanton_dist.engine import phases
+        from lanton_dist.engine.optimizer import ShardedOptimizer
+
         if getattr(optimizer, _MARK, None) is not None:
             raise RuntimeError("this optimizer already has a profiler attached")
         self._prof = prof
         self._patched: list[tuple[Any, str, Any]] = []
         self._hooks: list[Any] = []
+        self._open: list[tuple[str, contextlib.AbstractContextManager]] = []  # phases begun, innermost last
+        self._thread = threading.get_ident()
         self._set(optimizer, _MARK, prof)
-        for name in _OPT_PHASES:
-            if callable(getattr(optimizer, name, None)):
-                self._wrap_phase_arg(optimizer, name)
+        self._subscription = phases.subscribe(self._on_phase) if isinstance(optimizer, ShardedOptimizer) else None
         core = getattr(optimizer, "core", None)
-        if core is not None:
-            for name, phase in _CORE_PHASES.items():
-                if callable(getattr(core, name, None)):
-                    self._wrap_fixed(core, name, phase)
-            if callable(getattr(core, "finish_variance", None)):
-                self._wrap_fixed(core, "finish_variance", "variance_finish",
-                                 when=lambda: getattr(core, "_pending", None) is not None or getattr(core, "_deferred", None) is not None)
         coll = getattr(optimizer, "coll", None) or getattr(core, "coll", None)
         if coll is not None:
             for op in _COLL_OPS:
@@ -93,7 +84,10 @@ class Instrumentation:
             self._hooks.append(optimizer.register_step_post_hook(lambda *_: prof.end_step()))
 
     def undo(self) -> None:
-        """Restore every wrapped attribute, drop the mark and remove the hooks."""
+        """Unsubscribe, restore every wrapped attribute, drop the mark and remove the hooks."""
+        if self._subscription is not None:
+            self._subscription.remove()
+            self._subscription = None
         for obj, name, orig in reversed(self._patched):
             if orig is None:
                 with contextlib.suppress(AttributeError):
@@ -105,32 +99,21 @@ class Instrumentation:
         self._patched.clear()
         self._hooks.clear()
 
+    def _on_phase(self, name: str, event: str) -> None:
+        """Phase callback: a begun phase opens a :meth:`Profiler.phase` interval, its end closes it."""
+        if threading.get_ident() != self._thread:
+            return
+        if event == "begin":
+            cm = self._prof.phase(name)
+            cm.__enter__()
+            self._open.append((name, cm))
+        elif self._open and self._open[-1][0] == name:
+            self._open.pop()[1].__exit__(None, None, None)
+
     def _set(self, obj: Any, name: str, value: Any) -> None:
         """Set ``obj.name`` (an instance attribute), remembering what :meth:`undo` restores."""
         self._patched.append((obj, name, obj.__dict__.get(name)))
         setattr(obj, name, value)
-
-    def _wrap_fixed(self, obj: Any, name: str, phase: str, when: Callable[[], bool] | None = None) -> None:
-        fn, prof = getattr(obj, name), self._prof
-
-        def wrapped(*args: Any, **kwargs: Any) -> Any:
-            if when is not None and not when():
-                return fn(*args, **kwargs)
-            with prof.phase(phase):
-                return fn(*args, **kwargs)
-
-        self._set(obj, name, wrapped)
-
-    def _wrap_phase_arg(self, obj: Any, name: str) -> None:
-        fn, prof = getattr(obj, name), self._prof
-        sig = inspect.signature(fn)
-
-        def wrapped(*args: Any, **kwargs: Any) -> Any:
-            phase = sig.bind(*args, **kwargs).arguments.get("phase", name.strip("_"))
-            with prof.phase(str(phase)):
-                return fn(*args, **kwargs)
-
-        self._set(obj, name, wrapped)
 
     def _wrap_collective(self, coll: Any, op: str) -> None:
         fn, prof = getattr(coll, op), self._prof

@@ -1,5 +1,5 @@
-"""The all-to-all :class:`~lanton_dist.engine.core.MatrixExchange` every framework adapter shares,
-and the adapter base class around :class:`~lanton_dist.engine.core.ShardedCore`.
+"""The all-to-all :class:`~lanton_dist.engine.core.MatrixExchange` every framework adapter
+(:class:`~lanton_dist.engine.optimizer.PieceOptimizer`) shares.
 
 Framework-free: it sees only torch tensors, a process group and, for every hidden parameter,
 which flat element range ``[start, stop)`` of its row-major flattening each rank holds (a
@@ -40,27 +40,20 @@ adapters build a (possibly empty) piece of every parameter on every rank for tha
 from __future__ import annotations
 
 import threading
-from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
-from torch.optim import Optimizer
 
-from lanton_dist.engine.core import ALGORITHMS, LocalPiece, ShardedCore
-from lanton_dist.engine.meter import Collectives, CommMeter
-from lanton_dist.engine.ownership import OwnershipPlan, plan_ownership
+from lanton_dist.engine import phases
+from lanton_dist.engine.core import LocalPiece
+from lanton_dist.engine.meter import Collectives
+from lanton_dist.engine.ownership import OwnershipPlan
 from lanton_dist.engine.ranges import Ranges, check_ranges
-from lanton_dist.engine.ranges import flat_partition_ranges, padded_partition_ranges, row_ranges, whole_ranges  # noqa: F401 - adapters' old import path
-from lanton_dist.engine.zero import DEFAULTS
 from lanton_dist.groups import Geometry, ParamSpec
-from lanton_dist.lanton import check_param_groups
-from lanton_dist.lmo import LMOConfig
 
 
-# ---------------------------------------------------------------------------------------- exchange
 @dataclass(frozen=True)
 class _BucketPlan:
     """Static routing of one bucket for this rank (element counts; gather direction)."""
@@ -232,6 +225,7 @@ class AllToAllExchange:
     def _splits(self, plan: _BucketPlan, splits: tuple[int, ...]) -> list[int]:
         return [plan.padded] * self.world if plan.padded else list(splits)
 
+    @phases.announces()
     def _post_gather(self, plan: _BucketPlan, tensors: list[torch.Tensor], where: dict[str, int], phase: str) -> _Launched:
         ref = tensors[0]
         send_splits, recv_splits = self._splits(plan, plan.send_splits), self._splits(plan, plan.recv_splits)
@@ -266,6 +260,7 @@ class AllToAllExchange:
             pos += splits[s]
         return {n: t.view(self.specs[n].shape) for n, t in owned.items()}
 
+    @phases.announces()
     def _post_scatter(self, plan: _BucketPlan, results: dict[str, torch.Tensor], like: torch.Tensor, phase: str):
         """Send each rank its piece of this rank's owner results; returns (recv buffer, handle)."""
         send_splits, recv_splits = self._splits(plan, plan.recv_splits), self._splits(plan, plan.send_splits)
@@ -357,241 +352,3 @@ class AllToAllExchange:
             mine = self._len(n, self.rank)
             total += (self.specs[n].numel - mine) if self.plan.owner[n] == self.rank else mine
         return total
-
-
-# ---------------------------------------------------------------------------------------- adapter base
-class PieceOptimizer(Optimizer):
-    """Base of the framework adapters: a torch ``Optimizer`` whose ``step`` runs
-    :class:`~lanton_dist.engine.core.ShardedCore` over this rank's pieces with an
-    :class:`AllToAllExchange`.
-
-    Subclasses supply :meth:`_local_pieces` (this rank's :class:`LocalPiece` of every parameter,
-    views of the framework's sharded storage, with gradients) and call :meth:`_setup` with the
-    piece ranges of every parameter once the framework has sharded the model.
-
-    Args:
-        groups: param groups with ``specs`` (``lanton_dist.factory.param_groups``), the logical
-            (unsharded) shapes, same on every rank.
-        algorithm: ``lanton`` | ``scion`` | ``dmuon`` | ``adamw``.
-        process_group: the data-parallel group the pieces are spread over.
-        meter, bucket_mb, pad, window: see :class:`AllToAllExchange`.
-        overlap, defer_variance, estimate_every, option, ratio_anchor, nuclear_estimator,
-        wd_lr, lmo, skip_nonfinite, clip_grad_norm: see :class:`~lanton_dist.engine.core.ShardedCore`.
-        hyper: per-group defaults (:data:`lanton_dist.engine.zero.DEFAULTS`).
-    """
-
-    def __init__(self, groups: Iterable[dict[str, Any]], algorithm: str = "lanton", *,
-                 process_group: dist.ProcessGroup | None = None, meter: CommMeter | None = None,
-                 bucket_mb: float = 25.0, pad: bool = False, window: int = 2, overlap: bool = True,
-                 defer_variance: bool = True, estimate_every: int = 10, option: str = "I", ratio_anchor: str = "max",
-                 nuclear_estimator: str = "auto", wd_lr: str = "group", lmo: LMOConfig | None = None,
-                 skip_nonfinite: bool = True, clip_grad_norm: float = 0.0, **hyper: Any) -> None:
-        unknown = set(hyper) - set(DEFAULTS)
-        if unknown:
-            raise ValueError(f"unknown hyper-parameters {sorted(unknown)}; valid: {sorted(DEFAULTS)}")
-        if algorithm not in ALGORITHMS:
-            raise ValueError(f"unknown algorithm {algorithm!r}; choose one of {ALGORITHMS}")
-        if not dist.is_initialized():
-            raise RuntimeError(f"{type(self).__name__} needs torch.distributed initialised")
-        super().__init__(groups, {**DEFAULTS, **hyper})
-        check_param_groups(self.param_groups)
-        for g in self.param_groups:
-            if not g["alpha"] > 0:
-                raise ValueError(f"alpha must be > 0, got {g['alpha']}")
-        # Frameworks re-bind ``param_groups`` (DeepSpeed steps one group at a time); the core
-        # keeps the live group dicts.
-        self._groups = list(self.param_groups)
-        self.meter = meter or CommMeter()
-        self.coll = Collectives(self.meter, process_group, "dp")
-        self.world, self.rank = self.coll.world, self.coll.rank
-        self.named = [(s, gi) for gi, g in enumerate(self._groups) for s in g["specs"]]
-        self.specs = [s for s, _ in self.named]
-        self.algorithm = algorithm
-        self._exchange_args = dict(bucket_mb=bucket_mb, pad=pad, window=window)
-        self._core_args = dict(estimate_every=estimate_every, option=option, ratio_anchor=ratio_anchor,
-                               overlap=overlap, nuclear_estimator=nuclear_estimator, wd_lr=wd_lr, lmo=lmo,
-                               skip_nonfinite=skip_nonfinite, defer_variance=defer_variance, clip_grad_norm=clip_grad_norm)
-        self.plan: OwnershipPlan = plan_ownership(self.specs, self.world, (lmo or LMOConfig()).ns_steps)
-        self.ranges: dict[str, Ranges] = {}
-        self.exchange: AllToAllExchange | None = None
-        self.core: ShardedCore | None = None
-        self._half: dict[str, torch.Tensor] | None = None
-
-    # ------------------------------------------------------------------ set-up
-    def _setup(self, ranges: dict[str, Ranges], dtype: torch.dtype, plan: OwnershipPlan | None = None) -> None:
-        """Build the exchange and the core once every parameter's piece ranges are known
-        (``plan``: owners imposed by the framework instead of the FLOP-balanced plan)."""
-        if plan is not None:
-            self.plan = plan
-        for s in self.specs:
-            if s.name not in ranges:
-                raise ValueError(f"no piece ranges for {s.name}")
-            check_ranges(s.name, s.numel, ranges[s.name], self.world)
-        signature = [(s.name, s.shape, s.geometry.value, tuple(b.rows for b in s.blocks), tuple(ranges[s.name]))
-                     for s in self.specs]
-        gathered: list[Any] = [None] * self.world
-        dist.all_gather_object(gathered, signature, group=self.coll.group)
-        for r, other in enumerate(gathered):
-            if other != signature:
-                raise ValueError(f"rank {self.rank}: rank {r} has a different model or sharding layout; every rank "
-                                 "of the process group must build the same model and shard it the same way")
-        self.ranges = dict(ranges)
-        self.exchange = AllToAllExchange(self.specs, self.ranges, self.plan, self.coll, **self._exchange_args)
-        self.core = ShardedCore(self.specs, {s.name: gi for s, gi in self.named}, self._groups, self.algorithm,
-                                self.coll, self.exchange, dtype=dtype, **self._core_args)
-        self.meter.step = 0
-
-    def _require_core(self) -> ShardedCore:
-        if self.core is None:
-            raise RuntimeError(f"{type(self).__name__} is not attached to its framework yet")
-        return self.core
-
-    def _local_pieces(self) -> list[LocalPiece]:
-        """This rank's piece of every parameter (in ``self.specs`` order), with ``grad`` set."""
-        raise NotImplementedError
-
-    def _piece(self, spec: ParamSpec, group: int, param: torch.Tensor, grad: torch.Tensor | None) -> LocalPiece:
-        """A :class:`LocalPiece` at this rank's range of ``spec``; ``param``/``grad`` 1-D views."""
-        a, b = self.ranges[spec.name][self.rank]
-        if param.numel() != b - a or (grad is not None and grad.numel() != b - a):
-            raise RuntimeError(f"{spec.name}: local shard has {param.numel()} elements, the layout says {b - a} "
-                               "(was the model resharded after the optimizer was built?)")
-        return LocalPiece(spec, group, a, b, param, grad)
-
-    # ------------------------------------------------------------------ API
-    @property
-    def t(self) -> int:
-        return self._require_core().t
-
-    @property
-    def skipped_steps(self) -> int:
-        return self._require_core().skipped_steps
-
-    @property
-    def clip_grad_norm(self) -> float:
-        """The gradient-norm clipping threshold its steps apply (0: off)."""
-        return self._core_args["clip_grad_norm"]
-
-    def needs_two_half_batches(self) -> bool:
-        return self._require_core().needs_two_half_batches()
-
-    def layer_diagnostics(self) -> list[dict[str, Any]]:
-        return self._require_core().layer_diagnostics()
-
-    def owned_hidden_bytes(self) -> int:
-        """Bytes of the hidden matrices this rank owns (one copy, in the pieces' dtype)."""
-        pieces = self._local_pieces()
-        elem = pieces[0].param.element_size() if pieces else 4
-        return sum(s.numel for s in self.specs if self.plan.owner.get(s.name) == self.rank) * elem
-
-    @torch.no_grad()
-    def _run_core(self, pieces: list[LocalPiece], present: list[str] | None = None) -> bool:
-        """One core step on ``pieces`` (Option II halves combined); any failure is published so
-        peers stuck in a collective fail naming this rank. ``present``: the parameters that had
-        a gradient on this rank, for frameworks that zero-fill absent ones (``None``: those
-        whose piece has a ``grad``; see :meth:`ShardedCore.step`)."""
-        core = self._require_core()
-        self.meter.step = core.t + 1
-        try:
-            half, self._half = self._half, None
-            for pc in pieces:
-                pc.diff2 = None
-                if half is not None and pc.grad is not None:
-                    h = half[pc.name]
-                    pc.diff2 = 2.0 * (h - pc.grad)
-                    pc.grad = pc.grad + h
-            return core.step(pieces, present)
-        except Exception as exc:
-            self.coll.publish_error(exc)
-            raise
-
-    # ------------------------------------------------------------------ checkpoint support
-    def core_state(self) -> dict[str, Any]:
-        """This rank's optimizer state as a flat DCP state dict (``engine.checkpoint`` keys):
-        replicated step/trackers/factors/lr, and each non-empty piece's state."""
-        from lanton_dist.engine.checkpoint import core_state_dict
-
-        sd = core_state_dict(self._require_core(), [p for p in self._local_pieces() if p.stop > p.start])
-        sd["meta/lr"] = torch.tensor([g["lr"] for g in self._groups], dtype=torch.float64)
-        return sd
-
-    def load_core_state(self, path: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Load :meth:`core_state` from the DCP checkpoint ``path`` (any world size), with ``extra``
-        entries in the same pass (returned, filled); empty pieces get (empty) state under the
-        stored keys, so every rank keeps passing the same matrices to the exchange."""
-        import torch.distributed.checkpoint as dcp
-
-        from lanton_dist.engine.checkpoint import _KEY, load_core_state
-
-        core = self._require_core()
-        extra = dict(extra or {})
-        extra["meta/lr"] = torch.zeros(len(self._groups), dtype=torch.float64)
-        pieces = self._local_pieces()
-        load_core_state(core, [p for p in pieces if p.stop > p.start], path, extra)
-        core.drop_pending()
-        keys: dict[str, set[str]] = defaultdict(set)
-        for k in dcp.FileSystemReader(path).read_metadata().state_dict_metadata:
-            m = _KEY.match(k)
-            if m:
-                keys[m["name"]].add(m["key"])
-        self._fill_empty_state(pieces, keys)
-        for g, lr in zip(self._groups, extra["meta/lr"].tolist()):
-            g["lr"] = lr
-        return extra
-
-    def _fill_empty_state(self, pieces: list[LocalPiece], keys: dict[str, set[str]]) -> None:
-        core = self._require_core()
-        for p in pieces:
-            if p.stop == p.start:
-                st = core.state_of(p)
-                st.clear()
-                for k in keys.get(p.name, ()):
-                    st[k] = p.param.new_empty(0)
-
-    def local_state_dict(self) -> dict[str, Any]:
-        """This rank's state as a plain dict (for frameworks that save one file per rank)."""
-        core = self._require_core()
-        core.finish_variance()
-        pieces = {(p.name, p.start): p for p in self._local_pieces()}
-        state = {f"{n}|{s}|{pieces[(n, s)].stop}": {k: v.clone() for k, v in st.items()}
-                 for (n, s), st in core.state.items() if (n, s) in pieces}
-        hyper = [{k: v for k, v in g.items() if k not in ("params", "specs", "names")} for g in self._groups]
-        return {
-            "lanton_core": dict(
-                t=core.t,
-                skipped=core.skipped_steps,
-                H=core.H.clone(),
-                F=core.F.clone(),
-                E=core.E.clone(),
-                steps=core.stepped_counts(),
-                state=state,
-                world=self.world,
-                rank=self.rank,
-                ranges=self.ranges,
-            ),
-            "param_groups": hyper,
-        }
-
-    def load_local_state_dict(self, sd: dict[str, Any]) -> None:
-        """Inverse of :meth:`local_state_dict`; the layout (world size, ranges) must be the same."""
-        core = self._require_core()
-        if "lanton_core" not in sd:
-            raise ValueError(f"not a {type(self).__name__} state dict (keys: {sorted(sd)[:5]})")
-        c = sd["lanton_core"]
-        if c["world"] != self.world or c["ranges"] != self.ranges or c["rank"] != self.rank:
-            raise ValueError("optimizer state was saved with another sharding layout (world size, partitioning or "
-                             "rank); resharding per-rank state is not supported by this path")
-        core.t, core.skipped_steps = int(c["t"]), int(c["skipped"])
-        core.H.copy_(c["H"])
-        core.F.copy_(c["F"])
-        core.E = c["E"].to(core.H.device, copy=True) if "E" in c else core.H > 0  # older states: H > 0
-        core.load_stepped_counts(c.get("steps"))
-        core.drop_pending()
-        core.state.clear()
-        for key, st in c["state"].items():
-            name, start, _ = key.rsplit("|", 2)
-            core.state[(name, int(start))] = {k: v.clone() for k, v in st.items()}
-        if len(sd["param_groups"]) != len(self._groups):
-            raise ValueError(f"state has {len(sd['param_groups'])} param groups, optimizer has {len(self._groups)}")
-        for g, saved in zip(self._groups, sd["param_groups"]):
-            g.update(saved)

@@ -1,0 +1,102 @@
+"""Host syncs of an optimizer step: the ZeRO engine and the FSDP2 adapter read the device once per
+step — the job-wide skip/presence vote (``ShardedCore._agree``'s ``tolist``) — whatever the
+model size. Every ``Tensor`` method that copies a device value to the host is counted during
+``step()`` (on a GPU each one stalls the CPU until the device catches up)."""
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+from distributed import run
+from engine_cases import TINY, batches, loss_fn, rows
+from lanton_dist.config import OptimConfig
+from lanton_dist.model import Transformer
+
+pytestmark = pytest.mark.slow
+
+#: ``Tensor`` methods that read a tensor's value on the host.
+HOST_READS = ("item", "__bool__", "tolist", "cpu", "__float__", "__int__")
+#: The one allowed host read per step: the skip vote (``finite``) of ``ShardedCore._agree``.
+READS_PER_STEP = 1
+STEPS = 4  # k = 2: steps 2 and 4 estimate, 3 consumes the overlapped variance
+
+
+@contextmanager
+def counting_host_reads() -> Iterator[Counter]:
+    """Count calls of :data:`HOST_READS` on any tensor (any thread) inside the block."""
+    counts: Counter = Counter()
+    originals = {name: torch.Tensor.__dict__.get(name) for name in HOST_READS}
+
+    def counted(name: str, fn):
+        def wrapper(self, *args, **kwargs):
+            counts[name] += 1
+            return fn(self, *args, **kwargs)
+        return wrapper
+
+    for name in HOST_READS:
+        setattr(torch.Tensor, name, counted(name, getattr(torch.Tensor, name)))
+    try:
+        yield counts
+    finally:
+        for name, orig in originals.items():
+            if orig is None:
+                delattr(torch.Tensor, name)
+            else:
+                setattr(torch.Tensor, name, orig)
+
+
+def _model(n_layers: int) -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(TINY.__class__(**{**TINY.__dict__, "n_layers": n_layers}))
+
+
+def _reads_per_step(rank: int, world: int, model, opt) -> list[dict[str, int]]:
+    out = []
+    for x in batches(STEPS):
+        loss_fn(model, rows(x, rank, world)).backward()
+        with counting_host_reads() as counts:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        out.append(dict(counts))
+    return out
+
+
+def _job(rank: int, world: int) -> dict[tuple[str, int], list[dict[str, int]]]:
+    from lanton_dist.engine import build_sharded_optimizer
+    from lanton_dist.integrations.fsdp2 import LANTONFSDP2
+    from test_fsdp2 import _shard
+
+    cfg = OptimConfig(name="lanton", estimate_every=2)
+    result = {}
+    for n_layers in (2, 4):
+        model = _model(n_layers)
+        result[("zero", n_layers)] = _reads_per_step(rank, world, model, build_sharded_optimizer(model, cfg))
+        model = _shard(_model(n_layers), world)
+        result[("fsdp2", n_layers)] = _reads_per_step(rank, world, model, LANTONFSDP2(model, cfg))
+    return result
+
+
+@pytest.fixture(scope="module")
+def reads():
+    return run(_job, 2, timeout_s=120)
+
+
+@pytest.mark.parametrize("engine", ["zero", "fsdp2"])
+def test_one_host_read_per_step_whatever_the_model_size_2_ranks(reads, engine):
+    for rank, result in enumerate(reads):
+        small, large = result[(engine, 2)], result[(engine, 4)]
+        assert large == small, f"rank {rank}: host reads grow with the model: {small} -> {large}"
+        for step, counts in enumerate(small, start=1):
+            assert counts == {"tolist": READS_PER_STEP}, f"rank {rank} step {step}: {counts}"
+
+
+def test_the_counter_sees_every_kind_of_host_read():
+    t = torch.ones(2)
+    with counting_host_reads() as counts:
+        t[0].item(), bool(t[0]), t.tolist(), t.cpu(), float(t[0]), int(t[0])
+    assert counts == dict.fromkeys(HOST_READS, 1)
+    assert torch.Tensor.__dict__.get("item") is None  # restored: the method is torch's again
