@@ -348,14 +348,14 @@ class _MegatronNorms:
 def _megatron_job(rank, world):
     """World 1: the reference optimizer in one process; world 2: TP = 2, where every rank holds a
     replica of the norm gains (weight 0 on TP rank 1: counted once in ‖G‖)."""
-    import megatron_cpu_shim
+    from lanton_dist.integrations import megatron_cpu
     from test_megatron_lanton import OPTIM, _logical_params, _train, canonical_init
     from test_megatron_model import load_pretrain, tiny_cfg
 
     from lanton_dist.integrations import megatron_model as mm
     from lanton_dist.integrations.megatron import build_megatron_optimizer
 
-    megatron_cpu_shim.install()
+    megatron_cpu.install()
     try:
         cfg = tiny_cfg(parallel__tp=world, **{**OPTIM, "optim__estimate_every": 2, "optim__clip_grad_norm": CLIP})
         mm.initialize_model_parallel(cfg)
@@ -369,7 +369,7 @@ def _megatron_job(rank, world):
         return _logical_params(model, cfg), opt.norms
     finally:
         mm.destroy_model_parallel()
-        megatron_cpu_shim.uninstall()
+        megatron_cpu.uninstall()
 
 
 NEEDS = {"fairscale": "fairscale", "deepspeed": "deepspeed", "megatron": "megatron", "megatron_reference": "megatron"}
