@@ -391,7 +391,8 @@ def setup_distributed_backend(cfg: RunConfig, model: nn.Module, factory: Optimiz
     rank, world = dist.get_rank(), dist.get_world_size()
     p = cfg.parallel
     if p.backend == "zero":
-        opt = build_sharded_optimizer(model, cfg.optim, bucket_mb=p.bucket_mb, overlap=p.overlap, attach=True)
+        opt = build_sharded_optimizer(model, cfg.optim, bucket_mb=p.bucket_mb, overlap=p.overlap,
+                                      overlap_grad_reduce=True, attach=True)
         return EngineBackend(model, opt, device, rank, world)
     if p.backend == "fsdp2":
         from torch.distributed.device_mesh import init_device_mesh

@@ -31,7 +31,7 @@ TOL = {"lanton-I": 1e-6, "lanton-II": 1e-6, "adamw": 1e-4}
 
 
 def _build(model, cfg, **kw):
-    return build_sharded_optimizer(model, cfg, overlap=False, bucket_mb=BUCKET_MB, **kw)
+    return build_sharded_optimizer(model, cfg, overlap=False, bucket_mb=BUCKET_MB, **{"overlap_grad_reduce": True, **kw})
 
 
 def _params(model) -> dict[str, torch.Tensor]:
@@ -131,6 +131,17 @@ def _user_grads(rank, world) -> dict[str, object]:
         out["error"] = None
     except RuntimeError as exc:
         out["error"] = str(exc)
+    named = dict(model.named_parameters())
+    view = next(n for n in named if n not in opt.copied_params)
+    for kind, name in (("view", view), ("copied", opt.copied_params[0])):
+        opt.zero_grad()
+        loss_fn(model, x).backward()
+        named[name].grad.mul_(2.0)  # in place, after its bucket's reduce-scatter started
+        try:
+            opt.step()
+            out[kind] = None
+        except RuntimeError as exc:
+            out[kind] = str(exc)
     return out
 
 
@@ -173,8 +184,8 @@ def _job(rank, world):
             out[(name, overlap_grad_reduce)] = _hook_run(rank, world, cfg, overlap_grad_reduce, attach)
     out["accumulation"] = _accumulation_run(rank, world, CASES["lanton-I"])
     out["views"] = _views_and_bytes(rank, world)
-    out["user"] = _user_grads(rank, world)
     out["attached"] = _attached(rank, world)
+    out["user"] = _user_grads(rank, world)  # last: it ends with a step that raises
     return out
 
 
@@ -236,11 +247,12 @@ def test_the_optimizer_holds_no_parameter_or_gradient_copies():
         assert v["held_bytes"] == v["expected_bytes"]
 
 
-def test_hand_assigned_gradients_step_like_backward_and_late_gradients_are_an_error():
+def test_hand_assigned_gradients_step_like_backward_and_late_or_in_place_changes_are_errors():
     for res in _results():
         u = res["user"]
         assert all(torch.equal(u[True][n], u[False][n]) for n in u[False])
         assert u["error"] is not None and "no_sync" in u["error"]
+        assert all(u[kind] is not None and "in place" in u[kind] for kind in ("view", "copied"))
 
 
 def test_parameter_all_gathers_are_awaited_by_forward_and_state_dict():

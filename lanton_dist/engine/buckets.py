@@ -30,6 +30,8 @@ All collectives run over the optimizer's data-parallel group (``coll``).
 """
 from __future__ import annotations
 
+import functools
+import weakref
 from collections.abc import Callable, Iterable
 
 import torch
@@ -91,14 +93,17 @@ class BucketStorage:
         self._pending_count: list[int] = []
         self._fired: set[str] = set()
         self._next = 0
+        self._version = 0  # grad_buffer's version counter after the last hook (in-place edits bump it)
+        self._copied_sent: dict[str, tuple[torch.Tensor, int]] = {}  # copied grads in flight, and their versions
         self._reducing: dict[int, object] = {}
         self._gathering: dict[int, object] = {}
         self._reset_counts()
         self._hooks = []
+        me = weakref.ref(self)  # the hooks neither keep a dropped optimizer alive nor act for it
         for name, p in params.items():
             if p.requires_grad:
-                self._hooks.append(p.register_hook(self._pre_accumulate))
-                self._hooks.append(p.register_post_accumulate_grad_hook(self._accumulated(name)))
+                self._hooks.append(p.register_hook(functools.partial(_pre_accumulate, me, name)))
+                self._hooks.append(p.register_post_accumulate_grad_hook(functools.partial(_accumulated, me, name)))
 
     # ------------------------------------------------------------------ views
     def own_param(self, bucket: int, piece: Piece) -> torch.Tensor:
@@ -121,30 +126,34 @@ class BucketStorage:
         return buf[a:z].view_as(self.params[name])
 
     # ------------------------------------------------------------------ hooks
-    def _pre_accumulate(self, grad: torch.Tensor) -> None:
+    def _owns(self, name: str) -> bool:
+        """Whether the parameter is still this storage's (not re-pointed by a later optimizer)."""
+        return name not in self.views or self.params[name].data_ptr() == self._view(name, self.param_buffer).data_ptr()
+
+    def pre_accumulate(self) -> None:
+        """Before autograd accumulates into a gradient: zero the buffer if a step spent it."""
         if self._stale:
             self._clear()
 
-    def _accumulated(self, name: str) -> Callable[[torch.Tensor], None]:
-        def hook(p: torch.Tensor) -> None:
-            self._adopt(name, p)
-            self.present.add(name)
-            if not self.can_launch():
-                return
-            launched = [b for b in self.buckets_of[name] if b in self._reducing]
-            if launched:
-                raise RuntimeError(f"{name}: a gradient arrived after its bucket's reduce-scatter started; "
-                                   "run all but the last micro-batch inside optimizer.no_sync(), or turn "
-                                   "overlap_grad_reduce off")
-            if name in self._fired:
-                return
-            self._fired.add(name)
-            for b in self.buckets_of[name]:
-                self._pending_count[b] -= 1
-            while self._next < len(self._pending_count) and self._pending_count[self._next] == 0:
-                self._launch(self._next)
-                self._next += 1
-        return hook
+    def accumulated(self, name: str, p: torch.Tensor) -> None:
+        """After autograd accumulated ``p.grad``: adopt it, mark it present, launch ready buckets."""
+        self._adopt(name, p)
+        self.present.add(name)
+        if not self.can_launch():
+            return
+        if any(b in self._reducing for b in self.buckets_of[name]):
+            raise RuntimeError(f"{name}: a gradient arrived after its bucket's reduce-scatter started; "
+                               "run all but the last micro-batch inside optimizer.no_sync(), or turn "
+                               "overlap_grad_reduce off")
+        if name in self._fired:
+            return
+        self._fired.add(name)
+        for b in self.buckets_of[name]:
+            self._pending_count[b] -= 1
+        while self._next < len(self._pending_count) and self._pending_count[self._next] == 0:
+            self._launch(self._next)
+            self._next += 1
+        self._version = self.grad_buffer._version
 
     @torch.no_grad()
     def _adopt(self, name: str, p: torch.Tensor) -> None:
@@ -167,6 +176,7 @@ class BucketStorage:
         self._pending_count = [len({pc.name for pc in b.pieces}) for b in self.layout.buckets]
         self._fired = set()
         self._next = 0
+        self._copied_sent = {}
 
     @torch.no_grad()
     def _clear(self) -> None:
@@ -180,6 +190,12 @@ class BucketStorage:
         """Before a reduction: take ``p.grad`` as the user left it (None withdraws a gradient,
         another tensor replaces it) into the buffer and ``present``. Raises if a bucket already
         being reduced would change."""
+        edited = bool(self._reducing) and self.grad_buffer._version != self._version
+        for name, (grad, version) in self._copied_sent.items():
+            edited = edited or self.params[name].grad is not grad or grad._version != version
+        if edited:
+            raise RuntimeError("gradients were changed in place after backward while their reduce-scatter was in "
+                               "flight (overlap_grad_reduce); change them inside backward, or turn overlap off")
         if self._stale:
             self._clear()
         for name, p in self.params.items():
@@ -208,6 +224,7 @@ class BucketStorage:
                     target.zero_()
                 else:
                     target.copy_(g.reshape(-1)[pc.start : pc.stop])
+                    self._copied_sent[pc.name] = (g, g._version)
         a, z = self._bucket_span[b]
         o, e = self._own[b]
         self._reducing[b] = self.coll.reduce_scatter(buf[o:e], buf[a:z], phase)
@@ -335,3 +352,15 @@ class BucketStorage:
                 handles.append(module.register_forward_pre_hook(lambda m, args, bs=tuple(buckets): self.wait_params(bs)))
         handles.append(model.register_state_dict_pre_hook(lambda *args, **kw: self.wait_params()))
         return handles
+
+
+def _pre_accumulate(ref: weakref.ref, name: str, grad: torch.Tensor) -> None:
+    storage = ref()
+    if storage is not None and storage._owns(name):
+        storage.pre_accumulate()
+
+
+def _accumulated(ref: weakref.ref, name: str, p: torch.Tensor) -> None:
+    storage = ref()
+    if storage is not None and storage._owns(name):
+        storage.accumulated(name, p)

@@ -83,7 +83,8 @@ class ShardedLANTON(Optimizer):
         scalar_world: run the scalar reductions over the whole job instead of
             ``process_group`` (needed when other groups — TP, PP — hold other parts of the model).
         overlap_grad_reduce: launch each bucket's reduce-scatter from the backward hook of its
-            last gradient (False: all at ``step()``); the result is the same.
+            last gradient (False: all at ``step()``); the result is the same, but gradients
+            can then no longer be changed in place between backward and ``step()`` (an error).
         Remaining keyword arguments are the algorithm's hyper-parameters (as in
         :class:`~lanton_dist.lanton.LANTON` / :class:`~lanton_dist.dmuon.DMuon`).
     """
@@ -94,7 +95,7 @@ class ShardedLANTON(Optimizer):
                  ratio_anchor: str = "max", nuclear_estimator: str = "auto", wd_lr: str = "group",
                  lmo: LMOConfig | None = None, skip_nonfinite: bool = True,
                  logical: dict[str, LogicalView] | None = None, exchange: MatrixExchange | None = None,
-                 scalar_world: bool = False, overlap_grad_reduce: bool = True, **hyper: Any) -> None:
+                 scalar_world: bool = False, overlap_grad_reduce: bool = False, **hyper: Any) -> None:
         unknown = set(hyper) - set(DEFAULTS)
         if unknown:
             raise ValueError(f"unknown hyper-parameters {sorted(unknown)}; valid: {sorted(DEFAULTS)}")
@@ -151,7 +152,8 @@ class ShardedLANTON(Optimizer):
                                 ratio_anchor=ratio_anchor, overlap=overlap, nuclear_estimator=nuclear_estimator,
                                 wd_lr=wd_lr, lmo=lmo, skip_nonfinite=skip_nonfinite, dtype=dtype)
         self.meter.step = 0
-        self.storage.gather("init_sync")
+        self._all_gather_params("init_sync")
+        self.meter.step = 1  # reduce-scatters launched by the next backward's hooks belong to step 1
 
     # ------------------------------------------------------------------ API
     @property
@@ -190,8 +192,8 @@ class ShardedLANTON(Optimizer):
         """Leave the parameter all-gathers of ``step()`` in flight: a forward pre-hook on each
         module of ``model`` waits for its own parameters' buckets, a ``state_dict`` pre-hook for
         all. Parameters read any other way need :meth:`wait_params` first."""
-        names = {id(p) for p in model.parameters()}
-        if not all(id(p) in names for p, _, _ in self._params):
+        held = {id(p) for p in model.parameters()}
+        if not all(id(p) in held for p, _, _ in self._params):
             raise ValueError("attach(model): model does not hold every parameter of this optimizer")
         self.storage.attach(model)
         self._attached = True
@@ -220,11 +222,11 @@ class ShardedLANTON(Optimizer):
         self.meter.step = self.core.t + 1
         try:
             self.storage.wait_params()
-            self.storage.reduce()
+            self._reduce_scatter("grad_reduce")
             present = [self._core_name[n] for n in self.storage.present | self.storage.half_present]
             halves = None
             if self.storage.half_buffer is not None:
-                self.storage.reduce_half()
+                self._reduce_scatter("grad_reduce_half")
                 halves = {(place.name, place.start): self.storage.own_half(b, place) for b, place in self._placements}
             for pc, (b, place) in zip(self.pieces, self._placements):
                 pc.grad = self.storage.own_grad(b, place)
@@ -234,8 +236,9 @@ class ShardedLANTON(Optimizer):
                     pc.diff2 = 2.0 * (half - pc.grad)
                     pc.grad = pc.grad + half
             if self.core.step(self.pieces, present):
-                self.storage.gather("param_gather", wait=not self._attached)
+                self._all_gather_params("param_gather")
             self.storage.done()
+            self.meter.step = self.core.t + 1
         except Exception as exc:
             self.coll.publish_error(exc)
             raise
@@ -265,6 +268,15 @@ class ShardedLANTON(Optimizer):
                     raise ValueError(f"{s.name}: ranks disagree on its logical spec")
         return [by_name[n] for n in sorted(by_name)]
 
+    def _reduce_scatter(self, phase: str) -> None:
+        """The step's gradient reduction: ``grad_reduce`` launches the buckets the backward hooks
+        did not and waits for all; ``grad_reduce_half`` reduces Option II's stashed half."""
+        (self.storage.reduce if phase == "grad_reduce" else self.storage.reduce_half)()
+
+    def _all_gather_params(self, phase: str) -> None:
+        """All-gather the updated segments into the parameters; left in flight after :meth:`attach`."""
+        self.storage.gather(phase, wait=not self._attached)
+
     def _can_launch(self) -> bool:
         """Whether a backward hook may start a bucket's reduce-scatter now (:mod:`.buckets`)."""
         if not (self.overlap_grad_reduce and self._sync):
@@ -289,7 +301,7 @@ class ShardedLANTON(Optimizer):
 
 def build_sharded_optimizer(model: torch.nn.Module, cfg, *, process_group: dist.ProcessGroup | None = None,
                             bucket_mb: float = 25.0, overlap: bool = True, meter: CommMeter | None = None,
-                            groups: list[dict[str, Any]] | None = None, overlap_grad_reduce: bool = True,
+                            groups: list[dict[str, Any]] | None = None, overlap_grad_reduce: bool = False,
                             attach: bool = False) -> ShardedLANTON:
     """:class:`ShardedLANTON` for ``cfg.name`` with the same hyper-parameters as
     :func:`lanton_dist.factory.build_optimizer` (``cfg``: :class:`~lanton_dist.config.OptimConfig`);
