@@ -153,7 +153,6 @@ class ShardedLANTON(Optimizer):
                                 wd_lr=wd_lr, lmo=lmo, skip_nonfinite=skip_nonfinite, dtype=dtype)
         self.meter.step = 0
         self._all_gather_params("init_sync")
-        self.meter.step = 1  # reduce-scatters launched by the next backward's hooks belong to step 1
 
     # ------------------------------------------------------------------ API
     @property
@@ -238,7 +237,6 @@ class ShardedLANTON(Optimizer):
             if self.core.step(self.pieces, present):
                 self._all_gather_params("param_gather")
             self.storage.done()
-            self.meter.step = self.core.t + 1
         except Exception as exc:
             self.coll.publish_error(exc)
             raise
@@ -278,10 +276,14 @@ class ShardedLANTON(Optimizer):
         self.storage.gather(phase, wait=not self._attached)
 
     def _can_launch(self) -> bool:
-        """Whether a backward hook may start a bucket's reduce-scatter now (:mod:`.buckets`)."""
+        """Whether a backward hook may start a bucket's reduce-scatter now (:mod:`.buckets`);
+        if so, the meter records it under the coming step."""
         if not (self.overlap_grad_reduce and self._sync):
             return False
-        return self.storage.half_buffer is not None or not self.core.needs_two_half_batches()
+        if self.storage.half_buffer is None and self.core.needs_two_half_batches():
+            return False
+        self.meter.step = self.core.t + 1
+        return True
 
     def _check_same_model(self, specs, group) -> None:
         sig = [(s.name, s.shape, s.geometry.value, tuple(b.rows for b in s.blocks)) for s in specs]
