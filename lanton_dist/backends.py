@@ -353,6 +353,10 @@ class EngineBackend(_DistributedBackend):
 
     name = "zero"
 
+    def sync_context(self, sync: bool) -> contextlib.AbstractContextManager:
+        """Accumulating micro-batches launch no reduce-scatter (``ShardedLANTON.no_sync``)."""
+        return contextlib.nullcontext() if sync else self.optimizer.no_sync()
+
     def backward(self, loss: torch.Tensor) -> None:
         with fail_fast():
             loss.backward()
@@ -497,7 +501,8 @@ def setup_distributed_backend(cfg: RunConfig, model: nn.Module, factory: Optimiz
     rank, world = dist.get_rank(), dist.get_world_size()
     p = cfg.parallel
     if p.backend == "zero":
-        opt = build_sharded_optimizer(model, cfg.optim, bucket_mb=p.bucket_mb, overlap=p.overlap)
+        opt = build_sharded_optimizer(model, cfg.optim, bucket_mb=p.bucket_mb, overlap=p.overlap,
+                                      overlap_grad_reduce=True, attach=True)
         return EngineBackend(model, opt, device, rank, world, clip_grad_norm=cfg.optim.clip_grad_norm)
     if p.backend == "fsdp2":
         from torch.distributed.device_mesh import init_device_mesh

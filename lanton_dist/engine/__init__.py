@@ -3,6 +3,8 @@
 * :mod:`.ownership`  — which rank owns (runs Newton–Schulz and the nuclear norm for) each matrix.
 * :mod:`.meter`      — every collective issued, with its bytes, phase and group.
 * :mod:`.layout`     — the owner-aligned flat bucket layout (ZeRO-1/2 with whole matrices on owners).
+* :mod:`.buckets`    — the engine's two flat buffers (parameters and ``p.grad`` are views of them),
+  backward-hook reduce-scatters and in-flight all-gathers.
 * :mod:`.core`       — the optimizer math over this rank's pieces, and its state dict; adapters reuse it.
 * :mod:`.optimizer`  — :class:`ShardedOptimizer`, the base of every front end, and
   :class:`PieceOptimizer`, the framework adapters' base.

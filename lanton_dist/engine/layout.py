@@ -13,7 +13,11 @@ bucket b every next matrix that still fits (first fit, so a large matrix that do
 leaves room for the smaller ones after it); a segment grows only to hold a single matrix larger
 than the aim; the last bucket takes what is left. The elementwise stream (reverse order too)
 then fills every segment's room, bucket by bucket and rank by rank. Whatever room the stream
-cannot fill is padding, reported by :attr:`Layout.padding`.
+cannot fill is padding, reported by :attr:`Layout.padding`. A piece cut at a segment's end
+continues at offset 0 of the next segment (the owned matrices follow it), so with the buckets
+laid end to end in one flat buffer (:attr:`Layout.bucket_starts`) an elementwise tensor stays
+contiguous there unless it runs through a whole segment that also holds matrices
+(:meth:`Layout.flat_spans`; the engine keeps a separate copy of such a tensor).
 
 Bucket size: ``bucket_numel`` is a cap on ``world × segment``. The layout uses the most buckets
 — starting from ``⌈total / bucket_numel⌉``, or ``⌊total / (world·largest matrix)⌋`` if fewer
@@ -97,6 +101,33 @@ class Layout:
     def pieces_of(self, name: str) -> list[Piece]:
         return [p for b in self.buckets for p in b.pieces if p.name == name]
 
+    @property
+    def bucket_starts(self) -> tuple[int, ...]:
+        """Where each bucket starts when the buckets lie end to end in one flat buffer."""
+        starts, at = [], 0
+        for b in self.buckets:
+            starts.append(at)
+            at += b.segment * self.world
+        return tuple(starts)
+
+    def flat_spans(self) -> dict[str, tuple[int, int] | None]:
+        """Parameter name → ``(start, stop)`` in the flat buffer (buckets end to end) when its
+        pieces lie there back to back in element order — a tensor view of the buffer can then be
+        the parameter (or its gradient) — else ``None``: the pieces are scattered (an
+        elementwise piece that runs through a segment holding a whole matrix, module doc)."""
+        placed: dict[str, list[tuple[int, int, int]]] = {}
+        for b, base in zip(self.buckets, self.bucket_starts):
+            for p in b.pieces:
+                at = base + p.rank * b.segment + p.offset
+                placed.setdefault(p.name, []).append((p.start, at, p.numel))
+        spans: dict[str, tuple[int, int] | None] = {}
+        for name, parts in placed.items():
+            parts.sort()
+            first = parts[0][1]
+            ok = all(at == first + start for start, at, _ in parts)
+            spans[name] = (first, first + sum(n for _, _, n in parts)) if ok else None
+        return spans
+
 
 def build_layout(specs: list[ParamSpec], plan: OwnershipPlan | None, world: int, bucket_numel: int,
                  max_padding: float = MAX_PADDING) -> Layout:
@@ -157,20 +188,27 @@ def _build(owned: list[list[tuple[str, int]]], stream: list[tuple[str, int]], wo
             segment = max(max(loads), math.ceil((sum(loads) + stream_left) / world), 1)
         pieces: list[Piece] = []
         for r in range(world):
-            off = 0
+            off, room = 0, segment - loads[r]
+
+            def fill(n: int) -> None:
+                nonlocal off, room, stream_left
+                while n > 0 and stream_pos:
+                    name, start, k = stream_pos[0]
+                    take_n = min(n, k - start)
+                    pieces.append(Piece(name, start, start + take_n, r, off))
+                    off, room, n, stream_left = off + take_n, room - take_n, n - take_n, stream_left - take_n
+                    if start + take_n == k:
+                        stream_pos.pop(0)
+                    else:
+                        stream_pos[0] = (name, start + take_n, k)
+                        return
+
+            if stream_pos and stream_pos[0][1] > 0:   # continue the piece cut at the previous segment's end
+                fill(min(room, stream_pos[0][2] - stream_pos[0][1]))
             for name, k in hidden[r]:
                 pieces.append(Piece(name, 0, k, r, off))
                 off += k
-            room = segment - off
-            while room > 0 and stream_pos:
-                name, start, k = stream_pos[0]
-                take_n = min(room, k - start)
-                pieces.append(Piece(name, start, start + take_n, r, off))
-                off, room, stream_left = off + take_n, room - take_n, stream_left - take_n
-                if start + take_n == k:
-                    stream_pos.pop(0)
-                else:
-                    stream_pos[0] = (name, start + take_n, k)
+            fill(room)
         buckets.append(Bucket(b, segment, tuple(pieces)))
     if stream_pos or any(queues):
         raise AssertionError(f"layout left elements unplaced: {stream_pos[:3]}")

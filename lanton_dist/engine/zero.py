@@ -1,31 +1,40 @@
 """ShardedLANTON: LANTON (and Scion, D-Muon, AdamW) over data-parallel ranks, ZeRO-1/2 style.
 
 Every rank holds the full model and computes gradients on its rows of the global batch.
-``step()``:
+Parameters and gradients are views of two flat bucket buffers (:mod:`.buckets`): autograd
+accumulates straight into the owner-aligned bucket layout (:mod:`.layout`), and with
+``overlap_grad_reduce`` each bucket's reduce-scatter starts from a backward hook as soon as its
+last gradient is ready (outside :meth:`ShardedLANTON.no_sync`). ``step()``:
 
-1. copies ``p.grad`` into the owner-aligned bucket buffers (:mod:`.layout`) and
-   reduce-scatters them (async, all buckets in flight) — each owner receives whole reduced
-   gradients of its matrices, everyone else's copies are freed (``p.grad = None``, ZeRO-2);
+1. launches the buckets not launched yet and waits for all — each owner receives whole
+   reduced gradients of its matrices, in place in its segment of the gradient buffer;
 2. runs :class:`~lanton_dist.engine.core.ShardedCore` on this rank's segment: momentum,
    Newton–Schulz and (every k steps) the nuclear norm of each owned matrix — once per matrix
    across the job — elementwise work on the embed_head/vector pieces;
-3. all-gathers the updated segments (async per bucket) and copies them into the parameters.
+3. all-gathers the updated segments in place into the parameter buffer, i.e. into the model;
+   after :meth:`ShardedLANTON.attach` the all-gathers stay in flight until a module's forward
+   (or the model's ``state_dict``, the next step, ``sync_from_model``, :meth:`wait_params`)
+   needs them.
 
 Tensor traffic is one reduce-scatter plus one all-gather of the padded model per step,
 exactly what ZeRO AdamW moves on the same layout; the extra is the scalar ``finite``,
-``norm`` and (estimation steps) ``variance`` all-reduces. Optimizer state lives only where
-its piece lives. Process group: ``process_group`` (default: the world); tensors of the
-buffers live on the parameters' device.
+``norm`` and (estimation steps) ``variance`` all-reduces. Memory: the model in the parameter
+buffer, its gradient in the gradient buffer (plus own copies of the few parameters the layout
+cannot hold contiguously, :attr:`ShardedLANTON.copied_params`), optimizer state only where its
+piece lives; Option II adds one gradient-size buffer on estimation steps. Process group:
+``process_group`` (default: the world); tensors of the buffers live on the parameters' device.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from lanton_dist.engine.buckets import BucketStorage
 from lanton_dist.engine.core import LocalExchange, LocalPiece, MatrixExchange, ShardedCore
 from lanton_dist.engine.layout import Layout, Piece, build_layout
 from lanton_dist.engine.meter import Collectives, CommMeter
@@ -71,6 +80,9 @@ class ShardedLANTON(ShardedOptimizer):
         scalar_world: run the scalar reductions over the whole job instead of
             ``process_group`` (needed when other groups — TP, PP — hold other parts of the model).
         clip_grad_norm: global gradient-norm clipping (0: off; :class:`~.core.ShardedCore`).
+        overlap_grad_reduce: launch each bucket's reduce-scatter from the backward hook of its
+            last gradient (False: all at ``step()``); the result is the same, but gradients
+            can then no longer be changed in place between backward and ``step()`` (an error).
         Remaining keyword arguments are the algorithm's hyper-parameters (as in
         :class:`~lanton_dist.lanton.LANTON` / :class:`~lanton_dist.dmuon.DMuon`).
     """
@@ -81,7 +93,8 @@ class ShardedLANTON(ShardedOptimizer):
                  ratio_anchor: str = "max", nuclear_estimator: str = "auto", wd_lr: str = "group",
                  lmo: LMOConfig | None = None, skip_nonfinite: bool = True,
                  logical: dict[str, LogicalView] | None = None, exchange: MatrixExchange | None = None,
-                 scalar_world: bool = False, clip_grad_norm: float = 0.0, **hyper: Any) -> None:
+                 scalar_world: bool = False, clip_grad_norm: float = 0.0, overlap_grad_reduce: bool = False,
+                 **hyper: Any) -> None:
         if layout not in ZERO_LAYOUTS or (layout == "plain" and algorithm != "adamw"):
             raise ValueError("layout must be 'owner', or 'plain' with algorithm='adamw' (whole matrices need owners)")
         super().__init__(params, algorithm, process_group=process_group, meter=meter, **hyper)
@@ -98,20 +111,21 @@ class ShardedLANTON(ShardedOptimizer):
         self._by_name = {s.name: (p, s, gi) for p, s, gi in self._params}
         device = self._params[0][0].device if self._params else torch.device("cpu")
         dtype = self._params[0][0].dtype if self._params else torch.float32
-        self._grad_bufs = [torch.zeros(b.segment * self.world, device=device, dtype=dtype) for b in self.layout.buckets]
-        self._param_bufs = [torch.zeros(b.segment * self.world, device=device, dtype=dtype) for b in self.layout.buckets]
+        self.overlap_grad_reduce = overlap_grad_reduce
+        self._sync = True
+        self._attached = False
+        self.storage = BucketStorage(self.layout, {s.name: p for p, s, _ in self._params}, self.coll,
+                                     self._can_launch, device, dtype)
         self.pieces: list[LocalPiece] = []
-        self._placements: list[Piece] = []  # layout piece of each entry of self.pieces
-        for b, buf, gbuf in zip(self.layout.buckets, self._param_bufs, self._grad_bufs):
-            base = self.rank * b.segment
+        self._placements: list[tuple[int, Piece]] = []  # (bucket, layout piece) of each entry of self.pieces
+        for bi, b in enumerate(self.layout.buckets):
             for pc in b.on_rank(self.rank):
-                p, s, gi = self._by_name[pc.name]
-                seg = slice(base + pc.offset, base + pc.offset + pc.numel)
-                buf[seg].copy_(p.detach().reshape(-1)[pc.start : pc.stop])
+                _, s, gi = self._by_name[pc.name]
                 view = (logical or {}).get(s.name, LogicalView(s))
                 self.pieces.append(LocalPiece(view.spec, gi, view.offset + pc.start, view.offset + pc.stop,
-                                              buf[seg], gbuf[seg], weight=view.weight))
-                self._placements.append(pc)
+                                              self.storage.own_param(bi, pc), self.storage.own_grad(bi, pc),
+                                              weight=view.weight))
+                self._placements.append((bi, pc))
         core_specs = specs
         if logical is not None:
             core_specs = self._job_specs([logical[s.name].spec if s.name in logical else s for s in specs], scalar_coll)
@@ -131,35 +145,69 @@ class ShardedLANTON(ShardedOptimizer):
     def _local_pieces(self) -> list[LocalPiece]:
         return self.pieces
 
-    def _named_params(self) -> list[tuple[str, torch.Tensor]]:
-        """Option II stash: full local gradients (both halves are reduce-scattered at ``step``)."""
-        return [(s.name, p) for p, s, _ in self._params]
+    @torch.no_grad()
+    def stash_half_gradient(self) -> None:
+        """Option II: keep the first half-batch's local gradients and clear the gradients
+        (weight each half's loss by 1/2; both halves are reduce-scattered at ``step``)."""
+        self.storage.stash_half()
+
+    @property
+    def copied_params(self) -> list[str]:
+        """Parameters kept in their own storage, copied to and from the buckets (:mod:`.buckets`)."""
+        return list(self.storage.copied)
+
+    @contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Gradient accumulation: backward passes inside accumulate locally, launching no
+        reduce-scatter (as DDP's ``no_sync``); the pass after it, or ``step()``, reduces."""
+        old, self._sync = self._sync, False
+        try:
+            yield
+        finally:
+            self._sync = old
+
+    def attach(self, model: torch.nn.Module) -> None:
+        """Leave the parameter all-gathers of ``step()`` in flight: a forward pre-hook on each
+        module of ``model`` waits for its own parameters' buckets, a ``state_dict`` pre-hook for
+        all. Parameters read any other way need :meth:`wait_params` first."""
+        held = {id(p) for p in model.parameters()}
+        if not all(id(p) in held for p, _, _ in self._params):
+            raise ValueError("attach(model): model does not hold every parameter of this optimizer")
+        self.storage.attach(model)
+        self._attached = True
+
+    def wait_params(self) -> None:
+        """Wait for the parameter all-gathers still in flight (after :meth:`attach`)."""
+        self.storage.wait_params()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero the gradient buffer; the parameters' ``grad`` stay views of it whatever
+        ``set_to_none`` (it applies to :attr:`copied_params`)."""
+        self.storage.zero_grad(set_to_none)
 
     @torch.no_grad()
     def sync_from_model(self) -> None:
-        """Copy the model's parameters into this rank's pieces (after loading weights)."""
-        for piece, pc in zip(self.pieces, self._placements):
-            piece.param.copy_(self._by_name[pc.name][0].detach().reshape(-1)[pc.start : pc.stop])
+        """Take the model's parameters as they are now into the buckets (after loading weights;
+        a parameter whose ``data`` was replaced becomes a bucket view again)."""
+        self.storage.load_from_params()
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         loss = run_closure(closure)
         with self._stepping():
-            present = [self._core_name[s.name] for p, s, _ in self._params if p.grad is not None or self._has_half(s.name)]
-            grads = self._reduce_scatter(lambda s: self._grad_of(s), "grad_reduce", self._grad_bufs)
+            self.storage.wait_params()
+            self._reduce_scatter("grad_reduce")
+            present = [self._core_name[n] for n in self.storage.present | self.storage.half_present]
             halves = None
-            if self._half is not None:
-                half_bufs = [torch.zeros_like(b) for b in self._grad_bufs]
-                halves = self._reduce_scatter(lambda s: self._half.get(s.name), "grad_reduce_half", half_bufs)
-                self._half = None
-            for p, _, _ in self._params:
-                p.grad = None
-            for pc, place in zip(self.pieces, self._placements):
-                pc.grad = grads[(place.name, place.start)]
-            self._combine_halves(self.pieces, None if halves is None else
-                                 [halves[(place.name, place.start)] for place in self._placements])
+            if self.storage.half_buffer is not None:
+                self._reduce_scatter("grad_reduce_half")
+                halves = [self.storage.own_half(b, place) for b, place in self._placements]
+            for pc, (b, place) in zip(self.pieces, self._placements):
+                pc.grad = self.storage.own_grad(b, place)
+            self._combine_halves(self.pieces, halves)
             if self.core.step(self.pieces, present):
                 self._all_gather_params("param_gather")
+            self.storage.done()
         return loss
 
     # ------------------------------------------------------------------ internals
@@ -186,45 +234,26 @@ class ShardedLANTON(ShardedOptimizer):
                     raise ValueError(f"{s.name}: ranks disagree on its logical spec")
         return [by_name[n] for n in sorted(by_name)]
 
-    def _grad_of(self, spec) -> torch.Tensor | None:
-        return self._by_name[spec.name][0].grad
-
     @announces()
-    def _reduce_scatter(self, source, phase: str, bufs: list[torch.Tensor]) -> dict[tuple[str, int], torch.Tensor]:
-        """Fill ``bufs`` from ``source(spec)`` (full local grads), reduce-scatter (mean) all buckets.
-        A rank without a gradient contributes zeros (DDP's convention); whether a parameter is
-        stepped at all is the core's job-wide presence vote (``step``'s ``present``)."""
-        handles, outs = [], []
-        for b, buf in zip(self.layout.buckets, bufs):
-            buf.zero_()
-            for pc in b.pieces:
-                g = source(self._by_name[pc.name][1])
-                if g is not None:
-                    at = pc.rank * b.segment + pc.offset
-                    buf[at : at + pc.numel].copy_(g.reshape(-1)[pc.start : pc.stop])
-            out = torch.empty(b.segment, device=buf.device, dtype=buf.dtype)
-            handles.append(self.coll.reduce_scatter(out, buf, phase))
-            outs.append(out)
-        result = {}
-        for b, h, out in zip(self.layout.buckets, handles, outs):
-            h.wait()
-            out.div_(self.world)
-            for pc in b.on_rank(self.rank):
-                result[(pc.name, pc.start)] = out[pc.offset : pc.offset + pc.numel]
-        return result
+    def _reduce_scatter(self, phase: str) -> None:
+        """The step's gradient reduction: ``grad_reduce`` launches the buckets the backward hooks
+        did not and waits for all; ``grad_reduce_half`` reduces Option II's stashed half."""
+        (self.storage.reduce if phase == "grad_reduce" else self.storage.reduce_half)()
 
     @announces()
     def _all_gather_params(self, phase: str) -> None:
-        handles = []
-        for b, buf in zip(self.layout.buckets, self._param_bufs):
-            mine = buf[self.rank * b.segment : (self.rank + 1) * b.segment]
-            handles.append(self.coll.all_gather(buf, mine, phase))
-        for b, buf, h in zip(self.layout.buckets, self._param_bufs, handles):
-            h.wait()
-            for pc in b.pieces:
-                p = self._by_name[pc.name][0]
-                at = pc.rank * b.segment + pc.offset
-                p.detach().view(-1)[pc.start : pc.stop].copy_(buf[at : at + pc.numel])
+        """All-gather the updated segments into the parameters; left in flight after :meth:`attach`."""
+        self.storage.gather(phase, wait=not self._attached)
+
+    def _can_launch(self) -> bool:
+        """Whether a backward hook may start a bucket's reduce-scatter now (:mod:`.buckets`);
+        if so, the meter records it under the coming step."""
+        if not (self.overlap_grad_reduce and self._sync):
+            return False
+        if self.storage.half_buffer is None and self.core.needs_two_half_batches():
+            return False
+        self.meter.step = self.core.t + 1
+        return True
 
     def state_dict(self) -> dict[str, Any]:
         raise RuntimeError("ShardedLANTON state is sharded: save it with lanton_dist.engine.checkpoint.save(...)")
@@ -235,11 +264,17 @@ class ShardedLANTON(ShardedOptimizer):
 
 def build_sharded_optimizer(model: torch.nn.Module, cfg, *, process_group: dist.ProcessGroup | None = None,
                             bucket_mb: float = 25.0, overlap: bool = True, meter: CommMeter | None = None,
-                            groups: list[dict[str, Any]] | None = None) -> ShardedLANTON:
+                            groups: list[dict[str, Any]] | None = None, overlap_grad_reduce: bool = False,
+                            attach: bool = False) -> ShardedLANTON:
     """:class:`ShardedLANTON` for ``cfg.name`` with the same hyper-parameters as
-    :func:`lanton_dist.factory.build_optimizer` (``cfg``: :class:`~lanton_dist.config.OptimConfig`)."""
+    :func:`lanton_dist.factory.build_optimizer` (``cfg``: :class:`~lanton_dist.config.OptimConfig`);
+    ``attach``: :meth:`ShardedLANTON.attach` ``model`` (parameter all-gathers overlap the next forward)."""
     from lanton_dist.factory import hyper_parameters, lanton_options, param_groups
 
     groups = groups if groups is not None else param_groups(model, cfg)
-    return ShardedLANTON(groups, cfg.name, process_group=process_group, bucket_mb=bucket_mb, overlap=overlap,
-                         meter=meter, **lanton_options(cfg), **hyper_parameters(cfg))
+    opt = ShardedLANTON(groups, cfg.name, process_group=process_group, bucket_mb=bucket_mb, overlap=overlap,
+                        meter=meter, overlap_grad_reduce=overlap_grad_reduce, **lanton_options(cfg),
+                        **hyper_parameters(cfg))
+    if attach:
+        opt.attach(model)
+    return opt

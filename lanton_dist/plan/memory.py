@@ -4,16 +4,18 @@ optimizer state (activations apart), and whether it fits the GPU.
 ``zero1`` / ``zero2`` — what :class:`~lanton_dist.engine.ShardedLANTON` holds, checked byte for
 byte against a built engine on CPU at world 2 and 3 (``tests/test_plan_memory.py``):
 
-* parameters: the whole local model (every DP rank keeps a replica);
-* gradients: ``p.grad`` of the whole local model, alive from backward until ``step()`` frees it;
-* buffers: the gradient and the parameter bucket buffers (``2 ×`` the padded layout) plus the
-  reduce-scatter outputs of the buckets where this rank has pieces (its segments), which the
-  pieces keep as their gradients until the next step; Option II estimation steps add a second
-  padded gradient buffer and its outputs for the half batch (``buffers_peak_extra``);
+* parameters: the parameter bucket buffer (the padded layout; the model's parameters are views
+  of it, every DP rank keeps a replica) plus own copies of the parameters the layout cannot hold
+  contiguously (:meth:`~lanton_dist.engine.layout.Layout.flat_spans` is None);
+* gradients: the gradient bucket buffer (``p.grad`` are views of it) plus those parameters'
+  own ``p.grad``, alive from backward until ``step()`` frees them;
+* buffers: none — the reduce-scatter and all-gather run in place in the bucket buffers;
+  Option II estimation steps add the stashed half-batch gradient, one padded buffer
+  (``buffers_peak_extra``);
 * state: :data:`~lanton_dist.plan.planner.STATE_TENSORS` per owned element, plus the core's
   replicated per-layer trackers ``H`` and ``F`` (``2L`` accumulation scalars);
   ``state_peak_extra``: Option I's previous gradient of the owned pieces (held on the step
-  before each estimation), Option II's stashed half-batch gradient of the local model.
+  before each estimation).
 
 Other strategies are modelled from their documented behaviour, not measured: ``zero3`` keeps
 parameters and gradients sharded (segments) with the same bucket buffers; ``ddp`` holds
@@ -70,12 +72,16 @@ def rank_memory(p: StepPlanner, st: StagePlan, d: int, t: int) -> RankMemory:
     if L.strategy in ("zero1", "zero2", "zero3"):
         lay = st.layout
         padded = lay.padded_numel
-        mine = sum(b.segment for b in lay.buckets if b.on_rank(d))
-        half = (padded + mine) * E if (o.algorithm == "lanton" and o.option == "II") else 0
         if L.strategy == "zero3":
+            mine = sum(b.segment for b in lay.buckets if b.on_rank(d))
+            half = (padded + mine) * E if (o.algorithm == "lanton" and o.option == "II") else 0
             shard = sum(b.segment for b in lay.buckets)
             return RankMemory(shard * E, shard * E, 2 * padded * E + mine * E, state, half, state_extra)
-        return RankMemory(local * E, local * E, 2 * padded * E + mine * E, state, half, state_extra)
+        option_two = o.algorithm == "lanton" and o.option == "II"
+        numel = {s.name: s.numel for s in st.local}
+        copied = sum(numel[n] for n, span in lay.flat_spans().items() if span is None)
+        return RankMemory((padded + copied) * E, (padded + copied) * E, 0, state,
+                          padded * E if option_two else 0, 0 if option_two else state_extra)
     if L.strategy == "ddp":
         return RankMemory(local * E, local * E, local * E, state, 0, state_extra)
     if L.strategy == "fsdp2":

@@ -83,7 +83,7 @@ def _engine_worker(rank: int, cfg: EngineRun, init_file: str, out_dir: str) -> N
         model = Transformer(cfg.model, seed=cfg.seed).to(device)
         ocfg = OptimConfig(name=cfg.algorithm, option=cfg.option, estimate_every=cfg.estimate_every,
                            nuclear_estimator=cfg.nuclear_estimator)
-        opt = build_sharded_optimizer(model, ocfg, bucket_mb=cfg.bucket_mb, overlap=cfg.overlap)
+        opt = build_sharded_optimizer(model, ocfg, bucket_mb=cfg.bucket_mb, overlap=cfg.overlap, overlap_grad_reduce=True)
         prof = Profiler(rank, cfg.world, device).attach(opt)
         gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
 
