@@ -350,10 +350,11 @@ def _megatron_job(rank, world):
     replica of the norm gains (weight 0 on TP rank 1: counted once in ‖G‖)."""
     from lanton_dist.integrations import megatron_cpu
     from test_megatron_lanton import OPTIM, _logical_params, _train, canonical_init
-    from test_megatron_model import load_pretrain, tiny_cfg
+    from test_megatron_model import tiny_cfg
 
     from lanton_dist.integrations import megatron_model as mm
     from lanton_dist.integrations.megatron import build_megatron_optimizer
+    from lanton_dist.megatron_backend import make_optimizer
 
     megatron_cpu.install()
     try:
@@ -362,7 +363,7 @@ def _megatron_job(rank, world):
         model = mm.build_gpt_model(cfg)
         canonical_init(model, cfg)
         if world == 1:
-            opt = _MegatronNorms(load_pretrain().make_optimizer(model, cfg), model, sharded=False)
+            opt = _MegatronNorms(make_optimizer(model, cfg), model, sharded=False)
         else:
             opt = _MegatronNorms(build_megatron_optimizer(model, cfg), model, sharded=True)
         _train(cfg, STEPS, opt=opt, model=model)
