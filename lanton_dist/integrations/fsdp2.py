@@ -154,6 +154,7 @@ class LANTONFSDP2(PieceOptimizer):
         super().__init__(groups, cfg.name, process_group=pg, meter=meter, bucket_mb=bucket_mb, pad=pad, window=window,
                          overlap=overlap, defer_variance=defer_variance, **lanton_options(cfg), **hyper_parameters(cfg))
         self._params = [p for g in self._groups for p in g["params"]]
+        self._index = {s.name: i for i, s in enumerate(self.specs)}
         self.layouts, held = self._mesh_layouts()
         ranges, self._weights = {}, {}
         for s in self.specs:
@@ -267,6 +268,17 @@ class LANTONFSDP2(PieceOptimizer):
         loaded = self.load_core_state(path, extra)
         if model is not None:
             model.load_state_dict({k[len("model/"):]: v for k, v in loaded.items() if k.startswith("model/")})
+
+    def as_dtensor(self, name: str, piece: torch.Tensor | None) -> torch.Tensor:
+        """This rank's ``piece`` (1-D, its held range; ``None``: zeros) of a tensor shaped like
+        parameter ``name`` as a DTensor with the parameter's mesh and placements (e.g. its
+        momentum, for DCP)."""
+        from torch.distributed.tensor import DTensor
+
+        p = self._params[self._index[name]]
+        local = torch.zeros_like(p.to_local()) if piece is None else piece.view(p.to_local().shape)
+        return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False,
+                                  shape=p.shape, stride=p.stride())
 
     def _storage_orders(self) -> dict[str, torch.Tensor]:
         """Checkpoint entries recording each non-row-major storage order (its column bands)."""
