@@ -8,9 +8,6 @@ single-process reference on the global batch (``engine_cases.reference_run``, wi
 """
 from __future__ import annotations
 
-import os
-import tempfile
-
 import pytest
 import torch
 
@@ -254,29 +251,44 @@ def _ckpt_worker(rank, world, path, phase, kind):
     return _train(model, opt, dp_rank, dp, steps=STEPS - 3, start=3)
 
 
+@pytest.fixture(scope="module", params=["hsdp", "tp"])
+def saved(request, tmp_path_factory):
+    """A checkpoint written after step 3 on the 2 × 2 mesh ``kind``, and that run's final parameters."""
+    kind = request.param
+    path = str(tmp_path_factory.mktemp(kind) / "ckpt")
+    return kind, path, run(_ckpt_worker, WORLD, path, "save", kind, timeout_s=180)
+
+
 @slow
-@pytest.mark.parametrize("kind", ["hsdp", "tp"])
-def test_dcp_resume_on_the_same_mesh_is_bit_exact(kind):
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "ckpt")
-        full = run(_ckpt_worker, WORLD, path, "save", kind, timeout_s=180)
-        resumed = run(_ckpt_worker, WORLD, path, "load", kind, timeout_s=180)
+def test_dcp_resume_on_the_same_mesh_is_bit_exact(saved):
+    kind, path, full = saved
+    resumed = run(_ckpt_worker, WORLD, path, "load", kind, timeout_s=180)
     for r in range(WORLD):
         for n in full[r]:
             assert torch.equal(resumed[r][n], full[r][n]), f"{kind} rank {r} {n}"
 
 
 @slow
-def test_hsdp_checkpoint_resumes_on_plain_fsdp2_at_world_2():
+def test_hsdp_checkpoint_resumes_on_plain_fsdp2_at_world_2(saved):
     """HSDP 2 × 2 → FSDP2 on 2 ranks: replicated pieces were written once, the plain layout
-    reads them back; the run continues as the reference (fp32, other reduction order)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "ckpt")
-        run(_ckpt_worker, WORLD, path, "save", "hsdp", timeout_s=180)
-        resumed = run(_ckpt_worker, 2, path, "load", "plain", timeout_s=180)
+    reads them back and the run continues as the reference (fp32, other reduction order)."""
+    kind, path, _ = saved
+    if kind != "hsdp":
+        pytest.skip("the HSDP checkpoint")
+    resumed = run(_ckpt_worker, 2, path, "load", "plain", timeout_s=180)
     ref = reference_run(_cfg(k=1), STEPS, delay=True)
     for r, res in enumerate(resumed):
         assert max_rel_err(res, ref) <= 5e-5, f"rank {r}"
+
+
+@slow
+def test_a_tensor_parallel_checkpoint_is_refused_by_another_column_split(saved):
+    """Row-parallel weights are stored in column-band order: loading them into a row-major
+    layout (HSDP) would put every element in the wrong place, so it is refused by name."""
+    kind, path, _ = saved
+    if kind != "tp":
+        pytest.skip("the FSDP × TP checkpoint")
+    assert run(_cross_load_worker, WORLD, path, timeout_s=120) == [True] * WORLD
 
 
 def _cross_load_worker(rank, world, path):
@@ -287,13 +299,3 @@ def _cross_load_worker(rank, world, path):
     with pytest.raises(ValueError, match="tensor-parallel"):
         opt.load(path, model)
     return True
-
-
-@slow
-def test_a_tensor_parallel_checkpoint_is_refused_by_another_column_split():
-    """Row-parallel weights are stored in column-band order: loading them into a row-major
-    layout would put every element in the wrong place, so it is refused by name."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "ckpt")
-        run(_ckpt_worker, WORLD, path, "save", "tp", timeout_s=180)
-        assert run(_cross_load_worker, WORLD, path, timeout_s=120) == [True] * WORLD
