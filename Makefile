@@ -12,6 +12,9 @@ FAIRSCALE := fairscale==0.4.13
 DEEPSPEED := deepspeed==0.19.8
 # Triton runs the symmetric-product kernel on GPU, and on CPU under TRITON_INTERPRET=1 (tests).
 TRITON := triton==3.9.0
+# torchtitan (the optimizer-container test) and the few packages its imported modules need, without
+# pip's resolver: torchtitan 0.3.0's full requirements would downgrade huggingface_hub and fsspec under transformers.
+TORCHTITAN := torchtitan==0.3.0 tyro==1.0.17 docstring_parser==0.18.0 typeguard==4.6.1 spmd_types==0.2.3
 
 .PHONY: env demo test clean
 
@@ -24,6 +27,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q $(MEGATRON) $(NVML) $(FAIRSCALE) $(TRITON)
 	DS_BUILD_OPS=0 DS_ACCELERATOR=cpu $(PY) -m pip install -q --no-build-isolation $(DEEPSPEED)
 	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps $(TORCHTITAN)
 	touch $@
 
 demo: env

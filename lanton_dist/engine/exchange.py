@@ -36,6 +36,13 @@ Nothing is ever all-gathered to every rank.
 
 Every rank must pass pieces of the same matrices in each call (possibly empty ones): the
 adapters build a (possibly empty) piece of every parameter on every rank for that reason.
+
+Replicas and permuted storage (FSDP2 on 2-D meshes): with ``held``, a rank holds (and passes,
+and gets results for) a range that may contain more than its gather range — several replicas
+hold the same range, each gathers a disjoint sub-range of it, and the owner's result goes
+back to every holder. With ``orders``, a matrix's pieces are ranges of a storage flattening
+other than row-major (:class:`~lanton_dist.engine.ranges.BlockLayout`); the owner converts
+between it and the matrix.
 """
 from __future__ import annotations
 
@@ -50,7 +57,7 @@ from lanton_dist.engine import phases
 from lanton_dist.engine.core import LocalPiece
 from lanton_dist.engine.meter import Collectives
 from lanton_dist.engine.ownership import OwnershipPlan
-from lanton_dist.engine.ranges import Ranges, check_ranges
+from lanton_dist.engine.ranges import BlockLayout, Ranges, check_ranges
 from lanton_dist.groups import Geometry, ParamSpec
 
 
@@ -63,6 +70,8 @@ class _BucketPlan:
     recv: tuple[tuple[tuple[str, int, int], ...], ...]  # per source: (name, start, stop) I receive as owner
     send_splits: tuple[int, ...]
     recv_splits: tuple[int, ...]
+    back_send_splits: tuple[int, ...]       # scatter: per destination, its held pieces of my results
+    back_recv_splits: tuple[int, ...]       # scatter: per source owner, my held pieces of its results
     padded: int                             # common split size when padding, else 0
     local: bool                             # every piece already sits on its owner: no collective
 
@@ -141,13 +150,18 @@ class AllToAllExchange:
         bucket_mb: target bytes per bucket (a matrix larger than it is a bucket alone).
         pad: pad every split of a bucket to the bucket's largest (counted by the meter).
         window: gathers in flight ahead of the Newton–Schulz in :meth:`apply` (≥ 1).
+        held: name → the range each rank holds, passes and gets results for, each containing
+            its range in ``ranges`` (default ``ranges``; replicas hold the same range).
+        orders: name → :class:`~lanton_dist.engine.ranges.BlockLayout` of a matrix whose
+            ranges index a storage flattening other than row-major.
 
     Tensors passed in are 1-D pieces of one dtype on one device; whole matrices come out on
     that device with ``spec.shape``.
     """
 
     def __init__(self, specs: list[ParamSpec], ranges: dict[str, Ranges], plan: OwnershipPlan, coll: Collectives, *,
-                 bucket_mb: float = 25.0, pad: bool = False, window: int = 2) -> None:
+                 bucket_mb: float = 25.0, pad: bool = False, window: int = 2,
+                 held: dict[str, Ranges] | None = None, orders: dict[str, BlockLayout] | None = None) -> None:
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
         if not bucket_mb > 0:
@@ -165,6 +179,11 @@ class AllToAllExchange:
                 raise ValueError(f"ownership plan has no owner for {name}")
             check_ranges(name, spec.numel, ranges[name], self.world)
         self.ranges = {n: tuple(ranges[n]) for n in self.specs}
+        self.held = {n: tuple((held or ranges)[n]) for n in self.specs}
+        for n, hr in self.held.items():
+            if len(hr) != self.world or any(a < c or d < b for (a, b), (c, d) in zip(self.ranges[n], hr) if b > a):
+                raise ValueError(f"{n}: held ranges {list(hr)} do not contain the gather ranges {list(self.ranges[n])}")
+        self.orders = {n: o for n, o in (orders or {}).items() if n in self.specs and not o.row_major}
         self._plans: dict[tuple[tuple[str, ...], int], list[_BucketPlan]] = {}
 
     # ------------------------------------------------------------------ routing
@@ -189,15 +208,22 @@ class AllToAllExchange:
         recv = tuple(tuple((n, *self.ranges[n][s]) for n in names if self.plan.owner[n] == me) for s in range(W))
         send_splits = tuple(sum(self._len(n, me) for n in send[d]) for d in range(W))
         recv_splits = tuple(sum(b - a for _, a, b in recv[s]) for s in range(W))
+        back_send = tuple(sum(self._held_len(n, d) for n in names if self.plan.owner[n] == me) for d in range(W))
+        back_recv = tuple(sum(self._held_len(n, me) for n in send[s]) for s in range(W))
         padded = 0
         if self.pad:
-            padded = max(sum(self._len(n, s) for n in names if self.plan.owner[n] == d) for s in range(W) for d in range(W))
-        local = all(self.ranges[n][r][1] == self.ranges[n][r][0] for n in names for r in range(W)
-                    if r != self.plan.owner[n])
-        return _BucketPlan(names, send, recv, send_splits, recv_splits, 0 if local else padded, local)
+            padded = max(sum(size(n, s) for n in names if self.plan.owner[n] == d)
+                         for size in (self._len, self._held_len) for s in range(W) for d in range(W))
+        local = all(self._held_len(n, r) == 0 for n in names for r in range(W) if r != self.plan.owner[n])
+        return _BucketPlan(names, send, recv, send_splits, recv_splits, back_send, back_recv, 0 if local else padded,
+                           local)
 
     def _len(self, name: str, rank: int) -> int:
         a, b = self.ranges[name][rank]
+        return b - a
+
+    def _held_len(self, name: str, rank: int) -> int:
+        a, b = self.held[name][rank]
         return b - a
 
     def _index(self, pieces: list[LocalPiece], tensors: list[torch.Tensor]) -> tuple[tuple[str, ...], dict[str, int]]:
@@ -210,9 +236,9 @@ class AllToAllExchange:
                 raise ValueError(f"{p.name} is not a hidden parameter this exchange knows")
             if p.name in where:
                 raise ValueError(f"{p.name} passed twice")
-            if (p.start, p.stop) != self.ranges[p.name][self.rank]:
+            if (p.start, p.stop) != self.held[p.name][self.rank]:
                 raise ValueError(f"{p.name}: rank {self.rank} piece {p.start}:{p.stop} does not match the layout "
-                                 f"{self.ranges[p.name][self.rank]}")
+                                 f"{self.held[p.name][self.rank]}")
             if t.numel() != p.stop - p.start:
                 raise ValueError(f"{p.name}: tensor has {t.numel()} elements, piece {p.start}:{p.stop} has {p.stop - p.start}")
             where[p.name] = i
@@ -234,7 +260,8 @@ class AllToAllExchange:
         for d in range(self.world):
             at = pos
             for n in plan.send[d]:
-                t = tensors[where[n]].reshape(-1)
+                (a, b), h = self.ranges[n][self.rank], self.held[n][self.rank][0]
+                t = tensors[where[n]].reshape(-1)[a - h : b - h]
                 send[at : at + t.numel()].copy_(t)
                 at += t.numel()
             send[at : pos + send_splits[d]].zero_()
@@ -258,19 +285,22 @@ class AllToAllExchange:
                 owned[n][a:b].copy_(recv[at : at + b - a])
                 at += b - a
             pos += splits[s]
-        return {n: t.view(self.specs[n].shape) for n, t in owned.items()}
+        return {n: (self.orders[n].to_matrix(t) if n in self.orders else t).view(self.specs[n].shape)
+                for n, t in owned.items()}
 
     @phases.announces()
     def _post_scatter(self, plan: _BucketPlan, results: dict[str, torch.Tensor], like: torch.Tensor, phase: str):
         """Send each rank its piece of this rank's owner results; returns (recv buffer, handle)."""
-        send_splits, recv_splits = self._splits(plan, plan.recv_splits), self._splits(plan, plan.send_splits)
+        send_splits, recv_splits = self._splits(plan, plan.back_send_splits), self._splits(plan, plan.back_recv_splits)
         send = torch.empty(sum(send_splits), dtype=like.dtype, device=like.device)
+        mine = [n for n in plan.names if self.plan.owner[n] == self.rank]
+        flat = {n: self.orders[n].to_flat(results[n]) if n in self.orders else results[n].reshape(-1) for n in mine}
         pos = 0
         for d in range(self.world):
             at = pos
-            for n in (n for n in plan.names if self.plan.owner[n] == self.rank):
-                a, b = self.ranges[n][d]
-                send[at : at + b - a].copy_(results[n].reshape(-1)[a:b])
+            for n in mine:
+                a, b = self.held[n][d]
+                send[at : at + b - a].copy_(flat[n][a:b])
                 at += b - a
             send[at : pos + send_splits[d]].zero_()
             pos += send_splits[d]
@@ -281,12 +311,12 @@ class AllToAllExchange:
 
     def _unpack_scatter(self, plan: _BucketPlan, recv: torch.Tensor, handle, out: dict[str, torch.Tensor]) -> None:
         handle.wait()
-        splits = self._splits(plan, plan.send_splits)
+        splits = self._splits(plan, plan.back_recv_splits)
         pos = 0
         for s in range(self.world):
             at = pos
             for n in plan.send[s]:
-                k = self._len(n, self.rank)
+                k = self._held_len(n, self.rank)
                 out[n] = recv[at : at + k]
                 at += k
             pos += splits[s]
@@ -346,9 +376,11 @@ class AllToAllExchange:
     def optimum_sent_elements(self, names: Iterable[str] | None = None) -> int:
         """Elements this rank must send per gather+scatter of ``names`` (default: all hidden)
         under any owner scheme with this layout and plan: its pieces of matrices owned
-        elsewhere, plus, as owner, every other rank's piece of its matrices."""
+        elsewhere, plus, as owner, every other rank's held piece of its matrices."""
         total = 0
         for n in names or self.specs:
-            mine = self._len(n, self.rank)
-            total += (self.specs[n].numel - mine) if self.plan.owner[n] == self.rank else mine
+            if self.plan.owner[n] == self.rank:
+                total += sum(self._held_len(n, d) for d in range(self.world) if d != self.rank)
+            else:
+                total += self._len(n, self.rank)
         return total

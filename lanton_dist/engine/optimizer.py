@@ -28,7 +28,7 @@ from lanton_dist.engine.core import LocalPiece, ShardedCore
 from lanton_dist.engine.exchange import AllToAllExchange
 from lanton_dist.engine.meter import Collectives, CommMeter
 from lanton_dist.engine.ownership import OwnershipPlan, plan_ownership
-from lanton_dist.engine.ranges import Ranges, check_ranges
+from lanton_dist.engine.ranges import BlockLayout, Ranges, check_ranges
 from lanton_dist.groups import ParamSpec
 from lanton_dist.lanton import check_param_groups
 from lanton_dist.lmo import LMOConfig
@@ -225,30 +225,36 @@ class PieceOptimizer(ShardedOptimizer):
                                clip_grad_norm=clip_grad_norm)
         self.plan: OwnershipPlan = plan_ownership(self.specs, self.world, (lmo or LMOConfig()).ns_steps)
         self.ranges: dict[str, Ranges] = {}
+        self.held: dict[str, Ranges] = {}
         self.exchange: AllToAllExchange | None = None
 
     # ------------------------------------------------------------------ set-up
-    def _setup(self, ranges: dict[str, Ranges], dtype: torch.dtype, plan: OwnershipPlan | None = None) -> None:
+    def _setup(self, ranges: dict[str, Ranges], dtype: torch.dtype, plan: OwnershipPlan | None = None,
+               held: dict[str, Ranges] | None = None, orders: dict[str, BlockLayout] | None = None) -> None:
         """Build the exchange and the core once every parameter's piece ranges are known
-        (``plan``: owners imposed by the framework instead of the FLOP-balanced plan)."""
+        (``plan``: owners imposed by the framework instead of the FLOP-balanced plan; ``held``,
+        ``orders``: replicated pieces and storage orders, see :class:`AllToAllExchange`)."""
         if plan is not None:
             self.plan = plan
         for s in self.specs:
             if s.name not in ranges:
                 raise ValueError(f"no piece ranges for {s.name}")
             check_ranges(s.name, s.numel, ranges[s.name], self.world)
-        signature = [(*sig, tuple(ranges[s.name])) for sig, s in zip(self._signature(self.specs), self.specs)]
+        self.held = dict(held or ranges)
+        signature = [(*sig, tuple(ranges[s.name]), tuple(self.held[s.name]))
+                     for sig, s in zip(self._signature(self.specs), self.specs)]
         self._check_same_model(signature, "model or sharding layout; every rank of the process group must build "
                                           "the same model and shard it the same way")
         self.ranges = dict(ranges)
-        self.exchange = AllToAllExchange(self.specs, self.ranges, self.plan, self.coll, **self._exchange_args)
+        self.exchange = AllToAllExchange(self.specs, self.ranges, self.plan, self.coll, held=self.held, orders=orders,
+                                         **self._exchange_args)
         self.core = ShardedCore(self.specs, {s.name: gi for s, gi in self.named}, self._groups, self.algorithm,
                                 self.coll, self.exchange, dtype=dtype, **self._core_args)
         self.meter.step = 0
 
     def _piece(self, spec: ParamSpec, group: int, param: torch.Tensor, grad: torch.Tensor | None) -> LocalPiece:
-        """A :class:`LocalPiece` at this rank's range of ``spec``; ``param``/``grad`` 1-D views."""
-        a, b = self.ranges[spec.name][self.rank]
+        """A :class:`LocalPiece` at this rank's (held) range of ``spec``; ``param``/``grad`` 1-D views."""
+        a, b = self.held[spec.name][self.rank]
         if param.numel() != b - a or (grad is not None and grad.numel() != b - a):
             raise RuntimeError(f"{spec.name}: local shard has {param.numel()} elements, the layout says {b - a} "
                                "(was the model resharded after the optimizer was built?)")

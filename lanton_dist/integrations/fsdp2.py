@@ -19,6 +19,45 @@ works directly on those local shards:
 Extra traffic over FSDP2+AdamW per step: ≈ 2 × the owned hidden bytes (the all-to-all
 optimum), plus D on estimation steps and scalar all-reduces.
 
+**2-D meshes.** Every parameter's layout is read from its DTensor placements (each rank's
+block: ``compute_local_shape_and_global_offset``, gathered once at construction) over the
+job's process group (all ranks of the parameters' meshes):
+
+* HSDP (``fully_shard(mesh=("replicate", "shard"))``, placements ``(Replicate(), Shard(0))``):
+  the R replicas of a row shard hold the same range. Elementwise work runs on every replica
+  (identical, after HSDP's all-reduce of the gradients); scalar sums count the first replica
+  only (``LocalPiece.weight``). For Newton–Schulz and the nuclear norm each replica sends a
+  disjoint 1/R of its shard to the matrix's owner (so the gathered ranges tile the matrix over
+  all R·S ranks and owners are spread over both mesh dims: **each matrix once per job**) and
+  the owner returns the result to all R holders of each shard (one all-to-all each way).
+* FSDP × TP (``parallelize_module`` on a ("dp", "tp") mesh, then ``fully_shard`` over "dp"):
+  column-parallel weights (``(_StridedShard(0), Shard(0))``) are row ranges; row-parallel
+  ones (``(Shard(0), Shard(1))``) are row × column blocks, which are not flat ranges of the
+  row-major flattening. Pieces then index a *storage order* in which every block is one range
+  (column bands one after the other, :class:`~lanton_dist.engine.ranges.BlockLayout`); the
+  owner converts between it and the matrix. TP-replicated parameters (embeddings, head,
+  norms under FSDP) are replicas as in HSDP. Fused weights (several logical blocks) must be
+  sharded along dim 0. Checkpoints record the storage orders and refuse another TP split.
+
+Bytes of one LMO exchange, whole job, per step, in units of M = the hidden matrices' bytes
+(one copy); R replicas × S shards, W = R·S (``AllToAllExchange.optimum_sent_elements``
+counts it per rank; the meter agrees, ``tests/test_fsdp2_mesh.py``):
+
+=============  ==========================  ======================  ==========================
+R × S          NS once per job (this)      NS once per replica      cross-replica (this / per
+               gather + scatter to R        (plain FSDP2 in each     replica), in M
+               holders: 1−1/W + R−1/S       replica): 2R(1−1/S)
+=============  ==========================  ======================  ==========================
+2 × 2          2.25 M, NS 1×               2.00 M, NS 2×            1.5 / 0
+2 × 8          2.81 M, NS 1×               3.50 M, NS 2×            1.5 / 0
+4 × 8          4.84 M, NS 1×               7.00 M, NS 4×            3.75 / 0
+8 × 8          8.86 M, NS 1×               14.0 M, NS 8×            7.9 / 0
+=============  ==========================  ======================  ==========================
+
+Running it once moves fewer bytes from S ≥ 3 (R = 2) and saves (R−1)/R of the Newton–Schulz
+FLOPs, but about (R−1)·M of its bytes cross the replicate dimension (typically between
+nodes), where repeating it per replica stays inside each replica's shard group.
+
 Usage::
 
     for block in model.layers: fully_shard(block, mesh=mesh)
@@ -34,12 +73,13 @@ and zero-fills the gradient even where no rank used it. Presence is therefore re
 a post-accumulate-grad hook on each unsharded parameter (installed by a forward pre-hook of
 its FSDP module) and the core skips a parameter no rank had a gradient for.
 
-Process group: the FSDP mesh's (1-D; HSDP or FSDP+TP meshes are refused) unless
-``process_group`` is given (it must span the same ranks in the same order).
+Process group: the FSDP mesh's for one 1-D mesh, else the default group, unless
+``process_group`` is given (it must span exactly the ranks of the parameters' meshes).
 """
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -52,14 +92,42 @@ from lanton_dist.engine.checkpoint import model_tensors
 from lanton_dist.engine.core import LocalPiece
 from lanton_dist.engine.meter import CommMeter
 from lanton_dist.engine.optimizer import PieceOptimizer
-from lanton_dist.engine.ranges import row_ranges
+from lanton_dist.engine.ranges import BlockLayout, Ranges, replica_ranges
 from lanton_dist.lanton import run_closure
 
 
-def _dtensor_cls():
-    from torch.distributed.tensor import DTensor, Shard
+#: Checkpoint key prefix of a matrix's non-row-major storage order.
+_ORDER_KEY = "storage_order/"
 
-    return DTensor, Shard
+
+def _job_group(params: list[tuple[str, torch.Tensor]], process_group: dist.ProcessGroup | None) -> dist.ProcessGroup:
+    """The process group spanning every rank that holds a piece of the model: the mesh's group
+    for one 1-D mesh (plain FSDP2), else the default group (HSDP, FSDP × TP), unless
+    ``process_group`` is given; it must hold exactly the ranks of the parameters' meshes."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+    from torch.distributed.tensor.placement_types import _StridedShard  # FSDP2 over a TP Shard(0)
+
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    ranks: set[int] = set()
+    meshes = []
+    for name, p in params:
+        if not isinstance(p, DTensor):
+            raise ValueError(f"{name} is not a DTensor: wrap the model with torch.distributed.fsdp.fully_shard "
+                             "(per block and the root) before building LANTONFSDP2")
+        if not all(isinstance(pl, (Shard, _StridedShard, Replicate)) for pl in p.placements):
+            raise ValueError(f"{name}: placements {tuple(p.placements)}; LANTONFSDP2 supports Shard and Replicate")
+        if p.device_mesh not in meshes:
+            meshes.append(p.device_mesh)
+            ranks.update(p.device_mesh.mesh.flatten().tolist())
+    if process_group is None:
+        if len(meshes) == 1 and meshes[0].ndim == 1:
+            return meshes[0].get_group()
+        process_group = dist.group.WORLD
+    if sorted(dist.get_process_group_ranks(process_group)) != sorted(ranks):
+        raise ValueError(f"process_group must span exactly the ranks of the parameters' device meshes ({sorted(ranks)}); "
+                         "pass process_group= when the model lives on part of the job")
+    return process_group
 
 
 class LANTONFSDP2(PieceOptimizer):
@@ -81,36 +149,18 @@ class LANTONFSDP2(PieceOptimizer):
                  overlap: bool = True, defer_variance: bool = True, groups: list[dict[str, Any]] | None = None) -> None:
         from lanton_dist.factory import hyper_parameters, lanton_options, param_groups
 
-        DTensor, Shard = _dtensor_cls()
         groups = groups if groups is not None else param_groups(model, cfg)
-        mesh = None
-        for g in groups:
-            for p, s in zip(g["params"], g["specs"]):
-                if not isinstance(p, DTensor):
-                    raise ValueError(f"{s.name} is not a DTensor: wrap the model with torch.distributed.fsdp.fully_shard "
-                                     "(per block and the root) before building LANTONFSDP2")
-                if p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
-                    raise ValueError(f"{s.name}: placements {tuple(p.placements)} on a {p.device_mesh.ndim}-D mesh; "
-                                     "LANTONFSDP2 supports plain FSDP2 (Shard(0) on a 1-D mesh), not HSDP/TP/Shard(d>0)")
-                if mesh is None:
-                    mesh = p.device_mesh
-                elif p.device_mesh != mesh:
-                    raise ValueError(f"{s.name} lives on another device mesh than the first parameter")
-        if mesh is None:
-            raise ValueError("the model has no trainable parameters")
-        pg = process_group if process_group is not None else mesh.get_group()
-        if dist.get_world_size(pg) != mesh.size() or dist.get_rank(pg) != mesh.get_local_rank():
-            raise ValueError("process_group must span the FSDP mesh's ranks in mesh order")
+        pg = _job_group([(s.name, p) for g in groups for p, s in zip(g["params"], g["specs"])], process_group)
         super().__init__(groups, cfg.name, process_group=pg, meter=meter, bucket_mb=bucket_mb, pad=pad, window=window,
                          overlap=overlap, defer_variance=defer_variance, **lanton_options(cfg), **hyper_parameters(cfg))
         self._params = [p for g in self._groups for p in g["params"]]
-        ranges = {s.name: row_ranges(s.shape, self.world) for s in self.specs}
-        for p, s in zip(self._params, self.specs):
-            a, b = ranges[s.name][self.rank]
-            if p.to_local().numel() != b - a:
-                raise ValueError(f"{s.name}: local shard has {p.to_local().numel()} elements, the torch.chunk row "
-                                 f"layout gives {b - a}: unsupported FSDP2 sharding")
-        self._setup(ranges, self._params[0].dtype)
+        self._index = {s.name: i for i, s in enumerate(self.specs)}
+        self.layouts, held = self._mesh_layouts()
+        ranges, self._weights = {}, {}
+        for s in self.specs:
+            ranges[s.name], weights = replica_ranges(held[s.name])
+            self._weights[s.name] = weights[self.rank]
+        self._setup(ranges, self._params[0].dtype, held=held, orders=self.layouts)
         self._seen: set[int] = set()  # parameters with a gradient this step (presence hooks)
         self._hooked: dict[int, int] = {}  # id of an unsharded parameter → its index
         from torch.distributed.fsdp import FSDPModule
@@ -122,6 +172,28 @@ class LANTONFSDP2(PieceOptimizer):
                 owned = [(m, attr, index[id(q)]) for m in fsdp_module.modules()
                          for attr, q in m.named_parameters(recurse=False) if id(q) in index]
                 self._presence_hooks.append(fsdp_module.register_forward_pre_hook(functools.partial(self._watch, owned)))
+
+    def _mesh_layouts(self) -> tuple[dict[str, BlockLayout], dict[str, Ranges]]:
+        """Every rank's block of every parameter (one ``all_gather_object`` at construction):
+        the storage layouts and each rank's held range."""
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        mine = []
+        for p, s in zip(self._params, self.specs):
+            shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+            if math.prod(shape) != p.to_local().numel():
+                raise ValueError(f"{s.name}: local tensor has {p.to_local().numel()} elements, its placements "
+                                 f"{tuple(p.placements)} give {tuple(shape)}: unsupported sharding")
+            mine.append((tuple(offset), tuple(shape)))
+        every: list[Any] = [None] * self.world
+        dist.all_gather_object(every, mine, group=self.coll.group)
+        layouts, held = {}, {}
+        for i, s in enumerate(self.specs):
+            layouts[s.name], held[s.name] = BlockLayout.from_blocks(s.name, s.shape, [r[i] for r in every])
+            if not layouts[s.name].row_major and len(s.blocks) > 1:
+                raise ValueError(f"{s.name}: a fused weight ({len(s.blocks)} logical blocks) sharded along columns; "
+                                 "its per-block rates need row-major pieces (shard it along dim 0)")
+        return layouts, held
 
     # ------------------------------------------------------------------ presence
     def _watch(self, params: list[tuple[nn.Module, str, int]], _module: nn.Module, _args: Any) -> None:
@@ -151,7 +223,9 @@ class LANTONFSDP2(PieceOptimizer):
         for p, (s, gi) in zip(self._params, self.named):
             local = p._local_tensor
             grad = None if p.grad is None else p.grad._local_tensor.reshape(-1)
-            out.append(self._piece(s, gi, local.view(-1), grad))
+            piece = self._piece(s, gi, local.view(-1), grad)
+            piece.weight = self._weights[s.name]
+            out.append(piece)
         return out
 
     def _named_params(self) -> list[tuple[str, torch.Tensor]]:
@@ -175,19 +249,52 @@ class LANTONFSDP2(PieceOptimizer):
         """Save optimizer state (and the FSDP2 model's sharded state dict) with
         ``torch.distributed.checkpoint`` to directory ``path``; each rank writes its shards."""
         sd = self.dcp_state_dict()
+        sd.update(self._storage_orders())
         if model is not None:
             sd.update(model_tensors(model))
         dcp.save(sd, checkpoint_id=path, process_group=self.coll.group)
 
     def load(self, path: str, model: nn.Module | None = None) -> None:
         """Load :meth:`save`'s checkpoint (optimizer state reshards to any world size; the model's
-        DTensor shards are loaded in place)."""
+        DTensor shards are loaded in place). The storage order of column-sharded matrices must be
+        the one saved (the same tensor-parallel split); a clear error otherwise."""
+        self._check_storage_orders(path)
         extra = {}
         if model is not None:
             extra = {k: v.detach() for k, v in model_tensors(model).items()}
         loaded = self.load_dcp_state(path, extra)
         if model is not None:
             model.load_state_dict({k[len("model/"):]: v for k, v in loaded.items() if k.startswith("model/")})
+
+    def as_dtensor(self, name: str, piece: torch.Tensor | None) -> torch.Tensor:
+        """This rank's ``piece`` (1-D, its held range; ``None``: zeros) of a tensor shaped like
+        parameter ``name`` as a DTensor with the parameter's mesh and placements (e.g. its
+        momentum, for DCP)."""
+        from torch.distributed.tensor import DTensor
+
+        p = self._params[self._index[name]]
+        local = torch.zeros_like(p.to_local()) if piece is None else piece.view(p.to_local().shape)
+        return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False,
+                                  shape=p.shape, stride=p.stride())
+
+    def _storage_orders(self) -> dict[str, torch.Tensor]:
+        """Checkpoint entries recording each non-row-major storage order (its column bands)."""
+        return {f"{_ORDER_KEY}{n}": torch.tensor(lay.signature(), dtype=torch.long)
+                for n, lay in self.layouts.items() if not lay.row_major}
+
+    def _check_storage_orders(self, path: str) -> None:
+        """Refuse a checkpoint whose pieces index another storage order (a different TP split):
+        its flat ranges would land on the wrong elements."""
+        meta = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+        saved = {k: torch.empty(tuple(meta[k].size), dtype=torch.long) for k in meta if k.startswith(_ORDER_KEY)}
+        if saved:
+            dcp.load(saved, checkpoint_id=path, process_group=self.coll.group)
+        mine = self._storage_orders()
+        differ = sorted(k[len(_ORDER_KEY):] for k in set(saved) | set(mine)
+                        if k not in saved or k not in mine or not torch.equal(saved[k], mine[k]))
+        if differ:
+            raise ValueError(f"{path}: saved with another column (tensor-parallel) split of {differ[:3]}; optimizer "
+                             "state resharding works across FSDP/HSDP sizes with the same TP split only")
 
     def state_dict(self) -> dict[str, Any]:
         raise RuntimeError("LANTONFSDP2 state is sharded: use opt.save(path, model) (torch.distributed.checkpoint)")
