@@ -51,8 +51,8 @@ class Run:
 ALGORITHMS = ("lanton", "scion", "dmuon", "adamw")
 RUNS = (Run("lanton"), Run("lanton", estimate_every=1, overlap=True), Run("scion"), Run("dmuon"), Run("adamw"))
 OPTION_TWO = Run("lanton", estimate_every=2, option="II", overlap=True)
-# Resumed runs: each saves at SAVE_AT, a fresh model and optimizer load it and train to STEPS; the
-# result must equal the same run's uninterrupted parameters bit for bit.
+# Resumed runs: each saves at SAVE_AT, a fresh model and optimizer (built in the same job: no second
+# spawn) load it and train to STEPS; the result must equal the uninterrupted run bit for bit.
 RESUMED = (Run("lanton", estimate_every=1, overlap=True), Run("dmuon"))
 
 
@@ -89,7 +89,7 @@ class Runner:
 class Stack:
     """A backend as the contract sees it.
 
-    ``build(rank, world, run)`` → :class:`Runner`; ``session(rank, world)`` wraps the whole job
+    ``build(rank, world, run, dtype)`` → :class:`Runner`; ``session(rank, world)`` wraps the whole job
     (process-wide set-up such as Megatron's parallel state); ``requires``: the module the stack
     needs (skip when absent); ``option_two``: the backend runs LANTON's Option II (else it refuses
     it, which its own test file checks); ``resume``: run the :data:`RESUMED` cases."""
