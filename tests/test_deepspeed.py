@@ -2,14 +2,15 @@
 
 DeepSpeed runs with ``DS_ACCELERATOR=cpu`` (set by ``tests/distributed.py``). Its master
 partitions are fp32 whatever the model dtype, so the comparisons with the single-process
-reference are fp32, ≤ 5e-5 (the same bound as the engine's fp32 tests: reduction order differs).
-One spawned job per world size computes the runs the property tests read; the checkpoint
-test spawns a save job and a resume job.
+reference are fp32, ≤ 5e-5 (reduction order differs). One spawned job per world size computes
+the runs the property tests read: on 3 ranks (uneven flat partitions) ZeRO-1/2/3 metered against
+the reference, on 2 ranks gradient accumulation, offload, bf16 and refusals. Every algorithm
+against the reference, Newton–Schulz once per matrix and ``save_checkpoint`` resume on 2 ranks
+are the contract every backend keeps: ``tests/test_contract.py``.
 """
 from __future__ import annotations
 
 import os
-import tempfile
 
 import pytest
 import torch
@@ -19,15 +20,14 @@ pytest.importorskip("deepspeed")
 from distributed import run  # noqa: E402
 from engine_cases import batches, loss_fn, make_model, max_rel_err, reference_run, rows  # noqa: E402
 from lanton_dist.config import OptimConfig  # noqa: E402
-from lanton_dist.groups import classify_parameters  # noqa: E402
 
 pytestmark = pytest.mark.slow
 STEPS = 10
 VARIANTS = [("I", 1, True), ("I", 3, False)]  # (option, k, overlap = deferred variance)
 
 
-def _cfg(name="lanton", k=3, option="I"):
-    return OptimConfig(name=name, option=option, estimate_every=k, nuclear_estimator="exact")
+def _cfg(k=3, option="I"):
+    return OptimConfig(name="lanton", option=option, estimate_every=k, nuclear_estimator="exact")
 
 
 def _ds_config(world, stage, gas=1, **extra):
@@ -71,32 +71,18 @@ def _master_params(eng):
     return {n: safe_get_full_fp32_param(p).clone() for n, p in eng.module.named_parameters()}
 
 
-def _count_ns():
-    import lanton_dist.lmo as lmo
-
-    calls = []
-    real = lmo.newton_schulz
-    lmo.newton_schulz = lambda x, *a, **kw: (calls.append(x.shape[0] if x.ndim == 3 else 1), real(x, *a, **kw))[1]
-    return calls, lambda: setattr(lmo, "newton_schulz", real)
-
-
 def _job(rank, world):
     import deepspeed
 
     from lanton_dist.integrations.deepspeed import LANTONDeepSpeed
 
-    out: dict = {"equiv": {}, "meter": {}, "calls": {}}
+    out: dict = {"equiv": {}, "meter": {}}
     xs = batches(STEPS)
-    for stage in (1, 2, 3):
+    for stage in (1, 2, 3) if world == 3 else ():
         for option, k, overlap in VARIANTS:
-            calls, restore = _count_ns()
-            try:
-                eng, opt = _engine(rank, world, _cfg(k=k), stage, overlap=overlap, defer_variance=overlap)
-                _train(eng, rank, world, xs)
-            finally:
-                restore()
+            eng, opt = _engine(rank, world, _cfg(k=k), stage, overlap=overlap, defer_variance=overlap)
+            _train(eng, rank, world, xs)
             out["equiv"][(stage, k, overlap)] = _model_params(eng, stage)
-            out["calls"][(stage, k)] = sum(calls)
             m = opt.meter
             out["meter"][(stage, k)] = dict(
                 phases={s: m.by_phase(s) for s in range(1, STEPS + 1)},
@@ -116,10 +102,6 @@ def _job(rank, world):
         _train(eng, rank, world, xs)
         out["bf16"] = dict(model=_model_params(eng, 1), master=_master_params(eng), t=opt.t, skipped=opt.skipped_steps,
                            piece_dtypes={str(p.param.dtype) for p in opt._local_pieces()})
-        for name in ("scion", "dmuon", "adamw"):
-            eng, _ = _engine(rank, world, _cfg(name=name), 2, overlap=False)
-            _train(eng, rank, world, xs)
-            out[name] = _model_params(eng, 2)
         # refusals
         errors = {}
         with deepspeed.zero.Init(config_dict_or_path=_ds_config(world, 3)):
@@ -146,37 +128,34 @@ def job(request):
     return request.param, run(_job, request.param, timeout_s=600)
 
 
-def test_zero_1_2_3_equal_the_single_process_reference_fp32(job):
-    """Option I, k = 1 with the deferred variance (reference with delay_lr_factor) and k = 3
-    waited-for; the model's own parameters (ZeRO-3: gathered) after 10 steps."""
+def _three_ranks(job):
     world, results = job
+    if world != 3:
+        pytest.skip("run on 3 ranks (2 ranks: tests/test_contract.py)")
+    return results
+
+
+def test_zero_1_2_3_with_uneven_partitions_equal_the_single_process_reference_fp32(job):
+    """3 ranks. Option I, k = 1 with the deferred variance (reference with delay_lr_factor) and
+    k = 3 waited-for; the model's own parameters (ZeRO-3: gathered) after 10 steps."""
+    results = _three_ranks(job)
     for option, k, overlap in VARIANTS:
         ref = reference_run(_cfg(k=k), STEPS, delay=overlap)
         for stage in (1, 2, 3):
             for r, res in enumerate(results):
                 err = max_rel_err(res["equiv"][(stage, k, overlap)], ref)
-                assert err <= 5e-5, f"world {world} stage {stage} k {k} rank {r}: {err:.2e}"
+                assert err <= 5e-5, f"stage {stage} k {k} rank {r}: {err:.2e}"
 
 
 def test_the_optimizer_sees_fp32_master_pieces(job):
-    world, results = job
-    for res in results:
+    for res in _three_ranks(job):
         assert all(m["piece_dtypes"] == {"torch.float32"} for m in res["meter"].values())
-
-
-def test_each_newton_schulz_runs_once_per_matrix_per_step_across_the_job(job):
-    world, results = job
-    n_matrices = sum(len(s.blocks) for s in classify_parameters(make_model()).values() if s.geometry.value == "hidden")
-    for stage in (1, 2, 3):
-        for k in (1, 3):
-            assert sum(res["calls"][(stage, k)] for res in results) == STEPS * n_matrices, f"stage {stage} k {k}"
 
 
 def test_tensor_traffic_is_exactly_the_all_to_all_optimum_and_nothing_is_all_gathered(job):
     """DeepSpeed's own reduce-scatter/all-gather are unchanged; what LANTON adds is the
     gather+scatter of pieces (plus D on estimation steps) and scalar all-reduces."""
-    world, results = job
-    for res in results:
+    for res in _three_ranks(job):
         for (stage, k), m in res["meter"].items():
             assert {op for op, _ in m["ops"]} <= {"all_to_all", "all_reduce"}
             assert {ph for op, ph in m["ops"] if op == "all_reduce"} <= {"finite", "norm", "variance"}
@@ -213,16 +192,6 @@ def test_bf16_keeps_fp32_masters_and_refreshes_every_bf16_partition(job):
             assert not torch.equal(b["master"][n], init[n]), f"{n} never updated"
 
 
-def test_scion_dmuon_adamw_run_through_the_same_adapter(job):
-    world, results = job
-    if world != 2:
-        pytest.skip("run on 2 ranks")
-    for name in ("scion", "dmuon", "adamw"):
-        ref = reference_run(_cfg(name=name), STEPS)
-        for res in results:
-            assert max_rel_err(res[name], ref) <= 5e-5, name
-
-
 def test_unsupported_set_ups_fail_loudly(job):
     world, results = job
     if world != 2:
@@ -239,34 +208,3 @@ def test_option_two_is_refused_under_deepspeed():
 
     with pytest.raises(ValueError, match="Option II"):
         LANTONDeepSpeed(make_model(), _cfg(option="II"))
-
-
-# ---------------------------------------------------------------------------- checkpoints
-def _ckpt_worker(rank, world, root, phase):
-    out = {}
-    xs = batches(STEPS)
-    for stage in (2, 3):
-        path = os.path.join(root, f"stage{stage}")
-        eng, opt = _engine(rank, world, _cfg(k=1), stage)
-        if phase == "save":
-            _train(eng, rank, world, xs[:4])
-            eng.save_checkpoint(path, tag="step4")  # the deferred variance of step 4 is in flight
-            eng2, _ = _engine(rank, world, _cfg(k=1), stage)
-            _train(eng2, rank, world, xs)
-            out[stage] = _model_params(eng2, stage)
-        else:
-            eng.load_checkpoint(path, tag="step4")
-            assert opt.t == 4
-            _train(eng, rank, world, xs[4:])
-            out[stage] = _model_params(eng, stage)
-    return out
-
-
-def test_save_checkpoint_and_resume_match_the_uninterrupted_run_bit_exactly():
-    with tempfile.TemporaryDirectory() as tmp:
-        full = run(_ckpt_worker, 2, tmp, "save", timeout_s=600)
-        resumed = run(_ckpt_worker, 2, tmp, "load", timeout_s=600)
-    for stage in (2, 3):
-        for r in range(2):
-            for n in full[r][stage]:
-                assert torch.equal(resumed[r][stage][n], full[r][stage][n]), f"stage {stage} rank {r} {n}"

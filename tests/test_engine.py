@@ -1,4 +1,7 @@
-"""Specification of the sharded engine (ShardedLANTON) on CPU gloo process groups."""
+"""Specification of the sharded engine (ShardedLANTON) on CPU gloo process groups.
+
+Every algorithm against the reference on 3 ranks, Newton–Schulz once per matrix and bit-exact
+resume are the contract every backend keeps: ``tests/test_contract.py``."""
 from __future__ import annotations
 
 import os
@@ -31,11 +34,12 @@ def _equivalence_worker(rank, world, dtype):
     return out
 
 
-@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("world", [1, 2, 4])
 def test_sharded_lanton_equals_reference_for_every_world_size_option_and_k(world):
     """20 steps, fp64: Option I/II, k = 1 and 5, overlap off (against the reference) and on
     (against the reference with delay_lr_factor=True). fp64 separates optimizer bugs from
-    reduction-order noise; the residue (≤ 3e-7) is the model's fp32 RMSNorm upcast."""
+    reduction-order noise; the residue (≤ 3e-7) is the model's fp32 RMSNorm upcast. World 3
+    (uneven ownership) is the contract's (tests/test_contract.py: Option I k = 1, 3, Option II)."""
     results = run(_equivalence_worker, world, torch.float64)
     for option, k, overlap in VARIANTS:
         cfg = OptimConfig(name="lanton", option=option, estimate_every=k, nuclear_estimator="exact")
@@ -45,73 +49,44 @@ def test_sharded_lanton_equals_reference_for_every_world_size_option_and_k(world
             assert err <= 1e-6, f"world {world} rank {r} option {option} k {k} overlap {overlap}: rel err {err:.2e}"
 
 
-def _fp32_worker(rank, world, name, dtype=torch.float32):
+def _algorithm_worker(rank, world, name, dtype):
     cfg = OptimConfig(name=name, estimate_every=5, nuclear_estimator="exact")
     model = make_model(dtype)
     return sharded_run(rank, world, build_sharded_optimizer(model, cfg, overlap=False), model, STEPS)
 
 
-# 3 ranks' gradients differ from one process's full batch by the model's own rounding (its fp32
-# RMSNorm and batch-size-dependent matmul blocking, ~1e-7 relative even in an fp64 model). AdamW's
-# g/√v turns that into O(1) changes of the update in coordinates whose gradient is near zero
-# (wq/wk at initialisation): measured 7.6e-5 in fp32 and 2.6e-5 in fp64 at 3 ranks, exactly 0 at
-# world 1 (same batches). Its bound is therefore 1e-4, with world-1 exactness checked separately.
-FP32_TOLERANCE = {"lanton": 5e-5, "scion": 5e-5, "dmuon": 5e-5, "adamw": 1e-4}
-
-
-@pytest.mark.parametrize("name", ["lanton", "scion", "dmuon", "adamw"])
-def test_sharded_engine_equals_reference_in_fp32_on_3_ranks(name):
-    """fp32, uneven ownership (3 ranks), every algorithm sharing the engine."""
-    results = run(_fp32_worker, 3, name)
-    ref = reference_run(OptimConfig(name=name, estimate_every=5, nuclear_estimator="exact"), STEPS)
-    for r, res in enumerate(results):
-        err = max_rel_err(res, ref)
-        assert err <= FP32_TOLERANCE[name], f"rank {r}: rel err {err:.2e}"
-        assert all(torch.equal(res[n], results[0][n]) for n in res), "ranks disagree on parameters"
-
-
 def test_engine_adamw_at_world_1_equals_torch_adamw_exactly():
-    """Same batches, no reduction: the engine's elementwise AdamW is torch.optim.AdamW's arithmetic."""
+    """Same batches, no reduction: the engine's elementwise AdamW is torch.optim.AdamW's arithmetic
+    (on 3 ranks it is within the contract's AdamW bound, tests/test_contract.py)."""
     ref = reference_run(OptimConfig(name="adamw", estimate_every=5, nuclear_estimator="exact"), STEPS, dtype=torch.float64)
-    assert max_rel_err(run(_fp32_worker, 1, "adamw", torch.float64)[0], ref) == 0.0
+    assert max_rel_err(run(_algorithm_worker, 1, "adamw", torch.float64)[0], ref) == 0.0
 
 
 def _meter_worker(rank, world, name, option):
-    import lanton_dist.lmo as lmo
-
-    calls = []
-    real = lmo.newton_schulz
-    lmo.newton_schulz = lambda x, *a, **kw: (calls.append(x.shape[0] if x.ndim == 3 else 1), real(x, *a, **kw))[1]
-    try:
-        cfg = OptimConfig(name=name, estimate_every=2, option=option, nuclear_estimator="exact")
-        model = make_model()
-        opt = build_sharded_optimizer(model, cfg)
-        sharded_run(rank, world, opt, model, 4)
-    finally:
-        lmo.newton_schulz = real
+    cfg = OptimConfig(name=name, estimate_every=2, option=option, nuclear_estimator="exact")
+    model = make_model()
+    opt = build_sharded_optimizer(model, cfg)
+    sharded_run(rank, world, opt, model, 4)
     meter = opt.meter
-    return {s: (meter.tensor_bytes(s), meter.scalar_bytes(s), meter.by_phase(s)) for s in range(1, 5)}, sum(calls)
+    return {s: (meter.tensor_bytes(s), meter.scalar_bytes(s), meter.by_phase(s)) for s in range(1, 5)}
 
 
 @pytest.mark.parametrize("world", [2, 3])
-def test_lanton_moves_exactly_adamw_tensor_bytes_and_runs_each_newton_schulz_once(world):
+def test_lanton_moves_exactly_adamw_tensor_bytes(world):
     lanton = run(_meter_worker, world, "lanton", "I")
     adamw = run(_meter_worker, world, "adamw", "I")
-    n_matrices = sum(len(s.blocks) for s in classify_parameters(make_model()).values() if s.geometry.value == "hidden")
     for r in range(world):
         for step in range(1, 5):
-            assert lanton[r][0][step][0] == adamw[r][0][step][0] > 0
-            phases = set(lanton[r][0][step][2])
+            assert lanton[r][step][0] == adamw[r][step][0] > 0
+            phases = set(lanton[r][step][2])
             assert phases - {"grad_reduce", "param_gather"} <= {"finite", "norm", "variance"}
             assert ("variance" in phases) == (step % 2 == 0)
-    assert sum(res[1] for res in lanton) == 4 * n_matrices, "each matrix orthogonalised once per step across the job"
-    assert sum(res[1] for res in adamw) == 0
 
 
 def test_option_two_adds_one_gradient_reduce_scatter_on_estimation_steps_only():
     res = run(_meter_worker, 2, "lanton", "II")
     for step in range(1, 5):
-        phases = res[0][0][step][2]
+        phases = res[0][step][2]
         if step % 2 == 0:
             assert phases["grad_reduce_half"] == phases["grad_reduce"]
         else:
@@ -126,37 +101,19 @@ def test_ownership_balances_newton_schulz_flops_deterministically():
     assert set(a.owner) == {s.name for s in specs if s.geometry.value == "hidden"}
 
 
-def _resume_worker(rank, world, path, phase, dtype=torch.float32):
+def _save_after_7(rank, world, path, dtype):
     cfg = OptimConfig(name="lanton", estimate_every=3, nuclear_estimator="exact")
     model = make_model(dtype)
     opt = build_sharded_optimizer(model, cfg)
-    all_batches = batches(20)
-    if phase == "save":
-        for x in all_batches[:7]:
-            backward_step(model, opt, rows(x, rank, world))
-        checkpoint.save(opt, path, model)
-        return None
-    checkpoint.load(opt, path, model)
-    for x in all_batches[7:]:
+    for x in batches(20)[:7]:
         backward_step(model, opt, rows(x, rank, world))
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
+    checkpoint.save(opt, path, model)
 
 
-def _uninterrupted(rank, world, dtype=torch.float32):
+def _uninterrupted(rank, world, dtype):
     cfg = OptimConfig(name="lanton", estimate_every=3, nuclear_estimator="exact")
     model = make_model(dtype)
     return sharded_run(rank, world, build_sharded_optimizer(model, cfg), model, 20)
-
-
-def test_kill_after_step_7_and_resume_matches_uninterrupted_run_bit_exactly():
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "ckpt")
-        run(_resume_worker, 3, path, "save")
-        resumed = run(_resume_worker, 3, path, "load")
-    full = run(_uninterrupted, 3)
-    for r in range(3):
-        for n in full[r]:
-            assert torch.equal(resumed[r][n], full[r][n]), f"rank {r} {n}"
 
 
 def test_resharded_resume_4_to_2_to_3_matches_to_1e6():
@@ -164,7 +121,7 @@ def test_resharded_resume_4_to_2_to_3_matches_to_1e6():
     the bound tests the checkpoint, not fp32 reduction order (which differs by world size)."""
     with tempfile.TemporaryDirectory() as tmp:
         p4, p2 = os.path.join(tmp, "w4"), os.path.join(tmp, "w2")
-        run(_resume_worker, 4, p4, "save", torch.float64)
+        run(_save_after_7, 4, p4, torch.float64)
         run(_reshard_worker, 2, p4, p2)
         resumed = run(_resume_from_14, 3, p2)
     full = run(_uninterrupted, 3, torch.float64)
