@@ -159,8 +159,10 @@ class LANTONOSSShard(PieceOptimizer):
 
     def _import_loaded_state(self) -> None:
         """Hand state OSS loaded into ``self.state`` to the core; on the first step after
-        construction or a load, agree on the replicated scalars across ranks (one all-reduce:
-        a rank owning no parameter has no ``lanton_meta`` of its own)."""
+        construction or a load, agree on the replicated scalars across ranks (one MAX all-reduce:
+        a rank owning no parameter has no ``lanton_meta`` of its own and sends zeros; every entry
+        is ≥ 0 and the ranks that loaded hold the same copy, so the maximum is that copy, bit for
+        bit — a mean over the ranks would not be)."""
         core = self._require_core()
         loaded = [(p, st) for p, st in self.state.items() if st]
         if loaded and not self._first:
@@ -183,11 +185,10 @@ class LANTONOSSShard(PieceOptimizer):
             vec[3 + 2 * L : 3 + 3 * L] = meta["E"] if "E" in meta else meta["H"] > 0  # older checkpoints: H > 0
             if "steps" in meta:
                 vec[3 + 3 * L], vec[4 + 3 * L :] = 1.0, meta["steps"]
-        self.coll.all_reduce(vec, "finite").wait()
+        self.coll.all_reduce(vec, "finite", op=dist.ReduceOp.MAX).wait()
         if states and meta is None:
             raise ValueError(f"OSS loaded state without {_META!r}: not a LANTONOSSShard state dict")
         if vec[0] > 0:
-            vec = vec / vec[0]
             pieces = self._local_pieces()
             core.load_state_dict(
                 {"t": round(float(vec[1])), "skipped": round(float(vec[2])), "H": vec[3 : 3 + L],
