@@ -330,11 +330,20 @@ def init_distributed(cfg: RunConfig) -> torch.device:
     return device
 
 
-class _DistributedBackend(Backend):
+class DistributedBackend(Backend):
+    """Base of the multi-process backends: the loss averaged over the world, a failing step
+    reported on every rank (:func:`~lanton_dist.engine.meter.fail_fast`), the process group
+    torn down at :meth:`close`."""
+
+    @property
+    def replicas(self) -> int:
+        """How many ranks contribute a (half-)batch loss to :meth:`reduce_loss`'s sum."""
+        return self.world
+
     def reduce_loss(self, t: torch.Tensor) -> torch.Tensor:
         t = t.detach().clone()
         dist.all_reduce(t)
-        return t / self.world
+        return t / self.replicas
 
     def step(self) -> None:
         with fail_fast():
@@ -348,7 +357,7 @@ class _DistributedBackend(Backend):
             dist.destroy_process_group()
 
 
-class EngineBackend(_DistributedBackend):
+class EngineBackend(DistributedBackend):
     """``parallel.backend: zero``."""
 
     name = "zero"
@@ -390,7 +399,7 @@ def pieces_grad_norm(optimizer: torch.optim.Optimizer, device: torch.device) -> 
     return sq.sqrt()
 
 
-class DDPBackend(_DistributedBackend):
+class DDPBackend(DistributedBackend):
     """``parallel.backend: ddp``: gradients all-reduced by DDP, the optimizer replicated."""
 
     name = "ddp"
@@ -399,7 +408,7 @@ class DDPBackend(_DistributedBackend):
         return self.model.module
 
 
-class DeepSpeedBackend(_DistributedBackend):
+class DeepSpeedBackend(DistributedBackend):
     """``parallel.backend: deepspeed``: ``model`` is the DeepSpeed engine, ``optimizer`` the
     LANTON client optimizer (its param groups carry the scheduled rates)."""
 
@@ -465,7 +474,7 @@ def deepspeed_config(cfg: RunConfig, world: int) -> dict[str, Any]:
     }
 
 
-class FSDP2Backend(_DistributedBackend):
+class FSDP2Backend(DistributedBackend):
     """``parallel.backend: fsdp2``."""
 
     name = "fsdp2"

@@ -43,7 +43,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lanton_dist.backends import (STATE_FILE, Backend, OptimizerFactory, init_distributed, load_optimizer_state,
+from lanton_dist.backends import (STATE_FILE, DistributedBackend, OptimizerFactory, init_distributed, load_optimizer_state,
                                   micro_slices, optimizer_state, pieces_grad_norm, resolve_device)
 from lanton_dist.config import ConfigError, RunConfig
 from lanton_dist.engine.meter import fail_fast
@@ -110,7 +110,7 @@ def micro_batches(x: torch.Tensor, y: torch.Tensor, micro: int) -> list[dict[str
 
 
 # ============================================================================ backend
-class MegatronBackend(Backend):
+class MegatronBackend(DistributedBackend):
     """``parallel.backend: megatron``. ``rank``/``world`` are the process's global rank and the
     job's size (RNG files, checkpoints, MFU); the rows a process computes follow its
     data-parallel replica (:meth:`data_shard`). ``model`` is this rank's pipeline stage and TP
@@ -166,14 +166,10 @@ class MegatronBackend(Backend):
     def eval_loss(self, x: torch.Tensor, y: torch.Tensor, dtype: str) -> torch.Tensor:
         return self._run_schedule(x, y, self.eval_micro_batch, dtype, forward_only=True)
 
-    def reduce_loss(self, t: torch.Tensor) -> torch.Tensor:
-        t = t.detach().clone()
-        dist.all_reduce(t)
-        return t / self.dp
-
-    def step(self) -> None:
-        with fail_fast():
-            self.optimizer.step()
+    @property
+    def replicas(self) -> int:
+        """Data-parallel replicas: only TP rank 0 of each replica's last stage holds its loss."""
+        return self.dp
 
     def zero_grad(self) -> None:
         self.model.zero_grad(set_to_none=True)
@@ -185,15 +181,11 @@ class MegatronBackend(Backend):
             return pieces_grad_norm(self.optimizer, self.device)
         return super().grad_norm(two_halves)
 
-    def barrier(self) -> None:
-        dist.barrier()
-
     def close(self) -> None:
         from megatron.core import parallel_state as ps
 
         ps.destroy_model_parallel()
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        super().close()
         if self.shim:
             from lanton_dist.integrations import megatron_cpu
 

@@ -523,7 +523,7 @@ def _trainer_job(rank, world, out):
     from lanton_dist.trainer import train
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    backends._DistributedBackend.close = lambda self: None  # distributed.run closes the group at the end
+    backends.DistributedBackend.close = lambda self: None  # distributed.run closes the group at the end
     runs = [("zero", "lanton"), ("zero", "adamw"), ("ddp", "adamw")]
     return {run: _logged(train(_trainer_cfg(os.path.join(out, *run), run[1], run[0], CLIP), log=lambda _m: None))
             for run in runs}
