@@ -11,7 +11,6 @@ world 3, Megatron at TP = 2 (TP-replicated norm gains counted once), and the tra
 """
 from __future__ import annotations
 
-import collections
 import functools
 import importlib.util
 import os
@@ -24,6 +23,7 @@ import torch
 
 from distributed import run
 from engine_cases import backward_step, batches, halves, loss_fn, make_model, max_rel_err, rows
+from host_reads import counting_host_reads
 from lanton_dist.backends import Backend
 from lanton_dist.config import OptimConfig
 from lanton_dist.dmuon import DMuon
@@ -38,7 +38,6 @@ FP32_TOL = 5e-5  # DeepSpeed (fp32 master partitions) and Megatron
 # into larger update changes where gradients are near zero (tests/test_engine.py, FP32_TOLERANCE).
 ADAMW_TOL = 1e-4
 CASES = {"lanton-I": ("lanton", "I"), "lanton-II": ("lanton", "II"), "dmuon": ("dmuon", "I"), "adamw": ("adamw", "I")}
-HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -88,22 +87,8 @@ def _params(model) -> dict[str, torch.Tensor]:
 
 def _count_host_reads(fn: Callable[[], object]) -> dict[str, int]:
     """Calls of the tensor → host conversions while ``fn`` runs."""
-    counts: collections.Counter = collections.Counter()
-    originals = {name: getattr(torch.Tensor, name) for name in HOST_READS}
-
-    def counting(name, real):
-        def wrapper(self, *args, **kwargs):
-            counts[name] += 1
-            return real(self, *args, **kwargs)
-        return wrapper
-
-    for name, real in originals.items():
-        setattr(torch.Tensor, name, counting(name, real))
-    try:
+    with counting_host_reads() as counts:
         fn()
-    finally:
-        for name, real in originals.items():
-            setattr(torch.Tensor, name, real)
     return dict(counts)
 
 

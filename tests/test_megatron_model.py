@@ -462,36 +462,3 @@ def test_megatron_resume_with_another_model_is_refused_before_building_it_and_mo
     res = train_megatron(cfg, "--train.resume", "true", "--train.steps", "3")
     assert "warning: resume from" in res.stdout and "train.steps: checkpoint 2, now 3" in res.stdout
     assert sorted(_metrics(out)) == [1, 2, 3] and (out / "COMPLETED").read_text() == "3\n"
-
-
-#: The last commit with the separate Megatron trainer ``launch/pretrain_llama.py`` (and the shim in tests/).
-OLD_ENTRY_COMMIT = "b8dc165"
-
-
-@pytest.mark.slow
-def test_megatron_in_the_one_loop_reproduces_the_removed_pretrain_entry_at_tp_2(tmp_path):
-    """``launch/train.py --parallel.backend megatron`` trains exactly as the removed
-    ``launch/pretrain_llama.py`` did: that script is recomputed from git history, both run the
-    same TP = 2 config on the same text file (whose samples both entries draw from the shared
-    data module), and every step's loss is bit-identical, the gradient norms and validation
-    loss equal to fp32 rounding (the old entry summed them in another order/precision)."""
-    old = tmp_path / "old"
-    for path in ("launch/pretrain_llama.py", "tests/megatron_cpu_shim.py"):
-        res = subprocess.run(["git", "show", f"{OLD_ENTRY_COMMIT}:{path}"], cwd=ROOT, capture_output=True, text=True)
-        if res.returncode:
-            pytest.skip(f"needs the repository's git history (commit {OLD_ENTRY_COMMIT}): {res.stderr.strip()}")
-        (old / path).parent.mkdir(parents=True, exist_ok=True)
-        (old / path).write_text(res.stdout)
-    text = tmp_path / "c.txt"
-    text.write_text("\n".join(f"line {i}: the quick brown fox jumps over {i % 7} lazy dogs" for i in range(300)))
-    overrides = ["--parallel.tp", "2", "--model.vocab_size", "256", "--data.source", "text", "--data.path", str(text),
-                 "--data.sample_by", "line", "--train.steps", "4", "--train.eval_every", "4"]
-    env = {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    launch(old / "launch" / "pretrain_llama.py", _write_config(tmp_path / "old.yaml", tmp_path / "old_run"), "--cpu-shim",
-           *overrides, nproc=2, env=env)
-    train_megatron(_write_config(tmp_path / "new.yaml", tmp_path / "new_run"), *overrides, nproc=2)
-    before, after = _metrics(tmp_path / "old_run"), _metrics(tmp_path / "new_run")
-    for step in range(1, 5):
-        assert after[step]["loss"] == before[step]["loss"], (step, after[step]["loss"], before[step]["loss"])
-        assert after[step]["grad_norm"] == pytest.approx(before[step]["grad_norm"], rel=1e-6), step
-    assert after[4]["val_loss"] == pytest.approx(before[4]["val_loss"], rel=1e-6)

@@ -4,49 +4,20 @@ model size. Every ``Tensor`` method that copies a device value to the host is co
 ``step()`` (on a GPU each one stalls the CPU until the device catches up)."""
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import pytest
 import torch
 
 from distributed import run
 from engine_cases import TINY, batches, loss_fn, rows
+from host_reads import HOST_READS, counting_host_reads
 from lanton_dist.config import OptimConfig
 from lanton_dist.model import Transformer
 
 pytestmark = pytest.mark.slow
 
-#: ``Tensor`` methods that read a tensor's value on the host.
-HOST_READS = ("item", "__bool__", "tolist", "cpu", "__float__", "__int__")
 #: The one allowed host read per step: the skip vote (``finite``) of ``ShardedCore._agree``.
 READS_PER_STEP = 1
 STEPS = 4  # k = 2: steps 2 and 4 estimate, 3 consumes the overlapped variance
-
-
-@contextmanager
-def counting_host_reads() -> Iterator[Counter]:
-    """Count calls of :data:`HOST_READS` on any tensor (any thread) inside the block."""
-    counts: Counter = Counter()
-    originals = {name: torch.Tensor.__dict__.get(name) for name in HOST_READS}
-
-    def counted(name: str, fn):
-        def wrapper(self, *args, **kwargs):
-            counts[name] += 1
-            return fn(self, *args, **kwargs)
-        return wrapper
-
-    for name in HOST_READS:
-        setattr(torch.Tensor, name, counted(name, getattr(torch.Tensor, name)))
-    try:
-        yield counts
-    finally:
-        for name, orig in originals.items():
-            if orig is None:
-                delattr(torch.Tensor, name)
-            else:
-                setattr(torch.Tensor, name, orig)
 
 
 def _model(n_layers: int) -> Transformer:
