@@ -212,19 +212,26 @@ class BucketStorage:
                 self._adopt(name, p)
             (self.present.add if has else self.present.discard)(name)
 
+    def _copy_in(self, b: int, buf: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        """Copied parameters' gradients of bucket ``b`` into their places in ``buf`` (zeros where
+        a parameter has none); returns the ``(name, gradient)`` pairs copied."""
+        copied = []
+        for pc, at in self._placed[b]:
+            if pc.name in self.views:
+                continue
+            g = self.params[pc.name].grad
+            target = buf[at : at + pc.numel]
+            if g is None:
+                target.zero_()
+            else:
+                target.copy_(g.reshape(-1)[pc.start : pc.stop])
+                copied.append((pc.name, g))
+        return copied
+
     def _launch(self, b: int, phase: str = "grad_reduce", buf: torch.Tensor | None = None) -> None:
         buf = self.grad_buffer if buf is None else buf
         if buf is self.grad_buffer:
-            for pc, at in self._placed[b]:
-                if pc.name in self.views:
-                    continue
-                g = self.params[pc.name].grad
-                target = buf[at : at + pc.numel]
-                if g is None:
-                    target.zero_()
-                else:
-                    target.copy_(g.reshape(-1)[pc.start : pc.stop])
-                    self._copied_sent[pc.name] = (g, g._version)
+            self._copied_sent.update((name, (g, g._version)) for name, g in self._copy_in(b, buf))
         a, z = self._bucket_span[b]
         o, e = self._own[b]
         self._reducing[b] = self.coll.reduce_scatter(buf[o:e], buf[a:z], phase)
@@ -252,11 +259,8 @@ class BucketStorage:
         extra gradient-size buffer, bucket layout) and clear the gradients, views kept."""
         self.collect()
         self.half_buffer = self.grad_buffer.clone()
-        for placed in self._placed:
-            for pc, at in placed:
-                g = self.params[pc.name].grad
-                if pc.name not in self.views and g is not None:
-                    self.half_buffer[at : at + pc.numel].copy_(g.reshape(-1)[pc.start : pc.stop])
+        for b in range(len(self.layout.buckets)):
+            self._copy_in(b, self.half_buffer)
         self.half_present = set(self.present)
         self._clear()
         for name in self.copied:
