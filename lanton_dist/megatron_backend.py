@@ -21,8 +21,10 @@ one-process group without torchrun), Megatron's TP/PP/DP groups from ``parallel.
   process the engine's own DCP files (:mod:`lanton_dist.engine.checkpoint`: owner-only and
   DP-sharded optimizer state, model tensors keyed by global name, ``@tp<r>of<T>`` for
   TP-sharded ones); in one process ``state.pt`` (model by global name + optimizer state).
-  Resume at the same world size only (``reshards`` False); ``parallel.tp``/``pp`` must match
-  (:data:`lanton_dist.config.RESUME_MUST_MATCH`).
+  A multi-process checkpoint resumes at another data-parallel size (``reshards``: the engine's
+  DCP state reshards over DP, the model keys do not depend on it); ``parallel.tp``/``pp`` must
+  match (:data:`lanton_dist.config.RESUME_MUST_MATCH`), and one-process ``state.pt`` and
+  multi-process DCP checkpoints do not load into each other (a config error).
 * **CPU.** Megatron-core needs CUDA. ``train.device: cpu`` on a machine without CUDA installs
   the CI/test shim :mod:`lanton_dist.integrations.megatron_cpu` (removed again by
   :meth:`~MegatronBackend.close`); ``train.device: auto`` without CUDA is a config error.
@@ -117,7 +119,7 @@ class MegatronBackend(DistributedBackend):
     shard; ``keys`` maps each of its parameter names to its checkpoint key."""
 
     name = "megatron"
-    reshards = False
+    reshards = True  # across data-parallel sizes (DCP ↔ DCP); TP/PP must match: RESUME_MUST_MATCH
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device, cfg: RunConfig,
                  keys: dict[str, str], shim: bool) -> None:
@@ -207,8 +209,16 @@ class MegatronBackend(DistributedBackend):
             torch.save({MODEL_KEY: dict(self.params), "optimizer": optimizer_state(self.optimizer)}, directory / STATE_FILE)
 
     def load(self, directory: Path) -> None:
+        """Read :meth:`save`'s checkpoint (DCP: at any data-parallel size). ``ConfigError``
+        when it was written in the other form (one process vs several)."""
         from lanton_dist.engine import checkpoint as engine_ckpt
 
+        one_process = (directory / STATE_FILE).exists()
+        if self.sharded == one_process:
+            wrote, runs = ("one process", "several") if one_process else ("several processes", "one")
+            raise ConfigError(f"cannot resume from {directory}: it was written by {wrote} (Megatron's reference optimizer "
+                              f"state.pt vs the sharded engine's DCP files) and this run has {runs}; resume with "
+                              f"{'one process' if one_process else 'more than one process'}")
         with torch.no_grad():
             if self.sharded:
                 extra = {MODEL_KEY: {k: torch.empty_like(p) for k, p in self.params.items()}}

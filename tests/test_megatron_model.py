@@ -462,3 +462,36 @@ def test_megatron_resume_with_another_model_is_refused_before_building_it_and_mo
     res = train_megatron(cfg, "--train.resume", "true", "--train.steps", "3")
     assert "warning: resume from" in res.stdout and "train.steps: checkpoint 2, now 3" in res.stdout
     assert sorted(_metrics(out)) == [1, 2, 3] and (out / "COMPLETED").read_text() == "3\n"
+
+
+@pytest.mark.slow
+def test_a_megatron_checkpoint_resumes_at_another_data_parallel_size(tmp_path):
+    """TP 2 × DP 2 (4 processes) stopped after step 1, resumed on TP 2 × DP 1 (2 processes):
+    the engine's DCP state reshards over DP, so the run continues as the uninterrupted TP 2 run
+    at DP 1 (fp32; DP changes only the gradient reduction order)."""
+    straight, resumed, stop = tmp_path / "straight", tmp_path / "resumed", tmp_path / "stop"
+    tp2 = ("--parallel.tp", "2")
+    train_megatron(_write_config(tmp_path / "a.yaml", straight), *tp2, nproc=2)
+    cfg = _write_config(tmp_path / "b.yaml", resumed, resume=True)
+    stop.touch()
+    train_megatron(cfg, *tp2, nproc=4, env={"LANTON_STOP_FILE": str(stop)})
+    stop.unlink()
+    res = train_megatron(cfg, *tp2, nproc=2)
+    assert "resumed from" in res.stdout and (resumed / "COMPLETED").exists()
+    want, got = _metrics(straight), _metrics(resumed)
+    for step in range(1, 9):
+        assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=1e-5), step
+        assert got[step]["lr"] == want[step]["lr"], step
+    assert got[8]["val_loss"] == pytest.approx(want[8]["val_loss"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_a_one_process_megatron_checkpoint_is_refused_by_a_multi_process_run(tmp_path):
+    """state.pt (the reference optimizer) does not load into the sharded engine: a config error
+    on every rank (torchrun then exits 1), the checkpoint left as it was."""
+    out = tmp_path / "run"
+    cfg = _write_config(tmp_path / "c.yaml", out, steps=1, eval_every=0, resume=True)
+    train_megatron(cfg)
+    res = train_megatron(cfg, "--train.steps", "2", "--parallel.tp", "1", nproc=2, returncode=1)
+    assert "config error: cannot resume from" in res.stderr and "written by one process" in res.stderr, res.stderr[-2000:]
+    assert _complete_checkpoints(out) == ["step_00000001"] and sorted(_metrics(out)) == [1]
