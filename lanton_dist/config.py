@@ -448,9 +448,6 @@ def _check_parallel(cfg: RunConfig, data_parallel: int) -> None:
         if o.name == "lanton" and o.option == "II":
             raise ConfigError("optim.option II needs the two half-batch gradients separately, but DeepSpeed "
                               "accumulates micro-batch gradients internally: use optim.option I with parallel.backend deepspeed")
-    if p.backend == "megatron" and o.name == "lanton" and o.option == "II":
-        raise ConfigError("optim.option II needs two half-batch gradients, which Megatron's pipeline schedule does "
-                          "not produce: use optim.option I with parallel.backend megatron")
     if t.global_batch % data_parallel:
         raise ConfigError(f"train.global_batch {t.global_batch} is not divisible by the data-parallel size {data_parallel}")
     rows = t.global_batch // data_parallel

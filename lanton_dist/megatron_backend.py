@@ -28,8 +28,8 @@ one-process group without torchrun), Megatron's TP/PP/DP groups from ``parallel.
 * **CPU.** Megatron-core needs CUDA. ``train.device: cpu`` on a machine without CUDA installs
   the CI/test shim :mod:`lanton_dist.integrations.megatron_cpu` (removed again by
   :meth:`~MegatronBackend.close`); ``train.device: auto`` without CUDA is a config error.
-
-Option II (two half-batch gradients) is refused by :func:`lanton_dist.config.check_run_config`.
+* **Option II** runs the schedule once per half of the replica's rows (each half's loss
+  weighted ½, the optimizer's ``stash_half_gradient()`` between them), as the other backends.
 """
 from __future__ import annotations
 
@@ -77,18 +77,20 @@ def make_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
     return build_optimizer(model, cfg.optim, groups)
 
 
-def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
-    """Megatron's 3-tuple loss: ``(Σ token loss, token count, {"lm loss": [Σ, count]})``."""
+def _loss_func(loss_mask: torch.Tensor, weight: float, output: torch.Tensor):
+    """Megatron's 3-tuple loss: ``(weight · Σ token loss, token count, {"lm loss": [Σ, count]})``
+    — ``weight`` scales what backward sees (½ for an Option II half-batch), not the report."""
     losses = output.float()
     mask = loss_mask.to(losses.device, torch.float32).view(-1)
     loss = torch.sum(losses.view(-1) * mask)
     num_tokens = mask.sum().to(torch.int)
-    return loss, num_tokens, {"lm loss": torch.stack([loss.detach(), num_tokens.detach().float()])}
+    return loss * weight, num_tokens, {"lm loss": torch.stack([loss.detach(), num_tokens.detach().float()])}
 
 
-def make_forward_step(device: torch.device, attn_mask: torch.Tensor, bf16: bool) -> Callable:
+def make_forward_step(device: torch.device, attn_mask: torch.Tensor, bf16: bool, weight: float = 1.0) -> Callable:
     """Megatron's ``forward_step_func``: the next micro-batch ``{tokens, labels, position_ids,
-    loss_mask}`` (each ``(micro, T)``) through ``model``; bf16 autocast when ``bf16``."""
+    loss_mask}`` (each ``(micro, T)``) through ``model``; bf16 autocast when ``bf16``; the loss
+    backward sees is weighted ``weight``."""
     def forward_step(data_iterator: Iterator[dict[str, torch.Tensor]], model: nn.Module):
         batch = next(data_iterator)
         tokens = batch["tokens"].to(device, non_blocking=True)
@@ -96,7 +98,7 @@ def make_forward_step(device: torch.device, attn_mask: torch.Tensor, bf16: bool)
         position_ids = batch["position_ids"].to(device, non_blocking=True)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
             output = model(tokens, position_ids, attn_mask, labels=labels)
-        return output, partial(_loss_func, batch["loss_mask"])
+        return output, partial(_loss_func, batch["loss_mask"], weight)
     return forward_step
 
 
@@ -142,13 +144,15 @@ class MegatronBackend(DistributedBackend):
         return self.dp_rank, self.dp
 
     def _run_schedule(self, x: torch.Tensor, y: torch.Tensor, micro_batch: int, dtype: str,
-                      forward_only: bool) -> torch.Tensor:
-        """Rows ``x, y`` through Megatron's schedule; this rank's share of the global mean loss
-        (float64 scalar: the replica's mean loss on TP rank 0 of the last stage, else 0)."""
+                      forward_only: bool, weight: float = 1.0) -> torch.Tensor:
+        """Rows ``x, y`` through Megatron's schedule (backward of ``weight`` × their mean loss);
+        this rank's share of the global mean loss (float64 scalar: the replica's mean loss on TP
+        rank 0 of the last stage, else 0)."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         batches = micro_batches(x, y, micro_batch)
-        forward_step = make_forward_step(self.device, self.attn_mask, dtype == "bf16" and self.device.type == "cuda")
+        forward_step = make_forward_step(self.device, self.attn_mask, dtype == "bf16" and self.device.type == "cuda",
+                                         weight)
         results = get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=iter(batches), model=[self.model],
             num_microbatches=len(batches), seq_length=self.seq_len, micro_batch_size=batches[0]["tokens"].shape[0],
@@ -161,9 +165,18 @@ class MegatronBackend(DistributedBackend):
         return total[0] / total[1].clamp(min=1)
 
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor, micro_batch: int, dtype: str) -> tuple[torch.Tensor, bool]:
-        """One pipeline schedule over this replica's rows (never two halves: Option II is refused)."""
+        """One pipeline schedule over this replica's rows; when the optimizer asks for Option II
+        (``needs_two_half_batches()``) one schedule per half of the rows, each half's mean loss
+        weighted ½ and ``stash_half_gradient()`` between them (the other backends' rule)."""
+        two = bool(getattr(self.optimizer, "needs_two_half_batches", lambda: False)())
         with fail_fast():
-            return self._run_schedule(x, y, micro_batch, dtype, forward_only=False), False
+            if not two:
+                return self._run_schedule(x, y, micro_batch, dtype, forward_only=False), False
+            half = x.shape[0] // 2
+            first = self._run_schedule(x[:half], y[:half], micro_batch, dtype, forward_only=False, weight=0.5)
+            self.optimizer.stash_half_gradient()
+            second = self._run_schedule(x[half:], y[half:], micro_batch, dtype, forward_only=False, weight=0.5)
+            return (first + second) / 2, True
 
     def eval_loss(self, x: torch.Tensor, y: torch.Tensor, dtype: str) -> torch.Tensor:
         return self._run_schedule(x, y, self.eval_micro_batch, dtype, forward_only=True)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -32,16 +32,20 @@ class Run:
     """One optimizer configuration every stack trains for :data:`STEPS` steps.
 
     ``overlap``: the backend's overlapped (deferred) variance all-reduce, whose factors apply one
-    step late: compared with the reference run with ``delay_lr_factor=True``."""
+    step late: compared with the reference run with ``delay_lr_factor=True``. ``halves_of``
+    (one-process Megatron reference only): Option II's halves as that many data-parallel
+    replicas cut them (each replica halves its own rows)."""
 
     name: str
     estimate_every: int = 3
     option: str = "I"
     overlap: bool = False
+    halves_of: int = 1
 
     @property
     def key(self) -> str:
-        return f"{self.name}-{self.option}-k{self.estimate_every}" + ("-overlap" if self.overlap else "")
+        return (f"{self.name}-{self.option}-k{self.estimate_every}" + ("-overlap" if self.overlap else "")
+                + (f"-halves{self.halves_of}" if self.halves_of > 1 else ""))
 
     def optim(self) -> OptimConfig:
         return OptimConfig(name=self.name, option=self.option, estimate_every=self.estimate_every,
@@ -92,7 +96,9 @@ class Stack:
     ``build(rank, world, run, dtype)`` → :class:`Runner`; ``session(rank, world)`` wraps the whole job
     (process-wide set-up such as Megatron's parallel state); ``requires``: the module the stack
     needs (skip when absent); ``option_two``: the backend runs LANTON's Option II (else it refuses
-    it, which its own test file checks); ``resume``: run the :data:`RESUMED` cases."""
+    it, which its own test file checks); ``resume``: run the :data:`RESUMED` cases; ``replicas``:
+    the data-parallel replicas that halve Option II's batch (Megatron; the plain stacks: world);
+    ``extra``: more runs (the Megatron reference's Option II as 2 replicas halve the batch)."""
 
     name: str
     world: int
@@ -103,9 +109,11 @@ class Stack:
     resume: bool = True
     session: Callable[[int, int], contextlib.AbstractContextManager] = field(default=lambda rank, world: contextlib.nullcontext())
     timeout_s: float = 300.0
+    replicas: int = 1
+    extra: tuple[Run, ...] = ()
 
     def runs(self) -> tuple[Run, ...]:
-        return RUNS + ((OPTION_TWO,) if self.option_two else ())
+        return RUNS + ((OPTION_TWO,) if self.option_two else ()) + self.extra
 
 
 @contextlib.contextmanager
@@ -325,13 +333,13 @@ def megatron_cfg(run: Run, tp: int, pp: int, reference: bool = False):
 
 
 class _Megatron(Runner):
-    def __init__(self, model, optimizer, cfg) -> None:
-        self.model, self.optimizer, self.cfg = model, optimizer, cfg
+    def __init__(self, model, optimizer, cfg, halves_of: int = 1) -> None:
+        self.model, self.optimizer, self.cfg, self.halves_of = model, optimizer, cfg, halves_of
 
     def train(self, start: int, stop: int) -> None:
         from test_megatron_lanton import _train
 
-        _train(self.cfg, stop, start=start, opt=self.optimizer, model=self.model)
+        _train(self.cfg, stop, start=start, opt=self.optimizer, model=self.model, halves_of=self.halves_of)
 
     def params(self) -> dict[str, torch.Tensor]:
         from test_megatron_lanton import _logical_params
@@ -378,7 +386,7 @@ def _megatron_builder(tp: int, pp: int) -> Callable[[int, int, Run, torch.dtype]
         model = mm.build_gpt_model(cfg)
         canonical_init(model, cfg)
         opt = make_optimizer(model, cfg) if world == 1 else build_megatron_optimizer(model, cfg)
-        return _Megatron(model, opt, cfg)
+        return _Megatron(model, opt, cfg, run.halves_of)
 
     return build
 
@@ -400,9 +408,9 @@ def _megatron_session(tp: int, pp: int) -> Callable[[int, int], contextlib.Abstr
     return session
 
 
-def megatron_stack(name: str, world: int, tp: int, pp: int, resume: bool = True) -> Stack:
-    return Stack(name, world, torch.float32, _megatron_builder(tp, pp), requires="megatron.core",
-                 resume=resume, session=_megatron_session(tp, pp))
+def megatron_stack(name: str, world: int, tp: int, pp: int, resume: bool = True, extra: tuple[Run, ...] = ()) -> Stack:
+    return Stack(name, world, torch.float32, _megatron_builder(tp, pp), requires="megatron.core", option_two=True,
+                 resume=resume, session=_megatron_session(tp, pp), replicas=world // (tp * pp), extra=extra)
 
 
 # ---------------------------------------------------------------------------------- the stacks
@@ -414,7 +422,7 @@ STACKS = {s.name: s for s in (
       for s in (1, 2, 3)),
     megatron_stack("megatron-tp2-dp2", 4, tp=2, pp=1),
     megatron_stack("megatron-tp2-pp2", 4, tp=2, pp=2),
-    megatron_stack("megatron-reference", 1, tp=1, pp=1, resume=False),
+    megatron_stack("megatron-reference", 1, tp=1, pp=1, resume=False, extra=(replace(OPTION_TWO, halves_of=2),)),
 )}
 CONTRACT_STACKS = tuple(n for n in STACKS if n != "megatron-reference")
 

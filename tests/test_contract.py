@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 import torch
@@ -76,11 +76,13 @@ def _plain_reference(run_: Run, world: int, dtype: torch.dtype) -> tuple[dict[st
 def reference_of(stack: str, run_: Run) -> tuple[dict[str, torch.Tensor], int, int]:
     """The one-process run ``stack`` is compared with: parameters, Newton–Schulz matrices it
     orthogonalised, and logical matrices per step. Megatron's is its own model in one process
-    with the reference optimizer (``lanton_dist.build_optimizer`` on the logical specs)."""
+    with the reference optimizer (``lanton_dist.build_optimizer`` on the logical specs), its
+    Option II halves arranged as the stack's data-parallel replicas cut them."""
     s = STACKS[stack]
     if stack.startswith("megatron"):
         ref = job("megatron-reference")[0]
-        return ref["runs"][run_.key], ref["ns"][run_.key], ref["matrices"]
+        key = replace(run_, halves_of=s.replicas).key if run_.option == "II" else run_.key
+        return ref["runs"][key], ref["ns"][key], ref["matrices"]
     return (*_plain_reference(run_, s.world, s.dtype), hidden_matrices())
 
 

@@ -32,19 +32,23 @@ def _dataset(source: str, vocab_size: int, seq_len: int, seed: int):
     return build_dataset(DataConfig(source=source, seq_len=seq_len, seed=seed), vocab_size)
 
 
-def forward_backward(backend, cfg, step: int, shard: tuple[int, int]) -> None:
+def forward_backward(backend, cfg, step: int, shard: tuple[int, int], halves_of: int = 1) -> None:
     """Gradients of data shard ``shard`` = (replica, replicas) of the global batch of ``step``
-    (the loop's data and Megatron schedule)."""
+    (the loop's data and Megatron schedule). ``halves_of`` (one process only): order the rows so
+    that Option II's two halves are those of ``halves_of`` data-parallel replicas (each
+    replica's first half of its rows in the first half), the reference for that DP size."""
     data = _dataset(cfg.data.source, cfg.model.vocab_size, cfg.data.seq_len, cfg.data.seed)
     x, y = data.get_batch(step, cfg.train.global_batch, *shard)
+    if halves_of > 1:
+        x, y = (t.reshape(halves_of, 2, -1, t.shape[-1]).transpose(0, 1).reshape(t.shape) for t in (x, y))
     backend.forward_backward(x, y, cfg.train.micro_batch, "fp32")
 
 
-def _train(cfg, steps, start=0, opt=None, model=None):
+def _train(cfg, steps, start=0, opt=None, model=None, halves_of: int = 1):
     backend = megatron_backend(cfg, model, opt)
     for step in range(start, steps):
         model.zero_grad(set_to_none=True)
-        forward_backward(backend, cfg, step, backend.data_shard())
+        forward_backward(backend, cfg, step, backend.data_shard(), halves_of)
         opt.step()
 
 

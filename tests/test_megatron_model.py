@@ -113,12 +113,12 @@ def test_shim_install_and_uninstall():
     assert schedules.torch is torch
 
 
-def test_option_two_is_refused_for_megatron_before_anything_is_built():
+def test_option_two_on_megatron_needs_an_even_per_replica_batch():
     from lanton_dist.config import ConfigError, check_run_config
 
-    with pytest.raises(ConfigError, match="optim.option II .* parallel.backend megatron"):
-        check_run_config(tiny_cfg(optim__option="II"))
-    check_run_config(tiny_cfg(optim__option="I"))
+    check_run_config(tiny_cfg(optim__option="II", train__global_batch=8, train__micro_batch=2), data_parallel=2)
+    with pytest.raises(ConfigError, match="optim.option II splits each rank's batch in two halves"):
+        check_run_config(tiny_cfg(optim__option="II", train__global_batch=6, train__micro_batch=0), data_parallel=2)
 
 
 def test_megatron_on_a_cpu_only_machine_runs_only_when_train_device_says_cpu():
@@ -430,7 +430,7 @@ def test_megatron_run_reads_a_text_file_through_the_shared_data_module(tmp_path)
 @pytest.mark.parametrize("overrides, key", [
     (["--optim.lr.hidden", "nan"], "optim.lr.hidden"),
     (["--optim.name", "dmuon", "--optim.adam_betas", "[1.5, 2]"], "optim.adam_betas[0]"),
-    (["--optim.option", "II"], "optim.option II"),
+    (["--optim.option", "II", "--train.global_batch", "7", "--train.micro_batch", "0"], "optim.option II"),
     (["--parallel.tp", "3"], "not divisible by tp*pp = 3*1"),
 ])
 def test_megatron_run_refuses_a_bad_config_with_one_line_and_exit_2(tmp_path, overrides, key):
