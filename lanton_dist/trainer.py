@@ -19,7 +19,7 @@ Per step ``s`` (0-based; the record written after it has ``step = s + 1``):
   weighted ``rows / b`` so the accumulated gradient is the gradient of the per-rank mean loss
   (the backend's reduction makes it the global mean); when the optimizer asks for Option II
   (``needs_two_half_batches()``) as two halves, each half's loss weighted ½, with
-  ``stash_half_gradient()`` between them; Megatron runs its pipeline schedule instead;
+  ``stash_half_gradient()`` between them (Megatron: one pipeline schedule per micro-batch set or half);
 * optimizer step, scheduler step (linear warm-up + cosine), ``metrics.jsonl`` record; every
   ``train.log_every`` steps (and the last) also one progress line — printed whether or not
   stdout is a terminal — with tokens/s, the global gradient norm
