@@ -35,7 +35,7 @@ demo: env
 
 test: env
 	$(PY) -m ruff check lanton_dist launch tests slurm
-	DS_ACCELERATOR=cpu $(PY) -m pytest -q tests
+	DS_ACCELERATOR=cpu $(PY) -m pytest -q --durations=15 tests
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
