@@ -260,3 +260,92 @@ def test_split_engine_runs_each_matrix_once_with_the_plans_per_rank_work(engine_
             mean = sum(plan.whole_flops) / 3
             assert max(executed) / mean == pytest.approx(plan.imbalance, rel=0.01)
             assert plan.imbalance < plan.whole_imbalance
+
+
+def _missing_gradient_worker(rank, world):
+    """The side-branch model of tests/test_missing_gradients.py (``side.weight`` gets no gradient
+    on odd steps, on any rank) with ``side.weight`` forced into a split team."""
+    import lanton_dist.engine.splitns as splitns
+    from lanton_dist.engine import build_sharded_optimizer
+    from lanton_dist.groups import classify_parameters
+    from test_missing_gradients import SideBranch, _cfg, _params, _train
+
+    model = SideBranch()
+    plan = forced_plan(list(classify_parameters(model).values()), world, must_split="side.weight")
+    real_plan, splitns.plan_split = splitns.plan_split, lambda *a, **k: plan
+    try:
+        cfg = OptimConfig(**{**_cfg().__dict__, "ns_split_tolerance": 0.0})
+        opt = build_sharded_optimizer(model, cfg, overlap=False)
+    finally:
+        splitns.plan_split = real_plan
+
+    def step():
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    _train(rank, world, "some_steps", model, lambda loss: loss.backward(), step)
+    return _params(model), "side.weight" in plan.teams
+
+
+@pytest.mark.slow
+def test_a_split_matrix_without_gradient_anywhere_is_skipped_as_in_the_reference():
+    """A split matrix no rank has a gradient for (every other step) is not stepped — no
+    momentum decay, weight decay or update — while its team still runs its collectives on
+    zeros: every rank equals the reference of tests/test_missing_gradients.py (fp32, 5e-5)."""
+    from test_missing_gradients import TOL, reference
+
+    results = run(_missing_gradient_worker, 3)
+    ref = reference("some_steps", 3)
+    for params, split in results:
+        assert split and max_rel_err(params, ref) <= TOL
+
+
+def _refusal_worker(rank, world):
+    from lanton_dist.engine import ShardedLANTON, build_sharded_optimizer
+    from lanton_dist.factory import hyper_parameters, lanton_options, param_groups
+    from lanton_dist.lmo import LMOConfig
+
+    errors = {}
+    cases = {
+        "negative": (OptimConfig(ns_split_tolerance=-0.1), {}),
+        "nan": (OptimConfig(ns_split_tolerance=float("nan")), {}),
+        "adamw": (OptimConfig(name="adamw", ns_split_tolerance=0.0), {}),
+        "compile": (OptimConfig(ns_split_tolerance=0.0), {"lmo": LMOConfig(ns_compile="aot_eager")}),
+        "exchange": (OptimConfig(ns_split_tolerance=0.0), {"exchange": object()}),
+    }
+    for name, (cfg, extra) in cases.items():
+        model = make_model()
+        try:
+            ShardedLANTON(param_groups(model, cfg), cfg.name, **{**lanton_options(cfg), **extra},
+                          ns_split_tolerance=cfg.ns_split_tolerance, **hyper_parameters(cfg))
+        except ValueError as exc:
+            errors[name] = str(exc)
+    errors["off"] = build_sharded_optimizer(make_model(), OptimConfig()).core.polar.__name__
+    return errors
+
+
+def test_engine_refuses_a_split_it_cannot_run_with_a_clear_error():
+    """ns_split_tolerance negative or NaN, with AdamW (no NS), with torch.compile'd NS, with a
+    custom exchange: ValueError naming the option; off by default (the core's polar is
+    :func:`lanton_dist.lmo.hidden_directions`)."""
+    (errors,) = run(_refusal_worker, 1)
+    assert set(errors) == {"negative", "nan", "adamw", "compile", "exchange", "off"}
+    assert all("ns_split_tolerance" in msg for key, msg in errors.items() if key != "off")
+    assert errors["off"] == "hidden_directions"
+
+
+def test_config_key_ns_split_tolerance_is_validated_and_zero_backend_only():
+    from lanton_dist.config import ConfigError, check_run_config, load_run_config
+
+    cfg = load_run_config(None, ["--optim.ns_split_tolerance", "0.05", "--parallel.backend", "zero"])
+    assert cfg.optim.ns_split_tolerance == 0.05
+    check_run_config(cfg, 4)
+    assert load_run_config(None, []).optim.ns_split_tolerance is None
+    for overrides, match in [(["--optim.ns_split_tolerance", "-1", "--parallel.backend", "zero"], "ns_split_tolerance"),
+                             (["--optim.ns_split_tolerance", "0.1", "--parallel.backend", "ddp"], "zero engine only"),
+                             (["--optim.ns_split_tolerance", "0.1", "--parallel.backend", "zero", "--optim.name", "adamw"],
+                              "adamw")]:
+        with pytest.raises(ConfigError, match=match):
+            check_run_config(load_run_config(None, overrides), 4)
+    with pytest.raises(ConfigError, match="ns_split_tolerance"):
+        load_run_config(None, ["--optim.ns_split_tolerance", "many"])

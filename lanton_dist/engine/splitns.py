@@ -71,21 +71,16 @@ class SplitNewtonSchulz:
         self.specs = {s.name: s for s in hidden}
         self.rank = coll.rank
         self._like = torch.empty(0, device=device, dtype=dtype)
-        self._groups: dict[tuple[int, ...], Collectives] = {}
+        self._groups: dict[tuple[int, ...], Collectives | None] = {}  # None: a team without this rank
         for batch in self.batches:  # every rank, same order
             for ranks in (batch.ranks, batch.iterating):
                 if len(ranks) > 1 and ranks not in self._groups:
-                    group = dist.new_group(list(ranks)) if coll.world > 1 else None
-                    if self.rank in ranks:
-                        self._groups[ranks] = Collectives(coll.meter, group, batch.group)
-                    else:
-                        self._groups[ranks] = None  # type: ignore[assignment]  # created, not ours
+                    group = dist.new_group(list(ranks))
+                    self._groups[ranks] = Collectives(coll.meter, group, batch.group) if self.rank in ranks else None
 
     def __call__(self, specs: list[ParamSpec], mats: list[torch.Tensor], cfg: LMOConfig) -> list[torch.Tensor]:
         """−s·polar of each of this rank's live whole ``mats`` (storage layout), the split ones
         with their teams; runs every split batch this rank is in (collectively, every step)."""
-        if cfg.ns_compile is not None:
-            raise ValueError("ns_split_tolerance cannot run with ns_compile: the split iteration issues collectives")
         index = {s.name: i for i, s in enumerate(specs)}
         out: list[torch.Tensor | None] = [None] * len(specs)
         for batch in self.batches:
