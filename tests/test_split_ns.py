@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from distributed import run
-from engine_cases import batches, make_model, max_rel_err, reference_run, rows, sharded_run, backward_step, loss_fn
+from engine_cases import make_model, max_rel_err, reference_run, sharded_run
 from lanton_dist.config import OptimConfig
 from lanton_dist.engine.meter import Collectives, CommMeter
 from lanton_dist.newton_schulz import newton_schulz, newton_schulz_columns, newton_schulz_flops
-from lanton_dist.plan.splitns import SplitBatch, SplitPlan, split_batches, split_collectives
+from lanton_dist.plan.splitns import SplitBatch, SplitPlan, split_collectives
 
 SPLIT_PHASES = ("ns_split_scatter", "ns_gram", "ns_gram_gather", "ns_split_gather")
 

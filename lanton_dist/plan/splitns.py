@@ -154,7 +154,8 @@ def plan_split(hidden: list[ParamSpec], ownership: OwnershipPlan, ns_steps: int,
     teams: dict[str, tuple[tuple[int, int], ...]] = {}
     gram: dict[str, tuple[int, str]] = {}
     for r in sorted(range(R), key=lambda q: (-load[q], q)):
-        for s in sorted((x for x in by_owner[r] if len(x.blocks) == 1 and len(x.shape) == 2), key=lambda x: (-ns_cost(x, ns_steps), x.name)):
+        splittable = (x for x in by_owner[r] if len(x.blocks) == 1 and len(x.shape) == 2)
+        for s in sorted(splittable, key=lambda x: (-ns_cost(x, ns_steps), x.name)):
             if load[r] <= tau:
                 break
             m, n = _shape(s)
