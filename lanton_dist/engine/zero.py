@@ -10,7 +10,8 @@ last gradient is ready (outside :meth:`ShardedLANTON.no_sync`). ``step()``:
    reduced gradients of its matrices, in place in its segment of the gradient buffer;
 2. runs :class:`~lanton_dist.engine.core.ShardedCore` on this rank's segment: momentum,
    Newton–Schulz and (every k steps) the nuclear norm of each owned matrix — once per matrix
-   across the job — elementwise work on the embed_head/vector pieces;
+   across the job; with ``ns_split_tolerance`` the largest matrices' Newton–Schulz runs by
+   columns over a team of ranks (:mod:`.splitns`) — elementwise work on the embed_head/vector pieces;
 3. all-gathers the updated segments in place into the parameter buffer, i.e. into the model;
    after :meth:`ShardedLANTON.attach` the all-gathers stay in flight until a module's forward
    (or the model's ``state_dict``, the next step, ``sync_from_model``, :meth:`wait_params`)
