@@ -57,6 +57,9 @@ class OptimConfig:
     adamw all three are. ``overrides`` maps fnmatch patterns of parameter names to a geometry.
     ``clip_grad_norm``: clip the global L2 norm of each step's gradient to this value, as
     ``torch.nn.utils.clip_grad_norm_`` (0: off; see :mod:`lanton_dist.engine.core`).
+    ``ns_split_tolerance``: ``parallel.backend zero`` only — split the Newton–Schulz of the
+    largest matrices over teams of ranks until each rank's NS FLOPs are within
+    ``(1 + value)·mean`` (:mod:`lanton_dist.engine.splitns`); ``None`` (default): whole matrices.
     """
 
     name: str = "lanton"
@@ -80,6 +83,7 @@ class OptimConfig:
     adam_eps: float = 1e-8
     overrides: dict[str, str] = field(default_factory=dict)
     clip_grad_norm: float = 0.0
+    ns_split_tolerance: float | None = None
 
 
 @dataclass
@@ -386,6 +390,10 @@ def _check_optim(o: OptimConfig) -> None:
         raise ConfigError(f"optim.ns_steps must be >= 1, got {o.ns_steps}")
     if o.option not in ("I", "II"):
         raise ConfigError(f"optim.option must be 'I' or 'II', got {o.option!r}")
+    if o.ns_split_tolerance is not None:
+        _number("optim.ns_split_tolerance", o.ns_split_tolerance)
+        if o.name == "adamw":
+            raise ConfigError("optim.ns_split_tolerance splits the hidden matrices' Newton–Schulz: optim.name adamw runs none")
 
 
 def _check_train(t: TrainConfig) -> None:
@@ -442,6 +450,8 @@ def _check_parallel(cfg: RunConfig, data_parallel: int) -> None:
             raise ConfigError(f"parallel.{name} must be >= 1, got {getattr(p, name)}")
     _number("parallel.bucket_mb", p.bucket_mb, positive=True)
     _number("parallel.timeout_s", p.timeout_s, positive=True)
+    if o.ns_split_tolerance is not None and p.backend != "zero":
+        raise ConfigError(f"optim.ns_split_tolerance is implemented by the zero engine only, not parallel.backend {p.backend!r}")
     if p.backend == "deepspeed":
         if p.zero_stage not in (1, 2, 3):
             raise ConfigError(f"parallel.zero_stage must be 1, 2 or 3 for the deepspeed backend, got {p.zero_stage}")

@@ -21,12 +21,20 @@ matrix, ``X ← aX + (b·A + c·A²)X`` with ``A = XXᵀ``:
   mirrored), else ``bmm``/``baddbmm``. ``compile_backend`` runs the iteration under
   ``torch.compile(fullgraph=True)``.
 
-Everything here is process-local: callers hand in whole matrices, batched over leading
+:func:`newton_schulz` is process-local: callers hand in whole matrices, batched over leading
 dimensions (same shape). The iteration runs on the wide orientation (a transpose when m > n).
+:func:`newton_schulz_columns` runs the same iteration on one column block X_i of the wide
+orientation X = [X_1 … X_c] held by each of c processes (the split Newton–Schulz of
+:mod:`lanton_dist.engine.splitns`): the Gram matrix XXᵀ = Σ_i X_i X_iᵀ is summed through a
+callable, the m × m polynomials (bA + cA², and A² of the Gram start) are computed on this
+member's rows and gathered through another, and the Frobenius start reads ‖X‖²_F off the
+trace of the first summed Gram matrix — the reference's numbers up to rounding, two m × m
+collectives per quintic step (one per cubic step) and nothing else.
 """
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -109,6 +117,71 @@ def newton_schulz(
     Returns:
         ``(..., m, n)`` in ``x.dtype``; an all-zero matrix maps to zero.
     """
+    coeffs = _check(x, steps, refine_steps, schedule, start)
+    out_dtype, dtype = x.dtype, dtype or default_ns_dtype(x)
+    tall = x.size(-2) > x.size(-1)
+    X = x.mT if tall else x
+    batch = X.shape[:-2]
+    X = X.reshape(-1, *X.shape[-2:]).to(dtype).contiguous()
+    products = _WholeProducts(_gram_fn(X, symmetric))
+    fn = _iterate if compile_backend is None else _compiled(compile_backend)
+    X = fn(X, coeffs, refine_steps, start == "gram", products)
+    X = X.reshape(*batch, *X.shape[-2:])
+    return (X.mT if tall else X).to(out_dtype).contiguous()
+
+
+def newton_schulz_columns(
+    x: torch.Tensor,
+    rows: tuple[int, int],
+    gram_sum: Callable[[torch.Tensor], None],
+    gather_rows: Callable[[torch.Tensor], torch.Tensor],
+    steps: int = DEFAULT_STEPS,
+    refine_steps: int = 0,
+    dtype: torch.dtype | None = None,
+    *,
+    schedule: str = "muon",
+    start: str = "frobenius",
+    symmetric: bool = False,
+    compile_backend: str | None = None,
+) -> torch.Tensor:
+    """This member's block of :func:`newton_schulz` of a matrix split by columns over a team.
+
+    The whole matrix is X = [X_1 … X_c], ``(..., m, n)`` in its wide orientation (m ≤ n: the
+    caller transposes a tall one); every member calls this with its block, the same options
+    and the same number of collectives (module doc).
+
+    Args:
+        x: ``(..., m, k_i)``, this member's columns of X (any ``k_i ≥ 0``; leading dimensions: a
+            batch of same-shape matrices split alike).
+        rows: ``(r0, r1)``, this member's rows of the ``m × m`` polynomials; the members' ranges
+            tile ``[0, m)`` in the order ``gather_rows`` concatenates them.
+        gram_sum: sums a ``(b, m, m)`` tensor over the team in place (SUM all-reduce).
+        gather_rows: ``(b, r1 − r0, m)`` → ``(b, m, m)``, every member's rows in order.
+        steps, refine_steps, dtype, schedule, start, symmetric: as :func:`newton_schulz`
+            (``symmetric`` applies to X_i X_iᵀ; the row products are plain ``bmm``).
+        compile_backend: must be ``None`` (the iteration issues collectives).
+
+    Returns:
+        ``(..., m, k_i)`` in ``x.dtype``: the columns of ``newton_schulz(X)`` this member holds.
+    """
+    coeffs = _check(x, steps, refine_steps, schedule, start)
+    if compile_backend is not None:
+        raise ValueError("newton_schulz_columns issues collectives inside the iteration: torch.compile "
+                         f"(compile_backend={compile_backend!r}) cannot trace it; use compile_backend=None")
+    m = x.size(-2)
+    if not 0 <= rows[0] <= rows[1] <= m:
+        raise ValueError(f"rows {rows} are not a row range of the {m} x {m} Gram matrix")
+    out_dtype, dtype = x.dtype, dtype or default_ns_dtype(x)
+    batch = x.shape[:-2]
+    X = x.reshape(math.prod(batch), *x.shape[-2:]).to(dtype).contiguous()  # k_i may be 0
+    products = _ColumnProducts(_gram_fn(X, symmetric), gram_sum, rows, gather_rows)
+    X = _iterate(X, coeffs, refine_steps, start == "gram", products)
+    return X.reshape(*batch, *X.shape[-2:]).to(out_dtype)
+
+
+def _check(x: torch.Tensor, steps: int, refine_steps: int, schedule: str, start: str) -> tuple[Coeffs, ...]:
+    """Validate the options shared by :func:`newton_schulz` and :func:`newton_schulz_columns`;
+    returns the quintic coefficients."""
     if x.ndim < 2:
         raise ValueError(f"newton_schulz needs (..., m, n) matrices, got shape {tuple(x.shape)}")
     if steps < 0 or refine_steps < 0:
@@ -117,17 +190,7 @@ def newton_schulz(
         raise ValueError(f"unknown Newton–Schulz start {start!r}; choose one of {STARTS}")
     if start == "gram" and steps == 0:
         raise ValueError("start='gram' reuses the first quintic step's products: needs steps >= 1")
-    coeffs = schedule_coeffs(schedule, steps)
-    out_dtype, dtype = x.dtype, dtype or default_ns_dtype(x)
-    tall = x.size(-2) > x.size(-1)
-    X = x.mT if tall else x
-    batch = X.shape[:-2]
-    X = X.reshape(-1, *X.shape[-2:]).to(dtype).contiguous()
-    gram = _gram_fn(X, symmetric)
-    fn = _iterate if compile_backend is None else _compiled(compile_backend)
-    X = fn(X, coeffs, refine_steps, start == "gram", gram)
-    X = X.reshape(*batch, *X.shape[-2:])
-    return (X.mT if tall else X).to(out_dtype).contiguous()
+    return schedule_coeffs(schedule, steps)
 
 
 def _gram_fn(X: torch.Tensor, symmetric: bool) -> Callable[..., torch.Tensor]:
@@ -149,27 +212,91 @@ def torch_gram(Y: torch.Tensor, Z: torch.Tensor | None = None, alpha: float = 1.
     return torch.baddbmm(Z, Y, Y.mT, beta=beta, alpha=alpha)
 
 
+class _WholeProducts:
+    """The iteration's products on whole ``(b, s, l)`` matrices held by this process."""
+
+    def __init__(self, gram: Callable[..., torch.Tensor]) -> None:
+        self.gram = gram
+
+    def start(self, X: torch.Tensor, need_gram: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """X/‖X‖_F (keeps bf16/fp32 products in range) and, if needed, its XXᵀ."""
+        X = X / (X.norm(dim=(-2, -1), keepdim=True) + _EPS)
+        return X, (self.gram(X) if need_gram else None)
+
+    def xxt(self, X: torch.Tensor) -> torch.Tensor:
+        return self.gram(X)
+
+    def square(self, A: torch.Tensor) -> torch.Tensor:
+        """A·A (A symmetric)."""
+        return self.gram(A)
+
+    def poly(self, A: torch.Tensor, b: float, c: float) -> torch.Tensor:
+        """bA + c·A·A (A symmetric, so A·Aᵀ = A·A)."""
+        return self.gram(A, A, alpha=c, beta=b)
+
+
+class _ColumnProducts:
+    """The same products for a column block ``(b, m, k)``: XXᵀ summed over the team, the
+    ``m × m`` polynomials on this member's ``rows`` then gathered (:func:`newton_schulz_columns`)."""
+
+    def __init__(self, gram: Callable[..., torch.Tensor], gram_sum: Callable[[torch.Tensor], None],
+                 rows: tuple[int, int], gather_rows: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.gram, self.gram_sum, self.rows, self.gather_rows = gram, gram_sum, rows, gather_rows
+
+    def start(self, X: torch.Tensor, need_gram: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """X_i/‖X‖_F with ‖X‖²_F = trace(Σ_j X_j X_jᵀ), the first summed Gram matrix, which
+        rescaled by 1/‖X‖²_F is the normalised X's XXᵀ: no collective beyond the Gram's."""
+        import torch
+
+        G = self.xxt(X)
+        trace = G.diagonal(dim1=-2, dim2=-1).to(torch.promote_types(G.dtype, torch.float32)).sum(-1)
+        norm = trace.clamp_min(0).sqrt()[:, None, None]
+        inv = 1.0 / (norm + _EPS)
+        return X * inv.to(X.dtype), (G * (inv * inv).to(G.dtype) if need_gram else None)
+
+    def xxt(self, X: torch.Tensor) -> torch.Tensor:
+        A = self.gram(X)
+        self.gram_sum(A)
+        return A
+
+    def square(self, A: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        r0, r1 = self.rows
+        return self.gather_rows(torch.bmm(A[:, r0:r1], A))
+
+    def poly(self, A: torch.Tensor, b: float, c: float) -> torch.Tensor:
+        import torch
+
+        r0, r1 = self.rows
+        R = A[:, r0:r1]
+        return self.gather_rows(torch.baddbmm(R, R, A, beta=b, alpha=c))
+
+
 def _iterate(X: torch.Tensor, coeffs: Sequence[Coeffs], refine_steps: int, gram_start: bool,
-             gram: Callable[..., torch.Tensor]) -> torch.Tensor:
-    """The iteration on a wide ``(b, s, l)`` batch, s ≤ l. A = XXᵀ and A·A are symmetric: ``gram``."""
+             products: _WholeProducts | _ColumnProducts) -> torch.Tensor:
+    """The iteration on a wide ``(b, s, l)`` batch, s ≤ l (or a column block of one): every
+    product that needs the whole matrix goes through ``products``."""
     import torch
 
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) + _EPS)  # keeps bf16/fp32 products in range
+    X, A = products.start(X, need_gram=bool(coeffs) or refine_steps > 0)
     for i, (a, b, c) in enumerate(coeffs):
-        A = gram(X)
+        A = products.xxt(X) if A is None else A
         if i == 0 and gram_start:
-            A2 = gram(A)
+            A2 = products.square(A)
             # s = (Σσ⁸)^⅛ ≥ σ_max; X/s, A/s², A²/s⁴ — the first step's own products, rescaled.
             inv = A2.float().norm(dim=(-2, -1), keepdim=True).pow(-0.25).nan_to_num_(0.0, 0.0, 0.0)
             inv2 = inv * inv
             B = (A * (b * inv2).to(A.dtype)).add_(A2 * (c * inv2 * inv2).to(A.dtype))
             X = X * inv.to(X.dtype)
         else:
-            B = gram(A, A, alpha=c, beta=b)  # bA + c·A·A (A symmetric, so A·Aᵀ = A·A)
+            B = products.poly(A, b, c)
         X = torch.baddbmm(X, B, X, beta=a, alpha=1.0)
+        A = None
     c1, c3 = CUBIC_COEFFS
     for _ in range(refine_steps):
-        X = torch.baddbmm(X, gram(X), X, beta=c1, alpha=c3)
+        X = torch.baddbmm(X, products.xxt(X) if A is None else A, X, beta=c1, alpha=c3)
+        A = None
     return X
 
 

@@ -468,5 +468,5 @@ def test_split_newton_schulz_brings_the_ns_imbalance_within_five_percent(model, 
             assert len({q for q, _ in team}) == len(team) > 1
         for q in range(plan.ranks):
             for c in split_collectives(plan, st.hidden, q, p.optim.ns_steps, 4):
-                m = plan.gram[next(n for n, t in plan.teams.items() if q in dict(t))][0] if c.phase.startswith("ns_gram") else None
-                assert m is None or c.numel == m * m
+                m = plan.gram[next(n for n, t in plan.teams.items() if q in dict(t))][0] if c.phase == "ns_gram" else None
+                assert m is None or c.numel % (m * m) == 0

@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -150,7 +150,11 @@ class ShardedCore:
         options: ``estimate_every``, ``option``, ``ratio_anchor``, ``overlap``,
             ``nuclear_estimator``, ``wd_lr``, ``lmo`` (:class:`LMOConfig`), ``skip_nonfinite``,
             ``defer_variance`` (with ``overlap``: see module doc; ignored by exchanges without
-            ``launch_gather``), ``clip_grad_norm`` (0: off; see module doc).
+            ``launch_gather``), ``clip_grad_norm`` (0: off; see module doc), ``polar``: the
+            owner's LMO on whole hidden matrices, ``polar(specs, mats, lmo) -> directions``
+            (default :func:`lanton_dist.lmo.hidden_directions`; the ZeRO engine's split
+            Newton–Schulz, :mod:`lanton_dist.engine.splitns`, is called collectively: once per
+            stepped step on every rank, with this rank's live matrices, possibly none).
         dtype: the parameters' dtype; trackers and norm sums use it promoted to at least fp32
             (the same on every rank, so the scalar collectives agree).
     """
@@ -159,7 +163,8 @@ class ShardedCore:
                  algorithm: str, coll: Collectives, exchange: MatrixExchange, *, estimate_every: int = 10,
                  option: str = "I", ratio_anchor: str = "max", overlap: bool = True, nuclear_estimator: str = "auto",
                  wd_lr: str = "group", lmo: LMOConfig | None = None, skip_nonfinite: bool = True,
-                 dtype: torch.dtype = torch.float32, defer_variance: bool = False, clip_grad_norm: float = 0.0) -> None:
+                 dtype: torch.dtype = torch.float32, defer_variance: bool = False, clip_grad_norm: float = 0.0,
+                 polar: Callable[[list[ParamSpec], list[torch.Tensor], LMOConfig], list[torch.Tensor]] | None = None) -> None:
         if algorithm not in ALGORITHMS:
             raise ValueError(f"unknown algorithm {algorithm!r}; choose one of {ALGORITHMS}")
         if not isinstance(estimate_every, int) or estimate_every < 1:
@@ -204,6 +209,7 @@ class ShardedCore:
         self._pending: tuple[Any, torch.Tensor] | None = None
         self._deferred: tuple[Any, torch.Tensor] | None = None
         self._side: SideStream | None = None
+        self.polar = polar or lmo_mod.hidden_directions
 
     # ------------------------------------------------------------------ public
     def needs_two_half_batches(self) -> bool:
@@ -454,7 +460,7 @@ class ShardedCore:
     @announces("polar")
     def _polar(self, names: list[str], mats: list[torch.Tensor]) -> list[torch.Tensor]:
         """Owner side of the LMO: −s·polar of each whole matrix (Newton–Schulz, batched by shape)."""
-        return lmo_mod.hidden_directions([self.specs[n] for n in names], mats, self.lmo)
+        return self.polar([self.specs[n] for n in names], mats, self.lmo)
 
     @announces("dual_norms")
     def _dual_norms(self, names: list[str], mats: list[torch.Tensor]) -> list[list[torch.Tensor]]:

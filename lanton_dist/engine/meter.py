@@ -11,8 +11,10 @@ figures:
 
 Phases: ``grad_reduce``, ``param_gather``, ``lmo_gather``/``lmo_scatter`` (adapters moving
 matrix shards to owners and back), and the scalar phases ``finite`` (the skip-step vote), ``norm`` (vector-group ‖B‖₂) and
-``variance`` (dual-norm contributions on estimation steps). :data:`SCALAR_PHASES` are the
-small per-layer reductions; everything else is tensor traffic.
+``variance`` (dual-norm contributions on estimation steps); with split Newton–Schulz
+(:mod:`lanton_dist.engine.splitns`) ``ns_split_scatter`` / ``ns_split_gather`` (column blocks
+to a matrix's team and back) and ``ns_gram`` / ``ns_gram_gather`` (per quintic step, over the
+team). :data:`SCALAR_PHASES` are the small per-layer reductions; everything else is tensor traffic.
 
 :class:`Collectives` also turns a failure on any rank into an error on every rank that
 names it: a rank that raises publishes ``rank R: <error>`` in the process group's store and

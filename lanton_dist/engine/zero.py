@@ -10,7 +10,8 @@ last gradient is ready (outside :meth:`ShardedLANTON.no_sync`). ``step()``:
    reduced gradients of its matrices, in place in its segment of the gradient buffer;
 2. runs :class:`~lanton_dist.engine.core.ShardedCore` on this rank's segment: momentum,
    Newton–Schulz and (every k steps) the nuclear norm of each owned matrix — once per matrix
-   across the job — elementwise work on the embed_head/vector pieces;
+   across the job; with ``ns_split_tolerance`` the largest matrices' Newton–Schulz runs by
+   columns over a team of ranks (:mod:`.splitns`) — elementwise work on the embed_head/vector pieces;
 3. all-gathers the updated segments in place into the parameter buffer, i.e. into the model;
    after :meth:`ShardedLANTON.attach` the all-gathers stay in flight until a module's forward
    (or the model's ``state_dict``, the next step, ``sync_from_model``, :meth:`wait_params`)
@@ -41,6 +42,7 @@ from lanton_dist.engine.meter import Collectives, CommMeter
 from lanton_dist.engine.optimizer import ShardedOptimizer
 from lanton_dist.engine.ownership import OwnershipPlan, plan_ownership
 from lanton_dist.engine.phases import announces
+from lanton_dist.engine.splitns import SplitNewtonSchulz
 from lanton_dist.groups import ParamSpec
 from lanton_dist.lanton import run_closure
 from lanton_dist.lmo import LMOConfig
@@ -83,6 +85,15 @@ class ShardedLANTON(ShardedOptimizer):
         overlap_grad_reduce: launch each bucket's reduce-scatter from the backward hook of its
             last gradient (False: all at ``step()``); the result is the same, but gradients
             can then no longer be changed in place between backward and ``step()`` (an error).
+        ns_split_tolerance: ``None`` (default): each matrix's Newton–Schulz runs whole on its
+            owner. A number τ ≥ 0: the largest matrices of ranks whose NS FLOPs exceed
+            ``(1 + τ)·mean`` are split by columns over teams of ranks
+            (:mod:`lanton_dist.engine.splitns`; phases ``ns_split_scatter``, ``ns_gram``,
+            ``ns_gram_gather``, ``ns_split_gather``). Off by default: across nodes at TP 1 the
+            Gram collectives (two ``m × m`` per quintic step) cost more time than the balance
+            saves (``lanton-dist plan``). Needs the world as ``process_group``, the default
+            exchange, no ``logical`` views, an algorithm with a hidden-matrix LMO (lanton,
+            scion, dmuon) and no ``lmo.ns_compile``.
         Remaining keyword arguments are the algorithm's hyper-parameters (as in
         :class:`~lanton_dist.lanton.LANTON` / :class:`~lanton_dist.dmuon.DMuon`).
     """
@@ -94,7 +105,7 @@ class ShardedLANTON(ShardedOptimizer):
                  lmo: LMOConfig | None = None, skip_nonfinite: bool = True,
                  logical: dict[str, LogicalView] | None = None, exchange: MatrixExchange | None = None,
                  scalar_world: bool = False, clip_grad_norm: float = 0.0, overlap_grad_reduce: bool = False,
-                 **hyper: Any) -> None:
+                 ns_split_tolerance: float | None = None, **hyper: Any) -> None:
         if layout not in ZERO_LAYOUTS or (layout == "plain" and algorithm != "adamw"):
             raise ValueError("layout must be 'owner', or 'plain' with algorithm='adamw' (whole matrices need owners)")
         super().__init__(params, algorithm, process_group=process_group, meter=meter, **hyper)
@@ -126,6 +137,10 @@ class ShardedLANTON(ShardedOptimizer):
                                               self.storage.own_param(bi, pc), self.storage.own_grad(bi, pc),
                                               weight=view.weight))
                 self._placements.append((bi, pc))
+        polar = None
+        if ns_split_tolerance is not None:
+            self._check_split(algorithm, logical, exchange, lmo)
+            polar = SplitNewtonSchulz(specs, self.plan, ns_split_tolerance, ns_steps, self.coll, device, dtype)
         core_specs = specs
         if logical is not None:
             core_specs = self._job_specs([logical[s.name].spec if s.name in logical else s for s in specs], scalar_coll)
@@ -137,7 +152,7 @@ class ShardedLANTON(ShardedOptimizer):
                                 scalar_coll, exchange or LocalExchange(), estimate_every=estimate_every, option=option,
                                 ratio_anchor=ratio_anchor, overlap=overlap, nuclear_estimator=nuclear_estimator,
                                 wd_lr=wd_lr, lmo=lmo, skip_nonfinite=skip_nonfinite, dtype=dtype,
-                                clip_grad_norm=clip_grad_norm)
+                                clip_grad_norm=clip_grad_norm, polar=polar)
         self.meter.step = 0
         self._all_gather_params("init_sync")
 
@@ -211,6 +226,19 @@ class ShardedLANTON(ShardedOptimizer):
         return loss
 
     # ------------------------------------------------------------------ internals
+    @staticmethod
+    def _check_split(algorithm: str, logical: dict[str, LogicalView] | None,
+                     exchange: MatrixExchange | None, lmo: LMOConfig | None) -> None:
+        """``ValueError`` for a split Newton–Schulz the engine cannot run (``ns_split_tolerance`` doc)."""
+        if algorithm == "adamw":
+            raise ValueError("ns_split_tolerance splits the hidden matrices' Newton–Schulz: algorithm 'adamw' runs none")
+        if logical is not None or exchange is not None:
+            raise ValueError("ns_split_tolerance runs on whole matrices held by their owners: it cannot be combined with "
+                             "logical (tensor-parallel) views or a custom exchange")
+        if lmo is not None and lmo.ns_compile is not None:
+            raise ValueError(f"ns_split_tolerance cannot run with lmo.ns_compile={lmo.ns_compile!r}: the split iteration "
+                             "issues collectives torch.compile cannot trace")
+
     def _group_by_geometry(self, spec: ParamSpec) -> int:
         """Param group of a layer held by another pipeline stage: the local group of its geometry."""
         for gi, g in enumerate(self.param_groups):
@@ -267,13 +295,15 @@ def build_sharded_optimizer(model: torch.nn.Module, cfg, *, process_group: dist.
                             groups: list[dict[str, Any]] | None = None, overlap_grad_reduce: bool = False,
                             attach: bool = False) -> ShardedLANTON:
     """:class:`ShardedLANTON` for ``cfg.name`` with the same hyper-parameters as
-    :func:`lanton_dist.factory.build_optimizer` (``cfg``: :class:`~lanton_dist.config.OptimConfig`);
-    ``attach``: :meth:`ShardedLANTON.attach` ``model`` (parameter all-gathers overlap the next forward)."""
+    :func:`lanton_dist.factory.build_optimizer` (``cfg``: :class:`~lanton_dist.config.OptimConfig`;
+    its ``ns_split_tolerance`` too); ``attach``: :meth:`ShardedLANTON.attach` ``model`` (parameter
+    all-gathers overlap the next forward)."""
     from lanton_dist.factory import hyper_parameters, lanton_options, param_groups
 
     groups = groups if groups is not None else param_groups(model, cfg)
     opt = ShardedLANTON(groups, cfg.name, process_group=process_group, bucket_mb=bucket_mb, overlap=overlap,
-                        meter=meter, overlap_grad_reduce=overlap_grad_reduce, **lanton_options(cfg),
+                        meter=meter, overlap_grad_reduce=overlap_grad_reduce,
+                        ns_split_tolerance=cfg.ns_split_tolerance, **lanton_options(cfg),
                         **hyper_parameters(cfg))
     if attach:
         opt.attach(model)

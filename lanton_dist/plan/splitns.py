@@ -33,22 +33,27 @@ differ by that much); the few cross-node teams that bring it to 1.02 cost more G
 time (m = 8192: 268 MB per fp32 Gram collective) than they save — ``lanton-dist plan`` prints both
 the NS time and the split's collective time.
 
-Where it plugs in (the next core round). The core's LMO step (``ShardedCore._directions`` →
-``lmo.newton_schulz`` on the owner's whole matrices) gains a ``SplitNS`` exchange next to
-:class:`~lanton_dist.engine.core.MatrixExchange`: after the reduce-scatter, the owner of a
-split matrix sends the column blocks to its team (one all-to-all per bucket of split matrices,
-on the DP/TP group), every member runs ``newton_schulz_columns(X_i, gram_all_reduce)`` — the
-same quintic iteration with the Gram matrix summed over the team's process group before the
-polynomial — and the blocks return to the owner, which writes the whole update into its
-segment as today (the layout, the all-gather and the meter are unchanged; the meter gains the
-three phases above). With TP the team is the TP group, whose Megatron shards of w_gate/w_up
-(rows of the tall matrix) and w_down (columns of the wide one) already *are* column blocks of
-the wide orientation, so the scatter and gather disappear there and only the Gram all-reduces
-remain. Test against the reference: ``newton_schulz_columns`` on c column blocks with a
-CPU gloo group of c ranks equals ``newton_schulz`` on the whole matrix to fp64 rounding for
-c = 1, 2, 3 (uneven blocks) and both orientations; then the engine's world-3 equivalence test
-with a split forced by a tiny τ, and the meter equal to :func:`split_collectives` as
-``tests/test_plan.py`` checks the other phases.
+Where it plugs in (:mod:`lanton_dist.engine.splitns`, ``ShardedLANTON(ns_split_tolerance=τ)``,
+``optim.ns_split_tolerance``; off by default). The ZeRO engine plans the split from its own
+ownership plan (``tp = 1``: teams of DP ranks, group ``dp``) and hands the core a polar function
+(:class:`~lanton_dist.engine.core.ShardedCore`'s ``polar``). Every step, on every rank, the split
+matrices run as :func:`split_batches` (same-shape matrices of one team, batched), in that
+order: the owner sends each teammate its column block (``ns_split_scatter``, one all-to-all
+over the team's process group), every member with columns runs
+:func:`~lanton_dist.newton_schulz.newton_schulz_columns` on its block (``ns_gram`` all-reduce
+and ``ns_gram_gather`` — an all-to-all, the uneven all-gather of the rows of
+:meth:`SplitBatch.rows` — per quintic step), and the blocks return to the owner
+(``ns_split_gather``), which applies the LMO scale and writes the whole update into its
+segment as before (the layout, the reduce-scatter, the all-gather are unchanged). Blocks and
+rows go to the members in ascending rank order (:meth:`SplitBatch.columns`); member i's row
+share is ``⌊m·K_i/n⌋ − ⌊m·K_{i−1}/n⌋`` (``K``: cumulative columns), so its NS FLOPs are its
+column share up to one row. :func:`split_collectives` lists exactly what the engine's meter
+records (``tests/test_split_ns.py``). Across nodes at TP 1 the Gram traffic costs more time
+than the balance saves (``lanton-dist plan``), hence off by default. With TP the team would be
+the TP group, whose Megatron shards of w_gate/w_up (rows of the tall matrix) and w_down
+(columns of the wide one) already *are* column blocks of the wide orientation, so the scatter
+and gather would disappear there — the planner models that case (group ``tp``); the Megatron
+adapter does not implement it.
 """
 from __future__ import annotations
 
@@ -62,6 +67,46 @@ from lanton_dist.plan.predictions import Collective
 
 #: Default slack of the per-rank NS target over the mean (plan_split's ``tolerance``).
 SPLIT_TOLERANCE = 0.02
+
+
+@dataclass(frozen=True)
+class SplitBatch:
+    """Same-shape matrices split alike over one team: the engine's unit of split NS work.
+
+    ``names``: the matrices, in plan order; ``owner``: the rank holding them whole;
+    ``members``: ``(rank, columns)`` of every team member (owner included, possibly with 0
+    columns), ascending rank; ``m × n``: the wide orientation (m ≤ n); ``group``: the team's
+    group role (``dp`` | ``tp``)."""
+
+    names: tuple[str, ...]
+    owner: int
+    members: tuple[tuple[int, int], ...]
+    m: int
+    n: int
+    group: str
+
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        return tuple(q for q, _ in self.members)
+
+    @property
+    def iterating(self) -> tuple[int, ...]:
+        """Members with columns: they run the iteration (and its Gram collectives when > 1)."""
+        return tuple(q for q, k in self.members if k > 0)
+
+    def columns(self, rank: int) -> tuple[int, int]:
+        """``[c0, c1)``: ``rank``'s columns of the wide orientation (blocks in ascending rank order)."""
+        c0 = 0
+        for q, k in self.members:
+            if q == rank:
+                return c0, c0 + k
+            c0 += k
+        raise ValueError(f"rank {rank} is not in the team of {self.names}")
+
+    def rows(self, rank: int) -> tuple[int, int]:
+        """``[r0, r1)``: ``rank``'s rows of the m × m polynomials, ``⌊m·c/n⌋`` at its column bounds."""
+        c0, c1 = self.columns(rank)
+        return self.m * c0 // self.n, self.m * c1 // self.n
 
 
 @dataclass(frozen=True)
@@ -109,7 +154,8 @@ def plan_split(hidden: list[ParamSpec], ownership: OwnershipPlan, ns_steps: int,
     teams: dict[str, tuple[tuple[int, int], ...]] = {}
     gram: dict[str, tuple[int, str]] = {}
     for r in sorted(range(R), key=lambda q: (-load[q], q)):
-        for s in sorted((x for x in by_owner[r] if len(x.blocks) == 1), key=lambda x: (-ns_cost(x, ns_steps), x.name)):
+        splittable = (x for x in by_owner[r] if len(x.blocks) == 1 and len(x.shape) == 2)
+        for s in sorted(splittable, key=lambda x: (-ns_cost(x, ns_steps), x.name)):
             if load[r] <= tau:
                 break
             m, n = _shape(s)
@@ -139,26 +185,45 @@ def plan_split(hidden: list[ParamSpec], ownership: OwnershipPlan, ns_steps: int,
     return SplitPlan(R, tuple(load), whole, teams, gram)
 
 
-def split_collectives(plan: SplitPlan, hidden: list[ParamSpec], rank: int, ns_steps: int, elem: int) -> list[Collective]:
-    """What NS rank ``rank`` would issue per step for the split matrices (module doc): per team it
-    belongs to, the owner's ``ns_split_scatter`` (all-to-all: the teammates' blocks), each
-    member's ``ns_steps`` × (all-reduce of A, all-gather of B: ``m²`` elements each;
-    ``ns_gram``, ``ns_gram_gather``) and each teammate's ``ns_split_gather`` (its block back)."""
+def split_batches(plan: SplitPlan, hidden: list[ParamSpec]) -> list[SplitBatch]:
+    """The split matrices grouped into :class:`SplitBatch` es (same team and column counts, same
+    logical shape), in the order of their first matrix in ``plan.teams`` — the order every rank
+    runs them in (a total order, so teams sharing ranks cannot deadlock)."""
     spec = {s.name: s for s in hidden}
-    out: list[Collective] = []
+    batches: dict[tuple, list[str]] = {}
     for name, team in plan.teams.items():
-        members = [(q, k) for q, k in team if k > 0]
-        if rank not in {q for q, _ in team}:
+        batches.setdefault((team, spec[name].logical_shape), []).append(name)
+    out = []
+    for (team, _), names in batches.items():
+        m, n = _shape(spec[names[0]])
+        out.append(SplitBatch(tuple(names), team[0][0], tuple(sorted(team)), m, n, plan.gram[names[0]][1]))
+    return out
+
+
+def split_collectives(plan: SplitPlan, hidden: list[ParamSpec], rank: int, ns_steps: int, elem: int) -> list[Collective]:
+    """What NS rank ``rank`` issues per step for the split matrices, in order (module doc; the
+    engine's meter records exactly these): per :func:`split_batches` entry of ``b`` matrices
+    whose team it is in, the ``ns_split_scatter`` all-to-all (the owner sends the teammates'
+    blocks, ``b·m·(n − k_owner)`` elements; the others send nothing), then if it has columns
+    and the team more than one such member, ``ns_steps`` × (``ns_gram`` all-reduce of the
+    ``b·m²`` Gram matrices; ``ns_gram_gather`` all-to-all sending its ``b·r·m`` polynomial rows
+    to each of the ``c`` iterating members, itself included), then ``ns_split_gather`` (its
+    ``b·m·k`` block back to the owner; the owner sends nothing). ``elem``: bytes per element
+    of the NS compute dtype (the engine sends in it)."""
+    out: list[Collective] = []
+    for batch in split_batches(plan, hidden):
+        if rank not in batch.ranks:
             continue
-        m, group = plan.gram[name]
-        c = len(members)
-        owner, keep = team[0]
-        if rank == owner:
-            out.append(Collective("all_to_all", "ns_split_scatter", group, len(team), spec[name].numel, elem, m * keep))
-        else:
-            k = dict(team)[rank]
-            out.append(Collective("all_to_all", "ns_split_gather", group, len(team), m * k, elem, 0))
-        if dict(team)[rank] > 0 and c > 1:
-            out += [Collective("all_reduce", "ns_gram", group, c, m * m, elem),
-                    Collective("all_gather", "ns_gram_gather", group, c, m * m, elem)] * ns_steps
+        b, m, T = len(batch.names), batch.m, len(batch.members)
+        c0, c1 = batch.columns(rank)
+        owner = rank == batch.owner
+        out.append(Collective("all_to_all", "ns_split_scatter", batch.group, T,
+                              b * m * (batch.n - (c1 - c0)) if owner else 0, elem))
+        c = len(batch.iterating)
+        if c1 > c0 and c > 1:
+            r0, r1 = batch.rows(rank)
+            out += [Collective("all_reduce", "ns_gram", batch.group, c, b * m * m, elem),
+                    Collective("all_to_all", "ns_gram_gather", batch.group, c, c * b * (r1 - r0) * m, elem,
+                               b * (r1 - r0) * m)] * ns_steps
+        out.append(Collective("all_to_all", "ns_split_gather", batch.group, T, 0 if owner else b * m * (c1 - c0), elem))
     return out
