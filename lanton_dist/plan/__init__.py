@@ -13,7 +13,7 @@ predicts, per rank and per step:
 * per-rank memory — parameters, gradients, communication buffers, optimizer state — and whether
   it fits the GPU (:mod:`.memory`; equal to what the ZeRO engine holds);
 * the engine layout's padding, and the NS imbalance with whole matrices and with large matrices'
-  Newton–Schulz split over teams of ranks (:mod:`.splitns`, a model of the next core round);
+  Newton–Schulz split over teams of ranks (:mod:`.splitns`, the rule :mod:`lanton_dist.engine.splitns` runs);
 * the time these imply on given hardware (:class:`Hardware`).
 
 The plan is *not* re-implemented: owners come from

@@ -174,6 +174,13 @@ class OptimSettings:
         return 8 if self.param_bytes >= 8 else 4
 
     @property
+    def ns_bytes(self) -> int:
+        """Element size of Newton–Schulz's compute dtype, in which split NS sends its blocks and
+        Gram matrices (:func:`lanton_dist.newton_schulz.default_ns_dtype`: bf16 on cuda, the
+        parameters' dtype on cpu)."""
+        return 2 if self.device == "cuda" else self.param_bytes
+
+    @property
     def refine(self) -> int:
         return self.refine_steps if self.refine_steps is not None else ESTIMATE_REFINE_STEPS
 

@@ -261,9 +261,9 @@ class StepPlanner:
     def split_summary(self) -> dict[str, Any]:
         """NS imbalance (max/mean per-rank NS FLOPs over every rank of every stage) of the
         whole-matrix plan and with split NS; the number of split matrices and the split's bytes per rank
-        (max, per step: :func:`~lanton_dist.plan.splitns.split_collectives`)."""
+        (max, per step: :func:`~lanton_dist.plan.splitns.split_collectives`, in the NS dtype)."""
         whole, split, n_split, sent, comm_t = [], [], 0, 0, 0.0
-        E = self.optim.param_bytes
+        E = self.optim.ns_bytes
         for s, st in enumerate(self.stages):
             plan = self.split_plan(s)
             whole += list(plan.whole_flops)
