@@ -4,9 +4,25 @@ and every framework adapter.
 A :class:`LocalPiece` is elements ``[start, stop)`` of a parameter's row-major flattening
 that this rank updates: whole hidden matrices on their owner (ZeRO engine), row shards
 (FSDP2), flat partitions (DeepSpeed)… Elementwise work (momentum, sign LMO, AdamW, weight
-decay) runs on pieces. Whole-matrix work (Newton–Schulz, nuclear norms) goes through a
-:class:`MatrixExchange` that brings a matrix's pieces to its owner and the owner's result
-back; :class:`LocalExchange` is the no-traffic case where pieces are already whole.
+decay, the update) runs on pieces. A :class:`MatrixExchange` brings a hidden matrix's pieces
+to its one owner (:meth:`MatrixExchange.owned`) and the owner's result back;
+:class:`LocalExchange` is the no-traffic case where pieces are already whole.
+
+**Owner-held state.** Under a Newton–Schulz algorithm (LANTON, Scion, D-Muon) a hidden
+matrix's optimizer state lives on its owner only, whole: its momentum and Option I's previous
+gradient are flat ``numel`` tensors under key ``(name, 0)`` of :attr:`ShardedCore.state`;
+other ranks hold nothing for it. Each step every rank sends its piece of the matrix's reduced
+(clipped) gradient to the owner (``lmo_gather``, the gather the LMO needs anyway); the *owner
+step* (:meth:`ShardedCore._owner_step`) updates the momentum, on Option I estimation steps
+forms D = G_t − G_{t−1} from the stored gradient and stores G_t when the next step estimates,
+and runs Newton–Schulz on the effective momentum; each rank gets its piece of the direction
+back (``lmo_scatter``). So LANTON moves D-Muon's tensor bytes plus scalar all-reduces: Option
+I never sends gradient differences. Option II's D = ∇_A − ∇_B is not derivable from stored
+state: its estimation steps still gather the half-batch difference pieces
+(``variance_gather``). Embed/head and vector parameters (and AdamW's hidden matrices) keep
+elementwise state on their pieces, keyed ``(name, start)``. :meth:`ShardedCore.state_dict`
+writes an owned matrix's state as the chunk ``(name, 0, numel)``; loading fills each owner's
+whole matrices from any chunk layout (:meth:`ShardedCore.load_state_dict`).
 
 Reductions, all over the scalar group (every rank holding pieces):
 
@@ -25,15 +41,16 @@ Reductions, all over the scalar group (every rank holding pieces):
 * ``norm`` — Σ B² of vector-group pieces (their RMS LMO needs ‖B‖₂), every step.
 * ``variance`` — on estimation steps, a ``(2L,)`` vector over all L logical layers of the
   model: each layer's dual-norm contribution (owner's √(d_out/d_in)·‖D‖_* for hidden
-  blocks, partial Σ|D| or Σ D² for pieces) and a presence count. After the SUM every rank
+  blocks, partial Σ|D| or Σ D² for pieces) and a presence count, posted after the LMO (the
+  owners form Option I's hidden D in the owner step). After the SUM every rank
   updates the replicated trackers H, the "estimated" mask E (H updated at least once) and
   the rate factors, so the group-wide max α costs no extra collective. The anchor runs over
   estimated layers only; the others run at factor 1. Option I compares with G_{t−1} only: a
-  piece that missed a step drops its stored gradient. With ``overlap=True`` the reduction is
-  waited for at the start of the next step and its factors apply from then on — the
-  reference's ``delay_lr_factor=True``.
-  With ``defer_variance=True`` as well (exchanges with ``launch_gather``), even the
-  gathering of D = G_t − G̃_t to the owners and the nuclear norms are left in flight at the
+  matrix or piece that missed a step drops its stored gradient. With ``overlap=True`` the
+  reduction is waited for at the start of the next step and its factors apply from then on —
+  the reference's ``delay_lr_factor=True``.
+  With ``defer_variance=True`` as well (exchanges with ``launch_gather``), the owners'
+  nuclear norms (and Option II's gather of D to the owners) are left in flight at the
   end of the estimation step (the owners compute on a background thread) and are finished,
   then all-reduced, at the start of the next step: the same numbers, overlapped with the
   next forward pass. On a GPU with ``overlap=True`` the owner's nuclear norms run on a side
@@ -43,8 +60,9 @@ Reductions, all over the scalar group (every rank holding pieces):
 
 Exchanges may implement two optional, pipelined entry points the core prefers when present:
 ``apply(pieces, tensors, fn, gather_phase, scatter_phase)`` (gather → ``fn`` on the owner's
-whole matrices → scatter, bucket by bucket) and ``launch_gather(pieces, tensors, phase)``
-(returns a pending gather with ``map(fn)`` / ``start(fn)`` + ``result()``).
+whole matrices → scatter, bucket by bucket; ``fn`` is the owner step) and
+``launch_gather(pieces, tensors, phase)`` (returns a pending gather, an :class:`OwnerWork`
+with ``map(fn)`` / ``start(fn)`` + ``result()``; Option II's differences).
 """
 from __future__ import annotations
 
