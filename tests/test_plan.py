@@ -157,6 +157,10 @@ def test_tp_owner_mode_runs_each_matrix_once_and_conserves_exchanged_bytes():
         two = [p2.rank_step(s, d, t, 2) for d in range(layout.dp) for t in range(layout.tp)]
         sent = sum(c.sent_bytes for r in two for c in r.collectives if c.phase == "variance_gather" and c.group == "tp")
         assert sent == hidden * 3 // 4 * 4, "Option II gathers its half-batch difference"
+        # optimizer state: each matrix whole on the TP rank that runs its Newton–Schulz
+        for r in steps:
+            q = r.dp_rank * layout.tp + r.tp_rank
+            assert r.owned["hidden"] == sum(x.numel for x in p.stages[s].hidden if p.stages[s].ownership.owner[x.name] == q)
         # the DP layout is the engine's, on TP-local shapes
         local = [x for x in p.stages[s].local]
         assert p.stages[s].dp_plan.owner == plan_ownership(local, layout.dp).owner

@@ -83,12 +83,13 @@ def engine_collectives(layout: Layout, step: int, optim: OptimSettings, n_layers
     if optim.estimates(step) and optim.option == "II":
         out += per_bucket("reduce_scatter", "grad_reduce_half")
     out.append(Collective("all_reduce", "finite", sg[0], sg[1], 1 + n_layers, A))  # skip vote + presence per layer
-    # (on cuda the engine issues it at the start of the next step, after the owners' side-stream
-    # norms: the same bytes; the step time model below does not overlap anything either way)
-    if optim.estimates(step):
-        out.append(Collective("all_reduce", "variance", sg[0], sg[1], 2 * n_layers, A))
     if optim.algorithm in ("lanton", "scion") and n_vector:
         out.append(Collective("all_reduce", "norm", ng[0], ng[1], n_vector, A))
+    # after the LMO (the owners form D in their step); on cuda the engine issues it at the start of
+    # the next step, after the owners' side-stream norms: the same bytes; the step time model
+    # below does not overlap anything either way
+    if optim.estimates(step):
+        out.append(Collective("all_reduce", "variance", sg[0], sg[1], 2 * n_layers, A))
     for phase in gather_phases:
         out += per_bucket("all_gather", phase)
     return out
