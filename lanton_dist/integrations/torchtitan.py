@@ -67,6 +67,7 @@ class LANTONOptimizersContainer(OptimizersContainer):
         self.optimizers = [LANTONFSDP2(model_parts[0], config.lanton, bucket_mb=config.bucket_mb)]
         params = [p for g in self.optimizers[0].param_groups for p in g["params"]]
         self._validate_params(params)
+        self._specs = {s.name: s for s in self.optimizers[0].specs}
         self._post_init(params)
 
     @property
@@ -78,7 +79,7 @@ class LANTONOptimizersContainer(OptimizersContainer):
         owner-held matrix, ``(start, stop, False)`` for a piece of elementwise state, ``None``
         for a matrix owned elsewhere (no state here)."""
         opt = self._lanton
-        spec = next(s for s in opt.specs if s.name == name)
+        spec = self._specs[name]
         if not opt.core.owner_held(spec):
             return (*opt.held[name][opt.rank], False)
         return (0, spec.numel, True) if opt.plan.owner[name] == opt.rank else None
