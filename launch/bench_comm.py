@@ -15,7 +15,10 @@ all-gathers/reduce-scatters (identical for every algorithm on one framework), so
 "bytes" are the optimizer's traffic; the extra over AdamW on the same framework is compared
 with the all-to-all optimum (the bytes a rank must send to move its pieces to the owners and
 the owners' results back, exact for the layout; ≈ 2 × owned hidden bytes × (W−1)/W) and
-with one ring all-gather of the fp32 model (what one FSDP/ZeRO parameter gather costs). ``step_ms`` is the median wall
+with one ring all-gather of the fp32 model (what one FSDP/ZeRO parameter gather costs).
+``bytes_vs_dmuon`` is every row's bytes over D-Muon's on the same framework: hidden matrices'
+owners keep momentum and Option I's previous gradient whole, so LANTON's only extra is its
+scalar all-reduces. ``step_ms`` is the median wall
 time of the optimizer step (for DeepSpeed,
 ``engine.step()``, which includes its own all-gather), after ``--warmup`` steps. Bytes are
 per rank per step (sent bytes, standard ring/all-to-all accounting; see
@@ -259,7 +262,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 total = m["tensor_bytes"] + m["scalar_bytes"]
                 row = dict(world=world, framework=fw, algorithm=algo, bytes_per_step=total, **m,
                            time_vs_adamw=m["step_ms"] / base["step_ms"],
-                           time_vs_dmuon=m["step_ms"] / res["dmuon"]["step_ms"])
+                           time_vs_dmuon=m["step_ms"] / res["dmuon"]["step_ms"],
+                           bytes_vs_dmuon=total / (res["dmuon"]["tensor_bytes"] + res["dmuon"]["scalar_bytes"]))
                 if fw == "zero":
                     plain = res["adamw_plain"]
                     row["bytes_vs_adamw"] = total / (base["tensor_bytes"] + base["scalar_bytes"])
@@ -276,7 +280,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                              "one model all-gather")
                 rows.append(row)
                 print(f"W={world} {fw:9s} {algo:11s} bytes/step {total:10.0f} step {m['step_ms']:8.2f} ms "
-                      f"(×AdamW {row['time_vs_adamw']:.2f}, ×D-Muon {row['time_vs_dmuon']:.2f}) | {ratio}", flush=True)
+                      f"(×AdamW {row['time_vs_adamw']:.2f}, ×D-Muon {row['time_vs_dmuon']:.2f}) | bytes ×D-Muon "
+                      f"{row['bytes_vs_dmuon']:.4f} {ratio}", flush=True)
     with open(args.out, "w") as f:
         json.dump(dict(model=MODEL.__dict__, args=vars(args), rows=rows), f, indent=1)
     print(f"wrote {args.out}")

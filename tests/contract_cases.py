@@ -60,6 +60,12 @@ OPTION_TWO = Run("lanton", estimate_every=2, option="II", overlap=True)
 RESUMED = (Run("lanton", estimate_every=1, overlap=True), Run("dmuon"))
 
 
+def meter_records(meter) -> list[tuple]:
+    """A :class:`~lanton_dist.engine.meter.CommMeter`'s records as picklable tuples (``None``: none)."""
+    return [] if meter is None else [(r.step, r.op, r.phase, r.group, r.group_size, r.numel, r.elem_size,
+                                      r.sent_bytes) for r in meter.records]
+
+
 class Runner:
     """One model + optimizer of a stack on this rank (see module doc)."""
 
@@ -87,6 +93,11 @@ class Runner:
     def adapter(self) -> str:
         """The class that runs the algorithm's arithmetic on this stack."""
         return type(self.optimizer).__name__
+
+    def traffic(self) -> list[tuple]:
+        """``(step, op, phase, group, group size, numel, element size, sent bytes)`` of every
+        collective the optimizer's meter recorded (empty for an unmetered one-process optimizer)."""
+        return meter_records(getattr(self.optimizer, "meter", None))
 
 
 @dataclass(frozen=True)
@@ -137,10 +148,10 @@ def count_newton_schulz() -> Iterator[list[int]]:
 
 def contract_job(rank: int, world: int, name: str, tmp: str) -> dict:
     """Every run of the stack called ``name`` on this rank: ``{"runs": {key: params}, "ns": {key: matrices
-    orthogonalised here}, "optimizer": {key: class name}, "resumed": {key: params},
-    "matrices": logical matrices of this rank's model}``."""
+    orthogonalised here}, "optimizer": {key: class name}, "traffic": {key: Runner.traffic()},
+    "resumed": {key: params}, "matrices": logical matrices of this rank's model}``."""
     stack = STACKS[name]
-    out: dict = {"runs": {}, "ns": {}, "optimizer": {}, "resumed": {}}
+    out: dict = {"runs": {}, "ns": {}, "optimizer": {}, "traffic": {}, "resumed": {}}
     with stack.session(rank, world):
         for run in stack.runs():
             with count_newton_schulz() as calls:
@@ -148,6 +159,7 @@ def contract_job(rank: int, world: int, name: str, tmp: str) -> dict:
                 runner.train(0, STEPS)
             out["runs"][run.key], out["ns"][run.key] = runner.params(), sum(calls)
             out["optimizer"][run.key] = runner.adapter
+            out["traffic"][run.key] = runner.traffic()
             out["matrices"] = runner.logical_matrices()
         for run in RESUMED if stack.resume else ():
             path = os.path.join(tmp, stack.name, run.key)
@@ -252,6 +264,9 @@ class _Fairscale(_LocalBatches):
     @property
     def adapter(self) -> str:
         return type(self.optimizer.optim).__name__  # OSS wraps LANTON's shard optimizer
+
+    def traffic(self) -> list[tuple]:
+        return meter_records(self.optimizer.optim.meter)
 
     def step(self, x: torch.Tensor) -> None:
         loss_fn(self.ddp, x).backward()

@@ -8,7 +8,10 @@ ranks) — trains the same model on the same global batches, in one spawned job 
 * runs each Newton–Schulz once per logical matrix per step across the whole job;
 * saved after step 4 through its own checkpoint path and resumed by a fresh model and optimizer,
   equals the uninterrupted run bit for bit;
-* runs every algorithm through the same adapter.
+* runs every algorithm through the same adapter;
+* moves, with LANTON (Option I), exactly D-Muon's tensor traffic on every step — estimation steps
+  too, since hidden matrices' owners keep momentum and the previous gradient whole — plus its
+  scalar all-reduces (``norm`` every step, ``variance`` on estimation steps).
 
 What only one backend does (traffic, padding, bf16, offload, refusals, reshard, overlap order,
 error propagation) stays in that backend's own test file.
@@ -21,6 +24,8 @@ from dataclasses import dataclass, replace
 
 import pytest
 import torch
+
+import collections
 
 from contract_cases import ALGORITHMS, CONTRACT_STACKS, RESUMED, STACKS, STEPS, Run, contract_job, count_newton_schulz
 from contract_cases import hidden_matrices, reference
@@ -135,3 +140,22 @@ def test_every_algorithm_runs_through_the_same_adapter(stack):
     for r, res in enumerate(job(stack)):
         adapters = set(res["optimizer"].values())
         assert len(adapters) == 1, f"{stack} rank {r}: {res['optimizer']}"
+
+
+@pytest.mark.parametrize("stack", CONTRACT_STACKS)
+def test_lanton_moves_dmuons_bytes_plus_scalar_all_reduces_on_estimation_and_plain_steps(stack):
+    """Per rank and step, LANTON's metered collectives are D-Muon's (the same tensor collectives,
+    byte for byte) plus scalar all-reduces only: ``norm`` every step and ``variance`` on the
+    estimation steps (k = 3: steps 3, 6, 9), nothing gathered for the gradient differences."""
+    lanton, dmuon = Run("lanton"), Run("dmuon")
+    assert lanton.option == "I" and not lanton.overlap
+    for r, res in enumerate(job(stack)):
+        for step in range(1, STEPS + 1):
+            lan = collections.Counter(rec[1:] for rec in res["traffic"][lanton.key] if rec[0] == step)
+            dmu = collections.Counter(rec[1:] for rec in res["traffic"][dmuon.key] if rec[0] == step)
+            assert dmu, f"{stack} rank {r} step {step}: D-Muon recorded no collective"
+            assert not dmu - lan, f"{stack} rank {r} step {step}: D-Muon moved {dmu - lan} LANTON did not"
+            extra = lan - dmu
+            assert {(op, phase) for op, phase, *_ in extra} == (
+                {("all_reduce", "norm"), ("all_reduce", "variance")} if step % lanton.estimate_every == 0
+                else {("all_reduce", "norm")}), f"{stack} rank {r} step {step}: {extra}"

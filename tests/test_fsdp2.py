@@ -171,8 +171,8 @@ def test_extra_traffic_over_fsdp2_adamw_is_within_1_1x_the_all_to_all_optimum(jo
             phases = lan["steps"][step]["phases"]
             lmo_bytes = phases["lmo_gather"] + phases["lmo_scatter"]
             assert lmo_bytes == lan["optimum"], f"rank {r} step {step}: {lmo_bytes} != optimum {lan['optimum']}"
-            bound = lan["optimum"] + (lan["gather_optimum"] if step % 2 == 0 else 0)
-            assert extra <= 1.1 * bound, f"rank {r} step {step}: extra {extra} > 1.1 × {bound}"
+            # owners keep momentum and the previous gradient whole: estimation steps gather nothing more
+            assert extra == lan["optimum"], f"rank {r} step {step}: extra {extra} != optimum {lan['optimum']}"
         # The brief's yardstick, summed over ranks: 2 × owned-matrix bytes per step.
     for step in (1, 3):
         total_extra = sum(res["meter"]["lanton"]["steps"][step]["tensor"] for res in results)
@@ -186,7 +186,7 @@ def test_no_collective_gathers_whole_matrices_to_every_rank(job):
             ops = res["meter"]["lanton"]["steps"][step]["ops"]
             assert {op for op, _ in ops} <= {"all_to_all", "all_reduce"}
             assert {ph for op, ph in ops if op == "all_reduce"} <= {"finite", "norm", "variance"}
-            assert ("all_to_all", "variance_gather") in ops if step % 2 == 0 else ("all_to_all", "variance_gather") not in ops
+            assert ("all_to_all", "variance_gather") not in ops  # Option I: the owners form D themselves
 
 
 def test_empty_shards_on_some_ranks_still_match_the_reference(job):
@@ -261,3 +261,46 @@ def test_newton_schulz_of_one_bucket_overlaps_the_transfer_of_the_next():
                      "wait:gather", "ns", "post:scatter",                  # bucket 1; bucket 2 in flight
                      "wait:gather", "ns", "post:scatter",
                      "wait:scatter", "wait:scatter", "wait:scatter"], order
+
+
+def _per_piece_checkpoint_worker(rank, world, path):
+    """3 steps (k = 2: step 3 keeps the previous gradient), then the optimizer state rewritten as
+    checkpoints were before owners held hidden matrices whole — each rank its row piece of every
+    matrix's momentum and previous gradient — and loaded into a fresh optimizer."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    from lanton_dist.groups import Geometry
+    from lanton_dist.integrations.fsdp2 import LANTONFSDP2
+
+    model = _shard(make_model(torch.float64), world)
+    opt = LANTONFSDP2(model, _cfg(k=2), overlap=False)
+    sharded_run(rank, world, opt, model, 3)
+    hidden = {s.name for s in opt.specs if s.geometry is Geometry.HIDDEN}
+    whole = {n: st for (n, _), st in opt.core.state.items() if n in hidden}
+    owners_only = set(whole) == {n for n in hidden if opt.plan.owner[n] == rank}
+    has_prev = all("prev_grad" in st and st["prev_grad"].numel() == opt.core.specs[n].numel for n, st in whole.items())
+    every: list = [None] * world
+    dist.all_gather_object(every, whole)
+    merged = {n: st for part in every for n, st in part.items()}
+    sd = {k: v for k, v in opt.dcp_state_dict().items() if not any(k.startswith(f"optim/{n}/") for n in hidden)}
+    for n in hidden:
+        a, b = opt.held[n][rank]
+        if b > a:
+            sd.update({f"optim/{n}/{key}/{a}_{b}": v[a:b].clone() for key, v in merged[n].items()})
+    dcp.save(sd, checkpoint_id=path, process_group=opt.coll.group)
+    fresh = LANTONFSDP2(_shard(make_model(torch.float64), world), _cfg(k=2), overlap=False)
+    fresh.load_dcp_state(path)
+    same = set(fresh.core.state) == set(opt.core.state) and all(
+        set(fresh.core.state[k]) == set(st) and all(torch.equal(fresh.core.state[k][key], v) for key, v in st.items())
+        for k, st in opt.core.state.items())
+    return owners_only, has_prev, same
+
+
+def test_a_checkpoint_of_per_piece_hidden_state_loads_whole_into_each_owner_on_3_ranks(tmp_path):
+    """Owners hold hidden matrices' momentum and previous gradient whole, other ranks nothing;
+    a checkpoint written per piece (before that rule) assembles on the owners bit for bit."""
+    for r, (owners_only, has_prev, same) in enumerate(run(_per_piece_checkpoint_worker, 3, str(tmp_path / "old"),
+                                                           timeout_s=180)):
+        assert owners_only and has_prev, f"rank {r}"
+        assert same, f"rank {r}: state loaded from per-piece chunks differs"

@@ -32,10 +32,12 @@ def _exchange_calls(rank: int, world: int):
     exchange = TensorParallelExchange({"w": info}, coll, device=torch.device("cpu"), dtype=DTYPE)
     shard = torch.arange(spec.numel // world, dtype=DTYPE) + 100 * rank
     piece = LocalPiece(spec, 0, rank * shard.numel(), (rank + 1) * shard.numel(), shard)
+    mine = exchange.owned([piece])  # the core's first call of a step: fixes the TP owners
     owned = exchange.gather([piece], [shard], "lmo_gather")  # one matrix: one TP rank owns it, the other nothing
     back = exchange.scatter([piece], {n: m * 2 for n, m in owned.items()}, "lmo_scatter")
     exchange.gather([], [], "variance_gather")  # a call with no matrix at all
     exchange.scatter([], {}, "lmo_scatter")
+    assert mine == list(owned), (mine, list(owned))
     return calls, {n: m.clone() for n, m in owned.items()}, back[0].clone(), shard
 
 

@@ -15,10 +15,11 @@ from lanton_dist.engine import phases
 #: with the variance waited for in the step (``overlap=False``).
 ZERO_ESTIMATION_PHASES = {"grad_reduce", "grad_reduce_half", "core", "agree", "momentum", "lmo", "polar",
                           "variance_estimate", "dual_norms", "variance_finish", "update", "param_gather"}
-#: The FSDP2 adapter's: no gradient reduction of its own (FSDP2 reduces), the all-to-all exchange's
-#: gathers and scatters instead.
+#: The FSDP2 adapter's (Option I): no gradient reduction of its own (FSDP2 reduces), the all-to-all
+#: exchange's gathers and scatters instead — and no ``variance_gather``: the owners, holding the
+#: previous gradient whole, form the differences themselves.
 FSDP2_ESTIMATION_PHASES = {"core", "agree", "momentum", "lmo", "polar", "lmo_gather", "lmo_scatter",
-                           "variance_estimate", "variance_gather", "dual_norms", "variance_finish", "update"}
+                           "variance_estimate", "dual_norms", "variance_finish", "update"}
 
 
 def _events_of_estimation_step(rank, world, model, opt) -> list[tuple[str, str]]:

@@ -143,14 +143,24 @@ def test_planner_reuses_the_engine_ownership_plan():
 def test_tp_owner_mode_runs_each_matrix_once_and_conserves_exchanged_bytes():
     layout = ParallelLayout(nodes=2, gpus_per_node=8, tp=4, pp=2)
     p = StepPlanner("llama-7b", layout, OptimSettings(estimate_every=2))
+    p2 = StepPlanner("llama-7b", layout, OptimSettings(estimate_every=2, option="II"))
     stage_flops = [sum(p.rank_step(s, d, t, 2).ns_flops for d in range(layout.dp) for t in range(layout.tp)) for s in range(2)]
     assert sum(stage_flops) == 684_445_988_290_560  # spec: NS5 of all 224 LLaMA-7B hidden matrices = 0.684 PFLOP
     for s in range(2):
         steps = [p.rank_step(s, d, t, 2) for d in range(layout.dp) for t in range(layout.tp)]
         hidden = sum(x.numel for x in p.stages[s].specs if x.geometry is Geometry.HIDDEN)
-        for phase in ("lmo_gather", "lmo_scatter", "variance_gather"):
+        for phase in ("lmo_gather", "lmo_scatter"):
             sent = sum(c.sent_bytes for r in steps for c in r.collectives if c.phase == phase and c.group == "tp")
             assert sent == hidden * 3 // 4 * 4, phase  # (T−1)/T of every matrix crosses TP once, fp32
+        # the TP owner holds momentum and the previous gradient whole: Option I gathers no D
+        assert not any(c.phase == "variance_gather" for r in steps for c in r.collectives)
+        two = [p2.rank_step(s, d, t, 2) for d in range(layout.dp) for t in range(layout.tp)]
+        sent = sum(c.sent_bytes for r in two for c in r.collectives if c.phase == "variance_gather" and c.group == "tp")
+        assert sent == hidden * 3 // 4 * 4, "Option II gathers its half-batch difference"
+        # optimizer state: each matrix whole on the TP rank that runs its Newton–Schulz
+        for r in steps:
+            q = r.dp_rank * layout.tp + r.tp_rank
+            assert r.owned["hidden"] == sum(x.numel for x in p.stages[s].hidden if p.stages[s].ownership.owner[x.name] == q)
         # the DP layout is the engine's, on TP-local shapes
         local = [x for x in p.stages[s].local]
         assert p.stages[s].dp_plan.owner == plan_ownership(local, layout.dp).owner
@@ -242,9 +252,17 @@ def test_fsdp2_model_conserves_exchanged_bytes():
     owner = p.stages[0].ownership.owner
     own = {s.name: row_ranges(s.shape, world)[owner[s.name]] for s in specs}  # the owner's own dim-0 rows
     expected = sum(s.numel - (own[s.name][1] - own[s.name][0]) for s in specs) * 4
-    for phase in ("lmo_gather", "lmo_scatter", "variance_gather"):
+    for phase in ("lmo_gather", "lmo_scatter"):
         assert sum(c.sent_bytes for r in steps for c in r.collectives if c.phase == phase) == expected, phase
+    assert not any(c.phase == "variance_gather" for r in steps for c in r.collectives)  # Option I: owners form D
+    two = StepPlanner(TINY, ParallelLayout(nodes=1, gpus_per_node=world, strategy="fsdp2"),
+                      OptimSettings(estimate_every=2, option="II"))
+    assert sum(c.sent_bytes for d in range(world) for c in two.rank_step(0, d, 0, 2).collectives
+               if c.phase == "variance_gather") == expected
+    # optimizer state: each hidden matrix whole on its owner, every other parameter's pieces once
     assert sum(sum(r.owned.values()) for r in steps) == sum(s.numel for s in p.specs)
+    for d, r in enumerate(steps):
+        assert r.owned["hidden"] == sum(s.numel for s in specs if owner[s.name] == d)
 
 
 def _fsdp2_available() -> bool:
@@ -316,7 +334,8 @@ def test_fsdp2_model_predicts_the_adapters_metered_collectives_and_flops():
                 predicted = sorted(c.key() for c in pred.collectives if not c.phase.startswith("fsdp_"))
                 assert predicted == measured, (FSDP2_VARIANTS[v], rank, step)
                 assert pred.ns_flops == sum(f for s, kind, f in calls if s == step), (FSDP2_VARIANTS[v], rank, step)
-    assert any(key[1] == "variance_gather" for s, key in results[0][0][0])
+    assert not any(key[1] == "variance_gather" for s, key in results[0][0][0])  # Option I: owners form D
+    assert any(key[1] == "variance_gather" for s, key in results[0][1][0])      # Option II gathers it
 
 
 def test_bad_layouts_are_clear_errors():

@@ -1,15 +1,16 @@
 """Sharded, reshardable checkpoints of the engine's optimizer state with ``torch.distributed.checkpoint``.
 
-Each rank writes only its own pieces: optimizer-state tensor ``key`` of elements
-``[start, stop)`` of parameter ``name`` is stored under ``optim/<name>/<key>/<start>_<stop>``
-(flattened), so whole matrices are written by their owner alone and elementwise pieces by
-whoever holds them. The replicated scalars (step, trackers H, rate factors, the "estimated"
+Each rank writes only the state it holds (:meth:`~lanton_dist.engine.core.ShardedCore.state_slots`):
+optimizer-state tensor ``key`` of elements ``[start, stop)`` of parameter ``name`` is stored under
+``optim/<name>/<key>/<start>_<stop>`` (flattened), so a hidden matrix's state is written whole
+(``0_<numel>``, row-major) by its owner alone and elementwise pieces by whoever holds them. The replicated scalars (step, trackers H, rate factors, the "estimated"
 mask E, each parameter's step count, skipped steps) and, optionally, the model's parameters are stored once (DCP
 de-duplicates replicated keys).
 
-Loading reads the stored chunk list from the checkpoint's metadata and assembles each local
-piece of the *new* layout from the chunks that overlap it, so a checkpoint written on 4
-ranks loads on 2 or 3. A pending variance reduction is completed before saving (it would
+Loading reads the stored chunk list from the checkpoint's metadata and assembles each state
+slot of the *new* layout (owned matrices whole, elementwise pieces) from the chunks that
+overlap it, so a checkpoint written on 4 ranks loads on 2 or 3, and one written when every
+rank kept its piece of a hidden matrix's state loads into that matrix's owner. A pending variance reduction is completed before saving (it would
 be waited for at the next step anyway; the result is the same). After loading, parameters
 are copied into the engine's buffers on every rank: no rank resumes from stale weights.
 Checkpoints written before E and the step counts existed load with E = (H > 0) (a layer whose
@@ -32,8 +33,8 @@ _KEY = re.compile(r"^optim/(?P<name>.+)/(?P<key>[^/]+)/(?P<start>\d+)_(?P<stop>\
 
 def core_state_dict(core: ShardedCore, pieces: list[LocalPiece]) -> dict[str, Any]:
     """Flat DCP state dict of ``core``'s state (:meth:`ShardedCore.state_dict`) for this rank's
-    non-empty ``pieces``."""
-    sd = core.state_dict([pc for pc in pieces if pc.stop > pc.start])
+    ``pieces`` (every one: an owner may hold no elements of its matrix); empty chunks are left out."""
+    sd = core.state_dict(pieces)
     flat: dict[str, Any] = {
         "meta/t": torch.tensor(sd["t"]),
         "meta/skipped": torch.tensor(sd["skipped"]),
@@ -43,6 +44,8 @@ def core_state_dict(core: ShardedCore, pieces: list[LocalPiece]) -> dict[str, An
         "meta/steps": sd["steps"],
     }
     for (name, start, stop), st in sd["pieces"].items():
+        if stop == start:
+            continue
         for key, value in st.items():
             flat[f"optim/{name}/{key}/{start}_{stop}"] = value.reshape(-1)
     return flat
@@ -50,9 +53,9 @@ def core_state_dict(core: ShardedCore, pieces: list[LocalPiece]) -> dict[str, An
 
 def load_core_state(core: ShardedCore, pieces: list[LocalPiece], path: str, extra: dict[str, Any] | None = None) -> None:
     """Fill ``core``'s state for this rank's ``pieces`` from the checkpoint at ``path`` (any world
-    size; :meth:`ShardedCore.load_state_dict` assembles each piece from the stored chunks that
-    overlap it, reading only those); ``extra`` entries (e.g. model tensors) are loaded in the
-    same pass. An empty piece gets empty state under its parameter's stored keys."""
+    size; :meth:`ShardedCore.load_state_dict` assembles each of its state slots from the stored
+    chunks that overlap it, reading only those); ``extra`` entries (e.g. model tensors) are
+    loaded in the same pass. An empty piece gets empty state under its parameter's stored keys."""
     meta = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
     chunks: dict[str, list[tuple[int, int, str, str]]] = defaultdict(list)
     for k in meta:
@@ -69,14 +72,14 @@ def load_core_state(core: ShardedCore, pieces: list[LocalPiece], path: str, extr
         request["meta/steps"] = torch.empty(len(core.specs), dtype=torch.long)
     wanted: dict[tuple[str, int, int], dict[str, str]] = defaultdict(dict)  # chunk -> state key -> request key
     empty: dict[tuple[str, int, int], dict[str, torch.Tensor]] = defaultdict(dict)
-    for pc in pieces:
-        for start, stop, key, k in chunks.get(pc.name, []):
-            if pc.stop == pc.start:  # only the parameter's keys matter: a zero-length chunk carries them
-                empty[(pc.name, pc.start, pc.start)][key] = pc.param.new_empty(0)
-            elif start < pc.stop and stop > pc.start:
+    for slot in core.state_slots(pieces):
+        for start, stop, key, k in chunks.get(slot.name, []):
+            if slot.stop == slot.start:  # only the parameter's keys matter: a zero-length chunk carries them
+                empty[(slot.name, slot.start, slot.start)][key] = slot.like.new_empty(0)
+            elif start < slot.stop and stop > slot.start:
                 if k not in request:
-                    request[k] = torch.empty(stop - start, dtype=pc.param.dtype, device=pc.param.device)
-                wanted[(pc.name, start, stop)][key] = k
+                    request[k] = torch.empty(stop - start, dtype=slot.like.dtype, device=slot.like.device)
+                wanted[(slot.name, start, stop)][key] = k
     if extra:
         request.update(extra)
     dcp.load(request, checkpoint_id=path)

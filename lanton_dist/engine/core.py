@@ -4,9 +4,25 @@ and every framework adapter.
 A :class:`LocalPiece` is elements ``[start, stop)`` of a parameter's row-major flattening
 that this rank updates: whole hidden matrices on their owner (ZeRO engine), row shards
 (FSDP2), flat partitions (DeepSpeed)… Elementwise work (momentum, sign LMO, AdamW, weight
-decay) runs on pieces. Whole-matrix work (Newton–Schulz, nuclear norms) goes through a
-:class:`MatrixExchange` that brings a matrix's pieces to its owner and the owner's result
-back; :class:`LocalExchange` is the no-traffic case where pieces are already whole.
+decay, the update) runs on pieces. A :class:`MatrixExchange` brings a hidden matrix's pieces
+to its one owner (:meth:`MatrixExchange.owned`) and the owner's result back;
+:class:`LocalExchange` is the no-traffic case where pieces are already whole.
+
+**Owner-held state.** Under a Newton–Schulz algorithm (LANTON, Scion, D-Muon) a hidden
+matrix's optimizer state lives on its owner only, whole: its momentum and Option I's previous
+gradient are flat ``numel`` tensors under key ``(name, 0)`` of :attr:`ShardedCore.state`;
+other ranks hold nothing for it. Each step every rank sends its piece of the matrix's reduced
+(clipped) gradient to the owner (``lmo_gather``, the gather the LMO needs anyway); the *owner
+step* (:meth:`ShardedCore._owner_step`) updates the momentum, on Option I estimation steps
+forms D = G_t − G_{t−1} from the stored gradient and stores G_t when the next step estimates,
+and runs Newton–Schulz on the effective momentum; each rank gets its piece of the direction
+back (``lmo_scatter``). So LANTON moves D-Muon's tensor bytes plus scalar all-reduces: Option
+I never sends gradient differences. Option II's D = ∇_A − ∇_B is not derivable from stored
+state: its estimation steps still gather the half-batch difference pieces
+(``variance_gather``). Embed/head and vector parameters (and AdamW's hidden matrices) keep
+elementwise state on their pieces, keyed ``(name, start)``. :meth:`ShardedCore.state_dict`
+writes an owned matrix's state as the chunk ``(name, 0, numel)``; loading fills each owner's
+whole matrices from any chunk layout (:meth:`ShardedCore.load_state_dict`).
 
 Reductions, all over the scalar group (every rank holding pieces):
 
@@ -25,15 +41,16 @@ Reductions, all over the scalar group (every rank holding pieces):
 * ``norm`` — Σ B² of vector-group pieces (their RMS LMO needs ‖B‖₂), every step.
 * ``variance`` — on estimation steps, a ``(2L,)`` vector over all L logical layers of the
   model: each layer's dual-norm contribution (owner's √(d_out/d_in)·‖D‖_* for hidden
-  blocks, partial Σ|D| or Σ D² for pieces) and a presence count. After the SUM every rank
+  blocks, partial Σ|D| or Σ D² for pieces) and a presence count, posted after the LMO (the
+  owners form Option I's hidden D in the owner step). After the SUM every rank
   updates the replicated trackers H, the "estimated" mask E (H updated at least once) and
   the rate factors, so the group-wide max α costs no extra collective. The anchor runs over
   estimated layers only; the others run at factor 1. Option I compares with G_{t−1} only: a
-  piece that missed a step drops its stored gradient. With ``overlap=True`` the reduction is
-  waited for at the start of the next step and its factors apply from then on — the
-  reference's ``delay_lr_factor=True``.
-  With ``defer_variance=True`` as well (exchanges with ``launch_gather``), even the
-  gathering of D = G_t − G̃_t to the owners and the nuclear norms are left in flight at the
+  matrix or piece that missed a step drops its stored gradient. With ``overlap=True`` the
+  reduction is waited for at the start of the next step and its factors apply from then on —
+  the reference's ``delay_lr_factor=True``.
+  With ``defer_variance=True`` as well (exchanges with ``launch_gather``), the owners'
+  nuclear norms (and Option II's gather of D to the owners) are left in flight at the
   end of the estimation step (the owners compute on a background thread) and are finished,
   then all-reduced, at the start of the next step: the same numbers, overlapped with the
   next forward pass. On a GPU with ``overlap=True`` the owner's nuclear norms run on a side
@@ -43,16 +60,18 @@ Reductions, all over the scalar group (every rank holding pieces):
 
 Exchanges may implement two optional, pipelined entry points the core prefers when present:
 ``apply(pieces, tensors, fn, gather_phase, scatter_phase)`` (gather → ``fn`` on the owner's
-whole matrices → scatter, bucket by bucket) and ``launch_gather(pieces, tensors, phase)``
-(returns a pending gather with ``map(fn)`` / ``start(fn)`` + ``result()``).
+whole matrices → scatter, bucket by bucket; ``fn`` is the owner step) and
+``launch_gather(pieces, tensors, phase)`` (returns a pending gather, an :class:`OwnerWork`
+with ``map(fn)`` / ``start(fn)`` + ``result()``; Option II's differences).
 """
 from __future__ import annotations
 
 import math
+import threading
 from collections import defaultdict
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 
@@ -96,6 +115,16 @@ class LocalPiece:
         return self.start == 0 and self.stop == self.spec.numel
 
 
+class StateSlot(NamedTuple):
+    """Elements ``[start, stop)`` of parameter ``name`` this rank holds optimizer state for;
+    ``like``: a tensor of the state's dtype and device (the piece's parameter)."""
+
+    name: str
+    start: int
+    stop: int
+    like: torch.Tensor
+
+
 class MatrixExchange(Protocol):
     """Moves hidden matrices between their pieces and their owner."""
 
@@ -106,22 +135,62 @@ class MatrixExchange(Protocol):
     def scatter(self, pieces: list[LocalPiece], owned: dict[str, torch.Tensor], phase: str) -> list[torch.Tensor]:
         """This rank's 1-D piece of each owner result, aligned with ``pieces``."""
 
+    def owned(self, pieces: list[LocalPiece]) -> list[str]:
+        """Names of the matrices among ``pieces`` (every hidden piece of this rank) whose owner is
+        this rank: where their whole-matrix optimizer state lives. The same answer for the same
+        pieces at every step; :meth:`ShardedCore.step` calls it first, and later ``gather`` /
+        ``scatter`` calls of the step may pass any subset of them."""
 
-class _ReadyGather:
-    """A completed gather (``{name: whole matrix}``) behind the pending-gather interface."""
+
+class OwnerWork:
+    """Whole matrices on their owner, with the owner-side work ``fn(names, matrices)`` run on them
+    in the caller's thread (:meth:`map`) or a background one (:meth:`start` + :meth:`result`).
+    Subclasses supply :meth:`map`; the background thread only waits and computes (it posts no
+    collective, so the issue order stays the same on every rank)."""
+
+    _thread: threading.Thread | None = None
+    _result: dict[str, Any] | None = None
+    _error: BaseException | None = None
+
+    def map(self, fn: Callable[[list[str], list[torch.Tensor]], list[Any]]) -> dict[str, Any]:
+        """``{name: result}`` of ``fn`` on the whole matrices this rank owns."""
+        raise NotImplementedError
+
+    def start(self, fn: Callable[[list[str], list[torch.Tensor]], list[Any]]) -> None:
+        """Run :meth:`map` on a background thread; :meth:`result` joins it."""
+        device = torch.cuda.current_device() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+
+        def work() -> None:
+            try:
+                if device is not None:  # a new thread starts on device 0
+                    torch.cuda.set_device(device)
+                with torch.no_grad():
+                    self._result = self.map(fn)
+            except BaseException as exc:  # noqa: BLE001 - re-raised by result()
+                self._error = exc
+        self._thread = threading.Thread(target=work, name="lanton-owner", daemon=True)
+        self._thread.start()
+
+    def result(self) -> dict[str, Any]:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
+        return self._result or {}
+
+
+class _ReadyGather(OwnerWork):
+    """Whole matrices already on this rank (``{name: matrix}``): a completed gather, or the
+    owner's own gradient differences."""
 
     def __init__(self, owned: dict[str, torch.Tensor]) -> None:
-        self._owned, self._result = owned, None
+        self._owned = owned
 
     def map(self, fn) -> dict[str, Any]:
         names = list(self._owned)
         return dict(zip(names, fn(names, [self._owned[n] for n in names]))) if names else {}
-
-    def start(self, fn) -> None:
-        self._result = self.map(fn)
-
-    def result(self) -> dict[str, Any]:
-        return self._result
 
 
 class LocalExchange:
@@ -135,6 +204,9 @@ class LocalExchange:
 
     def scatter(self, pieces, owned, phase):
         return [owned[p.name].reshape(-1) for p in pieces]
+
+    def owned(self, pieces):
+        return [p.name for p in pieces]
 
 
 class ShardedCore:
@@ -215,8 +287,28 @@ class ShardedCore:
     def needs_two_half_batches(self) -> bool:
         return self.noise_adaptive and self.option == "II" and noise.is_estimation_step(self.t + 1, self.k)
 
+    def owner_held(self, spec: ParamSpec) -> bool:
+        """Whether ``spec``'s state is held whole by its owner (hidden matrices under a
+        Newton–Schulz algorithm) rather than piecewise (every other case)."""
+        return spec.geometry is Geometry.HIDDEN and self.algorithm != "adamw"
+
+    def state_key(self, piece: LocalPiece) -> tuple[str, int]:
+        """Key of ``piece``'s state in :attr:`state`: ``(name, 0)`` for an owner-held matrix
+        (present on its owner only), ``(name, start)`` for a piece."""
+        return (piece.name, 0) if self.owner_held(piece.spec) else (piece.name, piece.start)
+
     def state_of(self, piece: LocalPiece) -> dict[str, torch.Tensor]:
+        """The state of an elementwise ``piece`` (made on first use)."""
         return self.state.setdefault((piece.name, piece.start), {})
+
+    def state_slots(self, pieces: list[LocalPiece]) -> list[StateSlot]:
+        """Where this rank holds state for ``pieces`` (all of its pieces): each matrix it owns
+        whole (``(name, 0, numel)``) and each elementwise piece (its ``(name, start, stop)``)."""
+        held = [p for p in pieces if self.owner_held(p.spec)]
+        mine = set(self.exchange.owned(held)) if held else set()
+        return [StateSlot(p.name, 0, p.spec.numel, p.param) if self.owner_held(p.spec) else
+                StateSlot(p.name, p.start, p.stop, p.param)
+                for p in pieces if not self.owner_held(p.spec) or p.name in mine]
 
     @torch.no_grad()
     @announces("core")
@@ -237,6 +329,9 @@ class ShardedCore:
             self.skipped_steps += 1
             return False
         live, stepped = agreed
+        held = [p for p in pieces if self.owner_held(p.spec)]
+        if held:
+            self.exchange.owned(held)  # fixes where each matrix's state lives before any gather
         if self.clip:
             coef = clipping.clip_coefficient(self.grad_norm, self.clip)
             for p in live:
@@ -251,7 +346,7 @@ class ShardedCore:
             live_ids = {id(p) for p in live}
             for p in pieces:
                 if id(p) not in live_ids:
-                    self.state.get((p.name, p.start), {}).pop("prev_grad", None)
+                    self.state.get(self.state_key(p), {}).pop("prev_grad", None)
         if self.algorithm in ("lanton", "scion"):
             self._lanton(live)
         elif self.algorithm == "dmuon":
@@ -318,24 +413,31 @@ class ShardedCore:
             {"t": int, "skipped": int,                       # steps taken / skipped
              "H", "F": (L,) acc dtype, "E": (L,) bool,       # trackers, rate factors, estimated
              "steps": (n_params,) int64,                     # stepped_counts()
-             "pieces": {(name, start, stop): {key: 1-D tensor}}}  # pieces with state
+             "pieces": {(name, start, stop): {key: 1-D tensor}}}  # chunks with state
 
-        ``H``/``F``/``E``/``steps`` are copies, replicated on every rank; the piece tensors are
+        A chunk is a :meth:`state_slots` entry: an owned matrix whole, ``(name, 0, numel)``
+        (row-major; non-owners have no chunk of it), or an elementwise piece.
+        ``H``/``F``/``E``/``steps`` are copies, replicated on every rank; the chunk tensors are
         the live state (clone them to keep them past the next step)."""
         self.finish_variance()
+        chunks = {}
+        for slot in self.state_slots(pieces):
+            st = self.state.get((slot.name, slot.start))
+            if st:
+                chunks[(slot.name, slot.start, slot.stop)] = dict(st)
         return {"t": self.t, "skipped": self.skipped_steps, "H": self.H.clone(), "F": self.F.clone(),
-                "E": self.E.clone(), "steps": self.stepped_counts(),
-                "pieces": {(p.name, p.start, p.stop): dict(self.state[(p.name, p.start)])
-                           for p in pieces if (p.name, p.start) in self.state}}
+                "E": self.E.clone(), "steps": self.stepped_counts(), "pieces": chunks}
 
     def load_state_dict(self, sd: dict[str, Any], pieces: list[LocalPiece]) -> None:
         """Inverse of :meth:`state_dict`, resharding: ``sd["pieces"]`` may be chunks of another
-        layout (another world size, other ranks' chunks too). Each of ``pieces`` gets, per
+        layout (another world size, other ranks' chunks too, per-piece chunks of hidden matrices
+        from checkpoints written before owners held them whole). Each of this rank's
+        :meth:`state_slots` (the matrices it owns, whole; its elementwise pieces) gets, per
         state key, the elements of the chunks of its parameter that overlap it — all of them,
         or ``ValueError``; an empty piece gets an empty tensor under every key stored for its
-        parameter (so every rank keeps passing the same matrices to an exchange). ``E`` absent
-        or ``None`` (older checkpoints): ``H > 0``; ``steps`` absent or ``None``: every
-        parameter stepped ``t`` times. Work still pending from the replaced step is dropped."""
+        parameter. Non-owners keep no state of a hidden matrix. ``E`` absent or ``None``
+        (older checkpoints): ``H > 0``; ``steps`` absent or ``None``: every parameter stepped
+        ``t`` times. Work still pending from the replaced step is dropped."""
         if sd["H"].numel() != self.n_layers:
             raise ValueError(f"checkpoint has {sd['H'].numel()} layers, this model has {self.n_layers}")
         self.drop_pending()
@@ -349,23 +451,23 @@ class ShardedCore:
         for (name, start, stop), st in sd["pieces"].items():
             chunks[name].append((int(start), int(stop), st))
         self.state.clear()
-        for pc in pieces:
+        for slot in self.state_slots(pieces):
             state: dict[str, torch.Tensor] = {}
             filled: dict[str, int] = defaultdict(int)
-            for start, stop, st in chunks.get(pc.name, ()):
-                lo, hi = max(start, pc.start), min(stop, pc.stop)
+            for start, stop, st in chunks.get(slot.name, ()):
+                lo, hi = max(start, slot.start), min(stop, slot.stop)
                 for key, value in st.items():
-                    if pc.stop == pc.start:
-                        state.setdefault(key, pc.param.new_empty(0))
+                    if slot.stop == slot.start:
+                        state.setdefault(key, slot.like.new_empty(0))
                     elif lo < hi:
-                        dst = state.setdefault(key, torch.zeros_like(pc.param))
-                        dst[lo - pc.start : hi - pc.start].copy_(value.reshape(-1)[lo - start : hi - start])
+                        dst = state.setdefault(key, slot.like.new_zeros(slot.stop - slot.start))
+                        dst[lo - slot.start : hi - slot.start].copy_(value.reshape(-1)[lo - start : hi - start])
                         filled[key] += hi - lo
             for key, n in filled.items():
-                if n != pc.stop - pc.start:
-                    raise ValueError(f"checkpoint covers {n} of {pc.stop - pc.start} elements of {pc.name}/{key}")
+                if n != slot.stop - slot.start:
+                    raise ValueError(f"checkpoint covers {n} of {slot.stop - slot.start} elements of {slot.name}/{key}")
             if state:
-                self.state[(pc.name, pc.start)] = state
+                self.state[(slot.name, slot.start)] = state
 
     def finish_variance(self) -> None:
         """Wait for a pending variance reduction and refresh H and the rate factors
@@ -398,29 +500,35 @@ class ShardedCore:
     def _lanton(self, live: list[LocalPiece]) -> None:
         t = self.t
         estimate = self.noise_adaptive and noise.is_estimation_step(t, self.k)
+        track = self.noise_adaptive and self.option == "I"
+        keep = track and noise.keeps_previous_gradient(t, self.k)
         with phase("momentum"):
             for p in live:
-                st = self.state_of(p)
-                mom = st.setdefault("momentum", torch.zeros_like(p.param))
-                mom.lerp_(p.grad, 1 - self.param_groups[p.group]["beta1"])
+                if not self.owner_held(p.spec):
+                    mom = self.state_of(p).setdefault("momentum", torch.zeros_like(p.param))
+                    mom.lerp_(p.grad, 1 - self.param_groups[p.group]["beta1"])
+        # elementwise pieces' D before their stored gradient is replaced (the owner forms hidden ones)
+        diffs = self._piece_differences(live) if estimate else []
+        if track:
+            for p in live:
+                if not self.owner_held(p.spec):
+                    if keep:
+                        self.state_of(p)["prev_grad"] = p.grad.clone()
+                    else:
+                        self.state_of(p).pop("prev_grad", None)
+        sent = []
+        for p in live:
+            if self.owner_held(p.spec):
+                sent.append(p.grad)
+            else:
+                mom, g = self.state_of(p)["momentum"], self.param_groups[p.group]
+                sent.append(mom.lerp(p.grad, 1 - g["beta1"]) if g["nesterov"] else mom)
+        owner_diffs: dict[str, torch.Tensor] | None = {} if estimate and track else None
+        directions = self._directions(live, sent, self._owner_step_fn(owner_diffs, track, keep))
         if estimate:
-            self._launch_variance(live)
+            self._launch_variance(live, diffs, owner_diffs)
             if not self.overlap:
                 self.finish_variance()
-        if self.noise_adaptive and self.option == "I":
-            keep = noise.keeps_previous_gradient(t, self.k)
-            for p in live:
-                st = self.state_of(p)
-                if keep:
-                    st["prev_grad"] = p.grad.clone()
-                else:
-                    st.pop("prev_grad", None)
-        effective = []
-        for p in live:
-            mom = self.state_of(p)["momentum"]
-            g = self.param_groups[p.group]
-            effective.append(mom.lerp(p.grad, 1 - g["beta1"]) if g["nesterov"] else mom)
-        directions = self._directions(live, effective)
         with phase("update"):
             for p, o in zip(live, directions):
                 g = self.param_groups[p.group]
@@ -431,20 +539,49 @@ class ShardedCore:
                 p.param.add_(o * (scale * g["lr"]))
 
     def _dmuon(self, live: list[LocalPiece]) -> None:
-        hidden = [p for p in live if p.spec.geometry is Geometry.HIDDEN]
-        effective = []
-        with phase("momentum"):
-            for p in hidden:
-                g = self.param_groups[p.group]
-                mom = self.state_of(p).setdefault("momentum", torch.zeros_like(p.param))
-                mom.mul_(g["momentum"]).add_(p.grad)
-                effective.append(p.grad.add(mom, alpha=g["momentum"]) if g["nesterov"] else mom)
-        directions = self._hidden_directions(hidden, effective)
+        hidden = [p for p in live if self.owner_held(p.spec)]
+        directions = self._hidden_directions(hidden, [p.grad for p in hidden], self._owner_step_fn(None, False, False))
         with phase("update"):
             for p, o in zip(hidden, directions):
                 g = self.param_groups[p.group]
                 p.param.mul_(1 - g["lr"] * g["weight_decay"]).add_(o, alpha=g["lr"])
-        self._adamw([p for p in live if p.spec.geometry is not Geometry.HIDDEN])
+        self._adamw([p for p in live if not self.owner_held(p.spec)])
+
+    def _owner_step_fn(self, diffs: dict[str, torch.Tensor] | None, track: bool,
+                       keep: bool) -> Callable[[list[str], list[torch.Tensor]], list[torch.Tensor]]:
+        """:meth:`_owner_step` with this step's flags, as the exchanges call it: ``fn(names, grads)``."""
+        return lambda names, grads: self._owner_step(names, grads, diffs, track, keep)
+
+    def _owner_step(self, names: list[str], grads: list[torch.Tensor], diffs: dict[str, torch.Tensor] | None,
+                    track: bool, keep: bool) -> list[torch.Tensor]:
+        """The owner's step of whole hidden matrices: ``grads`` are their reduced gradients
+        (``spec.shape``, gathered from every rank's piece). Updates the momentum held here
+        (whole, flat, key ``(name, 0)``) by the algorithm's rule; with ``diffs`` (an Option I
+        estimation step) puts D = G_t − G_{t−1} of each matrix that has a stored gradient into
+        it; with ``track`` (Option I) keeps G_t as the next stored gradient if ``keep``, else
+        drops it. Returns −s·polar of each effective momentum (:meth:`_polar`)."""
+        effective = []
+        with phase("momentum"):
+            for n, grad in zip(names, grads):
+                spec, g = self.specs[n], self.param_groups[self.group_of[n]]
+                flat = grad.reshape(-1)
+                st = self.state.setdefault((n, 0), {})
+                mom = st.setdefault("momentum", torch.zeros_like(flat))
+                if self.algorithm == "dmuon":
+                    mom.mul_(g["momentum"]).add_(flat)
+                    eff = flat.add(mom, alpha=g["momentum"]) if g["nesterov"] else mom
+                else:
+                    mom.lerp_(flat, 1 - g["beta1"])
+                    eff = mom.lerp(flat, 1 - g["beta1"]) if g["nesterov"] else mom
+                if diffs is not None and "prev_grad" in st:
+                    diffs[n] = (flat - st["prev_grad"]).view(spec.shape)
+                if track:
+                    if keep:
+                        st["prev_grad"] = flat.clone()
+                    else:
+                        st.pop("prev_grad", None)
+                effective.append(eff.view(spec.shape))
+        return self._polar(names, effective)
 
     @announces("update")
     def _adamw(self, pieces: list[LocalPiece]) -> None:
@@ -483,19 +620,27 @@ class ShardedCore:
         vec.index_fill_(0, idx + self.n_layers, 1.0)
 
     @announces("lmo")
-    def _hidden_directions(self, hidden: list[LocalPiece], effective: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _hidden_directions(self, hidden: list[LocalPiece], grads: list[torch.Tensor],
+                           owner_step: Callable[[list[str], list[torch.Tensor]], list[torch.Tensor]]) -> list[torch.Tensor]:
+        """Each rank's reduced gradient pieces of the ``hidden`` matrices go to their owners
+        (``lmo_gather``), ``owner_step`` runs there on the whole matrices, and each rank gets its
+        piece of the resulting directions (``lmo_scatter``)."""
         apply = getattr(self.exchange, "apply", None)
         if apply is not None:
-            return apply(hidden, effective, self._polar, "lmo_gather", "lmo_scatter")
-        owned = self.exchange.gather(hidden, effective, "lmo_gather")
+            return apply(hidden, grads, owner_step, "lmo_gather", "lmo_scatter")
+        owned = self.exchange.gather(hidden, grads, "lmo_gather")
         names = list(owned)
-        dirs = self._polar(names, [owned[n] for n in names])
+        dirs = owner_step(names, [owned[n] for n in names])
         return self.exchange.scatter(hidden, dict(zip(names, dirs)), "lmo_scatter")
 
-    def _directions(self, live: list[LocalPiece], effective: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _directions(self, live: list[LocalPiece], sent: list[torch.Tensor],
+                    owner_step: Callable[[list[str], list[torch.Tensor]], list[torch.Tensor]]) -> list[torch.Tensor]:
+        """The LMO direction of every live piece. ``sent``: per piece, the reduced gradient of
+        an owner-held matrix (it goes to the owner, :meth:`_hidden_directions`) or the
+        effective momentum of an elementwise piece."""
         out: list[torch.Tensor | None] = [None] * len(live)
-        hidden = [i for i, p in enumerate(live) if p.spec.geometry is Geometry.HIDDEN]
-        for i, d in zip(hidden, self._hidden_directions([live[i] for i in hidden], [effective[i] for i in hidden])):
+        hidden = [i for i, p in enumerate(live) if self.owner_held(p.spec)]
+        for i, d in zip(hidden, self._hidden_directions([live[i] for i in hidden], [sent[i] for i in hidden], owner_step)):
             out[i] = d
         vector_names = self._all_vector_names
         if vector_names:
@@ -503,41 +648,60 @@ class ShardedCore:
             sums = torch.zeros(len(vector_names), device=self.H.device, dtype=self.acc_dtype)
             vectors = [i for i, p in enumerate(live) if p.spec.geometry is Geometry.VECTOR]
             for i in vectors:
-                sums[index[live[i].name]] += lmo_mod.sq_partial(effective[i]) * live[i].weight
+                sums[index[live[i].name]] += lmo_mod.sq_partial(sent[i]) * live[i].weight
             self.coll.all_reduce(sums, "norm").wait()
             for i in vectors:
-                out[i] = lmo_mod.vector_direction(effective[i], sums[index[live[i].name]].sqrt(), live[i].spec.numel)
+                out[i] = lmo_mod.vector_direction(sent[i], sums[index[live[i].name]].sqrt(), live[i].spec.numel)
         for i, p in enumerate(live):
             if p.spec.geometry is Geometry.EMBED_HEAD:
-                out[i] = lmo_mod.sign_direction(p.spec, effective[i], self.lmo)
+                out[i] = lmo_mod.sign_direction(p.spec, sent[i], self.lmo)
         return out  # type: ignore[return-value]
 
-    @announces("variance_estimate")
-    def _launch_variance(self, live: list[LocalPiece]) -> None:
-        L = self.n_layers
-        vec = torch.zeros(2 * L, device=self.H.device, dtype=self.acc_dtype)
-        diffs: list[torch.Tensor | None] = []
+    def _piece_differences(self, live: list[LocalPiece]) -> list[torch.Tensor | None]:
+        """D of each live piece whose differences travel as pieces, aligned with ``live``:
+        Option II's ``diff2`` (every piece; a missing one is an error), Option I's
+        G_t − G_{t−1} of elementwise pieces with a stored gradient; ``None`` otherwise (Option
+        I's hidden differences are formed by their owners, :meth:`_owner_step`)."""
+        out: list[torch.Tensor | None] = []
         for p in live:
             if self.option == "II":
                 if p.diff2 is None:
                     raise RuntimeError(f"step {self.t} estimates with Option II but {p.name} has no half-batch "
                                        "gradient: call stash_half_gradient() between the two half-batch backward passes")
-                diffs.append(p.diff2)
+                out.append(p.diff2)
+            elif self.owner_held(p.spec):
+                out.append(None)
             else:
                 prev = self.state_of(p).get("prev_grad")
-                diffs.append(None if prev is None else p.grad - prev)
+                out.append(None if prev is None else p.grad - prev)
+        return out
+
+    @announces("variance_estimate")
+    def _launch_variance(self, live: list[LocalPiece], diffs: list[torch.Tensor | None],
+                         owner_diffs: dict[str, torch.Tensor] | None) -> None:
+        """Post this estimation step's variance reduction. ``diffs``: :meth:`_piece_differences`
+        of ``live``; ``owner_diffs``: Option I's whole-matrix D of the matrices this rank owns
+        (formed by :meth:`_owner_step`). Option II's hidden ``diff2`` pieces are gathered to the
+        owners (``variance_gather``: D = ∇_A − ∇_B is not derivable from stored state)."""
+        L = self.n_layers
+        vec = torch.zeros(2 * L, device=self.H.device, dtype=self.acc_dtype)
         hidden = [(p, d) for p, d in zip(live, diffs) if p.spec.geometry is Geometry.HIDDEN and d is not None]
-        launch = getattr(self.exchange, "launch_gather", None)
-        if launch is not None:
-            pending = launch([p for p, _ in hidden], [d for _, d in hidden], "variance_gather")
+        pending: OwnerWork
+        if owner_diffs is not None:
+            pending, kept = _ReadyGather(owner_diffs), list(owner_diffs.values())
         else:
-            pending = _ReadyGather(self.exchange.gather([p for p, _ in hidden], [d for _, d in hidden], "variance_gather"))
+            launch = getattr(self.exchange, "launch_gather", None)
+            if launch is not None:
+                pending = launch([p for p, _ in hidden], [d for _, d in hidden], "variance_gather")
+            else:
+                pending = _ReadyGather(self.exchange.gather([p for p, _ in hidden], [d for _, d in hidden], "variance_gather"))
+            kept = [d for _, d in hidden]
         side = self._side_stream() if self.overlap and not self.defer_variance else None
         if self.defer_variance:
             pending.start(self._dual_norms)
         elif side is not None and side.defers:
             gathered = pending
-            pending = side.launch(lambda: gathered.map(self._dual_norms), keep=[d for _, d in hidden])
+            pending = side.launch(lambda: gathered.map(self._dual_norms), keep=kept)
         else:
             self._fill_hidden_norms(vec, pending.map(self._dual_norms))
         for p, d in zip(live, diffs):

@@ -46,7 +46,6 @@ between it and the matrix.
 """
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -54,7 +53,7 @@ from typing import Any
 import torch
 
 from lanton_dist.engine import phases
-from lanton_dist.engine.core import LocalPiece
+from lanton_dist.engine.core import LocalPiece, OwnerWork
 from lanton_dist.engine.meter import Collectives
 from lanton_dist.engine.ownership import OwnershipPlan
 from lanton_dist.engine.ranges import BlockLayout, Ranges, check_ranges
@@ -90,15 +89,12 @@ class _Launched:
         self.plan, self.recv, self.handle = plan, recv, handle
 
 
-class PendingGather:
+class PendingGather(OwnerWork):
     """Gathers posted by :meth:`AllToAllExchange.launch_gather`; the owner's work runs per bucket
     as each arrives, in the caller's thread (:meth:`map`) or a background one (:meth:`start`)."""
 
     def __init__(self, exchange: "AllToAllExchange", launched: list[_Launched]) -> None:
         self._ex, self._launched = exchange, launched
-        self._thread: threading.Thread | None = None
-        self._result: dict[str, Any] | None = None
-        self._error: BaseException | None = None
 
     def map(self, fn: Callable[[list[str], list[torch.Tensor]], list[Any]]) -> dict[str, Any]:
         """``fn(names, whole matrices)`` on every bucket this rank owns matrices of; ``{name: result}``."""
@@ -110,31 +106,6 @@ class PendingGather:
                 out.update(zip(names, fn(names, [owned[n] for n in names])))
         self._launched = []
         return out
-
-    def start(self, fn) -> None:
-        """Run :meth:`map` on a background thread (it only waits and computes: no collective is
-        posted from it, so the issue order stays the same on every rank)."""
-        device = torch.cuda.current_device() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-
-        def work() -> None:
-            try:
-                if device is not None:  # a new thread starts on device 0
-                    torch.cuda.set_device(device)
-                with torch.no_grad():
-                    self._result = self.map(fn)
-            except BaseException as exc:  # noqa: BLE001 - re-raised by result()
-                self._error = exc
-        self._thread = threading.Thread(target=work, name="lanton-owner", daemon=True)
-        self._thread.start()
-
-    def result(self) -> dict[str, Any]:
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        if self._error is not None:
-            err, self._error = self._error, None
-            raise err
-        return self._result or {}
 
 
 class AllToAllExchange:
@@ -372,6 +343,10 @@ class AllToAllExchange:
         for plan, recv, handle in scatters:
             self._unpack_scatter(plan, recv, handle, out)
         return [out[p.name] for p in pieces]
+
+    def owned(self, pieces: list[LocalPiece]) -> list[str]:
+        """Names of the matrices among ``pieces`` this rank owns (the ownership plan's)."""
+        return [p.name for p in pieces if self.plan.owner[p.name] == self.rank]
 
     def optimum_sent_elements(self, names: Iterable[str] | None = None) -> int:
         """Elements this rank must send per gather+scatter of ``names`` (default: all hidden)

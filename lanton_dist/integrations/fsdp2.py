@@ -277,6 +277,13 @@ class LANTONFSDP2(PieceOptimizer):
         return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False,
                                   shape=p.shape, stride=p.stride())
 
+    def as_whole(self, name: str, matrix: torch.Tensor | None) -> torch.Tensor:
+        """A whole-matrix state tensor of parameter ``name`` (1-D, row-major, as its owner holds
+        it; ``None``: zeros) as a plain tensor of the parameter's shape, dtype and device."""
+        p = self._params[self._index[name]]
+        local = p.to_local()
+        return torch.zeros(p.shape, dtype=local.dtype, device=local.device) if matrix is None else matrix.view(p.shape)
+
     def _storage_orders(self) -> dict[str, torch.Tensor]:
         """Checkpoint entries recording each non-row-major storage order (its column bands)."""
         return {f"{_ORDER_KEY}{n}": torch.tensor(lay.signature(), dtype=torch.long)

@@ -62,13 +62,27 @@ class TensorParallelExchange:
         self.coll = coll
         self.tp, self.rank = coll.world, coll.rank
         self.device, self.dtype = torch.device(device), dtype
+        self._owner: dict[str, int] = {}
 
     def _empty(self) -> torch.Tensor:
         return torch.empty(0, device=self.device, dtype=self.dtype)
 
+    def owned(self, pieces: list[LocalPiece]) -> list[str]:
+        """The matrices among ``pieces`` (every hidden piece of this DP rank) this TP rank owns:
+        their FLOP-balanced plan over the TP group (as the planner's TP plan), fixed here for the
+        ``gather``/``scatter`` calls that pass subsets of them (a matrix's owner, where its
+        optimizer state lives, must not move when another matrix misses a step)."""
+        names = [p.name for p in pieces]
+        if not all(n in self._owner for n in names):
+            self._owner = plan_ownership([self.infos[n].spec for n in names], self.tp, balance_numel=False).owner
+        return [n for n in names if self._owner[n] == self.rank]
+
     def _owners(self, names: list[str]) -> dict[str, int]:
-        plan = plan_ownership([self.infos[n].spec for n in names], self.tp, balance_numel=False)  # as the planner's TP plan
-        return plan.owner
+        missing = [n for n in names if n not in self._owner]
+        if missing:
+            raise RuntimeError(f"TensorParallelExchange: no owner planned for {missing[:3]}; call owned() with every "
+                               "hidden piece first (ShardedCore does at every step)")
+        return {n: self._owner[n] for n in names}
 
     def _shard_numel(self, name: str) -> int:
         return self.infos[name].spec.numel // self.tp

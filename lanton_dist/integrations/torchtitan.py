@@ -12,13 +12,17 @@ as a ``Stateful`` in its DCP checkpoint (``CheckpointManager``). Usage in a conf
 
     optimizer=LANTONOptimizersContainer.Config(lanton=OptimConfig(name="lanton", estimate_every=10))
 
-``state_dict()`` is DCP-native, so checkpoints reshard across FSDP/HSDP sizes: every
-per-element state tensor of a parameter is a DTensor with the parameter's mesh and placements
-(its local block is this rank's piece), under ``lanton/state/<param>/<key>``, and the
-replicated scalars (step, trackers, rate factors, per-parameter step counts, learning rates)
-are plain tensors under ``lanton/meta/...``. Every key the algorithm can hold is always
-present (zeros where the state does not exist yet), with a replicated presence table, so the
-template torchtitan hands to ``dcp.load`` matches the checkpoint before the first step.
+``state_dict()`` is DCP-native, so checkpoints reshard across FSDP/HSDP sizes: under
+``lanton/state/<param>/<key>``, a hidden matrix's state (held whole by its owner,
+:mod:`lanton_dist.engine.core`) is a plain tensor of the parameter's shape on the owner alone,
+and every other per-element state tensor is a DTensor with the parameter's mesh and placements
+(its local block is this rank's piece); the replicated scalars (step, trackers, rate factors,
+per-parameter step counts, learning rates) are plain tensors under ``lanton/meta/...``. Every
+key the algorithm can hold is always present on the rank that holds it (zeros where the state
+does not exist yet), with a replicated presence table, so the template torchtitan hands to
+``dcp.load`` matches the checkpoint before the first step. A checkpoint whose hidden-matrix
+state was saved as DTensors (each rank its piece) loads too: DCP assembles the owner's whole
+tensor from those shards.
 
 Not supported: pipeline parallelism (one model part; LANTON's group-wide rate anchor spans
 the whole model) and torchtitan's ``param_groups`` (LANTON groups parameters by geometry).
@@ -63,11 +67,22 @@ class LANTONOptimizersContainer(OptimizersContainer):
         self.optimizers = [LANTONFSDP2(model_parts[0], config.lanton, bucket_mb=config.bucket_mb)]
         params = [p for g in self.optimizers[0].param_groups for p in g["params"]]
         self._validate_params(params)
+        self._specs = {s.name: s for s in self.optimizers[0].specs}
         self._post_init(params)
 
     @property
     def _lanton(self) -> LANTONFSDP2:
         return self.optimizers[0]
+
+    def _slot(self, name: str) -> tuple[int, int, bool] | None:
+        """Where this rank holds ``name``'s state: ``(0, numel, True)`` on the owner of an
+        owner-held matrix, ``(start, stop, False)`` for a piece of elementwise state, ``None``
+        for a matrix owned elsewhere (no state here)."""
+        opt = self._lanton
+        spec = self._specs[name]
+        if not opt.core.owner_held(spec):
+            return (*opt.held[name][opt.rank], False)
+        return (0, spec.numel, True) if opt.plan.owner[name] == opt.rank else None
 
     def _schema(self) -> list[tuple[str, str]]:
         """``(parameter, key)`` of every per-element state tensor the algorithm can hold."""
@@ -91,10 +106,13 @@ class LANTONOptimizersContainer(OptimizersContainer):
         present = torch.zeros(len(schema), dtype=torch.float64)
         sd: dict[str, Any] = {}
         for j, (name, key) in enumerate(schema):
-            a, b = opt.held[name][opt.rank]
+            slot = self._slot(name)
+            if slot is None:
+                continue
+            a, b, whole = slot
             value = local["state"].get(f"{name}|{a}|{b}", {}).get(key)
             present[j] = value is not None
-            sd[f"{_STATE}{name}/{key}"] = opt.as_dtensor(name, value)
+            sd[f"{_STATE}{name}/{key}"] = opt.as_whole(name, value) if whole else opt.as_dtensor(name, value)
         unknown = {k for st in local["state"].values() for k in st} - {k for _, k in schema}
         if unknown:
             raise RuntimeError(f"optimizer state keys {sorted(unknown)} are not in the checkpoint schema")
@@ -113,10 +131,14 @@ class LANTONOptimizersContainer(OptimizersContainer):
                              f"for {opt.algorithm} expects {len(schema)} (another algorithm or model?)")
         state: dict[str, dict[str, torch.Tensor]] = {}
         for j, (name, key) in enumerate(schema):
-            a, b = opt.held[name][opt.rank]
+            slot = self._slot(name)
+            if slot is None:
+                continue
+            a, b, whole = slot
             entry = state.setdefault(f"{name}|{a}|{b}", {})
             if present[j] > 0:
-                entry[key] = state_dict[f"{_STATE}{name}/{key}"].to_local().reshape(-1)
+                value = state_dict[f"{_STATE}{name}/{key}"]
+                entry[key] = (value if whole else value.to_local()).reshape(-1)
         meta = {k: state_dict[f"{_META}{k}"] for k in ("t", "skipped", "H", "F", "E", "steps")}
         core = dict(meta, state={k: v for k, v in state.items() if v}, world=opt.world, rank=opt.rank,
                     ranges=opt.ranges)

@@ -14,7 +14,7 @@ byte against a built engine on CPU at world 2 and 3 (``tests/test_plan_memory.py
   (``buffers_peak_extra``);
 * state: :data:`~lanton_dist.plan.planner.STATE_TENSORS` per owned element, plus the core's
   replicated per-layer trackers ``H`` and ``F`` (``2L`` accumulation scalars);
-  ``state_peak_extra``: Option I's previous gradient of the owned pieces (held on the step
+  ``state_peak_extra``: Option I's previous gradient of the owned elements (held on the step
   before each estimation).
 
 Other strategies are modelled from their documented behaviour, not measured: ``zero3`` keeps
@@ -24,7 +24,10 @@ parameters, gradients, DDP's gradient buckets (one more model-size copy) and the
 unsharded (all-gather and reduce-scatter buffers, padded); ``deepspeed`` (ZeRO-1/2) the whole
 model in ``param_bytes`` plus fp32 master and gradient partitions, ``deepspeed3`` only
 partitions plus the largest parameter gathered. Their optimizer state is that of the elements
-they update (:meth:`StrategyModel.owned`).
+they keep state for (:meth:`StrategyModel.owned`): their pieces of elementwise state and, under a
+Newton–Schulz algorithm, the hidden matrices they own, whole (the owner holds their momentum and
+Option I's previous gradient; :mod:`lanton_dist.engine.core`). Parameters and gradients are
+their pieces (:func:`~lanton_dist.plan.strategies.piece_elements`).
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ from typing import TYPE_CHECKING
 
 from lanton_dist.groups import ParamSpec
 from lanton_dist.plan.predictions import StagePlan
+from lanton_dist.plan.strategies import piece_elements
 
 if TYPE_CHECKING:
     from lanton_dist.plan.planner import StepPlanner
@@ -85,14 +89,14 @@ def rank_memory(p: StepPlanner, st: StagePlan, d: int, t: int) -> RankMemory:
     if L.strategy == "ddp":
         return RankMemory(local * E, local * E, local * E, state, 0, state_extra)
     if L.strategy == "fsdp2":
-        shard = sum(owned.values())
+        shard = piece_elements(p, st, d)
         W = L.dp
         units: dict[str, int] = {}
         for s in st.local:
             key = ".".join(s.name.split(".")[:2]) if s.name.startswith("layers.") else "root"
             units[key] = units.get(key, 0) + math.ceil(s.shape[0] / W) * W * (s.numel // s.shape[0])
         return RankMemory(shard * E, shard * E, 2 * max(units.values()) * E, state, 0, state_extra)
-    shard = sum(owned.values())
+    shard = piece_elements(p, st, d)
     if L.strategy == "deepspeed3":
         return RankMemory(shard * E, shard * 4, max(s.numel for s in st.local) * E, state, 0, state_extra)
     return RankMemory(local * E + shard * 4, shard * 4, local * E, state, 0, state_extra)

@@ -12,9 +12,9 @@ TP rank). Whole matrices for Newton–Schulz, with ``tp_mode``:
 * ``owner`` (default; the design of the Megatron adapter's ``TensorParallelExchange``): the
   matrices DP rank d owns are planned over its TP group (``plan_ownership(full shapes, tp)``);
   one all-to-all over TP brings every shard to the TP owner (``lmo_gather``, group ``tp``) and
-  one returns each TP rank its shard of the result (``lmo_scatter``); every estimation step adds
-  ``variance_gather`` (empty when Option I has no previous gradient yet). Each matrix is
-  orthogonalised once in the job.
+  one returns each TP rank its shard of the result (``lmo_scatter``); the TP owner keeps the
+  matrix's momentum and Option I's previous gradient whole, so only Option II's estimation steps
+  add ``variance_gather`` (its half-batch difference). Each matrix is orthogonalised once in the job.
 * ``duplicated`` (Megatron-LM's ``duplicated`` mode): the owner's TP group all-gathers each owned
   matrix (``lmo_gather``, one all-gather per matrix) and every TP rank runs the same Newton–Schulz.
 
@@ -187,7 +187,7 @@ class StepPlanner:
         """TP collectives bringing whole hidden matrices to where NS runs (module doc), as the
         Megatron adapter's ``TensorParallelExchange`` issues them: one all-to-all over TP for each
         ``gather``/``scatter`` call of the core (``lmo_gather``/``lmo_scatter`` every step,
-        ``variance_gather`` every estimation step, empty when Option I has no previous gradient)."""
+        ``variance_gather`` every Option II estimation step)."""
         L, E = self.layout, self.optim.param_bytes
         T = L.tp
         mine_dp = st.memo(("tp_mine", d), lambda: [s for s in st.hidden if L.strategy == "ddp" or st.dp_plan.owner[s.name] == d])
@@ -202,9 +202,8 @@ class StepPlanner:
                         sum(s.numel for s in mine))              # the results I send back (whole matrices)
 
             send, self_part, owned_full = st.memo(("tp_sums", d, t), sums)
-            if estimating:
-                ran = self.optim.estimator_runs(step)
-                out.append(Collective("all_to_all", "variance_gather", "tp", T, send if ran else 0, E, self_part if ran else 0))
+            if estimating and self.optim.option == "II":
+                out.append(Collective("all_to_all", "variance_gather", "tp", T, send, E, self_part))
             out.append(Collective("all_to_all", "lmo_gather", "tp", T, send, E, self_part))
             out.append(Collective("all_to_all", "lmo_scatter", "tp", T, owned_full, E, self_part))
         else:

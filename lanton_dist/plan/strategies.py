@@ -15,11 +15,12 @@ each model was checked against.
     (``param_gather_fwd``/``param_gather_bwd``) instead of after the step.
 ``fsdp2``  FSDP2 + :class:`~lanton_dist.integrations.fsdp2.LANTONFSDP2`: parameters sharded on
     dim 0 in ``⌈d0/dp⌉``-row chunks (``torch.chunk`` rule). The optimizer's traffic — the
-    bucketed all-to-alls of hidden matrices to their owners (``lmo_gather``: each rank sends its
-    rows of every matrix another rank owns) and back (``lmo_scatter``: each owner sends every
-    rank its rows of the result), on estimation steps the all-to-all of gradient differences
-    (``variance_gather``), and the scalars, with the variance all-reduce deferred to the next
-    step (``defer_variance``) — is **validated**: the same multiset of collectives per rank and
+    bucketed all-to-alls of hidden matrices' reduced gradients to their owners (``lmo_gather``:
+    each rank sends its rows of every matrix another rank owns; the owner keeps momentum and
+    Option I's previous gradient whole) and of the directions back (``lmo_scatter``: each owner
+    sends every rank its rows of the result), Option II's estimation steps add the all-to-all of
+    half-batch gradient differences (``variance_gather``), and the scalars, with the variance
+    all-reduce deferred to the next step (``defer_variance``) — is **validated**: the same multiset of collectives per rank and
     step as the adapter's meter, world 3 (``tests/test_plan.py``). FSDP2's own collectives
     (``fsdp_*`` phases; not metered) are modelled: one unit per transformer block plus the root
     (embedding, final norm, head), an all-gather per unit before forward and before backward
@@ -82,12 +83,13 @@ def engine_collectives(layout: Layout, step: int, optim: OptimSettings, n_layers
     if optim.estimates(step) and optim.option == "II":
         out += per_bucket("reduce_scatter", "grad_reduce_half")
     out.append(Collective("all_reduce", "finite", sg[0], sg[1], 1 + n_layers, A))  # skip vote + presence per layer
-    # (on cuda the engine issues it at the start of the next step, after the owners' side-stream
-    # norms: the same bytes; the step time model below does not overlap anything either way)
-    if optim.estimates(step):
-        out.append(Collective("all_reduce", "variance", sg[0], sg[1], 2 * n_layers, A))
     if optim.algorithm in ("lanton", "scion") and n_vector:
         out.append(Collective("all_reduce", "norm", ng[0], ng[1], n_vector, A))
+    # after the LMO (the owners form D in their step); on cuda the engine issues it at the start of
+    # the next step, after the owners' side-stream norms: the same bytes; the step time model
+    # below does not overlap anything either way
+    if optim.estimates(step):
+        out.append(Collective("all_reduce", "variance", sg[0], sg[1], 2 * n_layers, A))
     for phase in gather_phases:
         out += per_bucket("all_gather", phase)
     return out
@@ -138,11 +140,19 @@ def _engine_colls(p: StepPlanner, st: StagePlan, d: int, t: int, step: int) -> l
 
 
 def _engine_owned(p: StepPlanner, st: StagePlan, d: int, t: int) -> dict[str, int]:
-    geo = {s.name: s.geometry.value for s in st.local}
+    """Elements (DP rank ``d``, TP rank ``t``) keeps optimizer state for: its layout segment; with
+    TP in ``owner`` mode, a hidden matrix's state is held whole by its TP owner instead
+    (the Megatron adapter's ``TensorParallelExchange`` owner, :mod:`lanton_dist.engine.core`)."""
+    geo = {s.name: s.geometry for s in st.local}
+    by_owner = p.layout.tp > 1 and p.layout.tp_mode == "owner" and p.optim.uses_ns
     out: dict[str, int] = defaultdict(int)
     for b in st.layout.buckets:
         for pc in b.on_rank(d):
-            out[geo[pc.name]] += pc.numel
+            if not (by_owner and geo[pc.name] is Geometry.HIDDEN):
+                out[geo[pc.name].value] += pc.numel
+    if by_owner:
+        q = d * p.layout.tp + t
+        out[Geometry.HIDDEN.value] += sum(s.numel for s in st.hidden if st.ownership.owner[s.name] == q)
     return dict(out)
 
 
@@ -190,7 +200,9 @@ def piece_exchange_collectives(p: StepPlanner, st: StagePlan, d: int, step: int,
     and back. ``piece_numel(spec, rank)``: elements of ``spec`` on ``rank`` in the framework's
     sharding (FSDP2: dim-0 rows; DeepSpeed: its flat partitions). ``elem``: bytes per element of
     the pieces (default ``param_bytes``; DeepSpeed's fp32 master partitions: 4). Buckets
-    (:func:`exchange_buckets`) whose matrices lie whole on their owners issue nothing."""
+    (:func:`exchange_buckets`) whose matrices lie whole on their owners issue nothing. The
+    owners hold hidden matrices' state whole, so Option I forms D = G_t − G_{t−1} there: its
+    LANTON moves D-Muon's bytes plus the scalars; only Option II gathers D (``variance_gather``)."""
     W, o = p.layout.dp, p.optim
     E = elem or o.param_bytes
     sg, ng = _scalar_groups(p)
@@ -216,7 +228,7 @@ def piece_exchange_collectives(p: StepPlanner, st: StagePlan, d: int, step: int,
                            sum(piece_numel(s, d) for s in b if owner[s.name] == d)) for b in buckets]
 
     if o.estimates(step):
-        if o.estimator_runs(step):
+        if o.option == "II":
             out += gathers("variance_gather")
         if not o.defer_variance:
             out.append(variance)
@@ -253,16 +265,28 @@ def _fsdp_piece(p: StepPlanner, st: StagePlan) -> Callable[[ParamSpec, int], int
     return _piece_sizes(st.memo("fsdp_ranges", lambda: {s.name: row_ranges(s.shape, p.layout.dp) for s in st.local}))
 
 
-def _owned_by_geometry(piece: Callable[[ParamSpec, int], int], st: StagePlan, d: int) -> dict[str, int]:
-    """Elements data-parallel rank ``d`` holds of each geometry, from the stack's piece sizes."""
+def _owned_by_geometry(p: StepPlanner, piece: Callable[[ParamSpec, int], int], st: StagePlan, d: int) -> dict[str, int]:
+    """Elements data-parallel rank ``d`` keeps optimizer state for, per geometry: its pieces
+    (the stack's piece sizes) of elementwise state, and under a Newton–Schulz algorithm the
+    hidden matrices it owns, whole (:class:`~lanton_dist.engine.core.ShardedCore`)."""
     out: dict[str, int] = defaultdict(int)
     for s in st.local:
-        out[s.geometry.value] += piece(s, d)
+        if s.geometry is Geometry.HIDDEN and p.optim.uses_ns:
+            out[s.geometry.value] += s.numel if st.dp_plan.owner[s.name] == d else 0
+        else:
+            out[s.geometry.value] += piece(s, d)
     return dict(out)
 
 
+def piece_elements(p: StepPlanner, st: StagePlan, d: int) -> int:
+    """Elements of the local model DP rank ``d`` holds as its pieces under the FSDP2 or DeepSpeed
+    sharding (its parameter and gradient shards)."""
+    piece = _fsdp_piece(p, st) if p.layout.strategy == "fsdp2" else _ds_piece(p, st)
+    return sum(piece(s, d) for s in st.local)
+
+
 def _fsdp_owned(p: StepPlanner, st: StagePlan, d: int, t: int) -> dict[str, int]:
-    return _owned_by_geometry(_fsdp_piece(p, st), st, d)
+    return _owned_by_geometry(p, _fsdp_piece(p, st), st, d)
 
 
 def deepspeed_ranges(local: list[ParamSpec], dp: int, stage: int) -> dict[str, Ranges]:
@@ -317,7 +341,7 @@ def _ds_colls(p: StepPlanner, st: StagePlan, d: int, t: int, step: int) -> list[
 
 
 def _ds_owned(p: StepPlanner, st: StagePlan, d: int, t: int) -> dict[str, int]:
-    return _owned_by_geometry(_ds_piece(p, st), st, d)
+    return _owned_by_geometry(p, _ds_piece(p, st), st, d)
 
 
 def _ddp_scalar_colls(p: StepPlanner, st: StagePlan, d: int, t: int, step: int) -> list[Collective]:
