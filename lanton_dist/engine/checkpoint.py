@@ -3,18 +3,20 @@
 Each rank writes only the state it holds (:meth:`~lanton_dist.engine.core.ShardedCore.state_slots`):
 optimizer-state tensor ``key`` of elements ``[start, stop)`` of parameter ``name`` is stored under
 ``optim/<name>/<key>/<start>_<stop>`` (flattened), so a hidden matrix's state is written whole
-(``0_<numel>``, row-major) by its owner alone and elementwise pieces by whoever holds them. The replicated scalars (step, trackers H, rate factors, the "estimated"
-mask E, each parameter's step count, skipped steps) and, optionally, the model's parameters are stored once (DCP
+(``0_<numel>``, row-major) by its owner alone and elementwise pieces by whoever holds them. The
+replicated scalars (step, trackers H, rate factors, the "estimated" mask E, each parameter's
+step count, skipped steps) and, optionally, the model's parameters are stored once (DCP
 de-duplicates replicated keys).
 
 Loading reads the stored chunk list from the checkpoint's metadata and assembles each state
 slot of the *new* layout (owned matrices whole, elementwise pieces) from the chunks that
 overlap it, so a checkpoint written on 4 ranks loads on 2 or 3, and one written when every
-rank kept its piece of a hidden matrix's state loads into that matrix's owner. A pending variance reduction is completed before saving (it would
-be waited for at the next step anyway; the result is the same). After loading, parameters
-are copied into the engine's buffers on every rank: no rank resumes from stale weights.
-Checkpoints written before E and the step counts existed load with E = (H > 0) (a layer whose
-tracker is exactly 0 counts as never estimated) and every parameter stepped ``t`` times.
+rank kept its piece of a hidden matrix's state loads into that matrix's owner. A pending
+variance reduction is completed before saving (it would be waited for at the next step
+anyway; the result is the same). After loading, parameters are copied into the engine's
+buffers on every rank: no rank resumes from stale weights. Checkpoints written before E and
+the step counts existed load with E = (H > 0) (a layer whose tracker is exactly 0 counts as
+never estimated) and every parameter stepped ``t`` times.
 """
 from __future__ import annotations
 

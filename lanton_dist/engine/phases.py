@@ -18,15 +18,17 @@ Phases (names are stable: the profiler and the tests key on them; ``tests/test_p
 ``agree``                  the job-wide skip/presence vote (the step's one host read)
 ``variance_finish``        completing a pending variance reduction (owners' norms of a
                            deferred one, the all-reduce wait, trackers H, rate factors)
-``momentum``               momentum (LANTON, Scion, D-Muon hidden) of every stepped piece
-``lmo``                    hidden directions: exchange to owners, Newton–Schulz, back
+``momentum``               momentum of every stepped elementwise piece, and of each hidden
+                           matrix on its owner (inside ``lmo``: the owner step)
+``lmo``                    hidden directions: gradient pieces to owners, owner step, back
 ``polar``                  the owner's Newton–Schulz on whole matrices (inside ``lmo``)
 ``variance_estimate``      estimation step: differences, gathers, norms, all-reduce launch
 ``dual_norms``             the owner's nuclear norms (on the owners' thread when deferred)
 ``update``                 the parameter update (weight decay + scaled direction; AdamW's step)
 ``lmo_gather``,            all-to-all exchange (FSDP2/DeepSpeed/fairscale) and Megatron's TP
 ``lmo_scatter``,           exchange: packing and posting pieces to the owners / results back
-``variance_gather``        (named as the collectives they post)
+``variance_gather``        (named as the collectives they post; ``variance_gather``: Option II
+                           only, its half-batch differences)
 =========================  ==============================================================
 """
 from __future__ import annotations
