@@ -50,15 +50,15 @@ def _plain(model, world):
     return model
 
 
-def _fsdp_tp(model):
-    """FSDP 2 × TP 2 on a ("dp", "tp") mesh: column-parallel q/k/v/gate/up (placements
+def _fsdp_tp(model, dp=2):
+    """FSDP ``dp`` × TP 2 on a ("dp", "tp") mesh: column-parallel q/k/v/gate/up (placements
     (_StridedShard(0), Shard(0))), row-parallel o/down ((Shard(0), Shard(1))), then
     ``fully_shard`` over "dp"; embeddings, head and norms are FSDP-sharded and TP-replicated."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    mesh = init_device_mesh("cpu", (dp, 2), mesh_dim_names=("dp", "tp"))
     for layer in model.layers:
         parallelize_module(layer, mesh["tp"], {k: ColwiseParallel() if v == "col" else RowwiseParallel()
                                                for k, v in TP_PLAN.items()})
@@ -237,8 +237,8 @@ def test_blocks_that_do_not_tile_the_matrix_are_refused():
 def _ckpt_worker(rank, world, path, phase, kind):
     from lanton_dist.integrations.fsdp2 import LANTONFSDP2
 
-    shard = {"hsdp": _hsdp, "tp": _fsdp_tp, "plain": lambda m: _plain(m, world)}[kind]
-    dp = 2 if kind == "tp" else world
+    shard = {"hsdp": _hsdp, "tp": lambda m: _fsdp_tp(m, world // 2), "plain": lambda m: _plain(m, world)}[kind]
+    dp = world // 2 if kind == "tp" else world
     dp_rank = rank * dp // world
     model = shard(make_model())
     opt = LANTONFSDP2(model, _cfg(k=1), bucket_mb=0.005)
@@ -276,6 +276,19 @@ def test_hsdp_checkpoint_resumes_on_plain_fsdp2_at_world_2(saved):
     if kind != "hsdp":
         pytest.skip("the HSDP checkpoint")
     resumed = run(_ckpt_worker, 2, path, "load", "plain", timeout_s=180)
+    ref = reference_run(_cfg(k=1), STEPS, delay=True)
+    for r, res in enumerate(resumed):
+        assert max_rel_err(res, ref) <= 5e-5, f"rank {r}"
+
+
+@slow
+def test_fsdp_x_tp_checkpoint_resumes_at_another_fsdp_size(saved):
+    """FSDP 2 × TP 2 → FSDP 1 × TP 2 on 2 ranks: the TP column split is the same, the FSDP
+    chunks and the owners change; the run continues as the reference (fp32, other reduction order)."""
+    kind, path, _ = saved
+    if kind != "tp":
+        pytest.skip("the FSDP × TP checkpoint")
+    resumed = run(_ckpt_worker, 2, path, "load", "tp", timeout_s=180)
     ref = reference_run(_cfg(k=1), STEPS, delay=True)
     for r, res in enumerate(resumed):
         assert max_rel_err(res, ref) <= 5e-5, f"rank {r}"
