@@ -268,30 +268,30 @@ def test_dcp_resume_on_the_same_mesh_is_bit_exact(saved):
             assert torch.equal(resumed[r][n], full[r][n]), f"{kind} rank {r} {n}"
 
 
-@slow
-def test_hsdp_checkpoint_resumes_on_plain_fsdp2_at_world_2(saved):
-    """HSDP 2 × 2 → FSDP2 on 2 ranks: replicated pieces were written once, the plain layout
-    reads them back and the run continues as the reference (fp32, other reduction order)."""
+def _resumes_as_reference(saved, written: str, load_as: str) -> None:
+    """The ``written`` checkpoint of ``saved``, loaded on 2 ranks sharded as ``load_as``,
+    continues as the reference (fp32, another reduction order)."""
     kind, path, _ = saved
-    if kind != "hsdp":
-        pytest.skip("the HSDP checkpoint")
-    resumed = run(_ckpt_worker, 2, path, "load", "plain", timeout_s=180)
+    if kind != written:
+        pytest.skip(f"the {written} checkpoint")
+    resumed = run(_ckpt_worker, 2, path, "load", load_as, timeout_s=180)
     ref = reference_run(_cfg(k=1), STEPS, delay=True)
     for r, res in enumerate(resumed):
         assert max_rel_err(res, ref) <= 5e-5, f"rank {r}"
+
+
+@slow
+def test_hsdp_checkpoint_resumes_on_plain_fsdp2_at_world_2(saved):
+    """HSDP 2 × 2 → FSDP2 on 2 ranks: replicated pieces were written once, the plain layout
+    reads them back."""
+    _resumes_as_reference(saved, "hsdp", "plain")
 
 
 @slow
 def test_fsdp_x_tp_checkpoint_resumes_at_another_fsdp_size(saved):
     """FSDP 2 × TP 2 → FSDP 1 × TP 2 on 2 ranks: the TP column split is the same, the FSDP
-    chunks and the owners change; the run continues as the reference (fp32, other reduction order)."""
-    kind, path, _ = saved
-    if kind != "tp":
-        pytest.skip("the FSDP × TP checkpoint")
-    resumed = run(_ckpt_worker, 2, path, "load", "tp", timeout_s=180)
-    ref = reference_run(_cfg(k=1), STEPS, delay=True)
-    for r, res in enumerate(resumed):
-        assert max_rel_err(res, ref) <= 5e-5, f"rank {r}"
+    chunks and the owners change."""
+    _resumes_as_reference(saved, "tp", "tp")
 
 
 @slow
