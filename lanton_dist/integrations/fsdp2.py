@@ -7,17 +7,20 @@ works directly on those local shards:
 
 * momentum, sign/RMS LMOs, AdamW and weight decay are elementwise on the shards; the
   embed_head and vector groups never gather anything (their norms are scalar all-reduces);
-* each hidden matrix's shards go to its owner (FLOP-balanced plan) through the bucketed
-  :class:`~lanton_dist.engine.exchange.AllToAllExchange` — one all-to-all per bucket
-  each way, Newton–Schulz of bucket i overlapping the transfer of bucket i+1 — so every
-  Newton–Schulz runs once per matrix per step across the job, and nothing is all-gathered;
-* on estimation steps (``defer_variance=True``, the default) the D = G_t − G̃_t all-to-all is
-  posted at the end of step t, the owners compute the nuclear norms on a background thread
-  while the next forward runs, and step t+1 starts by all-reducing them — the one-step delay
-  of the engine's ``overlap=True`` (the reference with ``delay_lr_factor=True``).
+* each hidden matrix's gradient shards go to its owner (FLOP-balanced plan) through the
+  bucketed :class:`~lanton_dist.engine.exchange.AllToAllExchange` — one all-to-all per
+  bucket each way, Newton–Schulz of bucket i overlapping the transfer of bucket i+1 — where
+  the owner keeps the matrix's momentum and Option I's previous gradient whole (the core's
+  owner-held state), so every Newton–Schulz runs once per matrix per step across the job and
+  nothing is all-gathered;
+* on estimation steps the owner forms D = G_t − G_{t−1} itself; with ``defer_variance=True``
+  (the default) it computes the nuclear norms on a background thread while the next forward
+  runs, and step t+1 starts by all-reducing them — the one-step delay of the engine's
+  ``overlap=True`` (the reference with ``delay_lr_factor=True``). Option II's D = ∇_A − ∇_B
+  cannot be rebuilt from stored state: its pieces are gathered to the owners on estimation steps.
 
 Extra traffic over FSDP2+AdamW per step: ≈ 2 × the owned hidden bytes (the all-to-all
-optimum), plus D on estimation steps and scalar all-reduces.
+optimum, exactly D-Muon's) plus scalar all-reduces (Option II: plus D on estimation steps).
 
 **2-D meshes.** Every parameter's layout is read from its DTensor placements (each rank's
 block: ``compute_local_shape_and_global_offset``, gathered once at construction) over the
