@@ -92,13 +92,28 @@ def load_config(overrides: Iterable[str]) -> Any:
     return load_run_config(CONFIG, list(overrides))
 
 
-def config_hash(spec: RunSpec) -> str:
-    """First 10 hex digits of the sha1 of the run's resolved config (without :data:`NOT_HASHED`):
-    equal for two specs exactly when they train the same run."""
-    from lanton_dist.config import to_dict
+def _differences(cfg: dict[str, Any], default: dict[str, Any]) -> dict[str, Any]:
+    """The entries of ``cfg`` (nested dicts) whose value differs from ``default``'s."""
+    out: dict[str, Any] = {}
+    for k, v in cfg.items():
+        d = default.get(k)
+        if isinstance(v, dict) and isinstance(d, dict):
+            if sub := _differences(v, d):
+                out[k] = sub
+        elif v != d or k not in default:
+            out[k] = v
+    return out
 
-    cfg = to_dict(load_config(spec.config_overrides()))
-    cfg["train"] = {k: v for k, v in cfg["train"].items() if k not in NOT_HASHED}
+
+def config_hash(spec: RunSpec) -> str:
+    """First 10 hex digits of the sha1 of the run's resolved config (without :data:`NOT_HASHED`),
+    entries at :class:`~lanton_dist.config.RunConfig`'s defaults left out: equal for two specs
+    exactly when they train the same run, and unchanged when the library gains a config key
+    whose default keeps the old behaviour (finished runs stay reusable across versions)."""
+    from lanton_dist.config import RunConfig, to_dict
+
+    cfg = _differences(to_dict(load_config(spec.config_overrides())), to_dict(RunConfig()))
+    cfg["train"] = {k: v for k, v in cfg.get("train", {}).items() if k not in NOT_HASHED}
     return hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:10]
 
 

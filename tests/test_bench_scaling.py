@@ -80,6 +80,16 @@ def test_a_variant_equal_to_the_main_lanton_config_is_not_a_run_of_its_own():
     assert scaling.own_variants(["k10"], w, ["--optim.estimate_every", "5"]) == dict(k10=True)
 
 
+def test_a_run_hash_names_what_differs_from_the_defaults_so_new_default_keys_keep_finished_runs():
+    from lanton_dist.config import RunConfig
+
+    spec = common.RunSpec("lanton", 1.0, 1, 4, 1, "r", common.BASE_LRS["lanton"], tiny_shape(16))
+    beta = RunConfig().optim.beta1
+    same = dataclasses.replace(spec, overrides=(*spec.overrides, "--optim.beta1", repr(beta)))
+    other = dataclasses.replace(spec, overrides=(*spec.overrides, "--optim.beta1", repr(beta / 2)))
+    assert common.config_hash(same) == common.config_hash(spec) != common.config_hash(other)
+
+
 @pytest.mark.slow
 def test_an_interrupted_run_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_run(tmp_path):
     spec = common.RunSpec("lanton", 1.0, 1, 4, 1, "r", common.BASE_LRS["lanton"],
