@@ -124,19 +124,26 @@ def _user_grads(rank, world) -> dict[str, object]:
             opt.zero_grad()
         out[replace] = _params(model)
     model = make_model()
+    # a parameter of another dtype cannot be a view of the buckets: the optimizer copies it
+    model.register_parameter("extra", torch.nn.Parameter(torch.ones(4, dtype=torch.float64)))
     opt = _build(model, CASES["adamw"])
+    out["copied_params"] = opt.copied_params
     x = rows(batches(1)[0], rank, world)
-    loss_fn(model, x).backward()
+
+    def loss() -> torch.Tensor:
+        return loss_fn(model, x) + model.extra.float().square().sum()
+
+    loss().backward()
     try:
-        loss_fn(model, x).backward()
+        loss().backward()
         out["error"] = None
     except RuntimeError as exc:
         out["error"] = str(exc)
     named = dict(model.named_parameters())
     view = next(n for n in named if n not in opt.copied_params)
-    for kind, name in (("view", view), ("copied", opt.copied_params[0])):
+    for kind, name in (("view", view), ("copied", "extra")):
         opt.zero_grad()
-        loss_fn(model, x).backward()
+        loss().backward()
         named[name].grad.mul_(2.0)  # in place, after its bucket's reduce-scatter started
         try:
             opt.step()
@@ -240,7 +247,8 @@ def test_parameters_and_gradients_are_views_of_the_bucket_buffers():
         assert v["buckets"] > 1
         assert v["views_at_build"] and v["views_after_zero_grad"] and v["view_restored"]
         assert v["launched_by_hooks"] == v["buckets"], "every bucket's reduce-scatter starts during backward"
-        assert v["model_storages"], "parameters and gradients live in the two buffers (and the copied parameters)"
+        assert v["copied"] == [], "the owner layout holds every parameter contiguously"
+        assert v["model_storages"], "parameters and gradients live in the two buffers"
 
 
 def test_the_optimizer_holds_no_parameter_or_gradient_copies():
@@ -255,6 +263,7 @@ def test_hand_assigned_gradients_step_like_backward_and_late_or_in_place_changes
         u = res["user"]
         assert all(torch.equal(u[True][n], u[False][n]) for n in u[False])
         assert u["error"] is not None and "no_sync" in u["error"]
+        assert u["copied_params"] == ["extra"]
         assert all(u[kind] is not None and "in place" in u[kind] for kind in ("view", "copied"))
 
 

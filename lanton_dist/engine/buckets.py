@@ -1,18 +1,20 @@
 """Flat bucket storage of the ZeRO engine: parameters and gradients as views of two flat
-buffers, reduce-scatters launched from backward hooks, all-gathers awaited at first use.
+buffers, bucket reductions launched from backward hooks, parameter gathers awaited at first use.
 
-The buckets of the owner-aligned :class:`~lanton_dist.engine.layout.Layout` lie end to end in
-one flat gradient buffer and one flat parameter buffer (``padded_numel`` elements each, on the
-parameters' device and dtype). A parameter whose pieces lie back to back there
-(:meth:`Layout.flat_spans`) *is* a view of the parameter buffer (``p.data`` re-pointed) and its
-``p.grad`` a view of the gradient buffer, so autograd accumulates in place in the bucket
-(DDP's ``gradient_as_bucket_view``) and the all-gather writes the updated segments straight
-into the model. The others (an elementwise tensor running through a segment that also holds
-whole matrices; a parameter of another dtype or device) keep their own storage and are
-copied in before the reduce-scatter and out after the all-gather: :attr:`copied` names them,
-the planner counts their bytes. Both collectives run in place: the reduce-scatter's output
-and the all-gather's input are this rank's segment of the bucket; the owned pieces' ``grad``
-and ``param`` are views of that segment.
+The buckets of the :class:`~lanton_dist.engine.layout.Layout` lie end to end in one flat
+gradient buffer and one flat parameter buffer (``padded_numel`` elements each, on the
+parameters' device and dtype). Every parameter's pieces lie back to back there
+(:meth:`Layout.flat_spans`), so a parameter *is* a view of the parameter buffer (``p.data``
+re-pointed) and its ``p.grad`` a view of the gradient buffer: autograd accumulates in place in
+the bucket (DDP's ``gradient_as_bucket_view``) and the gather writes the updated chunks straight
+into the model. Only a parameter of another dtype or device than the first keeps its own storage
+and is copied in before the reduction and out after the gather: :attr:`copied` names them,
+the planner counts their bytes. Every collective runs in place on a bucket
+(:meth:`BucketStorage._collect`): a bucket of equal chunks is one reduce-scatter (its output
+this rank's chunk) and one all-gather; a bucket of unequal chunks (whole matrices on their
+owners) is one reduce to, and one broadcast from, each rank with a non-empty chunk, issued in
+rank order. The owned pieces' ``grad`` and ``param`` are views of this rank's chunks; after a
+reduce the other chunks of the gradient buffer are scratch.
 
 Gradient presence (``present``): a parameter has a gradient on this rank iff autograd
 accumulated one since the last step (a post-accumulate hook), or ``p.grad`` was assigned
@@ -22,7 +24,7 @@ so the owned pieces' reduced gradients stay readable after ``step()``.
 
 Overlap: with ``can_launch()`` true (the optimizer's switch, outside ``no_sync``, not the first
 half-batch of Option II) the hook of a bucket's last pending parameter launches that bucket's
-async reduce-scatter while backward goes on — in bucket order (bucket 0 holds the last
+async reduction while backward goes on — in bucket order (bucket 0 holds the last
 parameters, the first gradients backward produces), so every rank issues the same sequence of
 collectives. Buckets whose parameters did not all report are launched by :meth:`reduce`.
 A gradient arriving after its bucket was launched is an error.
@@ -38,7 +40,7 @@ import torch
 from torch import nn
 
 from lanton_dist.engine.layout import Layout, Piece
-from lanton_dist.engine.meter import Collectives
+from lanton_dist.engine.meter import Collectives, Handle
 
 
 class BucketStorage:
@@ -55,10 +57,12 @@ class BucketStorage:
         self.param_buffer = torch.zeros(padded, device=device, dtype=dtype)
         self.half_buffer: torch.Tensor | None = None
         starts = layout.bucket_starts
-        self._bucket_span = [(s, s + b.segment * self.world) for s, b in zip(starts, layout.buckets)]
-        self._own = [(s + self.rank * b.segment, s + (self.rank + 1) * b.segment) for s, b in zip(starts, layout.buckets)]
+        self._chunks = [[(s + b.start_of(r), s + b.start_of(r) + n) for r, n in enumerate(b.segments)]
+                        for s, b in zip(starts, layout.buckets)]
+        self._bucket_span = [(s, s + b.numel) for s, b in zip(starts, layout.buckets)]
+        self._own = [chunks[self.rank] for chunks in self._chunks]
         self._placed: list[list[tuple[Piece, int]]] = [
-            [(pc, s + pc.rank * b.segment + pc.offset) for pc in b.pieces] for s, b in zip(starts, layout.buckets)]
+            [(pc, s + b.start_of(pc.rank) + pc.offset) for pc in b.pieces] for s, b in zip(starts, layout.buckets)]
         self.buckets_of: dict[str, list[int]] = {}
         for bi, b in enumerate(layout.buckets):
             for pc in b.pieces:
@@ -95,8 +99,8 @@ class BucketStorage:
         self._next = 0
         self._version = 0  # grad_buffer's version counter after the last hook (in-place edits bump it)
         self._copied_sent: dict[str, tuple[torch.Tensor, int]] = {}  # copied grads in flight, and their versions
-        self._reducing: dict[int, object] = {}
-        self._gathering: dict[int, object] = {}
+        self._reducing: dict[int, list[Handle]] = {}
+        self._gathering: dict[int, list[Handle]] = {}
         self._reset_counts()
         self._hooks = []
         me = weakref.ref(self)  # the hooks neither keep a dropped optimizer alive nor act for it
@@ -232,12 +236,22 @@ class BucketStorage:
         buf = self.grad_buffer if buf is None else buf
         if buf is self.grad_buffer:
             self._copied_sent.update((name, (g, g._version)) for name, g in self._copy_in(b, buf))
+        self._reducing[b] = self._collect(b, buf, phase, gather=False)
+
+    def _collect(self, b: int, buf: torch.Tensor, phase: str, *, gather: bool) -> list[Handle]:
+        """Launch bucket ``b``'s SUM reduction into the chunks (``gather=False``) or the gather of
+        the chunks (``gather=True``) on ``buf``, in place: a reduce-scatter / all-gather when its
+        chunks are equal, else a reduce to / broadcast from each rank with a non-empty chunk."""
         a, z = self._bucket_span[b]
-        o, e = self._own[b]
-        self._reducing[b] = self.coll.reduce_scatter(buf[o:e], buf[a:z], phase)
+        if self.layout.buckets[b].uniform:
+            o, e = self._own[b]
+            op = self.coll.all_gather if gather else self.coll.reduce_scatter
+            return [op(buf[a:z], buf[o:e], phase) if gather else op(buf[o:e], buf[a:z], phase)]
+        op = self.coll.broadcast if gather else self.coll.reduce
+        return [op(buf[o:e], q, phase) for q, (o, e) in enumerate(self._chunks[b]) if e > o]
 
     def reduce(self) -> None:
-        """Reduce-scatter (mean) every bucket not launched by a hook yet, wait for all; the owned
+        """Reduce (mean) every bucket not launched by a hook yet, wait for all; the owned
         pieces' gradients (:meth:`own_grad`) then hold the mean over the group. Copied
         parameters' own gradients are freed (ZeRO-2)."""
         self.collect()
@@ -249,7 +263,8 @@ class BucketStorage:
 
     def _finish(self, buf: torch.Tensor) -> None:
         for b in range(len(self.layout.buckets)):
-            self._reducing.pop(b).wait()
+            for h in self._reducing.pop(b):
+                h.wait()
             o, e = self._own[b]
             buf[o:e].div_(self.world)
 
@@ -267,7 +282,7 @@ class BucketStorage:
             self.params[name].grad = None
 
     def reduce_half(self) -> None:
-        """Reduce-scatter (mean) the stashed half in place (phase ``grad_reduce_half``)."""
+        """Reduce (mean) the stashed half in place (phase ``grad_reduce_half``)."""
         for b in range(len(self.layout.buckets)):
             self._launch(b, "grad_reduce_half", self.half_buffer)
         self._finish(self.half_buffer)
@@ -298,17 +313,18 @@ class BucketStorage:
         return len(self._reducing)
 
     def wait_reductions(self) -> None:
-        for h in self._reducing.values():
-            h.wait()
+        for handles in self._reducing.values():
+            for h in handles:
+                h.wait()
         self._reducing.clear()
 
     # ------------------------------------------------------------------ parameters
     def gather(self, phase: str, wait: bool = True) -> None:
-        """All-gather every bucket's segments in place into the parameter buffer (async);
+        """Gather every bucket's chunks in place into the parameter buffer (async);
         ``wait=False`` leaves them in flight until :meth:`wait_params`."""
         self.wait_params()
-        for b, ((a, z), (o, e)) in enumerate(zip(self._bucket_span, self._own)):
-            self._gathering[b] = self.coll.all_gather(self.param_buffer[a:z], self.param_buffer[o:e], phase)
+        for b in range(len(self.layout.buckets)):
+            self._gathering[b] = self._collect(b, self.param_buffer, phase, gather=True)
         if wait:
             self.wait_params()
 
@@ -317,10 +333,11 @@ class BucketStorage:
         """Wait for the in-flight all-gathers of ``buckets`` (None: all) and copy them into the
         copied parameters."""
         for b in list(self._gathering) if buckets is None else buckets:
-            h = self._gathering.pop(b, None)
-            if h is None:
+            handles = self._gathering.pop(b, None)
+            if handles is None:
                 continue
-            h.wait()
+            for h in handles:
+                h.wait()
             for pc, at in self._placed[b]:
                 if pc.name not in self.views:
                     self.params[pc.name].detach().view(-1)[pc.start : pc.stop].copy_(self.param_buffer[at : at + pc.numel])

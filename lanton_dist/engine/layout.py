@@ -1,34 +1,31 @@
-"""Owner-aligned flat bucket layout for data-parallel (ZeRO-1/2) sharding.
+"""Flat bucket layout of the ZeRO engine: whole matrices on their owners, any bucket size.
 
-Each bucket is one flat buffer of ``world × segment`` elements; rank r's segment is what it
-receives from the bucket's reduce-scatter and contributes to its all-gather. Whole hidden
-matrices lie inside their owner's segment (so the ordinary reduce-scatter hands owners
-whole reduced gradients — no extra traffic for Newton–Schulz); embed_head and vector tensors
-are cut elementwise into flat pieces that fill the remaining room, split wherever a segment
-ends, as in plain ZeRO, because their LMOs are elementwise and their dual norms decompose.
+A bucket is a run of consecutive parameters in backward (reverse) order, at most ``bucket_numel``
+elements, laid out as one flat range of per-rank *chunks* — rank r's chunk (``segments[r]``
+elements) is what it receives from the bucket's reduction and sends back in the parameter
+gather. Three kinds of placement, each keeping every parameter contiguous in the flat buffer
+(so every parameter and gradient can be a view of it):
 
-Buckets are *rounds*: with ``n`` buckets every segment aims at ``⌈total / (n·world)⌉`` elements.
-Each rank walks its owned matrices in reverse parameter order (backward order) and puts into
-bucket b every next matrix that still fits (first fit, so a large matrix that does not fit
-leaves room for the smaller ones after it); a segment grows only to hold a single matrix larger
-than the aim; the last bucket takes what is left. The elementwise stream (reverse order too)
-then fills every segment's room, bucket by bucket and rank by rank. Whatever room the stream
-cannot fill is padding, reported by :attr:`Layout.padding`. A piece cut at a segment's end
-continues at offset 0 of the next segment (the owned matrices follow it), so with the buckets
-laid end to end in one flat buffer (:attr:`Layout.bucket_starts`) an elementwise tensor stays
-contiguous there unless it runs through a whole segment that also holds matrices
-(:meth:`Layout.flat_spans`; the engine keeps a separate copy of such a tensor).
+* a hidden matrix lies whole in its owner's chunk (``plan.owner``), so the owner receives its
+  whole reduced gradient for Newton–Schulz and the dual norm with no extra traffic;
+* a small elementwise tensor (embed_head or vector geometry, at most ``bucket_numel / world``
+  elements) lies whole in the chunk of the rank holding the fewest elements so far (owned
+  matrices counted first), so optimizer state stays balanced;
+* a larger elementwise tensor gets buckets of its own, cut in pieces of ``bucket_numel`` rounded
+  down to a multiple of ``world`` (at least ``world``), each split evenly over the ranks (plain
+  ZeRO; its LMO is elementwise and its dual norm decomposes).
 
-Bucket size: ``bucket_numel`` is a cap on ``world × segment``. The layout uses the most buckets
-— starting from ``⌈total / bucket_numel⌉``, or ``⌊total / (world·largest matrix)⌋`` if fewer
-(a segment holds its largest matrix whole) — whose padding stays within ``max_padding`` of the
-elements (default :data:`MAX_PADDING`, 1%), down to one bucket (the least padding whole matrices
-allow). So the cap is honoured exactly when whole matrices permit it within the padding bound;
-otherwise buckets are larger (:attr:`Layout.cap_honoured` is False): a segment can never be
-smaller than its largest matrix, so at 70B with TP 8 on 16 DP ranks (29 M-element FFN shards,
-67 M elements per rank and stage) no packing into buckets below ≈ 1 G elements pads less than
-≈ 13%. ``plan=None`` has no owners: the plain-ZeRO AdamW layout, every tensor elementwise,
-which honours any cap of at least ``world`` elements.
+Chunks of one bucket may differ in size. A bucket whose chunks are all equal is reduced with
+one reduce-scatter and gathered with one all-gather; any other bucket with one reduce to each
+rank holding a non-empty chunk and one broadcast from it (DeepSpeed ZeRO-2's reduce-to-owner
+mode; :mod:`lanton_dist.engine.buckets`). Either way a rank sends, summed over the buckets,
+the model minus what it holds — within ``1/world`` of a reduce-scatter's bytes when holdings
+are balanced (:mod:`lanton_dist.engine.meter`) — and the cap is honoured for every bucket but
+one holding a single matrix larger than it (a matrix is never cut: :attr:`Layout.cap_honoured`).
+Padding is only the rounding of the even splits (fewer than ``world`` elements per split bucket).
+
+``plan=None`` has no owners: the plain-ZeRO AdamW layout (the traffic baseline), every tensor
+a stream cut into equal chunks of ``⌈bucket_numel / world⌉`` elements, split wherever a chunk ends.
 """
 from __future__ import annotations
 
@@ -38,13 +35,10 @@ from dataclasses import dataclass
 from lanton_dist.engine.ownership import OwnershipPlan
 from lanton_dist.groups import Geometry, ParamSpec
 
-#: Default bound on padding, as a fraction of the model's elements (module doc).
-MAX_PADDING = 0.01
-
 
 @dataclass(frozen=True)
 class Piece:
-    """Elements ``[start, stop)`` of parameter ``name`` (flattened), at ``offset`` in ``rank``'s segment."""
+    """Elements ``[start, stop)`` of parameter ``name`` (flattened), at ``offset`` in ``rank``'s chunk."""
 
     name: str
     start: int
@@ -59,9 +53,24 @@ class Piece:
 
 @dataclass(frozen=True)
 class Bucket:
+    """Bucket ``index``: rank r's chunk holds ``segments[r]`` elements; chunks lie in rank order."""
+
     index: int
-    segment: int
+    segments: tuple[int, ...]
     pieces: tuple[Piece, ...]
+
+    @property
+    def numel(self) -> int:
+        return sum(self.segments)
+
+    @property
+    def uniform(self) -> bool:
+        """All chunks equal: one reduce-scatter / all-gather moves the bucket."""
+        return len(set(self.segments)) == 1
+
+    def start_of(self, rank: int) -> int:
+        """Where ``rank``'s chunk starts in the bucket."""
+        return sum(self.segments[:rank])
 
     def on_rank(self, rank: int) -> list[Piece]:
         return [p for p in self.pieces if p.rank == rank]
@@ -79,7 +88,7 @@ class Layout:
 
     @property
     def padded_numel(self) -> int:
-        return sum(b.segment for b in self.buckets) * self.world
+        return sum(b.numel for b in self.buckets)
 
     @property
     def padding(self) -> int:
@@ -91,12 +100,16 @@ class Layout:
 
     @property
     def max_bucket_numel(self) -> int:
-        """Largest bucket, ``world × segment`` elements."""
-        return max((b.segment for b in self.buckets), default=0) * self.world
+        return max((b.numel for b in self.buckets), default=0)
 
     @property
     def cap_honoured(self) -> bool:
-        return self.max_bucket_numel <= self.cap
+        """Every bucket within the cap, but one holding a single matrix larger than it."""
+        return all(b.numel <= self.cap or len(b.pieces) == 1 for b in self.buckets)
+
+    def held(self, rank: int) -> int:
+        """Elements of ``rank``'s chunks (what it reduces, updates and gathers; padding included)."""
+        return sum(b.segments[rank] for b in self.buckets)
 
     def pieces_of(self, name: str) -> list[Piece]:
         return [p for b in self.buckets for p in b.pieces if p.name == name]
@@ -107,19 +120,18 @@ class Layout:
         starts, at = [], 0
         for b in self.buckets:
             starts.append(at)
-            at += b.segment * self.world
+            at += b.numel
         return tuple(starts)
 
     def flat_spans(self) -> dict[str, tuple[int, int] | None]:
         """Parameter name → ``(start, stop)`` in the flat buffer (buckets end to end) when its
         pieces lie there back to back in element order — a tensor view of the buffer can then be
-        the parameter (or its gradient) — else ``None``: the pieces are scattered (an
-        elementwise piece that runs through a segment holding a whole matrix, module doc)."""
+        the parameter (or its gradient) — else ``None`` (none in the layouts built here; kept as
+        the check the storage relies on)."""
         placed: dict[str, list[tuple[int, int, int]]] = {}
         for b, base in zip(self.buckets, self.bucket_starts):
             for p in b.pieces:
-                at = base + p.rank * b.segment + p.offset
-                placed.setdefault(p.name, []).append((p.start, at, p.numel))
+                placed.setdefault(p.name, []).append((p.start, base + b.start_of(p.rank) + p.offset, p.numel))
         spans: dict[str, tuple[int, int] | None] = {}
         for name, parts in placed.items():
             parts.sort()
@@ -129,87 +141,83 @@ class Layout:
         return spans
 
 
-def build_layout(specs: list[ParamSpec], plan: OwnershipPlan | None, world: int, bucket_numel: int,
-                 max_padding: float = MAX_PADDING) -> Layout:
+def build_layout(specs: list[ParamSpec], plan: OwnershipPlan | None, world: int, bucket_numel: int) -> Layout:
     """The layout of ``specs`` (model parameter order) for ``world`` ranks (module doc).
 
     ``plan=None`` gives the plain ZeRO layout (every tensor elementwise). Raises ``ValueError``
-    on a world below 1, a non-positive cap or a negative ``max_padding``.
+    on a world below 1 or a non-positive cap.
     """
-    if world < 1 or bucket_numel < 1 or not max_padding >= 0:
-        raise ValueError(f"need world >= 1, bucket_numel >= 1, max_padding >= 0; got {world}, {bucket_numel}, {max_padding}")
+    if world < 1 or bucket_numel < 1:
+        raise ValueError(f"need world >= 1 and bucket_numel >= 1; got {world}, {bucket_numel}")
     total = sum(s.numel for s in specs)
-    owned: list[list[tuple[str, int]]] = [[] for _ in range(world)]
-    stream: list[tuple[str, int]] = []
-    for s in reversed(specs):
-        if plan is not None and s.geometry is Geometry.HIDDEN:
-            owned[plan.owner[s.name]].append((s.name, s.numel))
-        else:
-            stream.append((s.name, s.numel))
     if plan is None:
-        per = max(1, bucket_numel // world)
-        n = max(1, math.ceil(total / (per * world)))
-        return _build(owned, stream, world, n, total, bucket_numel)
-    largest = max((k for o in owned for _, k in o), default=1)
-    n = max(1, min(len(specs), math.ceil(total / bucket_numel), total // (world * largest)))
-    while True:
-        layout = _build(owned, stream, world, n, total, bucket_numel)
-        if n == 1 or layout.padding <= max_padding * total:
-            return layout
-        n -= 1
+        return _plain(specs, world, bucket_numel, total)
+    return _owned(specs, plan, world, bucket_numel, total)
 
 
-def _build(owned: list[list[tuple[str, int]]], stream: list[tuple[str, int]], world: int, n_buckets: int,
-           total: int, cap: int) -> Layout:
-    aim = max(1, math.ceil(total / (n_buckets * world)))
-    queues = [list(o) for o in owned]
-    stream_pos = [(name, 0, k) for name, k in stream]  # (name, next start, numel)
-    stream_left = sum(k for _, k in stream)
-    buckets = []
-    for b in range(n_buckets):
-        last = b == n_buckets - 1
-        hidden: list[list[tuple[str, int]]] = []
-        for q in queues:
-            if last:
-                take, q[:] = list(q), []
-            else:
-                take, load, rest = [], 0, []
-                for name, k in q:
-                    if load + k <= aim or not take and k > aim and not rest:
-                        take.append((name, k))
-                        load += k
-                    else:
-                        rest.append((name, k))
-                q[:] = rest
-            hidden.append(take)
-        loads = [sum(k for _, k in h) for h in hidden]
-        segment = max(aim, max(loads))
-        if last:
-            segment = max(max(loads), math.ceil((sum(loads) + stream_left) / world), 1)
-        pieces: list[Piece] = []
+def _even(name: str, start: int, stop: int, world: int, index: int) -> Bucket:
+    """Elements ``[start, stop)`` of ``name`` split evenly (``⌈n/world⌉`` per chunk)."""
+    seg = math.ceil((stop - start) / world)
+    pieces = tuple(Piece(name, a, min(a + seg, stop), r, 0)
+                   for r, a in enumerate(range(start, start + world * seg, seg)) if a < stop)
+    return Bucket(index, (seg,) * world, pieces)
+
+
+def _owned(specs: list[ParamSpec], plan: OwnershipPlan, world: int, cap: int, total: int) -> Layout:
+    load = list(plan.numel)   # elements each rank holds: its matrices first, then what it is given
+    buckets: list[Bucket] = []
+    current: list[tuple[str, int, int]] = []   # (name, numel, rank) of the open bucket
+
+    def close() -> None:
+        if not current:
+            return
+        segments, pieces = [0] * world, []
+        for name, k, r in current:
+            pieces.append(Piece(name, 0, k, r, segments[r]))
+            segments[r] += k
+        buckets.append(Bucket(len(buckets), tuple(segments), tuple(pieces)))
+        current.clear()
+
+    for s in reversed(specs):
+        hidden = s.geometry is Geometry.HIDDEN
+        if not hidden and s.numel * world > cap and s.numel >= world:
+            close()
+            step = max(world, cap - cap % world)   # full buckets split with no padding: the tensor stays contiguous
+            for a in range(0, s.numel, step):
+                b = _even(s.name, a, min(a + step, s.numel), world, len(buckets))
+                buckets.append(b)
+                for r, k in enumerate(b.segments):
+                    load[r] += k
+            continue
+        if current and sum(k for _, k, _ in current) + s.numel > cap:
+            close()
+        if hidden:
+            r = plan.owner[s.name]
+        else:
+            r = min(range(world), key=lambda q: (load[q], q))
+            load[r] += s.numel
+        current.append((s.name, s.numel, r))
+    close()
+    return Layout(world, tuple(buckets), total, cap)
+
+
+def _plain(specs: list[ParamSpec], world: int, cap: int, total: int) -> Layout:
+    per = max(1, cap // world)
+    stream = [(s.name, s.numel) for s in reversed(specs)]
+    buckets: list[Bucket] = []
+    left = total
+    i, at = 0, 0   # next element: stream[i], element ``at``
+    while left > 0:
+        seg = min(per, math.ceil(left / world))
+        pieces = []
         for r in range(world):
-            off, room = 0, segment - loads[r]
-
-            def fill(n: int) -> None:
-                nonlocal off, room, stream_left
-                while n > 0 and stream_pos:
-                    name, start, k = stream_pos[0]
-                    take_n = min(n, k - start)
-                    pieces.append(Piece(name, start, start + take_n, r, off))
-                    off, room, n, stream_left = off + take_n, room - take_n, n - take_n, stream_left - take_n
-                    if start + take_n == k:
-                        stream_pos.pop(0)
-                    else:
-                        stream_pos[0] = (name, start + take_n, k)
-                        return
-
-            if stream_pos and stream_pos[0][1] > 0:   # continue the piece cut at the previous segment's end
-                fill(min(room, stream_pos[0][2] - stream_pos[0][1]))
-            for name, k in hidden[r]:
-                pieces.append(Piece(name, 0, k, r, off))
-                off += k
-            fill(room)
-        buckets.append(Bucket(b, segment, tuple(pieces)))
-    if stream_pos or any(queues):
-        raise AssertionError(f"layout left elements unplaced: {stream_pos[:3]}")
+            off = 0
+            while off < seg and i < len(stream):
+                name, k = stream[i]
+                n = min(seg - off, k - at)
+                pieces.append(Piece(name, at, at + n, r, off))
+                off, at, left = off + n, at + n, left - n
+                if at == k:
+                    i, at = i + 1, 0
+        buckets.append(Bucket(len(buckets), (seg,) * world, tuple(pieces)))
     return Layout(world, tuple(buckets), total, cap)

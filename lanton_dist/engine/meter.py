@@ -7,7 +7,10 @@ figures:
   all-gather output, the all-reduce tensor, the all-to-all send buffer of this rank);
 * ``sent_bytes`` — bytes this rank sends under the standard algorithms: ring reduce-scatter
   and all-gather ``(W−1)·N/W``, ring all-reduce ``2·(W−1)·⌈N/W⌉``, all-to-all the send
-  buffer minus the part addressed to itself. All integers (``N`` is padded to ``W``).
+  buffer minus the part addressed to itself, ring (chain) reduce ``N`` on every rank but the
+  root, ring broadcast ``N`` on every rank but the root's ring predecessor ``(root − 1) mod W``
+  (so the ring's total is ``(W−1)·N`` for both, as for a reduce-scatter of ``W·N``). All
+  integers (``N`` is padded to ``W``).
 
 Phases: ``grad_reduce``, ``param_gather``, ``lmo_gather``/``lmo_scatter`` (adapters moving
 matrix shards to owners and back), and the scalar phases ``finite`` (the skip-step vote), ``norm`` (vector-group ‖B‖₂) and
@@ -90,7 +93,7 @@ def sent_bytes(op: str, numel: int, elem_size: int, world: int, self_numel: int 
         return (world - 1) * (numel // world) * elem_size
     if op == "all_reduce":
         return 2 * (world - 1) * math.ceil(numel / world) * elem_size
-    if op == "all_to_all":
+    if op in ("all_to_all", "reduce", "broadcast"):
         return (numel - self_numel) * elem_size
     raise ValueError(f"unknown collective {op!r}")
 
@@ -129,7 +132,7 @@ class CommMeter:
         self.records.clear()
 
 
-class _Handle:
+class Handle:
     """An async work handle whose ``wait`` turns peer failures into named errors."""
 
     def __init__(self, coll: "Collectives", work, op: str) -> None:
@@ -163,7 +166,7 @@ class Collectives:
 
     def _run(self, op: str, fn):
         try:
-            return _Handle(self, fn(), op)
+            return Handle(self, fn(), op)
         except Exception as exc:  # noqa: BLE001
             self.raise_peer_error(exc, op)
 
@@ -178,40 +181,54 @@ class Collectives:
         publish_error(exc)
 
     # -- collectives (all return a handle; call .wait())
-    def all_reduce(self, t: torch.Tensor, phase: str, op: dist.ReduceOp | None = None) -> _Handle:
+    def all_reduce(self, t: torch.Tensor, phase: str, op: dist.ReduceOp | None = None) -> Handle:
         """All-reduce ``t`` in place with ``op`` (None: ``ReduceOp.SUM``)."""
         self._record("all_reduce", phase, t)
         if self.world == 1:
-            return _Handle(self, None, "all_reduce")
+            return Handle(self, None, "all_reduce")
         dist = _dist()
         if op is None:
             op = dist.ReduceOp.SUM
         return self._run("all_reduce", lambda: dist.all_reduce(t, op=op, group=self.group, async_op=True))
 
-    def reduce_scatter(self, out: torch.Tensor, inp: torch.Tensor, phase: str) -> _Handle:
+    def reduce_scatter(self, out: torch.Tensor, inp: torch.Tensor, phase: str) -> Handle:
         """SUM reduce-scatter of ``inp`` (``world·n``) into ``out`` (``n``)."""
         self._record("reduce_scatter", phase, inp)
         if self.world == 1:
             out.copy_(inp)
-            return _Handle(self, None, "reduce_scatter")
+            return Handle(self, None, "reduce_scatter")
         return self._run("reduce_scatter", lambda: _collective("_REDUCE_SCATTER")(out, inp, group=self.group, async_op=True))
 
-    def all_gather(self, out: torch.Tensor, inp: torch.Tensor, phase: str) -> _Handle:
+    def all_gather(self, out: torch.Tensor, inp: torch.Tensor, phase: str) -> Handle:
         """All-gather ``inp`` (``n``) into ``out`` (``world·n``); ``inp`` may be ``out``'s own slice."""
         self._record("all_gather", phase, out)
         if self.world == 1:
             if out.data_ptr() != inp.data_ptr():
                 out.copy_(inp)
-            return _Handle(self, None, "all_gather")
+            return Handle(self, None, "all_gather")
         return self._run("all_gather", lambda: _collective("_ALL_GATHER")(out, inp, group=self.group, async_op=True))
 
-    def all_to_all(self, out: torch.Tensor, inp: torch.Tensor, out_splits: list[int], in_splits: list[int], phase: str) -> _Handle:
+    def reduce(self, t: torch.Tensor, dst: int, phase: str) -> Handle:
+        """SUM-reduce ``t`` in place onto group rank ``dst`` (other ranks' ``t`` is scratch after)."""
+        self._record("reduce", phase, t, self_numel=t.numel() if self.rank == dst else 0)
+        if self.world == 1:
+            return Handle(self, None, "reduce")
+        return self._run("reduce", lambda: _dist().reduce(t, group_dst=dst, group=self.group, async_op=True))
+
+    def broadcast(self, t: torch.Tensor, src: int, phase: str) -> Handle:
+        """Broadcast ``t`` in place from group rank ``src``."""
+        self._record("broadcast", phase, t, self_numel=t.numel() if self.rank == (src - 1) % self.world else 0)
+        if self.world == 1:
+            return Handle(self, None, "broadcast")
+        return self._run("broadcast", lambda: _dist().broadcast(t, group_src=src, group=self.group, async_op=True))
+
+    def all_to_all(self, out: torch.Tensor, inp: torch.Tensor, out_splits: list[int], in_splits: list[int], phase: str) -> Handle:
         """``all_to_all_single`` with explicit splits (first dim)."""
         row = inp[0].numel() if inp.ndim > 1 else 1
         self._record("all_to_all", phase, inp, self_numel=in_splits[self.rank] * row)
         if self.world == 1:
             out.copy_(inp)
-            return _Handle(self, None, "all_to_all")
+            return Handle(self, None, "all_to_all")
         return self._run("all_to_all", lambda: _dist().all_to_all_single(out, inp, out_splits, in_splits, group=self.group, async_op=True))
 
 

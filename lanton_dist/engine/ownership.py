@@ -1,23 +1,23 @@
 """Ownership plan: each whole hidden matrix is assigned to one rank, balancing Newton–Schulz FLOPs
-while keeping every rank's owned elements inside its share of the flat layout.
+while keeping every rank's owned elements near its equal share.
 
 Longest-processing-time greedy on the per-parameter NS cost (sum over its logical blocks of
 :func:`~lanton_dist.newton_schulz.newton_schulz_flops`), not on numel: a 4096×11008 matrix
 costs ~2.7× a 4096×4096 one in FLOPs but 2.7× in bytes only by coincidence of shape.
 
-The owner of a matrix also holds it whole in its segment of the bucket layout
-(:mod:`lanton_dist.engine.layout`), where every rank's segment is padded up to the fullest
-rank's. FLOP balance alone can leave one rank with far more *elements* than its share (TP shards
-of different aspect ratios: 70B with TP 8 padded the layout by 85%), so ranks get an element cap
-``C = ⌈Σ numel / world⌉ + k·⌈largest/CAP_STEPS⌉`` (Σ over *all* parameters: the elementwise ones fill the
-rest of each segment), tried for k = 0, 1, 2, …: first the FLOP greedy (each matrix, by
-decreasing NS cost, to the least-loaded rank that stays within C), then, if some matrix fits
-nowhere, element best-fit-decreasing (each matrix, by decreasing size, to the fullest rank that
-stays within C); the first pass that places every matrix within C is the plan. So the layout's
-padding is (near) the least whole matrices allow, and NS FLOPs are balanced as well as that
-permits — whole-matrix ownership cannot balance both at scale (13B on 64 ranks: ≤ 5% padding
-needs ranks of three FFN matrices next to ranks of attention matrices only); the planner
-models splitting large matrices' Newton–Schulz over a team of ranks for that
+The owner of a matrix also holds it whole in its chunk of the bucket layout
+(:mod:`lanton_dist.engine.layout`), keeps its optimizer state and receives its reduced gradient.
+FLOP balance alone can leave one rank with far more *elements* than its share (TP shards of
+different aspect ratios) — more memory and fewer bytes sent than the others — so ranks get an
+element cap ``C = ⌈Σ numel / world⌉ + k·⌈largest/CAP_STEPS⌉`` (Σ over *all* parameters: the
+elementwise ones balance the rest), tried for k = 0, 1, 2, …: first the FLOP greedy (each
+matrix, by decreasing NS cost, to the least-loaded rank that stays within C), then, if some
+matrix fits nowhere, element best-fit-decreasing (each matrix, by decreasing size, to the
+fullest rank that stays within C); the first pass that places every matrix within C is the
+plan. So holdings are (near) as even as whole matrices allow, and NS FLOPs are balanced as
+well as that permits — whole-matrix ownership cannot balance both at scale (13B on 64 ranks:
+even holdings need ranks of three FFN matrices next to ranks of attention matrices only); the
+engine splits large matrices' Newton–Schulz over a team of ranks for that
 (:mod:`lanton_dist.plan.splitns`). The loop ends by ``C = share + largest matrix``, where the
 FLOP greedy always fits (some rank is below the share while matrices remain).
 Deterministic from names and shapes alone, so every rank computes the same plan with no

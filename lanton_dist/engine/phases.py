@@ -11,9 +11,9 @@ callback must not raise; an exception propagates into the optimizer step.
 Phases (names are stable: the profiler and the tests key on them; ``tests/test_phases.py``):
 
 =========================  ==============================================================
-``grad_reduce``            ZeRO engine: bucket packing + gradient reduce-scatter
-``grad_reduce_half``       ZeRO engine, Option II: the first half-batch's reduce-scatter
-``param_gather``           ZeRO engine: all-gather of the updated segments into the parameters
+``grad_reduce``            ZeRO engine: the buckets' gradient reductions (reduce-scatter or reduces)
+``grad_reduce_half``       ZeRO engine, Option II: the first half-batch's reductions
+``param_gather``           ZeRO engine: the gather of the updated chunks into the parameters
 ``core``                   :meth:`ShardedCore.step` (the phases below nest inside it)
 ``agree``                  the job-wide skip/presence vote (the step's one host read)
 ``variance_finish``        completing a pending variance reduction (owners' norms of a

@@ -2,26 +2,27 @@
 
 Every rank holds the full model and computes gradients on its rows of the global batch.
 Parameters and gradients are views of two flat bucket buffers (:mod:`.buckets`): autograd
-accumulates straight into the owner-aligned bucket layout (:mod:`.layout`), and with
-``overlap_grad_reduce`` each bucket's reduce-scatter starts from a backward hook as soon as its
+accumulates straight into the bucket layout (:mod:`.layout`: whole matrices on their owners,
+any bucket size), and with ``overlap_grad_reduce`` each bucket's reduction starts from a backward hook as soon as its
 last gradient is ready (outside :meth:`ShardedLANTON.no_sync`). ``step()``:
 
 1. launches the buckets not launched yet and waits for all — each owner receives whole
-   reduced gradients of its matrices, in place in its segment of the gradient buffer;
-2. runs :class:`~lanton_dist.engine.core.ShardedCore` on this rank's segment: momentum,
+   reduced gradients of its matrices, in place in its chunks of the gradient buffer;
+2. runs :class:`~lanton_dist.engine.core.ShardedCore` on this rank's chunks: momentum,
    Newton–Schulz and (every k steps) the nuclear norm of each owned matrix — once per matrix
    across the job; with ``ns_split_tolerance`` the largest matrices' Newton–Schulz runs by
    columns over a team of ranks (:mod:`.splitns`) — elementwise work on the embed_head/vector pieces;
-3. all-gathers the updated segments in place into the parameter buffer, i.e. into the model;
-   after :meth:`ShardedLANTON.attach` the all-gathers stay in flight until a module's forward
+3. gathers the updated chunks in place into the parameter buffer, i.e. into the model;
+   after :meth:`ShardedLANTON.attach` the gathers stay in flight until a module's forward
    (or the model's ``state_dict``, the next step, ``sync_from_model``, :meth:`wait_params`)
    needs them.
 
-Tensor traffic is one reduce-scatter plus one all-gather of the padded model per step,
+Tensor traffic is one reduction plus one gather of the model per step — a rank sends the
+model minus its own chunks each way, within ``1/world`` of a reduce-scatter plus all-gather —
 exactly what ZeRO AdamW moves on the same layout; the extra is the scalar ``finite``,
 ``norm`` and (estimation steps) ``variance`` all-reduces. Memory: the model in the parameter
-buffer, its gradient in the gradient buffer (plus own copies of the few parameters the layout
-cannot hold contiguously, :attr:`ShardedLANTON.copied_params`), optimizer state only where its
+buffer, its gradient in the gradient buffer (plus own copies of parameters of another dtype or
+device, :attr:`ShardedLANTON.copied_params`), optimizer state only where its
 piece lives; Option II adds one gradient-size buffer on estimation steps. Process group:
 ``process_group`` (default: the world); tensors of the buffers live on the parameters' device.
 """
@@ -69,7 +70,7 @@ class ShardedLANTON(ShardedOptimizer):
         params: param groups with ``specs`` (``lanton_dist.param_groups``); the same on every rank.
         algorithm: ``lanton`` | ``scion`` | ``dmuon`` | ``adamw``.
         process_group: data-parallel group (``None``: world).
-        bucket_mb: target bucket size; fewer buckets are used if whole matrices would pad > 1%.
+        bucket_mb: bucket size cap (a matrix larger than it is a bucket of its own: never cut).
         overlap: consume the variance all-reduce at the next step (one-step-late rate factors,
             equal to the reference with ``delay_lr_factor=True``); False waits for it.
         layout: ``owner`` (default) or ``plain`` (no owners: the plain ZeRO AdamW layout, only
@@ -270,7 +271,7 @@ class ShardedLANTON(ShardedOptimizer):
 
     @announces()
     def _all_gather_params(self, phase: str) -> None:
-        """All-gather the updated segments into the parameters; left in flight after :meth:`attach`."""
+        """Gather the updated chunks into the parameters; left in flight after :meth:`attach`."""
         self.storage.gather(phase, wait=not self._attached)
 
     def _can_launch(self) -> bool:

@@ -17,7 +17,7 @@ predicts, per rank and per step:
 * the time these imply on given hardware (:class:`Hardware`).
 
 The plan is *not* re-implemented: owners come from
-:func:`lanton_dist.engine.ownership.plan_ownership` and the bucket layout (segments, padding)
+:func:`lanton_dist.engine.ownership.plan_ownership` and the bucket layout (chunks, padding)
 from :func:`lanton_dist.engine.layout.build_layout`, called with exactly the arguments the
 engine uses. The model's parameters come from :func:`llama_specs`, which reproduces
 :func:`lanton_dist.groups.classify_parameters` of :class:`lanton_dist.model.Transformer`

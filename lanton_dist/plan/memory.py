@@ -9,7 +9,7 @@ byte against a built engine on CPU at world 2 and 3 (``tests/test_plan_memory.py
   contiguously (:meth:`~lanton_dist.engine.layout.Layout.flat_spans` is None);
 * gradients: the gradient bucket buffer (``p.grad`` are views of it) plus those parameters'
   own ``p.grad``, alive from backward until ``step()`` frees them;
-* buffers: none — the reduce-scatter and all-gather run in place in the bucket buffers;
+* buffers: none — the reductions and gathers run in place in the bucket buffers;
   Option II estimation steps add the stashed half-batch gradient, one padded buffer
   (``buffers_peak_extra``);
 * state: :data:`~lanton_dist.plan.planner.STATE_TENSORS` per owned element, plus the core's
@@ -18,7 +18,7 @@ byte against a built engine on CPU at world 2 and 3 (``tests/test_plan_memory.py
   before each estimation).
 
 Other strategies are modelled from their documented behaviour, not measured: ``zero3`` keeps
-parameters and gradients sharded (segments) with the same bucket buffers; ``ddp`` holds
+parameters and gradients sharded (the rank's chunks) with the same bucket buffers; ``ddp`` holds
 parameters, gradients, DDP's gradient buckets (one more model-size copy) and the full state;
 ``fsdp2`` holds dim-0 shards of parameters and gradients plus, at peak, the largest unit
 unsharded (all-gather and reduce-scatter buffers, padded); ``deepspeed`` (ZeRO-1/2) the whole
@@ -77,10 +77,9 @@ def rank_memory(p: StepPlanner, st: StagePlan, d: int, t: int) -> RankMemory:
         lay = st.layout
         padded = lay.padded_numel
         if L.strategy == "zero3":
-            mine = sum(b.segment for b in lay.buckets if b.on_rank(d))
-            half = (padded + mine) * E if (o.algorithm == "lanton" and o.option == "II") else 0
-            shard = sum(b.segment for b in lay.buckets)
-            return RankMemory(shard * E, shard * E, 2 * padded * E + mine * E, state, half, state_extra)
+            shard = lay.held(d)
+            half = (padded + shard) * E if (o.algorithm == "lanton" and o.option == "II") else 0
+            return RankMemory(shard * E, shard * E, 2 * padded * E + shard * E, state, half, state_extra)
         option_two = o.algorithm == "lanton" and o.option == "II"
         numel = {s.name: s.numel for s in st.local}
         copied = sum(numel[n] for n, span in lay.flat_spans().items() if span is None)

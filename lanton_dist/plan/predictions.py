@@ -22,7 +22,8 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class Collective:
     """One predicted collective on one rank; ``sent_bytes``/``tensor_bytes`` as the meter's
-    :class:`~lanton_dist.engine.meter.CommRecord` (integers). ``self_numel``: all-to-all only."""
+    :class:`~lanton_dist.engine.meter.CommRecord` (integers). ``self_numel``: elements this rank
+    does not send (all-to-all, reduce, broadcast; the meter's rule)."""
 
     op: str
     phase: str

@@ -44,7 +44,7 @@ over the team's process group), every member with columns runs
 and ``ns_gram_gather`` — an all-to-all, the uneven all-gather of the rows of
 :meth:`SplitBatch.rows` — per quintic step), and the blocks return to the owner
 (``ns_split_gather``), which applies the LMO scale and writes the whole update into its
-segment as before (the layout, the reduce-scatter, the all-gather are unchanged). Blocks and
+chunk as before (the layout and the bucket collectives are unchanged). Blocks and
 rows go to the members in ascending rank order (:meth:`SplitBatch.columns`); member i's row
 share is ``⌊m·K_i/n⌋ − ⌊m·K_{i−1}/n⌋`` (``K``: cumulative columns), so its NS FLOPs are its
 column share up to one row. :func:`split_collectives` lists exactly what the engine's meter

@@ -4,10 +4,11 @@ Registered in :data:`~lanton_dist.plan.predictions.STRATEGY_MODELS`; ``validated
 each model was checked against.
 
 ``zero1`` / ``zero2``  :class:`~lanton_dist.engine.ShardedLANTON` (owner-aligned ZeRO): per step
-    one reduce-scatter per bucket (``grad_reduce``), the scalar all-reduces ``finite`` (1
+    one reduction per bucket (``grad_reduce``: a reduce-scatter, or for a bucket of unequal chunks
+    a reduce to each rank with a non-empty chunk, :mod:`lanton_dist.engine.layout`), the scalar all-reduces ``finite`` (1
     element), ``variance`` (2L elements, estimation steps), ``norm`` (one element per vector
     parameter, LANTON/Scion), Option II's ``grad_reduce_half`` (estimation steps), one
-    all-gather per bucket (``param_gather``). ZeRO-1 and ZeRO-2 move the same bytes (they differ
+    gather per bucket (``param_gather``: all-gather, or broadcasts). ZeRO-1 and ZeRO-2 move the same bytes (they differ
     in gradient memory only). **Validated**: equal, integer for integer, to the engine's
     :class:`~lanton_dist.engine.meter.CommMeter` at world sizes 2–4 (``tests/test_plan.py``).
 ``zero3``  owner-aligned ZeRO-3 (modelled, not validated): as ``zero2`` but parameters stay
@@ -57,13 +58,15 @@ if TYPE_CHECKING:
 
 
 def engine_collectives(layout: Layout, step: int, optim: OptimSettings, n_layers: int, n_vector: int, *,
-                       group: str = "dp", scalar_group: tuple[str, int] | None = None,
+                       rank: int = 0, group: str = "dp", scalar_group: tuple[str, int] | None = None,
                        norm_group: tuple[str, int] | None = None, gather_phases: tuple[str, ...] = ("param_gather",)) -> list[Collective]:
     """The collectives :class:`~lanton_dist.engine.ShardedLANTON` issues at ``step`` (0: the
     ``init_sync`` all-gather of construction), in issue order.
 
     Args:
         layout: the engine's layout (``build_layout(specs, plan, world, bucket_numel)``).
+        rank: the DP rank (a bucket of unequal chunks is a reduce / broadcast per chunk, whose
+            bytes depend on the rank).
         n_layers: logical layers L of the whole model (Σ blocks); the variance vector is 2L.
         n_vector: vector-geometry parameters of the whole model (the ``norm`` vector length).
         scalar_group / norm_group: ``(name, size)`` of the group of the scalar all-reduces
@@ -75,7 +78,17 @@ def engine_collectives(layout: Layout, step: int, optim: OptimSettings, n_layers
     ng = norm_group or sg
 
     def per_bucket(op: str, phase: str) -> list[Collective]:
-        return [Collective(op, phase, group, W, b.segment * W, E) for b in layout.buckets]
+        out = []
+        for b in layout.buckets:
+            if b.uniform:
+                out.append(Collective(op, phase, group, W, b.numel, E))
+                continue
+            gather = op == "all_gather"
+            for q, n in enumerate(b.segments):
+                if n:
+                    quiet = rank == ((q - 1) % W if gather else q)   # the rank that sends nothing
+                    out.append(Collective("broadcast" if gather else "reduce", phase, group, W, n, E, n if quiet else 0))
+        return out
 
     if step == 0:
         return per_bucket("all_gather", "init_sync")
@@ -131,12 +144,13 @@ def _stage_vectors(p: StepPlanner, st: StagePlan) -> int:
 
 
 def _engine_colls(p: StepPlanner, st: StagePlan, d: int, t: int, step: int) -> list[Collective]:
-    """The same on every rank of the stage (one layout, one scalar schedule): computed once per step."""
+    """One layout and one scalar schedule per stage; a bucket's reduce/broadcast bytes depend
+    on the DP rank ``d``: computed once per (step, d)."""
     sg, ng = _scalar_groups(p)
     gathers = ("param_gather_fwd", "param_gather_bwd") if p.layout.strategy == "zero3" else ("param_gather",)
-    return list(st.memo(("engine_colls", p.layout, p.optim, p.n_layers_total, step),
+    return list(st.memo(("engine_colls", p.layout, p.optim, p.n_layers_total, step, d),
                         lambda: engine_collectives(st.layout, step, p.optim, p.n_layers_total, _stage_vectors(p, st),
-                                                   scalar_group=sg, norm_group=ng, gather_phases=gathers)))
+                                                   rank=d, scalar_group=sg, norm_group=ng, gather_phases=gathers)))
 
 
 def _engine_owned(p: StepPlanner, st: StagePlan, d: int, t: int) -> dict[str, int]:
