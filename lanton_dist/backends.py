@@ -119,7 +119,7 @@ class Backend:
         rows split into two halves (each half's loss weighted ½) and ``stash_half_gradient()``
         is called between them."""
         opt = self.optimizer
-        two = bool(getattr(opt, "needs_two_half_batches", lambda: False)())
+        two = asks_two_half_batches(opt)
         rows = x.shape[0]
         halves = micro_slices(rows, micro_batch, 2 if two else 1)
         total = torch.zeros((), device=self.device)
@@ -226,6 +226,13 @@ def external_clip(optimizer: torch.optim.Optimizer, clip_grad_norm: float | None
         raise ValueError(f"the optimizer clips gradients at {own} but optim.clip_grad_norm is {clip_grad_norm}: "
                          "build it with the run's optim config")
     return 0.0
+
+
+def asks_two_half_batches(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` wants this step's rows as two half-batches (an Option II estimation
+    step: its ``needs_two_half_batches()``, then ``stash_half_gradient()`` between the halves);
+    False for an optimizer without that method (torch's AdamW, a custom factory's)."""
+    return bool(getattr(optimizer, "needs_two_half_batches", lambda: False)())
 
 
 def optimizer_state(opt: torch.optim.Optimizer) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lanton_dist.groups import Geometry, ParamSpec
+from lanton_dist.groups import Block, Geometry, ParamSpec
 from lanton_dist.newton_schulz import DEFAULT_STEPS, STARTS, newton_schulz
 from lanton_dist.nuclear import Estimator, nuclear_norm
 
@@ -107,8 +107,15 @@ def hidden_directions(specs: list[ParamSpec], moms: list[torch.Tensor], cfg: LMO
     polars = polar_batched([blk.gather(specs[k].logical(moms[k])) for k, blk in blocks], cfg)
     outs = [torch.empty_like(m) for m in moms]
     for (k, blk), pol in zip(blocks, polars):
-        blk.scatter_(specs[k].logical(outs[k]), pol.mul_(-hidden_scale(blk.d_out, specs[k].d_in, cfg.scale_mode)))
+        scatter_block_direction(specs[k], blk, pol, outs[k], cfg.scale_mode)
     return outs
+
+
+def scatter_block_direction(spec: ParamSpec, blk: Block, pol: torch.Tensor, out: torch.Tensor, mode: str) -> None:
+    """Write O = −s·``pol`` of logical block ``blk`` of ``spec`` into ``out`` (the whole
+    parameter, storage layout): ``pol`` is the block's polar factor, logical ``(d_out_b, d_in)``
+    orientation, scaled in place by s of :func:`hidden_scale` (``mode``)."""
+    blk.scatter_(spec.logical(out), pol.mul_(-hidden_scale(blk.d_out, spec.d_in, mode)))
 
 
 def sign_direction(spec: ParamSpec, b: torch.Tensor, cfg: LMOConfig) -> torch.Tensor:

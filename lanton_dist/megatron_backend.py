@@ -45,8 +45,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lanton_dist.backends import (STATE_FILE, DistributedBackend, OptimizerFactory, init_distributed, load_optimizer_state,
-                                  micro_slices, optimizer_state, pieces_grad_norm, resolve_device)
+from lanton_dist.backends import (STATE_FILE, DistributedBackend, OptimizerFactory, asks_two_half_batches, init_distributed,
+                                  load_optimizer_state, micro_slices, optimizer_state, pieces_grad_norm, resolve_device)
 from lanton_dist.config import ConfigError, RunConfig
 from lanton_dist.engine.meter import fail_fast
 from lanton_dist.factory import build_optimizer, param_groups
@@ -168,7 +168,7 @@ class MegatronBackend(DistributedBackend):
         """One pipeline schedule over this replica's rows; when the optimizer asks for Option II
         (``needs_two_half_batches()``) one schedule per half of the rows, each half's mean loss
         weighted ½ and ``stash_half_gradient()`` between them (the other backends' rule)."""
-        two = bool(getattr(self.optimizer, "needs_two_half_batches", lambda: False)())
+        two = asks_two_half_batches(self.optimizer)
         with fail_fast():
             if not two:
                 return self._run_schedule(x, y, micro_batch, dtype, forward_only=False), False

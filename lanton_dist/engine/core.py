@@ -502,27 +502,15 @@ class ShardedCore:
         estimate = self.noise_adaptive and noise.is_estimation_step(t, self.k)
         track = self.noise_adaptive and self.option == "I"
         keep = track and noise.keeps_previous_gradient(t, self.k)
-        with phase("momentum"):
-            for p in live:
-                if not self.owner_held(p.spec):
-                    mom = self.state_of(p).setdefault("momentum", torch.zeros_like(p.param))
-                    mom.lerp_(p.grad, 1 - self.param_groups[p.group]["beta1"])
+        with phase("momentum"):  # owner-held matrices send their gradient: the owner step advances theirs
+            sent = [p.grad if self.owner_held(p.spec) else
+                    self._advance_momentum(self.state_of(p), p.grad, self.param_groups[p.group]) for p in live]
         # elementwise pieces' D before their stored gradient is replaced (the owner forms hidden ones)
         diffs = self._piece_differences(live) if estimate else []
         if track:
             for p in live:
                 if not self.owner_held(p.spec):
-                    if keep:
-                        self.state_of(p)["prev_grad"] = p.grad.clone()
-                    else:
-                        self.state_of(p).pop("prev_grad", None)
-        sent = []
-        for p in live:
-            if self.owner_held(p.spec):
-                sent.append(p.grad)
-            else:
-                mom, g = self.state_of(p)["momentum"], self.param_groups[p.group]
-                sent.append(mom.lerp(p.grad, 1 - g["beta1"]) if g["nesterov"] else mom)
+                    self._store_previous(self.state_of(p), p.grad, keep)
         owner_diffs: dict[str, torch.Tensor] | None = {} if estimate and track else None
         directions = self._directions(live, sent, self._owner_step_fn(owner_diffs, track, keep))
         if estimate:
@@ -563,25 +551,37 @@ class ShardedCore:
         effective = []
         with phase("momentum"):
             for n, grad in zip(names, grads):
-                spec, g = self.specs[n], self.param_groups[self.group_of[n]]
-                flat = grad.reshape(-1)
+                spec, flat = self.specs[n], grad.reshape(-1)
                 st = self.state.setdefault((n, 0), {})
-                mom = st.setdefault("momentum", torch.zeros_like(flat))
-                if self.algorithm == "dmuon":
-                    mom.mul_(g["momentum"]).add_(flat)
-                    eff = flat.add(mom, alpha=g["momentum"]) if g["nesterov"] else mom
-                else:
-                    mom.lerp_(flat, 1 - g["beta1"])
-                    eff = mom.lerp(flat, 1 - g["beta1"]) if g["nesterov"] else mom
+                eff = self._advance_momentum(st, flat, self.param_groups[self.group_of[n]])
                 if diffs is not None and "prev_grad" in st:
                     diffs[n] = (flat - st["prev_grad"]).view(spec.shape)
                 if track:
-                    if keep:
-                        st["prev_grad"] = flat.clone()
-                    else:
-                        st.pop("prev_grad", None)
+                    self._store_previous(st, flat, keep)
                 effective.append(eff.view(spec.shape))
         return self._polar(names, effective)
+
+    def _advance_momentum(self, state: dict[str, torch.Tensor], grad: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
+        """Advance ``state["momentum"]`` (zeros like ``grad`` on first use) by ``grad`` under the
+        algorithm's rule, with ``group``'s hyper-parameters; returns the effective momentum the
+        LMO reads (the stored tensor itself unless Nesterov). D-Muon: M ← μ·M + G, effective
+        G + μ·M with Nesterov. LANTON and Scion: the EMA M ← β₁·M + (1 − β₁)·G, effective
+        β₁·M + (1 − β₁)·G once more with Nesterov."""
+        mom = state.setdefault("momentum", torch.zeros_like(grad))
+        if self.algorithm == "dmuon":
+            mom.mul_(group["momentum"]).add_(grad)
+            return grad.add(mom, alpha=group["momentum"]) if group["nesterov"] else mom
+        mom.lerp_(grad, 1 - group["beta1"])
+        return mom.lerp(grad, 1 - group["beta1"]) if group["nesterov"] else mom
+
+    @staticmethod
+    def _store_previous(state: dict[str, torch.Tensor], grad: torch.Tensor, keep: bool) -> None:
+        """Option I's stored gradient: keep ``grad`` (G_t, copied) as the next step's G_{t−1} if
+        ``keep`` (the next step estimates), else drop the stored one (D compares with G_{t−1} only)."""
+        if keep:
+            state["prev_grad"] = grad.clone()
+        else:
+            state.pop("prev_grad", None)
 
     @announces("update")
     def _adamw(self, pieces: list[LocalPiece]) -> None:

@@ -161,11 +161,11 @@ class SplitNewtonSchulz:
     @staticmethod
     def _direction(spec: ParamSpec, P: torch.Tensor, x: torch.Tensor, cfg: LMOConfig) -> torch.Tensor:
         """−s·polar in ``x``'s storage layout and dtype from the wide-orientation polar factor ``P``
-        (as :func:`lanton_dist.lmo.hidden_directions`)."""
+        (back to the logical orientation :meth:`_wide` left; scaled and placed as
+        :func:`lanton_dist.lmo.hidden_directions` does). ``P`` may be scaled in place."""
         d_out, d_in = spec.logical_shape
-        pol = (P.mT if d_out > d_in else P).to(x.dtype) * -lmo_mod.hidden_scale(d_out, d_in, cfg.scale_mode)
         out = torch.empty_like(x)
-        spec.blocks[0].scatter_(spec.logical(out), pol)
+        lmo_mod.scatter_block_direction(spec, spec.blocks[0], (P.mT if d_out > d_in else P).to(x.dtype), out, cfg.scale_mode)
         return out
 
 
