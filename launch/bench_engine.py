@@ -10,7 +10,7 @@ Model: ``configs/llama-tiny-cpu.yaml``'s tiny LLaMA, random tokens, ``--batch`` 
 first ``--warmup`` steps are not counted; times are medians over the measured steps.
 
 (a) overlap, world 2: the engine (LANTON) with ``overlap_grad_reduce`` on and off. ``exposed
-reduce`` is the wall time ``step()`` spends in the gradient reduce-scatter (launching what is
+reduce`` is the wall time ``step()`` spends in the gradient reduction (launching what is
 not launched yet and waiting for all buckets): with overlap on, buckets launched from backward
 hooks are (partly) done by then. ``hidden = 1 − exposed_on / exposed_off``.
 
