@@ -47,3 +47,11 @@ def clip_coefficient(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
     """``min(1, max_norm / (norm + 1e-6))`` for the global norm ``norm`` (a 0-d tensor, kept on
     its device: no host read)."""
     return (max_norm / (norm + EPS)).clamp(max=1.0)
+
+
+def certainly_unclipped(sq: float, max_norm: float) -> bool:
+    """Whether ``coef`` is exactly 1 for a gradient of squared norm ``sq`` (read on the host),
+    with a margin for the device's rounding of the norm: ``√sq·(1 + 1e-5) + EPS < max_norm``.
+    ``max_norm`` 0 (off) is never clipped. Near the threshold it answers False, which only
+    costs the caller a recomputation (the sharded core's early Newton–Schulz start)."""
+    return max_norm == 0.0 or (math.isfinite(sq) and math.sqrt(sq) * (1 + 1e-5) + EPS < max_norm)

@@ -4,6 +4,7 @@ and gradients are views of the bucket buffers, reduce-scatters start from backwa
 single-process reference on 3 ranks."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import pytest
@@ -185,6 +186,34 @@ def _missing_gradients(rank, world) -> dict[str, dict[str, torch.Tensor]]:
     return out
 
 
+EARLY_CASES = {  # name → (config, step whose loss is NaN on rank 0, or None)
+    "dmuon": (OptimConfig(name="dmuon"), None),
+    "lanton-I, clipping never active": (dataclasses.replace(CASES["lanton-I"], clip_grad_norm=1e6), None),
+    "lanton-I, clipping always active": (dataclasses.replace(CASES["lanton-I"], clip_grad_norm=1e-3), None),
+    "lanton-I, step 3 skipped (NaN)": (CASES["lanton-I"], 3),
+}
+
+
+def _early_run(rank, world, cfg, nan_step, overlap_grad_reduce: bool) -> tuple[dict[str, torch.Tensor], int, int]:
+    """Parameters after STEPS steps, how many early owner steps ran (during backward) and how
+    many matrices' steps used one."""
+    from lanton_dist.engine import phases
+
+    model = make_model(torch.float64)
+    opt = _build(model, cfg, overlap_grad_reduce=overlap_grad_reduce)
+    started = []
+    handle = phases.subscribe(lambda name, event: started.append(1) if (name, event) == ("early_owner_step", "begin") else None)
+    try:
+        for t, x in enumerate(batches(STEPS), start=1):
+            loss = loss_fn(model, rows(x, rank, world))
+            (loss * float("nan") if (t == nan_step and rank == 0) else loss).backward()
+            opt.step()
+            opt.zero_grad()
+    finally:
+        handle.remove()
+    return _params(model), len(started), opt.core.early_used
+
+
 def _job(rank, world):
     out = {"missing": _missing_gradients(rank, world)}
     for name, cfg in CASES.items():
@@ -193,6 +222,8 @@ def _job(rank, world):
     out["accumulation"] = _accumulation_run(rank, world, CASES["lanton-I"])
     out["views"] = _views_and_bytes(rank, world)
     out["attached"] = _attached(rank, world)
+    for name, (cfg, nan_step) in EARLY_CASES.items():
+        out[("early", name)] = [_early_run(rank, world, cfg, nan_step, on) for on in (True, False)]
     out["user"] = _user_grads(rank, world)  # last: it ends with a step that raises
     return out
 
@@ -270,3 +301,18 @@ def test_hand_assigned_gradients_step_like_backward_and_late_or_in_place_changes
 def test_parameter_all_gathers_are_awaited_by_forward_and_state_dict():
     for res in _results():
         assert res["attached"] == {"in_flight_after_step": True, "forward_waited": True, "state_dict_waited": True}
+
+
+@pytest.mark.parametrize("name", list(EARLY_CASES))
+def test_owners_start_newton_schulz_as_buckets_land_and_the_step_is_bit_identical(name):
+    """With hook-launched reductions each owner advances a momentum copy and runs Newton–Schulz
+    for a bucket's matrices as soon as the bucket lands, during backward (every bucket but the
+    last, on every step); the step commits them — or, when clipping scales the gradient or the
+    step is skipped, drops them and computes as usual — bit for bit as without overlap."""
+    used_anywhere = 0
+    for res in _results():
+        (on, started_on, used_on), (off, started_off, used_off) = res[("early", name)]
+        assert all(torch.equal(on[n], off[n]) for n in on), name
+        assert started_on >= STEPS and started_off == used_off == 0, (started_on, started_off, used_off)
+        used_anywhere += used_on
+    assert (used_anywhere == 0) == ("always active" in name), used_anywhere

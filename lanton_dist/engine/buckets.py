@@ -22,6 +22,11 @@ another tensor; ``p.grad = None`` withdraws it. The buffer is zeroed lazily by t
 backward after a step (a pre-accumulate hook), by :meth:`zero_grad`, or at the next step,
 so the owned pieces' reduced gradients stay readable after ``step()``.
 
+Early work: with ``on_reduced`` set, launching bucket b+1 from a hook first waits for bucket b's
+reduction (on a GPU a stream dependency, not a host wait), takes its mean and calls
+``on_reduced(b)``: the owners' reduced gradients in bucket b are final from then on (the ZeRO
+engine starts their owner step, :meth:`~lanton_dist.engine.core.ShardedCore.start_owner_step`).
+
 Overlap: with ``can_launch()`` true (the optimizer's switch, outside ``no_sync``, not the first
 half-batch of Option II) the hook of a bucket's last pending parameter launches that bucket's
 async reduction while backward goes on — in bucket order (bucket 0 holds the last
@@ -48,8 +53,9 @@ class BucketStorage:
     layout) under ``layout`` on this rank of ``coll`` (module doc)."""
 
     def __init__(self, layout: Layout, params: dict[str, nn.Parameter], coll: Collectives,
-                 can_launch: Callable[[], bool], device: torch.device, dtype: torch.dtype) -> None:
-        self.layout, self.coll, self.can_launch = layout, coll, can_launch
+                 can_launch: Callable[[], bool], device: torch.device, dtype: torch.dtype,
+                 on_reduced: Callable[[int], None] | None = None) -> None:
+        self.layout, self.coll, self.can_launch, self.on_reduced = layout, coll, can_launch, on_reduced
         self.world, self.rank = coll.world, coll.rank
         self.params = params
         padded = layout.padded_numel
@@ -100,6 +106,7 @@ class BucketStorage:
         self._version = 0  # grad_buffer's version counter after the last hook (in-place edits bump it)
         self._copied_sent: dict[str, tuple[torch.Tensor, int]] = {}  # copied grads in flight, and their versions
         self._reducing: dict[int, list[Handle]] = {}
+        self._settled: set[int] = set()   # buckets whose reduction landed during backward (mean taken)
         self._gathering: dict[int, list[Handle]] = {}
         self._reset_counts()
         self._hooks = []
@@ -156,6 +163,9 @@ class BucketStorage:
             self._pending_count[b] -= 1
         while self._next < len(self._pending_count) and self._pending_count[self._next] == 0:
             self._launch(self._next)
+            if self._next and self.on_reduced is not None:
+                self._settle(self._next - 1)
+                self.on_reduced(self._next - 1)
             self._next += 1
         self._version = self.grad_buffer._version
 
@@ -181,6 +191,7 @@ class BucketStorage:
         self._fired = set()
         self._next = 0
         self._copied_sent = {}
+        self._settled = set()
 
     @torch.no_grad()
     def _clear(self) -> None:
@@ -265,8 +276,20 @@ class BucketStorage:
         for b in range(len(self.layout.buckets)):
             for h in self._reducing.pop(b):
                 h.wait()
-            o, e = self._own[b]
-            buf[o:e].div_(self.world)
+            if not (buf is self.grad_buffer and b in self._settled):
+                o, e = self._own[b]
+                buf[o:e].div_(self.world)
+
+    @torch.no_grad()
+    def _settle(self, b: int) -> None:
+        """During backward: wait for bucket ``b``'s reduction (its handles stay in ``_reducing``
+        until :meth:`reduce`, so later edits are still caught) and take the mean of this rank's
+        chunk now; :meth:`own_grad` of its pieces is then final (``on_reduced``'s contract)."""
+        for h in self._reducing[b]:
+            h.wait()
+        o, e = self._own[b]
+        self.grad_buffer[o:e].div_(self.world)
+        self._settled.add(b)
 
     @torch.no_grad()
     def stash_half(self) -> None:

@@ -58,6 +58,17 @@ Reductions, all over the scalar group (every rank holding pieces):
   all-reduced at the start of the next step, so they overlap the parameter all-gather and
   the next forward and backward; on CPU they run inline and are all-reduced in the step.
 
+**Early owner step** (:meth:`ShardedCore.start_owner_step`): the ZeRO engine hands the owner the
+whole reduced gradients of a bucket's matrices as soon as the bucket's reduction lands, during
+backward; the owner advances a *copy* of their momentum and runs Newton–Schulz on it right
+away. At ``step()`` each such matrix commits the copy (the stored momentum is swapped, not
+recomputed) and uses the direction — the same operations on the same numbers as the step would
+run, so the result is bit-identical — provided the step is taken, the matrix is stepped, the
+gradient was not clipped (:func:`lanton_dist.clipping.certainly_unclipped` on the vote's host
+read, no extra one) and its group's momentum settings did not change; otherwise the copy is
+dropped and the step computes as usual. The copies are the transient cost: one momentum of
+the owned matrices from backward to step (planner: ``early_peak_extra``).
+
 Exchanges may implement two optional, pipelined entry points the core prefers when present:
 ``apply(pieces, tensors, fn, gather_phase, scatter_phase)`` (gather → ``fn`` on the owner's
 whole matrices → scatter, bucket by bucket; ``fn`` is the owner step) and
@@ -193,6 +204,15 @@ class _ReadyGather(OwnerWork):
         return dict(zip(names, fn(names, [self._owned[n] for n in names]))) if names else {}
 
 
+class _Early(NamedTuple):
+    """An owner step started during backward: the advanced momentum copy, its direction, and
+    the group's momentum settings it used."""
+
+    momentum: torch.Tensor
+    direction: torch.Tensor
+    settings: tuple[Any, ...]
+
+
 class LocalExchange:
     """Pieces are whole matrices on their owner: gather and scatter are views, no traffic."""
 
@@ -252,6 +272,7 @@ class ShardedCore:
         self.noise_adaptive = algorithm == "lanton"
         self.clip = clipping.check_max_norm(clip_grad_norm)
         self.grad_norm: torch.Tensor | None = None  # pre-clip ‖G‖₂ of the last step (clipping on)
+        self._grad_sq = 0.0                         # its square, as the vote's host read saw it
         self.defer_variance = bool(defer_variance and overlap and hasattr(exchange, "launch_gather"))
         self.lmo = (
             LMOConfig(scale_mode="moonlight", ns_steps=(lmo or LMOConfig()).ns_steps) if algorithm == "dmuon" else (lmo or LMOConfig())
@@ -282,10 +303,38 @@ class ShardedCore:
         self._deferred: tuple[Any, torch.Tensor] | None = None
         self._side: SideStream | None = None
         self.polar = polar or lmo_mod.hidden_directions
+        self._early: dict[str, _Early] = {}   # owner steps started during backward (module doc)
+        self._early_ok = False                # this step may use them (set by step())
+        self.early_used = 0                   # matrices whose step used an early start (cumulative)
 
     # ------------------------------------------------------------------ public
     def needs_two_half_batches(self) -> bool:
         return self.noise_adaptive and self.option == "II" and noise.is_estimation_step(self.t + 1, self.k)
+
+    @torch.no_grad()
+    @announces("early_owner_step")
+    def start_owner_step(self, names: list[str], grads: list[torch.Tensor]) -> None:
+        """Start the owner step of whole hidden matrices ``names`` this rank owns, from their
+        reduced gradients ``grads`` (``spec.shape``, final: the caller guarantees they do not
+        change before ``step()``): a copy of each momentum advanced and its direction computed
+        now, committed or dropped by the next :meth:`step` (module doc). Must be called with the
+        same grouping the ``polar`` function batches by (the engine: one bucket per call)."""
+        if not names or not self.owner_held(self.specs[names[0]]):
+            return
+        effective, moms, settings = [], [], []
+        for n, grad in zip(names, grads):
+            group = self.param_groups[self.group_of[n]]
+            st = self.state.get((n, 0), {})
+            copy = {"momentum": st["momentum"].clone()} if "momentum" in st else {}
+            effective.append(self._advance_momentum(copy, grad.reshape(-1), group).view(self.specs[n].shape))
+            moms.append(copy["momentum"])
+            settings.append(self._momentum_settings(group))
+        for n, m, d, k in zip(names, moms, self._polar(names, effective), settings):
+            self._early[n] = _Early(m, d, k)
+
+    def drop_early(self) -> None:
+        """Forget owner steps started for gradients that will not be stepped (zero_grad, load)."""
+        self._early.clear()
 
     def owner_held(self, spec: ParamSpec) -> bool:
         """Whether ``spec``'s state is held whole by its owner (hidden matrices under a
@@ -327,8 +376,10 @@ class ShardedCore:
         agreed = self._agree(pieces, present, device)
         if agreed is None:
             self.skipped_steps += 1
+            self.drop_early()
             return False
         live, stepped = agreed
+        self._early_ok = not self.clip or clipping.certainly_unclipped(self._grad_sq, self.clip)
         held = [p for p in pieces if self.owner_held(p.spec)]
         if held:
             self.exchange.owned(held)  # fixes where each matrix's state lives before any gather
@@ -353,6 +404,7 @@ class ShardedCore:
             self._dmuon(live)
         else:
             self._adamw(live)
+        self.drop_early()   # started for matrices not stepped: stale
         return True
 
     @announces("agree")
@@ -379,6 +431,7 @@ class ShardedCore:
         votes = vec.tolist()  # the step's one host read
         if self.clip:
             self.grad_norm = vec[-1].sqrt()
+            self._grad_sq = votes[-1]
         if self.skip_nonfinite and (votes[0] > 0 or (self.clip and not math.isfinite(votes[-1]))):
             return None
         live = []
@@ -403,8 +456,10 @@ class ShardedCore:
         self.param_steps = dict(zip(self.specs, (int(v) for v in values)))
 
     def drop_pending(self) -> None:
-        """Forget a variance reduction still in flight (its step is being replaced by a loaded state)."""
+        """Forget work still pending (a variance reduction in flight, owner steps started early):
+        its step is being replaced by a loaded state."""
         self._pending = self._deferred = None
+        self.drop_early()
 
     def state_dict(self, pieces: list[LocalPiece]) -> dict[str, Any]:
         """The core's state for this rank's ``pieces`` (a pending variance reduction is completed
@@ -548,18 +603,32 @@ class ShardedCore:
         estimation step) puts D = G_t − G_{t−1} of each matrix that has a stored gradient into
         it; with ``track`` (Option I) keeps G_t as the next stored gradient if ``keep``, else
         drops it. Returns −s·polar of each effective momentum (:meth:`_polar`)."""
-        effective = []
+        effective: dict[str, torch.Tensor] = {}
+        started: dict[str, torch.Tensor] = {}
         with phase("momentum"):
             for n, grad in zip(names, grads):
                 spec, flat = self.specs[n], grad.reshape(-1)
                 st = self.state.setdefault((n, 0), {})
-                eff = self._advance_momentum(st, flat, self.param_groups[self.group_of[n]])
+                group = self.param_groups[self.group_of[n]]
+                early = self._early.pop(n, None) if self._early_ok else None
+                if early is not None and early.settings == self._momentum_settings(group):
+                    st["momentum"] = early.momentum   # advanced during backward from this very gradient
+                    started[n] = early.direction
+                    self.early_used += 1
+                else:
+                    effective[n] = self._advance_momentum(st, flat, group).view(spec.shape)
                 if diffs is not None and "prev_grad" in st:
                     diffs[n] = (flat - st["prev_grad"]).view(spec.shape)
                 if track:
                     self._store_previous(st, flat, keep)
-                effective.append(eff.view(spec.shape))
-        return self._polar(names, effective)
+        rest = list(effective)
+        started.update(zip(rest, self._polar(rest, list(effective.values()))) if rest else ())
+        return [started[n] for n in names]
+
+    @staticmethod
+    def _momentum_settings(group: dict[str, Any]) -> tuple[Any, ...]:
+        """The group values :meth:`_advance_momentum` reads (an early start is valid while they hold)."""
+        return tuple(group.get(k) for k in ("beta1", "momentum", "nesterov"))
 
     def _advance_momentum(self, state: dict[str, torch.Tensor], grad: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
         """Advance ``state["momentum"]`` (zeros like ``grad`` on first use) by ``grad`` under the

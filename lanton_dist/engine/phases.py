@@ -14,6 +14,8 @@ Phases (names are stable: the profiler and the tests key on them; ``tests/test_p
 ``grad_reduce``            ZeRO engine: the buckets' gradient reductions (reduce-scatter or reduces)
 ``grad_reduce_half``       ZeRO engine, Option II: the first half-batch's reductions
 ``param_gather``           ZeRO engine: the gather of the updated chunks into the parameters
+``early_owner_step``       ZeRO engine, during backward: an owner step started as its bucket
+                           lands (momentum copy + ``polar``; committed by the next ``core``)
 ``core``                   :meth:`ShardedCore.step` (the phases below nest inside it)
 ``agree``                  the job-wide skip/presence vote (the step's one host read)
 ``variance_finish``        completing a pending variance reduction (owners' norms of a

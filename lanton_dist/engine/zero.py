@@ -28,6 +28,7 @@ piece lives; Option II adds one gradient-size buffer on estimation steps. Proces
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from lanton_dist import lmo as lmo_mod
 from lanton_dist.engine.buckets import BucketStorage
 from lanton_dist.engine.core import LocalExchange, LocalPiece, MatrixExchange, ShardedCore
 from lanton_dist.engine.layout import Layout, Piece, build_layout
@@ -44,7 +46,7 @@ from lanton_dist.engine.optimizer import ShardedOptimizer
 from lanton_dist.engine.ownership import OwnershipPlan, plan_ownership
 from lanton_dist.engine.phases import announces
 from lanton_dist.engine.splitns import SplitNewtonSchulz
-from lanton_dist.groups import ParamSpec
+from lanton_dist.groups import Geometry, ParamSpec
 from lanton_dist.lanton import run_closure
 from lanton_dist.lmo import LMOConfig
 from lanton_dist.names import ZERO_LAYOUTS
@@ -126,8 +128,10 @@ class ShardedLANTON(ShardedOptimizer):
         self.overlap_grad_reduce = overlap_grad_reduce
         self._sync = True
         self._attached = False
+        # owners start Newton–Schulz on a bucket as its reduction lands (whole matrices held here)
+        early = algorithm != "adamw" and ns_split_tolerance is None and logical is None and exchange is None
         self.storage = BucketStorage(self.layout, {s.name: p for p, s, _ in self._params}, self.coll,
-                                     self._can_launch, device, dtype)
+                                     self._can_launch, device, dtype, self._start_owner_steps if early else None)
         self.pieces: list[LocalPiece] = []
         self._placements: list[tuple[int, Piece]] = []  # (bucket, layout piece) of each entry of self.pieces
         for bi, b in enumerate(self.layout.buckets):
@@ -138,7 +142,11 @@ class ShardedLANTON(ShardedOptimizer):
                                               self.storage.own_param(bi, pc), self.storage.own_grad(bi, pc),
                                               weight=view.weight))
                 self._placements.append((bi, pc))
-        polar = None
+        self._owned_in_bucket: list[list[int]] = [[] for _ in self.layout.buckets]
+        for i, (pc, (bi, _)) in enumerate(zip(self.pieces, self._placements)):
+            if pc.spec.geometry is Geometry.HIDDEN:
+                self._owned_in_bucket[bi].append(i)
+        polar = self._per_bucket(lmo_mod.hidden_directions) if early else None
         if ns_split_tolerance is not None:
             self._check_split(algorithm, logical, exchange, lmo)
             polar = SplitNewtonSchulz(specs, self.plan, ns_split_tolerance, ns_steps, self.coll, device, dtype)
@@ -198,8 +206,10 @@ class ShardedLANTON(ShardedOptimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the gradient buffer; the parameters' ``grad`` stay views of it whatever
-        ``set_to_none`` (it applies to :attr:`copied_params`)."""
+        ``set_to_none`` (it applies to :attr:`copied_params`); owner steps started for the
+        discarded gradients are dropped."""
         self.storage.zero_grad(set_to_none)
+        self.core.drop_early()
 
     @torch.no_grad()
     def sync_from_model(self) -> None:
@@ -227,6 +237,33 @@ class ShardedLANTON(ShardedOptimizer):
         return loss
 
     # ------------------------------------------------------------------ internals
+    def _start_owner_steps(self, bucket: int) -> None:
+        """``BucketStorage.on_reduced``: the owner step of this rank's matrices in ``bucket``
+        starts now, during backward (not on Option II estimation steps, whose gradient is the
+        sum of two half-batches)."""
+        idx = self._owned_in_bucket[bucket]
+        if idx and self.storage.half_buffer is None:
+            self.core.start_owner_step([self.pieces[i].name for i in idx],
+                                       [self.storage.own_grad(bucket, self._placements[i][1]) for i in idx])
+
+    def _per_bucket(self, polar: Callable[..., list[torch.Tensor]]) -> Callable[..., list[torch.Tensor]]:
+        """``polar`` batched per bucket (as the early owner steps run it), so the step computes
+        the same whether a bucket's Newton–Schulz started during backward or not."""
+        bucket_of = {pc.name: b for b, pc in self._placements}
+
+        @functools.wraps(polar)
+        def per_bucket(specs: list[ParamSpec], mats: list[torch.Tensor], lmo: LMOConfig) -> list[torch.Tensor]:
+            batches: dict[int, list[int]] = {}
+            for i, s in enumerate(specs):
+                batches.setdefault(bucket_of[s.name], []).append(i)
+            out: list[torch.Tensor] = [mats[0]] * len(specs)
+            for idx in batches.values():
+                for i, d in zip(idx, polar([specs[i] for i in idx], [mats[i] for i in idx], lmo)):
+                    out[i] = d
+            return out
+
+        return per_bucket
+
     @staticmethod
     def _check_split(algorithm: str, logical: dict[str, LogicalView] | None,
                      exchange: MatrixExchange | None, lmo: LMOConfig | None) -> None:

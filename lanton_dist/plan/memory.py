@@ -15,7 +15,9 @@ byte against a built engine on CPU at world 2 and 3 (``tests/test_plan_memory.py
 * state: :data:`~lanton_dist.plan.planner.STATE_TENSORS` per owned element, plus the core's
   replicated per-layer trackers ``H`` and ``F`` (``2L`` accumulation scalars);
   ``state_peak_extra``: Option I's previous gradient of the owned elements (held on the step
-  before each estimation).
+  before each estimation); ``early_peak_extra``: the momentum copies and directions of the owned
+  matrices whose owner step starts during backward (:mod:`lanton_dist.engine.core`, with hook-launched
+  reductions; at most every owned matrix, held from backward to ``step()``).
 
 Other strategies are modelled from their documented behaviour, not measured: ``zero3`` keeps
 parameters and gradients sharded (the rank's chunks) with the same bucket buffers; ``ddp`` holds
@@ -35,7 +37,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from lanton_dist.groups import ParamSpec
+from lanton_dist.groups import Geometry, ParamSpec
 from lanton_dist.plan.predictions import StagePlan
 from lanton_dist.plan.strategies import piece_elements
 
@@ -53,14 +55,21 @@ class RankMemory:
     state: int
     buffers_peak_extra: int = 0
     state_peak_extra: int = 0
+    early_peak_extra: int = 0
 
     @property
     def steady(self) -> int:
         return self.parameters + self.gradients + self.buffers + self.state
 
     @property
+    def peak_extra(self) -> int:
+        """The transient extras held at once: the early owner steps' momentum copies are never
+        held on an Option II estimation step (the one with the stashed half buffer)."""
+        return max(self.buffers_peak_extra, self.early_peak_extra) + self.state_peak_extra
+
+    @property
     def peak(self) -> int:
-        return self.steady + self.buffers_peak_extra + self.state_peak_extra
+        return self.steady + self.peak_extra
 
 
 def _numel(specs: list[ParamSpec]) -> int:
@@ -83,8 +92,9 @@ def rank_memory(p: StepPlanner, st: StagePlan, d: int, t: int) -> RankMemory:
         option_two = o.algorithm == "lanton" and o.option == "II"
         numel = {s.name: s.numel for s in st.local}
         copied = sum(numel[n] for n, span in lay.flat_spans().items() if span is None)
+        early = 2 * owned.get(Geometry.HIDDEN.value, 0) * E if o.uses_ns else 0   # momentum copy + direction
         return RankMemory((padded + copied) * E, (padded + copied) * E, 0, state,
-                          padded * E if option_two else 0, 0 if option_two else state_extra)
+                          padded * E if option_two else 0, 0 if option_two else state_extra, early)
     if L.strategy == "ddp":
         return RankMemory(local * E, local * E, local * E, state, 0, state_extra)
     if L.strategy == "fsdp2":

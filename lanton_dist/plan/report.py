@@ -110,7 +110,7 @@ def _layout_lines(first: dict[str, Any], summaries: dict[str, dict[str, Any]]) -
     lines.append(f"{'algorithm':<9} {'params':>9} {'grads':>9} {'buffers':>9} {'state':>9} {'peak+':>9} {'total':>9}  fits")
     for a, s in summaries.items():
         m = s["memory"]
-        extra = m["buffers_peak_extra"] + m["state_peak_extra"]
+        extra = m["peak"] - m["steady"]
         lines.append(f"{a:<9} {human_bytes(m['parameters']):>9} {human_bytes(m['gradients']):>9} {human_bytes(m['buffers']):>9} "
                      f"{human_bytes(m['state']):>9} {human_bytes(extra):>9} {human_bytes(m['peak']):>9}  "
                      + ("yes" if m["fits"] else "WARNING: does not fit"))
