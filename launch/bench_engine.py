@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> dict:
     result["overlap"] = {"world": 2, "ranks": [{k: r[k] for k in ("on", "off")} for r in ov], "exposed_reduce_on_s": on,
                          "exposed_reduce_off_s": off, "hidden_fraction": 1 - on / off if off > 0 else 0.0,
                          "on_equals_off": same}
-    print(f"overlap world 2: exposed reduce-scatter {on * 1e3:.2f} ms (overlap on) vs {off * 1e3:.2f} ms (off): "
+    print(f"overlap world 2: exposed reduction {on * 1e3:.2f} ms (overlap on) vs {off * 1e3:.2f} ms (off): "
           f"{100 * result['overlap']['hidden_fraction']:.0f}% hidden; step {ov[0]['on']['step_s'] * 1e3:.1f} vs "
           f"{ov[0]['off']['step_s'] * 1e3:.1f} ms; {ov[0]['on']['buckets']} buckets; parameters equal: {same}")
     result["compare"] = {}
