@@ -3,8 +3,9 @@
 Every rank holds the full model and computes gradients on its rows of the global batch.
 Parameters and gradients are views of two flat bucket buffers (:mod:`.buckets`): autograd
 accumulates straight into the bucket layout (:mod:`.layout`: whole matrices on their owners,
-any bucket size), and with ``overlap_grad_reduce`` each bucket's reduction starts from a backward hook as soon as its
-last gradient is ready (outside :meth:`ShardedLANTON.no_sync`). ``step()``:
+any bucket size), and with ``overlap_grad_reduce`` each bucket's reduction starts from a
+backward hook as soon as its last gradient is ready (outside :meth:`ShardedLANTON.no_sync`)
+and owners start Newton–Schulz on each bucket that has landed. ``step()``:
 
 1. launches the buckets not launched yet and waits for all — each owner receives whole
    reduced gradients of its matrices, in place in its chunks of the gradient buffer;
@@ -85,9 +86,13 @@ class ShardedLANTON(ShardedOptimizer):
         scalar_world: run the scalar reductions over the whole job instead of
             ``process_group`` (needed when other groups — TP, PP — hold other parts of the model).
         clip_grad_norm: global gradient-norm clipping (0: off; :class:`~.core.ShardedCore`).
-        overlap_grad_reduce: launch each bucket's reduce-scatter from the backward hook of its
-            last gradient (False: all at ``step()``); the result is the same, but gradients
-            can then no longer be changed in place between backward and ``step()`` (an error).
+        overlap_grad_reduce: launch each bucket's reduction from the backward hook of its
+            last gradient (False: all at ``step()``), and start the owner step (momentum copy,
+            Newton–Schulz) of the matrices of each bucket that has landed, during backward
+            (:meth:`~lanton_dist.engine.core.ShardedCore.start_owner_step`; not with
+            ``ns_split_tolerance``, ``logical`` or ``exchange``); the result is the same, bit
+            for bit, but gradients can then no longer be changed in place between backward and
+            ``step()`` (an error).
         ns_split_tolerance: ``None`` (default): each matrix's Newton–Schulz runs whole on its
             owner. A number τ ≥ 0: the largest matrices of ranks whose NS FLOPs exceed
             ``(1 + τ)·mean`` are split by columns over teams of ranks
