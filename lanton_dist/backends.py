@@ -178,13 +178,14 @@ class Backend:
 
         Here (one process, and DDP) ``p.grad`` of the unwrapped model is already the global
         gradient (lanton_dist's optimizers leave it unclipped; :meth:`clip_gradients` keeps the
-        norm it clipped). None after a two-half-batch step (Option II estimation step):
-        ``p.grad`` then holds only the second half, the first half being the optimizer's."""
+        norm it clipped). After a two-half-batch step (Option II estimation step) ``p.grad``
+        holds only the second half, the first being the optimizer's: the norm is the one the
+        optimizer took of the combined gradient (``combined_grad_norm``, LANTON), else None."""
         clipped = self.clipped_norm()
         if clipped is not None:
             return clipped
         if two_halves:
-            return None
+            return getattr(self.optimizer, "combined_grad_norm", None)
         grads = [p.grad for p in self.unwrap().parameters() if p.grad is not None]
         return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
 

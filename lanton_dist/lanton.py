@@ -143,6 +143,10 @@ class LANTON(Optimizer):
         self.skip_nonfinite = skip_nonfinite
         self.clip_grad_norm = clipping.check_max_norm(clip_grad_norm)
         self.skipped_steps = 0
+        #: Global L2 norm of the gradient the last step used when it combined two half-batch
+        #: gradients (Option II estimation step; pre-clip, a device tensor), else None: ``p.grad``
+        #: then holds only the second half, so this is what a log line can report.
+        self.combined_grad_norm: torch.Tensor | None = None
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """torch's, plus the checks every group needs (``specs``, α > 0), also for groups added later."""
@@ -210,11 +214,13 @@ class LANTON(Optimizer):
             diff2 = None if half is None else 2.0 * (half - p.grad)
             live.append((g, p, spec, grad, diff2))
         sq = None
-        if self.clip_grad_norm and live:
+        combined = any(x[4] is not None for x in live)
+        if (self.clip_grad_norm or combined) and live:
             sq = clipping.sq_sum([x[3] for x in live], torch.promote_types(live[0][3].dtype, torch.float32))
+        self.combined_grad_norm = sq.sqrt() if combined else None
         if self.skip_nonfinite and live:
             finite = torch.stack([torch.isfinite(x[3]).all() for x in live]).all()
-            if sq is not None:
+            if sq is not None and self.clip_grad_norm:
                 finite = finite & torch.isfinite(sq)
             if not bool(finite):
                 self.skipped_steps += 1
@@ -230,7 +236,7 @@ class LANTON(Optimizer):
             )
         for g in self.param_groups:
             g["step"] = t
-        if sq is not None:
+        if sq is not None and self.clip_grad_norm:
             coef = clipping.clip_coefficient(sq.sqrt(), self.clip_grad_norm)
             live = [(g, p, spec, grad * coef, None if diff2 is None else diff2 * coef)
                     for g, p, spec, grad, diff2 in live]
