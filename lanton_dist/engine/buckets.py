@@ -274,21 +274,23 @@ class BucketStorage:
 
     def _finish(self, buf: torch.Tensor) -> None:
         for b in range(len(self.layout.buckets)):
-            for h in self._reducing.pop(b):
-                h.wait()
             if not (buf is self.grad_buffer and b in self._settled):
-                o, e = self._own[b]
-                buf[o:e].div_(self.world)
+                self._mean(b, buf)
+            self._reducing.pop(b)
 
-    @torch.no_grad()
-    def _settle(self, b: int) -> None:
-        """During backward: wait for bucket ``b``'s reduction (its handles stay in ``_reducing``
-        until :meth:`reduce`, so later edits are still caught) and take the mean of this rank's
-        chunk now; :meth:`own_grad` of its pieces is then final (``on_reduced``'s contract)."""
+    def _mean(self, b: int, buf: torch.Tensor) -> None:
+        """Wait for bucket ``b``'s reduction on ``buf`` and divide this rank's chunk by the world."""
         for h in self._reducing[b]:
             h.wait()
         o, e = self._own[b]
-        self.grad_buffer[o:e].div_(self.world)
+        buf[o:e].div_(self.world)
+
+    @torch.no_grad()
+    def _settle(self, b: int) -> None:
+        """During backward: :meth:`_mean` of bucket ``b`` now (its handles stay in ``_reducing``
+        until :meth:`reduce`, so later edits are still caught); :meth:`own_grad` of its pieces is
+        then final (``on_reduced``'s contract)."""
+        self._mean(b, self.grad_buffer)
         self._settled.add(b)
 
     @torch.no_grad()

@@ -66,8 +66,8 @@ recomputed) and uses the direction — the same operations on the same numbers a
 run, so the result is bit-identical — provided the step is taken, the matrix is stepped, the
 gradient was not clipped (:func:`lanton_dist.clipping.certainly_unclipped` on the vote's host
 read, no extra one) and its group's momentum settings did not change; otherwise the copy is
-dropped and the step computes as usual. The copies are the transient cost: one momentum of
-the owned matrices from backward to step (planner: ``early_peak_extra``).
+dropped and the step computes as usual. The transient cost: a momentum copy and a direction
+per owned matrix, held from backward to step (planner: ``early_peak_extra``).
 
 Exchanges may implement two optional, pipelined entry points the core prefers when present:
 ``apply(pieces, tensors, fn, gather_phase, scatter_phase)`` (gather → ``fn`` on the owner's
