@@ -489,17 +489,19 @@ class FSDP2Backend(DistributedBackend):
 
     def grad_norm(self, two_halves: bool) -> torch.Tensor | None:
         """The pre-clip norm when the step clipped (:meth:`clipped_norm`, Option II steps
-        included); else from the ``Shard(0)`` DTensor gradients: local sums of squares, one
-        scalar all-reduce (None after an Option II two-half step, as for the base class)."""
+        included); after an unclipped Option II two-half step the optimizer's share of the
+        combined gradient's Σ G² (``combined_sq``: ``p.grad`` holds only the second half);
+        else from the ``Shard(0)`` DTensor gradients. One scalar all-reduce either way."""
         clipped = self.clipped_norm()
         if clipped is not None:
             return clipped
         if two_halves:
-            return None
-        sq = torch.zeros((), device=self.device, dtype=torch.float32)
-        for p in self.model.parameters():
-            if p.grad is not None:
-                sq += p.grad.to_local().float().square().sum()
+            sq = self.optimizer.combined_sq.clone()
+        else:
+            sq = torch.zeros((), device=self.device, dtype=torch.float32)
+            for p in self.model.parameters():
+                if p.grad is not None:
+                    sq += p.grad.to_local().float().square().sum()
         dist.all_reduce(sq)
         return sq.sqrt()
 

@@ -210,10 +210,11 @@ def reference_grad_norm(cfg) -> float:
     ("zero", []),
     ("zero", ["--optim.option", "II", "--optim.estimate_every", "1"]),  # two halves: the pieces combine them
     ("fsdp2", []),
+    ("fsdp2", ["--optim.option", "II", "--optim.estimate_every", "1"]),  # two halves: the optimizer's combined Σ G²
     ("ddp", []),
     ("ddp", ["--optim.option", "II", "--optim.estimate_every", "1"]),  # two halves: the optimizer's combined norm
     ("deepspeed", ["--parallel.zero_stage", "2"]),
-], ids=["zero", "zero-option-II", "fsdp2", "ddp", "ddp-option-II", "deepspeed-zero2"])
+], ids=["zero", "zero-option-II", "fsdp2", "fsdp2-option-II", "ddp", "ddp-option-II", "deepspeed-zero2"])
 def test_logged_grad_norm_equals_the_single_process_global_grad_norm(tmp_path, backend, extra):
     from lanton_dist.config import load_run_config
 

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch.optim import Optimizer
 
+from lanton_dist import clipping
 from lanton_dist.engine.checkpoint import core_state_dict, load_core_state
 from lanton_dist.engine.core import LocalPiece, ShardedCore
 from lanton_dist.engine.exchange import AllToAllExchange
@@ -77,6 +78,9 @@ class ShardedOptimizer(Optimizer):
         self.world, self.rank = self.coll.world, self.coll.rank
         self.core: ShardedCore | None = None
         self._half: dict[str, torch.Tensor] | None = None
+        #: this rank's share (piece weights applied) of Σ G² of the last step's combined gradient
+        #: when it had two halves (Option II), else None: a 0-d tensor on the pieces' device
+        self.combined_sq: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ what a subclass supplies
     def _local_pieces(self) -> list[LocalPiece]:
@@ -157,6 +161,15 @@ class ShardedOptimizer(Optimizer):
             h = h if h is not None else torch.zeros_like(g)
             pc.diff2 = 2.0 * (h - g)
             pc.grad = g + h
+
+    @staticmethod
+    def _weighted_sq(pieces: Sequence[LocalPiece]) -> torch.Tensor:
+        """``Σ weight · Σ grad²`` over ``pieces`` (a rank's share of a job-wide Σ G²): a 0-d
+        float32 tensor on the pieces' device, no host read."""
+        counted = [pc for pc in pieces if pc.grad is not None and pc.weight]
+        if not counted:
+            return torch.zeros((), device=pieces[0].param.device if pieces else None)
+        return clipping.sq_sum([pc.grad for pc in counted], torch.float32, [pc.weight for pc in counted])
 
     @staticmethod
     def _signature(specs: Iterable[ParamSpec]) -> list[tuple[Any, ...]]:
@@ -275,6 +288,7 @@ class PieceOptimizer(ShardedOptimizer):
         with self._stepping():
             half, self._half = self._half, None
             self._combine_halves(pieces, None if half is None else [half.get(pc.name) for pc in pieces])
+            self.combined_sq = None if half is None else self._weighted_sq(pieces)
             return self._require_core().step(pieces, present)
 
     # ------------------------------------------------------------------ per-rank state (one file per rank)
