@@ -40,8 +40,8 @@ def update_tracker(h: torch.Tensor, sq_dual: torch.Tensor, beta2: float) -> torc
 
 
 def noise_alpha(h: torch.Tensor, alpha: torch.Tensor | float) -> torch.Tensor:
-    """α^ℓ = α/√(α² + H^ℓ); equals 1 where H = 0."""
-    alpha = torch.as_tensor(alpha, dtype=h.dtype, device=h.device)
+    """α^ℓ = α/√(α² + H^ℓ); equals 1 where H = 0. ``alpha``: a number, or a tensor broadcast
+    against ``h`` on its device (a number stays a kernel argument: no host→device copy)."""
     return alpha / torch.sqrt(alpha * alpha + h)
 
 

@@ -1,5 +1,6 @@
-"""Counting the ``Tensor`` methods that read a tensor's value on the host (each one stalls the
-CPU until a GPU catches up): one helper for every test that bounds an optimizer step's syncs."""
+"""Counting the ``Tensor`` methods that read a tensor's value on the host, and the tensors built
+from host values (on a GPU each one stalls the CPU until the device catches up): one helper for
+every test that bounds an optimizer step's syncs."""
 from __future__ import annotations
 
 from collections import Counter
@@ -35,3 +36,22 @@ def counting_host_reads() -> Iterator[Counter]:
                 delattr(torch.Tensor, name)
             else:
                 setattr(torch.Tensor, name, orig)
+
+
+@contextmanager
+def counting_host_copies() -> Iterator[Counter]:
+    """Count ``torch.tensor(...)`` calls (any thread) inside the block under ``"tensor"``: a
+    tensor built from host values, which on a GPU is a blocking host→device copy. ``torch.tensor``
+    is torch's own again afterwards."""
+    counts: Counter = Counter()
+    original = torch.tensor
+
+    def counted(*args, **kwargs):
+        counts["tensor"] += 1
+        return original(*args, **kwargs)
+
+    torch.tensor = counted
+    try:
+        yield counts
+    finally:
+        torch.tensor = original

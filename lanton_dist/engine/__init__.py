@@ -6,6 +6,7 @@
 * :mod:`.buckets`    — the engine's two flat buffers (parameters and ``p.grad`` are views of them),
   backward-hook reduce-scatters and in-flight all-gathers.
 * :mod:`.core`       — the optimizer math over this rank's pieces, and its state dict; adapters reuse it.
+* :mod:`.device_lists` — the step's small host lists (indices, per-layer constants) kept on the device.
 * :mod:`.optimizer`  — :class:`ShardedOptimizer`, the base of every front end, and
   :class:`PieceOptimizer`, the framework adapters' base.
 * :mod:`.exchange`   — :class:`AllToAllExchange`: pieces of hidden matrices to their owners and back.

@@ -89,6 +89,7 @@ import torch
 from lanton_dist import clipping, noise
 from lanton_dist import lmo as lmo_mod
 from lanton_dist.adamw import adamw_step_
+from lanton_dist.engine.device_lists import DeviceLists
 from lanton_dist.engine.meter import Collectives
 from lanton_dist.engine.phases import announces, phase
 from lanton_dist.engine.streams import SideStream
@@ -302,6 +303,7 @@ class ShardedCore:
         self._pending: tuple[Any, torch.Tensor] | None = None
         self._deferred: tuple[Any, torch.Tensor] | None = None
         self._side: SideStream | None = None
+        self._lists = DeviceLists()  # the step's index vectors and per-layer constants, on the device
         self.polar = polar or lmo_mod.hidden_directions
         self._early: dict[str, _Early] = {}   # owner steps started during backward (module doc)
         self._early_ok = False                # this step may use them (set by step())
@@ -426,7 +428,7 @@ class ShardedCore:
         names = set(present if present is not None else [p.name for p in pieces if p.grad is not None])
         if names:
             idx = [1 + self.layer_start[n] + b for n in sorted(names) for b in range(len(self.specs[n].blocks))]
-            vec.index_fill_(0, torch.tensor(idx, device=device), 1.0)
+            vec.index_fill_(0, self._lists.get("present", idx, torch.long, device), 1.0)
         self.coll.all_reduce(vec, "finite").wait()
         votes = vec.tolist()  # the step's one host read
         if self.clip:
@@ -545,8 +547,8 @@ class ShardedCore:
         vals, present = vec[:L], vec[L:] > 0
         numel = self._vector_numel
         sq = torch.where(numel > 0, vals * numel, vals * vals)  # vectors: RMS² · n; others: the norm²
-        beta2 = torch.tensor([self.param_groups[g]["beta2"] for g in self.layer_group], dtype=self.H.dtype, device=self.H.device)
-        alpha = torch.tensor([self.param_groups[g]["alpha"] for g in self.layer_group], dtype=self.H.dtype, device=self.H.device)
+        beta2 = self._lists.get("beta2", [self.param_groups[g]["beta2"] for g in self.layer_group], self.H.dtype, self.H.device)
+        alpha = self._lists.get("alpha", [self.param_groups[g]["alpha"] for g in self.layer_group], self.H.dtype, self.H.device)
         self.H = torch.where(present, self.H * beta2 + sq * (1 - beta2), self.H)
         self.E = self.E | present
         self.F = noise.lr_factors(noise.noise_alpha(self.H, alpha), self.layer_gid, self.anchor, self.E)
@@ -683,8 +685,8 @@ class ShardedCore:
         ``vec[L:]``: one stack and two indexed writes, whatever the number of matrices."""
         if not norms:
             return
-        idx = torch.tensor([self.layer_start[n] + b for n, values in norms.items() for b in range(len(values))],
-                           device=vec.device)
+        idx = self._lists.get("owned_norms", [self.layer_start[n] + b for n, values in norms.items() for b in range(len(values))],
+                              torch.long, vec.device)
         vec.index_put_((idx,), torch.stack([v for values in norms.values() for v in values]).to(vec.dtype))
         vec.index_fill_(0, idx + self.n_layers, 1.0)
 
