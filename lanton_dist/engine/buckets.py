@@ -252,14 +252,15 @@ class BucketStorage:
     def _collect(self, b: int, buf: torch.Tensor, phase: str, *, gather: bool) -> list[Handle]:
         """Launch bucket ``b``'s SUM reduction into the chunks (``gather=False``) or the gather of
         the chunks (``gather=True``) on ``buf``, in place: a reduce-scatter / all-gather when its
-        chunks are equal, else a reduce to / broadcast from each rank with a non-empty chunk."""
+        chunks are equal, else one grouped call over the unequal chunks
+        (:meth:`~lanton_dist.engine.meter.Collectives.reduce_chunks` / ``broadcast_chunks``)."""
         a, z = self._bucket_span[b]
         if self.layout.buckets[b].uniform:
             o, e = self._own[b]
             op = self.coll.all_gather if gather else self.coll.reduce_scatter
             return [op(buf[a:z], buf[o:e], phase) if gather else op(buf[o:e], buf[a:z], phase)]
-        op = self.coll.broadcast if gather else self.coll.reduce
-        return [op(buf[o:e], q, phase) for q, (o, e) in enumerate(self._chunks[b]) if e > o]
+        chunks = [buf[o:e] for o, e in self._chunks[b]]
+        return self.coll.broadcast_chunks(chunks, phase) if gather else self.coll.reduce_chunks(chunks, phase)
 
     def reduce(self) -> None:
         """Reduce (mean) every bucket not launched by a hook yet, wait for all; the owned

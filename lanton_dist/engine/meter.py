@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import timedelta
@@ -208,19 +208,36 @@ class Collectives:
             return Handle(self, None, "all_gather")
         return self._run("all_gather", lambda: _collective("_ALL_GATHER")(out, inp, group=self.group, async_op=True))
 
-    def reduce(self, t: torch.Tensor, dst: int, phase: str) -> Handle:
-        """SUM-reduce ``t`` in place onto group rank ``dst`` (other ranks' ``t`` is scratch after)."""
-        self._record("reduce", phase, t, self_numel=t.numel() if self.rank == dst else 0)
+    def reduce_chunks(self, chunks: Sequence[torch.Tensor], phase: str) -> list[Handle]:
+        """SUM-reduce ``chunks[q]`` onto group rank ``q``, for every ``q`` at once, in place
+        (``chunks``: one per rank, sizes every rank agrees on, possibly unequal or empty; the
+        other ranks' chunks are scratch after): ONE call, ``reduce_scatter`` with uneven inputs
+        (NCCL runs it as one group of per-rank reduces, gloo natively). Metered as one
+        ``reduce`` per non-empty chunk, which is what it moves."""
+        for q, c in enumerate(chunks):
+            if c.numel():
+                self._record("reduce", phase, c, self_numel=c.numel() if self.rank == q else 0)
         if self.world == 1:
-            return Handle(self, None, "reduce")
-        return self._run("reduce", lambda: _dist().reduce(t, group_dst=dst, group=self.group, async_op=True))
+            return [Handle(self, None, "reduce")]
+        own = chunks[self.rank]
+        return [self._run("reduce", lambda: _dist().reduce_scatter(own, list(chunks), group=self.group, async_op=True))]
 
-    def broadcast(self, t: torch.Tensor, src: int, phase: str) -> Handle:
-        """Broadcast ``t`` in place from group rank ``src``."""
-        self._record("broadcast", phase, t, self_numel=t.numel() if self.rank == (src - 1) % self.world else 0)
+    def broadcast_chunks(self, chunks: Sequence[torch.Tensor], phase: str) -> list[Handle]:
+        """Every rank's ``chunks[q]`` from group rank ``q``, in place (the inverse of
+        :meth:`reduce_chunks`, same sizes): ONE ``all_gather`` with uneven outputs on NCCL (a
+        group of broadcasts), one broadcast per non-empty chunk elsewhere (gloo has no uneven
+        all-gather). Metered as one ``broadcast`` per non-empty chunk."""
+        for q, c in enumerate(chunks):
+            if c.numel():
+                self._record("broadcast", phase, c, self_numel=c.numel() if self.rank == (q - 1) % self.world else 0)
         if self.world == 1:
-            return Handle(self, None, "broadcast")
-        return self._run("broadcast", lambda: _dist().broadcast(t, group_src=src, group=self.group, async_op=True))
+            return [Handle(self, None, "broadcast")]
+        dist = _dist()
+        if dist.get_backend(self.group) == "nccl":
+            own = chunks[self.rank]
+            return [self._run("broadcast", lambda: dist.all_gather(list(chunks), own, group=self.group, async_op=True))]
+        return [self._run("broadcast", lambda q=q, c=c: dist.broadcast(c, group_src=q, group=self.group, async_op=True))
+                for q, c in enumerate(chunks) if c.numel()]
 
     def all_to_all(self, out: torch.Tensor, inp: torch.Tensor, out_splits: list[int], in_splits: list[int], phase: str) -> Handle:
         """``all_to_all_single`` with explicit splits (first dim)."""
