@@ -10,7 +10,7 @@ source                                     phase               what it is
 =========================================  ==================  =====================================
 every phase a sharded optimizer announces  its name            ``grad_reduce``, ``core``, ``lmo``,
 (:mod:`lanton_dist.engine.phases`)                             ``variance_estimate``, ``param_gather``…
-``coll.<all_reduce|reduce|broadcast|…>``   ``wait:<phase>``    time blocked in ``handle.wait()``
+``coll.<all_reduce|reduce_chunks|…>``     ``wait:<phase>``    time blocked in ``handle.wait()``
 step pre/post hooks (``hooks=True``)       ``optimizer_step``  the whole ``step()``
 =========================================  ==================  =====================================
 
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from lanton_dist.profiling.timers import Mark, Profiler
 
 #: Collectives of the engine's :class:`~lanton_dist.engine.meter.Collectives` whose waits are timed.
-_COLL_OPS = ("all_reduce", "reduce_scatter", "all_gather", "all_to_all", "reduce", "broadcast")
+_COLL_OPS = ("all_reduce", "reduce_scatter", "all_gather", "all_to_all", "reduce_chunks", "broadcast_chunks")
 #: The attribute marking an optimizer as instrumented (one profiler per optimizer).
 _MARK = "_lanton_profiler"
 
@@ -123,6 +123,8 @@ class Instrumentation:
             phase = str(sig.bind(*args, **kwargs).arguments.get("phase", op))
             handle = fn(*args, **kwargs)
             launch = prof.timer.mark()  # after the launch call returned: from here the caller is free to work
+            if isinstance(handle, list):  # the chunk collectives: one handle per call they issued
+                return [_TimedHandle(prof, h, phase, launch) for h in handle]
             return _TimedHandle(prof, handle, phase, launch) if handle is not None else handle
 
         self._set(coll, op, wrapped)
