@@ -10,7 +10,7 @@ source                                     phase               what it is
 =========================================  ==================  =====================================
 every phase a sharded optimizer announces  its name            ``grad_reduce``, ``core``, ``lmo``,
 (:mod:`lanton_dist.engine.phases`)                             ``variance_estimate``, ``param_gather``…
-``coll.<all_reduce|reduce_chunks|…>``     ``wait:<phase>``    time blocked in ``handle.wait()``
+``coll.<all_reduce|reduce_chunks|…>``      ``wait:<phase>``    time blocked in ``handle.wait()``
 step pre/post hooks (``hooks=True``)       ``optimizer_step``  the whole ``step()``
 =========================================  ==================  =====================================
 
