@@ -46,6 +46,7 @@ from torch import nn
 from lanton_dist.config import TRAINER_BACKENDS, OptimConfig, RunConfig
 from lanton_dist.engine import build_sharded_optimizer, checkpoint
 from lanton_dist.engine.meter import fail_fast
+from lanton_dist.engine.optimizer import pieces_sq_sum
 from lanton_dist.factory import build_optimizer
 
 OptimizerFactory = Callable[[nn.Module, OptimConfig], torch.optim.Optimizer]
@@ -399,10 +400,7 @@ def pieces_grad_norm(optimizer: torch.optim.Optimizer, device: torch.device) -> 
     the step clipped: its core already has the pre-clip norm (``core.grad_norm``)."""
     if optimizer.core.grad_norm is not None:
         return optimizer.core.grad_norm.float()
-    sq = torch.zeros((), device=device, dtype=torch.float32)
-    for piece in optimizer.pieces:
-        if piece.grad is not None and piece.weight:
-            sq += piece.weight * piece.grad.float().square().sum()
+    sq = pieces_sq_sum(optimizer.pieces, device)
     dist.all_reduce(sq)
     return sq.sqrt()
 

@@ -65,8 +65,8 @@ def test_one_host_read_and_no_host_copy_per_steady_step_whatever_the_model_size_
         small, large = result[(engine, 2)], result[(engine, 4)]
         assert large == small, f"rank {rank}: host reads grow with the model: {small} -> {large}"
         for step, counts in enumerate(small, start=1):
-            reads = {k: v for k, v in counts.items() if k != "tensor"}
-            assert reads == {"tolist": READS_PER_STEP}, f"rank {rank} step {step}: {counts}"
+            host_reads = {k: v for k, v in counts.items() if k != "tensor"}
+            assert host_reads == {"tolist": READS_PER_STEP}, f"rank {rank} step {step}: {counts}"
             if step >= STEADY:
                 assert "tensor" not in counts, f"rank {rank} step {step} builds tensors from host values: {counts}"
         assert any("tensor" in c for c in small[:STEADY - 1]), "the first steps copy their lists: the counter sees them"

@@ -40,6 +40,16 @@ DEFAULTS: dict[str, Any] = dict(lr=0.02, weight_decay=0.0, beta1=0.9, beta2=0.9,
                                 momentum=0.95, adam_betas=(0.9, 0.95), adam_eps=1e-8)
 
 
+def pieces_sq_sum(pieces: Sequence[LocalPiece], device: torch.device | None = None) -> torch.Tensor:
+    """``Σ weight · Σ grad²`` over ``pieces`` (a rank's share of a job-wide Σ G²: a piece's
+    ``weight`` is 0 for a replica counted elsewhere): a 0-d float32 tensor on the pieces' device
+    (``device`` when no piece has a counted gradient), no host read."""
+    counted = [pc for pc in pieces if pc.grad is not None and pc.weight]
+    if not counted:
+        return torch.zeros((), device=pieces[0].param.device if pieces else device)
+    return clipping.sq_sum([pc.grad for pc in counted], torch.float32, [pc.weight for pc in counted])
+
+
 class ShardedOptimizer(Optimizer):
     """Common base (module doc).
 
@@ -163,15 +173,6 @@ class ShardedOptimizer(Optimizer):
             pc.grad = g + h
 
     @staticmethod
-    def _weighted_sq(pieces: Sequence[LocalPiece]) -> torch.Tensor:
-        """``Σ weight · Σ grad²`` over ``pieces`` (a rank's share of a job-wide Σ G²): a 0-d
-        float32 tensor on the pieces' device, no host read."""
-        counted = [pc for pc in pieces if pc.grad is not None and pc.weight]
-        if not counted:
-            return torch.zeros((), device=pieces[0].param.device if pieces else None)
-        return clipping.sq_sum([pc.grad for pc in counted], torch.float32, [pc.weight for pc in counted])
-
-    @staticmethod
     def _signature(specs: Iterable[ParamSpec]) -> list[tuple[Any, ...]]:
         """What every rank must agree on about the model: names, shapes, geometries, blocks."""
         return [(s.name, s.shape, s.geometry.value, tuple(b.rows for b in s.blocks)) for s in specs]
@@ -288,7 +289,7 @@ class PieceOptimizer(ShardedOptimizer):
         with self._stepping():
             half, self._half = self._half, None
             self._combine_halves(pieces, None if half is None else [half.get(pc.name) for pc in pieces])
-            self.combined_sq = None if half is None else self._weighted_sq(pieces)
+            self.combined_sq = None if half is None else pieces_sq_sum(pieces)
             return self._require_core().step(pieces, present)
 
     # ------------------------------------------------------------------ per-rank state (one file per rank)
