@@ -42,7 +42,7 @@ def build_dataset(cfg: DataConfig, vocab_size: int) -> TokenDataset:
         _check_vocab(256, vocab_size, "stdlib data is byte-level")
         root = sysconfig.get_paths()["stdlib"]
         train, val, tn, vn = _stdlib_corpus(root, STDLIB_MAX_BYTES, float(cfg.val_fraction))
-        return TokenDataset(train, val, cfg.seq_len, cfg.seed, 256, "stdlib", tn, vn, cfg.val_seed)
+        return TokenDataset(train, val, cfg.seq_len, cfg.seed, 256, "stdlib", tn, vn, val_seed=cfg.val_seed)
     if cfg.source == "synthetic":
         if vocab_size < SYNTH_BRANCHING:
             raise ValueError(f"synthetic data needs vocab_size >= {SYNTH_BRANCHING}, got {vocab_size}")
