@@ -356,15 +356,27 @@ def plot(report: dict[str, Any], path: Path) -> Path:
         ax.set_xticks(range(len(per_h)), [f"{n} steps" for n in per_h])
     ax.axhline(1.0, color="gray", ls="--", lw=1)
     ax.set(yscale="log", ylabel="second's tokens ÷ first's (> 1: first faster)", title="paired tokens-to-loss ratio per seed")
+    plain(ax.yaxis, minor=True)
     for ax, axis, label in ((axes[1][0], "rate", "rate multiplier"), (axes[1][1], "head", "head-rate multiplier")):
+        tried = sorted({float(k) for g in report["tuning"][axis].values() for k in g})
         for a, g in report["tuning"][axis].items():
             ax.plot([float(k) for k in g], list(g.values()), "o-", label=a)
         ax.set(xscale="log", xlabel=label, ylabel="final validation loss", title=f"tuning: {axis} axis (tuning seed)")
+        ax.set_xticks(tried, [f"{m:.3g}" for m in tried])
+        plain(ax.xaxis)
     for ax in axes.flat:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     return save_figure(fig, path)
+
+
+def plain(axis: Any, minor: bool = False) -> None:
+    """Plain numbers on a log axis (no powers of ten; minor ticks labelled only when ``minor``)."""
+    from matplotlib.ticker import FormatStrFormatter, NullFormatter
+
+    axis.set_major_formatter(FormatStrFormatter("%.3g"))
+    axis.set_minor_formatter(FormatStrFormatter("%.3g") if minor else NullFormatter())
 
 
 # ============================================================================ the time estimate
