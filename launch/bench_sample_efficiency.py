@@ -126,12 +126,14 @@ class Plan:
         return out if head is None else {**out, a.head_key: head * a.head_lr}
 
     def eval_batches(self) -> int:
+        """Validation batches of the global batch that make ``val_windows`` windows."""
         batch = load_config(list(self.extra)).train.global_batch
         if self.val_windows % batch:
             raise ValueError(f"--val-windows {self.val_windows} is not a multiple of the global batch {batch}")
         return self.val_windows // batch
 
     def tokens_per_step(self) -> int:
+        """Tokens one training step consumes (global batch × sequence length)."""
         cfg = load_config(list(self.extra))
         return cfg.train.global_batch * cfg.data.seq_len
 
