@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         dest = out
     report = make_report(plan, study, time.perf_counter() - t0)
     dest.mkdir(parents=True, exist_ok=True)
-    report["plot"] = str(plot(report, dest / "sample_efficiency.png"))
+    report["plot"] = plot(report, dest / "sample_efficiency.png").name  # beside the JSON
     (dest / "sample_efficiency.json").write_text(json.dumps(report, indent=2))
     print(one_line(report), flush=True)
     for c in report["claims"] or ["no comparison holds on every seed"]:
