@@ -271,13 +271,16 @@ class DataConfig:
     ``sample_by``: one ``text`` document is a whole file (``document``), a blank-line
     separated ``paragraph``, or a ``line``. The last ``val_fraction`` of the documents (by
     count, in order) is the validation split for ``text``/``jsonl``/``indexed``, as Megatron
-    splits; ``stdlib`` holds out files by a hash of their path."""
+    splits; ``stdlib`` holds out files by a hash of their path.
+    ``seed`` draws the training batches' windows and, unless ``val_seed`` is set, the
+    validation windows (``val_seed``: the same validation set for every ``seed``)."""
 
     source: str = "stdlib"
     path: str = ""
     seq_len: int = 128
     val_fraction: float = 0.05
     seed: int = 0
+    val_seed: int | None = None
     text_key: str = "text"
     tokenizer: str = ""
     eod_token: str = ""

@@ -7,17 +7,18 @@
   ``checkpoint_every`` steps. A finished run (``COMPLETED``) is reused, an interrupted one resumes
   from its last checkpoint (bit-exact on one process), so a killed benchmark continues where
   it stopped; a finished run's checkpoints are deleted (only its curves are needed).
-* Seeds: one seed sets the model initialisation, the batch order and the validation windows
-  (``train.seed`` = ``data.seed``) and is shared by all optimizers, so comparisons are paired.
+  :class:`Reader` reads finished runs only (a summary that trains nothing).
+* Seeds: a :class:`RunSpec`'s seed sets the model initialisation and the batch order
+  (``train.seed`` = ``data.seed``) and is shared by all optimizers, so comparisons are paired;
+  the validation windows are the seed's too unless the overrides fix ``data.val_seed``.
 * :class:`Launcher`: runs specs in a process pool (spawned; ``threads`` torch threads each) and
   prints one progress line per finished run.
-* :func:`tune`: the rate grid — every optimizer's base rates times each multiplier, extended by
-  a factor of 2 while the best final validation loss sits at an edge (at most ``max_extend``
-  times per optimizer).
+* :func:`tune`: a rate grid — each name's multipliers, extended by a factor ``step`` while the
+  best final validation loss sits at an edge (at most ``max_extend`` times per name).
 * Curves: :func:`steps_to_reach`, :func:`speedup` (steps each curve needs to reach the other's
   final loss, and the ratio at the common target), :func:`mean_curve`, :func:`analyse`
   (mean ± std of final losses, LANTON against each baseline: seed-mean curves and paired per
-  seed), :func:`plot_curves`.
+  seed).
 """
 from __future__ import annotations
 
@@ -122,30 +123,44 @@ def run_dir(root: Path, spec: RunSpec) -> Path:
     return root / f"{spec.label}_{config_hash(spec)}"
 
 
+def finished(out: Path) -> bool:
+    """Whether the run in ``out`` completed (its curves are final)."""
+    from lanton_dist.preemption import COMPLETED
+
+    return (out / COMPLETED).is_file() and (out / "summary.json").is_file()
+
+
 def run_one(spec: RunSpec, root: str, threads: int, checkpoint_every: int) -> dict[str, Any]:
     """Train ``spec`` under ``root`` (or reuse it when finished, resume it when interrupted)
-    and return its validation curve, final loss, wall time (``wall_s``, without the step-0
-    validation), median step time ``step_s`` and the steps' total ``train_s``."""
+    and return :func:`read_run`'s record of it."""
     import torch
 
     from lanton_dist import checkpoint_dir
-    from lanton_dist.preemption import COMPLETED
-    from lanton_dist.trainer import read_metrics, train
+    from lanton_dist.trainer import train
 
     torch.set_num_threads(threads)
     out = run_dir(Path(root), spec)
-    reused = (out / COMPLETED).is_file() and (out / "summary.json").is_file()
+    reused = finished(out)
     if not reused:
         cfg = load_config([*spec.config_overrides(), "--train.out_dir", str(out), "--train.resume", "true",
                            "--train.checkpoint_every", str(checkpoint_every)])
         train(cfg, log=lambda _msg: None)
-        if (out / COMPLETED).is_file():
+        if finished(out):
             shutil.rmtree(checkpoint_dir.root_of(out), ignore_errors=True)
+    return read_run(spec, out, reused)
+
+
+def read_run(spec: RunSpec, out: Path, reused: bool) -> dict[str, Any]:
+    """The record of the run of ``spec`` in ``out``: its validation curve, final loss, wall
+    time (``wall_s``, without the step-0 validation), median step time ``step_s`` and the
+    steps' total ``train_s``."""
+    from lanton_dist.trainer import read_metrics
+
     summary = json.loads((out / "summary.json").read_text())
     records = read_metrics(out / "metrics.jsonl")
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
     step_times = [r["step_time"] for r in records if "step_time" in r]
-    completed = (out / COMPLETED).is_file()
+    completed = finished(out)
     if completed and val[-1][0] != spec.steps:
         raise RuntimeError(f"{out}: finished, but its validation curve ends at step {val[-1][0]}, not {spec.steps}")
     # the curve's last point, not the summary's final_val_loss: a run resumed from a checkpoint
@@ -155,6 +170,26 @@ def run_one(spec: RunSpec, root: str, threads: int, checkpoint_every: int) -> di
                 wall_s=summary["wall_s"], step_s=statistics.median(step_times), train_s=sum(step_times), num_params=summary["num_params"],
                 reused=reused, completed=completed, lr=spec.rates,
                 unigram=summary["unigram_baseline"])
+
+
+class MissingRuns(RuntimeError):
+    """Runs a :class:`Reader` was asked for that have not finished."""
+
+
+class Reader:
+    """:class:`Launcher`'s interface over finished runs only: trains nothing."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def run(self, specs: list[RunSpec]) -> list[dict[str, Any]]:
+        """Records of ``specs`` in their order; :class:`MissingRuns` if any has not finished."""
+        dirs = [run_dir(self.root, s) for s in specs]
+        missing = [d.name for d in dirs if not finished(d)]
+        if missing:
+            raise MissingRuns(f"{len(missing)} of {len(specs)} runs not finished under {self.root}, "
+                              f"e.g. {missing[0]}")
+        return [read_run(s, d, True) for s, d in zip(specs, dirs)]
 
 
 class Launcher:
@@ -185,17 +220,22 @@ class Launcher:
 
 
 # ============================================================================ arguments
-def add_study_arguments(ap: argparse.ArgumentParser, out: str) -> None:
-    """The arguments every benchmark built on these helpers takes (check with :func:`check_study_arguments`)."""
+def add_run_arguments(ap: argparse.ArgumentParser, out: str) -> None:
+    """Where runs go and how they are launched (:class:`Launcher`)."""
     ap.add_argument("--out", default=out)
+    ap.add_argument("--jobs", type=int, default=max(1, min(2, os.cpu_count() or 1)), help="runs in parallel")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    ap.add_argument("--checkpoint-every", type=int, default=100, help="steps between a run's checkpoints (for resuming)")
+
+
+def add_study_arguments(ap: argparse.ArgumentParser, out: str) -> None:
+    """:func:`add_run_arguments` and an optimizer study's grid and seeds (check with :func:`check_study_arguments`)."""
+    add_run_arguments(ap, out)
     ap.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=OPTIMIZERS)
     ap.add_argument("--grid", type=float, nargs="+", default=[0.5, 1.0, 2.0], help="multipliers of the base rates")
     ap.add_argument("--max-extend", type=int, default=2, help="grid extensions past an edge winner, per optimizer")
     ap.add_argument("--tune-seed", type=int, default=0)
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    ap.add_argument("--jobs", type=int, default=max(1, min(2, os.cpu_count() or 1)), help="runs in parallel")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads per run")
-    ap.add_argument("--checkpoint-every", type=int, default=100, help="steps between a run's checkpoints (for resuming)")
 
 
 def check_study_arguments(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -210,23 +250,24 @@ def check_study_arguments(ap: argparse.ArgumentParser, args: argparse.Namespace)
 
 
 # ============================================================================ tuning
-def tune(launcher: Launcher, optimizers: Iterable[str], grid: list[float], max_extend: int,
-         spec: Callable[[str, float], RunSpec]) -> dict[str, dict[float, float]]:
-    """Final validation loss of ``spec(optimizer, mult)`` for every multiplier tried: ``grid``,
-    extended by ×2 (÷2) while the best sits at the top (bottom) edge, ``max_extend`` times at most."""
-    losses: dict[str, dict[float, float]] = {n: {} for n in optimizers}
-    todo = [spec(n, m) for n in optimizers for m in grid]
-    extensions = {n: 0 for n in optimizers}
+def tune(launcher: Launcher | Reader, names: Iterable[str], grid: list[float], max_extend: int,
+         spec: Callable[[str, float], RunSpec], step: float = 2.0) -> dict[str, dict[float, float]]:
+    """Final validation loss of ``spec(name, mult)`` for every multiplier tried: ``grid``,
+    extended by ×``step`` (÷``step``) while the best sits at the top (bottom) edge,
+    ``max_extend`` times at most per name."""
+    losses: dict[str, dict[float, float]] = {n: {} for n in names}
+    todo = [(n, m) for n in names for m in grid]
+    extensions = {n: 0 for n in names}
     while todo:
-        for r in launcher.run(todo):
-            losses[r["optimizer"]][r["mult"]] = r["final_val"]
+        for (n, m), r in zip(todo, launcher.run([spec(n, m) for n, m in todo])):
+            losses[n][m] = r["final_val"]
         todo = []
         for n, g in losses.items():
             best = min(g, key=g.get)
-            edge = 2.0 if best == max(g) else 0.5 if best == min(g) else None
+            edge = step if best == max(g) else 1 / step if best == min(g) else None
             if edge is not None and extensions[n] < max_extend and len(g) > 1:
                 extensions[n] += 1
-                todo.append(spec(n, best * edge))
+                todo.append((n, best * edge))
     return losses
 
 
@@ -298,28 +339,6 @@ def analyse(final_runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
             versus[name] = dict(mean_curves=speedup(steps, lanton, base), per_seed_ratio=[p["ratio"] for p in per_seed],
                                 per_seed=per_seed, final_gap=summary["lanton"]["final_mean"] - summary[name]["final_mean"])
     return dict(summary=summary, lanton_vs=versus)
-
-
-def plot_curves(final_runs: dict[str, list[dict[str, Any]]], path: Path, unigram: float | None, title: str) -> Path:
-    """Seed-mean validation curves with min–max bands; right panel: the second half, zoomed."""
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for name, runs in final_runs.items():
-        steps, mean, lo, hi = mean_curve(runs)
-        label = f"{name} (x{runs[0]['mult']:g}, {len(runs)} seeds)"
-        for ax, first in ((axes[0], 0), (axes[1], len(steps) // 2)):
-            line, = ax.plot(steps[first:], mean[first:], "o-", ms=2.5, lw=1.4, label=label)
-            ax.fill_between(steps[first:], lo[first:], hi[first:], color=line.get_color(), alpha=0.2)
-    if unigram is not None:
-        axes[0].axhline(unigram, color="gray", ls="--", lw=1, label=f"unigram {unigram:.2f}")
-    for ax in axes:
-        ax.set_xlabel("step")
-        ax.set_ylabel("validation loss (nats/byte)")
-        ax.grid(alpha=0.3)
-    axes[0].set_title(title)
-    axes[1].set_title("second half (band: min–max over seeds)")
-    axes[0].legend(fontsize=8)
-    return save_figure(fig, path)
 
 
 def pyplot() -> Any:

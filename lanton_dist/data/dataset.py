@@ -35,6 +35,7 @@ class TokenDataset:
     source: str
     train_files: tuple[str, ...] = ()
     val_files: tuple[str, ...] = ()
+    val_seed: int | None = None  # the validation windows' seed (None: ``seed``)
 
     def __post_init__(self) -> None:
         for name, t in (("train", self.train), ("validation", self.val)):
@@ -48,7 +49,8 @@ class TokenDataset:
 
     def batch_generator(self, step: int, split: str) -> torch.Generator:
         """The generator that draws the global batch of ``(split, step)``."""
-        return torch.Generator().manual_seed((self.seed * MIX + 2 * step + SPLITS[split]) % 2**63)
+        seed = self.seed if split == "train" or self.val_seed is None else self.val_seed
+        return torch.Generator().manual_seed((seed * MIX + 2 * step + SPLITS[split]) % 2**63)
 
     def global_starts(self, step: int, global_batch: int, split: str = "train") -> torch.Tensor:
         """``(global_batch,)`` window start offsets of the global batch of ``step``."""

@@ -42,13 +42,13 @@ def build_dataset(cfg: DataConfig, vocab_size: int) -> TokenDataset:
         _check_vocab(256, vocab_size, "stdlib data is byte-level")
         root = sysconfig.get_paths()["stdlib"]
         train, val, tn, vn = _stdlib_corpus(root, STDLIB_MAX_BYTES, float(cfg.val_fraction))
-        return TokenDataset(train, val, cfg.seq_len, cfg.seed, 256, "stdlib", tn, vn)
+        return TokenDataset(train, val, cfg.seq_len, cfg.seed, 256, "stdlib", tn, vn, val_seed=cfg.val_seed)
     if cfg.source == "synthetic":
         if vocab_size < SYNTH_BRANCHING:
             raise ValueError(f"synthetic data needs vocab_size >= {SYNTH_BRANCHING}, got {vocab_size}")
         train = synthetic_tokens(SYNTH_TRAIN_TOKENS, vocab_size, cfg.seed, 0)
         val = synthetic_tokens(SYNTH_VAL_TOKENS, vocab_size, cfg.seed, 1)
-        return TokenDataset(train, val, cfg.seq_len, cfg.seed, vocab_size, "synthetic")
+        return TokenDataset(train, val, cfg.seq_len, cfg.seed, vocab_size, "synthetic", val_seed=cfg.val_seed)
     if cfg.source in ("text", "jsonl"):
         tok = load_tokenizer(cfg.tokenizer, cfg.eod_token)
         _check_vocab(tok.vocab_size, vocab_size, f"tokenizer {tok.name} has {tok.vocab_size} tokens")
@@ -83,4 +83,5 @@ def _split(docs: Documents, cfg: DataConfig, vocab_size: int) -> TokenDataset:
             + (" or split files further (data.sample_by paragraph|line)" if cfg.source == "text" else "")
         )
     # torch.from_numpy shares the memory: a memory-mapped dataset is not copied
-    return TokenDataset(torch.from_numpy(train), torch.from_numpy(val), cfg.seq_len, cfg.seed, vocab_size, cfg.source)
+    return TokenDataset(torch.from_numpy(train), torch.from_numpy(val), cfg.seq_len, cfg.seed, vocab_size, cfg.source,
+                        val_seed=cfg.val_seed)
