@@ -102,6 +102,9 @@ def _plan_parser(sub) -> None:
         p.add_argument(f"--{name}", type=float, help=help_)
     p.add_argument("--global-batch", type=int, default=None, help="sequences per step (default: YAML train.global_batch, else 1024)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: YAML data.seq_len, else max_seq_len)")
+    p.add_argument("--micro-batch", type=int, default=None,
+                   help="sequences per forward for the activation memory (default: YAML train.micro_batch if > 0, else 1)")
+    p.add_argument("--activation-bytes", type=int, default=2, choices=(2, 4), help="bytes per activation element (2: bf16)")
     p.add_argument("--ks", type=_csv(int), default=(1, 5, 10, 20), help="k values of the estimation-overhead table")
     p.add_argument("--growth-models", type=_csv(str), default=tuple(P.PRESETS), help="models of the estimation-overhead table")
     p.add_argument("--json", default=None, help="write the full plan as JSON to this path ('-': stdout)")
@@ -147,7 +150,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     global_batch = args.global_batch or int(yaml_cfg.get("train", {}).get("global_batch", 1024))
     seq_len = args.seq_len or yaml_cfg.get("data", {}).get("seq_len")
     text, data = P.plan_table(model, layout, settings, hw, algorithms=args.algorithms, ks=args.ks, global_batch=global_batch,
-                              seq_len=int(seq_len) if seq_len else None, growth_models=args.growth_models, name=name)
+                              seq_len=int(seq_len) if seq_len else None, growth_models=args.growth_models, name=name,
+                              micro_batch=args.micro_batch or int(yaml_cfg.get("train", {}).get("micro_batch", 0)) or 1,
+                              activation_bytes=args.activation_bytes)
     print(text, flush=True)
     data["elapsed_s"] = time.perf_counter() - started
     data["startup_s"] = (_process_age_s() or 0.0) - data["elapsed_s"]
@@ -254,14 +259,12 @@ def _cmd_prepare_data(args: argparse.Namespace) -> int:
 
 # ============================================================================ export-hf
 def _export_hf_parser(sub) -> None:
-    from lanton_dist.export_hf import DTYPES
-
     p = sub.add_parser("export-hf", help="export a checkpoint to Hugging Face format (config.json + model.safetensors)",
                        description="Write a checkpoint of our LLaMA as a transformers LlamaForCausalLM directory "
                                    "(lanton_dist.export_hf); backends none, ddp, zero and fsdp2.")
     p.add_argument("checkpoint", help="a checkpoints/step_N directory, the checkpoints directory or a run's out_dir (newest)")
     p.add_argument("out_dir", help="the Hugging Face model directory to write")
-    p.add_argument("--dtype", default="float32", choices=tuple(DTYPES), help="dtype of the exported weights")
+    p.add_argument("--dtype", default="float32", help="dtype of the exported weights: float32, bfloat16 or float16")
     p.set_defaults(func=_cmd_export_hf)
 
 

@@ -148,3 +148,12 @@ def test_a_sharded_dcp_checkpoint_exports_the_same_weights_as_the_model_it_train
         torch.testing.assert_close(ckpt.state_dict[name], w, rtol=1e-4, atol=1e-5, msg=name)
     start = Transformer(load_run_config(DEMO, GQA).model)  # the step-0 weights: training moved them
     assert not torch.allclose(expected["layers.1.feed_forward.w_down.weight"], start.layers[1].feed_forward.w_down.weight)
+
+
+def test_export_refuses_an_unknown_dtype_in_one_line(run_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["export-hf", str(run_dir), str(tmp_path / "hf"), "--dtype", "float8"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "dtype must be one of ('float32', 'bfloat16', 'float16')" in err[0]
+    assert not (tmp_path / "hf").exists()
