@@ -36,3 +36,20 @@ def test_megatron_refuses_the_transformer_options(key):
     cfg = load_run_config(DEMO, ["--parallel.backend", "megatron", f"--train.{key}", "true"])
     with pytest.raises(ConfigError, match=f"train.{key} applies to lanton_dist's Transformer"):
         check_run_config(cfg)
+
+
+@pytest.mark.parametrize("backend", ["zero", "fsdp2"])
+def test_checkpointed_and_compiled_blocks_train_alike_under_the_sharded_backends(backend, tmp_path, monkeypatch):
+    """FSDP2 wraps each (compiled, checkpointed) block; the engine hooks its gradients: a world-1
+    run of each gives the losses of the same run without the options."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(k, v)
+    plain = _losses(tmp_path, "plain", "--parallel.backend", backend)
+    options = _losses(tmp_path, "options", "--parallel.backend", backend, "--train.activation_checkpointing", "true",
+                      "--train.compile", "true", "--train.compile_backend", "aot_eager")
+    assert options == pytest.approx(plain, rel=1e-5, abs=1e-6)
