@@ -16,7 +16,8 @@ section is not used. ``train.device`` and ``train.dtype`` (bf16 autocast on CUDA
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,23 +56,27 @@ class EvalResult:
 
 
 def windows(tokens: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """``(n, seq_len + 1)`` consecutive windows of ``tokens`` ``(N,)`` with stride ``seq_len``."""
+    """``(n, seq_len + 1)`` consecutive windows of ``tokens`` ``(N,)`` with stride ``seq_len`` (a view, ``tokens``' dtype)."""
     n = (tokens.numel() - 1) // seq_len
     if n < 1:
         raise ValueError(f"the split has {tokens.numel()} tokens: fewer than one window of data.seq_len + 1 = {seq_len + 1}")
-    return tokens[: n * seq_len + 1].long().unfold(0, seq_len + 1, seq_len)
+    return tokens[: n * seq_len + 1].unfold(0, seq_len + 1, seq_len)  # a view: a memory-mapped split is not copied
 
 
 @torch.no_grad()
 def evaluate_checkpoint(cfg: RunConfig, checkpoint: str | Path, *, split: str = "val", batch_size: int = 0,
-                        max_batches: int = 0) -> EvalResult:
+                        max_batches: int = 0, say: Callable[[str], None] = print) -> EvalResult:
     """Loss of the checkpoint ``checkpoint`` names on ``split`` of ``cfg.data`` (module doc);
-    ``batch_size`` 0: ``train.global_batch`` windows per batch."""
+    ``batch_size`` 0: ``train.global_batch`` windows per batch. ``say`` gets a note when
+    ``cfg.model`` differs from the checkpoint's (which is used)."""
     if split not in ("val", "train"):
         raise ValueError(f"split must be 'val' or 'train', got {split!r}")
     if batch_size < 0 or max_batches < 0:
         raise ValueError(f"batch size and max batches must be >= 0, got {batch_size} and {max_batches}")
     ckpt = read_checkpoint_model(checkpoint)
+    if cfg.model != ckpt.model:
+        differ = [f.name for f in fields(ckpt.model) if getattr(cfg.model, f.name) != getattr(ckpt.model, f.name)]
+        say(f"note: the model is the checkpoint's; the config's model.{', model.'.join(differ)} differ and are not used")
     cfg = replace(cfg, model=ckpt.model, parallel=replace(cfg.parallel, backend="none"))
     check_run_config(cfg)
     device = resolve_device(cfg.train.device)
@@ -87,7 +92,7 @@ def evaluate_checkpoint(cfg: RunConfig, checkpoint: str | Path, *, split: str = 
     total = torch.zeros((), dtype=torch.float64, device=device)
     count = 0
     for s in starts:
-        rows = win[s: s + per_batch].to(device)
+        rows = win[s: s + per_batch].long().to(device)
         with autocast(device, cfg.train.dtype):
             logits = model(rows[:, :-1])
         total += F.cross_entropy(logits.float().flatten(0, 1), rows[:, 1:].flatten(), reduction="sum").double()

@@ -90,6 +90,8 @@ def test_eval_on_another_text_file_reports_loss_perplexity_and_tokens(run_dir, t
                  "--data.sample_by", "line", "--data.val_fraction", "0.2", "--data.seq_len", "32",
                  "--batch-size", "3", "--json", str(out)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("note: the model is the checkpoint's; the config's model.dim, model.n_layers")  # DEMO's 128, 4
+    lines = lines[1:]
     assert lines[0].startswith("eval ") and "loss" in lines[0] and "perplexity" in lines[0] and "tokens" in lines[0]
     result = json.loads(out.read_text())
     # the reference: the checkpoint's model on every window of the validation split
@@ -98,7 +100,7 @@ def test_eval_on_another_text_file_reports_loss_perplexity_and_tokens(run_dir, t
     cfg = load_run_config(DEMO, ["--data.source", "text", "--data.path", str(text), "--data.sample_by", "line",
                                  "--data.val_fraction", "0.2", "--data.seq_len", "32"])
     val = build_dataset(cfg.data, 256).val
-    win = windows(val, 32)
+    win = windows(val, 32).long()
     with torch.no_grad():
         logits = _our_model(run_dir)(win[:, :-1])
     expected = F.cross_entropy(logits.flatten(0, 1), win[:, 1:].flatten()).item()
