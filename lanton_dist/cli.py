@@ -165,6 +165,67 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+# ============================================================================ export-hf
+def _export_hf_parser(sub) -> None:
+    p = sub.add_parser("export-hf", help="export a checkpoint to Hugging Face format (config.json + model.safetensors)",
+                       description="Write a checkpoint of our LLaMA as a transformers LlamaForCausalLM directory "
+                                   "(lanton_dist.export_hf); backends none, ddp, zero and fsdp2.")
+    p.add_argument("checkpoint", help="a checkpoints/step_N directory, the checkpoints directory or a run's out_dir (newest)")
+    p.add_argument("out_dir", help="the Hugging Face model directory to write")
+    p.add_argument("--dtype", default="float32", help="dtype of the exported weights: float32, bfloat16 or float16")
+    p.set_defaults(func=_cmd_export_hf)
+
+
+def _cmd_export_hf(args: argparse.Namespace) -> int:
+    from lanton_dist.export_hf import export_hf
+
+    try:
+        out, ckpt = export_hf(args.checkpoint, args.out_dir, args.dtype)
+    except ImportError as exc:
+        print(f"lanton-dist export-hf: error: {exc}", file=sys.stderr)
+        return 2
+    m = ckpt.model
+    print(f"exported {ckpt.path} (step {ckpt.step}, backend {ckpt.backend}; {m.n_layers}L d{m.dim} heads {m.n_heads}/"
+          f"{m.n_kv_heads} vocab {m.vocab_size}) to {out} ({args.dtype}): load with "
+          f"transformers.LlamaForCausalLM.from_pretrained({str(out)!r})")
+    return 0
+
+
+# ============================================================================ eval
+def _eval_parser(sub) -> None:
+    p = sub.add_parser("eval", help="loss and perplexity of a checkpoint on a data split (no training)",
+                       description="Evaluate a checkpoint on the data of CONFIG (lanton_dist.evaluate): every token of "
+                                   "one split in consecutive windows. Any --section.key override applies to CONFIG "
+                                   "(e.g. --data.source text --data.path other.txt); the model comes from the checkpoint.")
+    p.add_argument("config", help="a YAML run config (its data section is evaluated)")
+    p.add_argument("--checkpoint", required=True, help="a checkpoints/step_N directory, the checkpoints directory or a run's out_dir")
+    p.add_argument("--split", default="val", choices=("val", "train"))
+    p.add_argument("--batch-size", type=int, default=0, help="windows per forward (default: train.global_batch)")
+    p.add_argument("--max-batches", type=int, default=0, help="stop after this many batches (default 0: the whole split)")
+    p.add_argument("--json", default=None, help="result JSON path (default: <run dir>/eval_step<N>_<split>.json)")
+    p.set_defaults(func=_cmd_eval, takes_overrides=True)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from lanton_dist.config import ConfigError, load_run_config
+    from lanton_dist.evaluate import evaluate_checkpoint
+
+    try:
+        cfg = load_run_config(args.config, args.overrides)
+        result = evaluate_checkpoint(cfg, args.checkpoint, split=args.split, batch_size=args.batch_size,
+                                     max_batches=args.max_batches)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    print(result.line(), flush=True)
+    run_dir = Path(result.checkpoint).parent.parent
+    path = Path(args.json) if args.json else run_dir / f"eval_step{result.step}_{args.split}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    print(f"wrote {path}")
+    return 0
+
+
 # ============================================================================ profile
 def _profile_parser(sub) -> None:
     p = sub.add_parser("profile", help="phase timings, bytes and NVML samples of training steps",
@@ -257,76 +318,15 @@ def _cmd_prepare_data(args: argparse.Namespace) -> int:
     return 0
 
 
-# ============================================================================ export-hf
-def _export_hf_parser(sub) -> None:
-    p = sub.add_parser("export-hf", help="export a checkpoint to Hugging Face format (config.json + model.safetensors)",
-                       description="Write a checkpoint of our LLaMA as a transformers LlamaForCausalLM directory "
-                                   "(lanton_dist.export_hf); backends none, ddp, zero and fsdp2.")
-    p.add_argument("checkpoint", help="a checkpoints/step_N directory, the checkpoints directory or a run's out_dir (newest)")
-    p.add_argument("out_dir", help="the Hugging Face model directory to write")
-    p.add_argument("--dtype", default="float32", help="dtype of the exported weights: float32, bfloat16 or float16")
-    p.set_defaults(func=_cmd_export_hf)
-
-
-def _cmd_export_hf(args: argparse.Namespace) -> int:
-    from lanton_dist.export_hf import export_hf
-
-    try:
-        out, ckpt = export_hf(args.checkpoint, args.out_dir, args.dtype)
-    except ImportError as exc:
-        print(f"lanton-dist export-hf: error: {exc}", file=sys.stderr)
-        return 2
-    m = ckpt.model
-    print(f"exported {ckpt.path} (step {ckpt.step}, backend {ckpt.backend}; {m.n_layers}L d{m.dim} heads {m.n_heads}/"
-          f"{m.n_kv_heads} vocab {m.vocab_size}) to {out} ({args.dtype}): load with "
-          f"transformers.LlamaForCausalLM.from_pretrained({str(out)!r})")
-    return 0
-
-
-# ============================================================================ eval
-def _eval_parser(sub) -> None:
-    p = sub.add_parser("eval", help="loss and perplexity of a checkpoint on a data split (no training)",
-                       description="Evaluate a checkpoint on the data of CONFIG (lanton_dist.evaluate): every token of "
-                                   "one split in consecutive windows. Any --section.key override applies to CONFIG "
-                                   "(e.g. --data.source text --data.path other.txt); the model comes from the checkpoint.")
-    p.add_argument("config", help="a YAML run config (its data section is evaluated)")
-    p.add_argument("--checkpoint", required=True, help="a checkpoints/step_N directory, the checkpoints directory or a run's out_dir")
-    p.add_argument("--split", default="val", choices=("val", "train"))
-    p.add_argument("--batch-size", type=int, default=0, help="windows per forward (default: train.global_batch)")
-    p.add_argument("--max-batches", type=int, default=0, help="stop after this many batches (default 0: the whole split)")
-    p.add_argument("--json", default=None, help="result JSON path (default: <run dir>/eval_step<N>_<split>.json)")
-    p.set_defaults(func=_cmd_eval, takes_overrides=True)
-
-
-def _cmd_eval(args: argparse.Namespace) -> int:
-    from lanton_dist.config import ConfigError, load_run_config
-    from lanton_dist.evaluate import evaluate_checkpoint
-
-    try:
-        cfg = load_run_config(args.config, args.overrides)
-        result = evaluate_checkpoint(cfg, args.checkpoint, split=args.split, batch_size=args.batch_size,
-                                     max_batches=args.max_batches)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
-    print(result.line(), flush=True)
-    run_dir = Path(result.checkpoint).parent.parent
-    path = Path(args.json) if args.json else run_dir / f"eval_step{result.step}_{args.split}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
-    print(f"wrote {path}")
-    return 0
-
-
 # ============================================================================ main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lanton-dist", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     _plan_parser(sub)
-    _profile_parser(sub)
-    _prepare_data_parser(sub)
     _export_hf_parser(sub)
     _eval_parser(sub)
+    _profile_parser(sub)
+    _prepare_data_parser(sub)
     return parser
 
 

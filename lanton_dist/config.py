@@ -412,12 +412,12 @@ def _check_train(t: TrainConfig) -> None:
             raise ConfigError(f"train.{name} must be >= 1, got {getattr(t, name)}")
     if t.stop_after > t.steps:
         raise ConfigError(f"train.stop_after ({t.stop_after}) cannot exceed train.steps ({t.steps})")
+    if not t.compile_backend:
+        raise ConfigError("train.compile_backend must name a torch.compile backend (e.g. inductor), got ''")
     if t.dtype not in DTYPES:
         raise ConfigError(f"train.dtype must be one of {DTYPES}, got {t.dtype!r}")
     if t.device not in DEVICES:
         raise ConfigError(f"train.device must be one of {DEVICES}, got {t.device!r}")
-    if not t.compile_backend:
-        raise ConfigError("train.compile_backend must name a torch.compile backend (e.g. inductor), got ''")
 
 
 def _check_data(d: DataConfig, model: ModelConfig) -> None:
