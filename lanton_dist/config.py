@@ -412,8 +412,6 @@ def _check_train(t: TrainConfig) -> None:
             raise ConfigError(f"train.{name} must be >= 1, got {getattr(t, name)}")
     if t.stop_after > t.steps:
         raise ConfigError(f"train.stop_after ({t.stop_after}) cannot exceed train.steps ({t.steps})")
-    if not t.compile_backend:
-        raise ConfigError("train.compile_backend must name a torch.compile backend (e.g. inductor), got ''")
     if t.dtype not in DTYPES:
         raise ConfigError(f"train.dtype must be one of {DTYPES}, got {t.dtype!r}")
     if t.device not in DEVICES:
@@ -455,6 +453,8 @@ def _check_parallel(cfg: RunConfig, data_parallel: int) -> None:
             raise ConfigError(f"parallel.{name} must be >= 1, got {getattr(p, name)}")
     _number("parallel.bucket_mb", p.bucket_mb, positive=True)
     _number("parallel.timeout_s", p.timeout_s, positive=True)
+    if not t.compile_backend:
+        raise ConfigError("train.compile_backend must name a torch.compile backend (e.g. inductor), got ''")
     for key in ("activation_checkpointing", "compile"):
         if getattr(t, key) and p.backend == "megatron":
             raise ConfigError(f"train.{key} applies to lanton_dist's Transformer; parallel.backend megatron builds "
