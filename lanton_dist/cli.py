@@ -25,6 +25,13 @@ Subcommands
                          indexed dataset ``PREFIX.bin``/``PREFIX.idx`` (:mod:`lanton_dist.data.prepare`)
                          that ``data.source: indexed`` (every backend) reads: byte
                          tokens with end-of-document byte 0, or ``--tokenizer tokenizer.json``.
+``lanton-dist export-hf CHECKPOINT OUT_DIR [--dtype ...]``
+                         writes a checkpoint as a Hugging Face ``LlamaForCausalLM`` directory
+                         (``config.json`` + ``model.safetensors``; :mod:`lanton_dist.export_hf`).
+``lanton-dist eval CONFIG --checkpoint DIR [--split val|train] [--section.key value ...]``
+                         loss, perplexity and token count of a checkpoint on every token of a
+                         split of CONFIG's data (overrides after CONFIG), one line and a JSON
+                         file (:mod:`lanton_dist.evaluate`).
 
 Bad input (unknown model, a world size not divisible by tp·pp, …) exits with status 2 and
 a one-line message; a profiled run that fails (or runs no optimizer step) exits with status 1.
@@ -95,6 +102,9 @@ def _plan_parser(sub) -> None:
         p.add_argument(f"--{name}", type=float, help=help_)
     p.add_argument("--global-batch", type=int, default=None, help="sequences per step (default: YAML train.global_batch, else 1024)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: YAML data.seq_len, else max_seq_len)")
+    p.add_argument("--micro-batch", type=int, default=None,
+                   help="sequences per forward for the activation memory (default: YAML train.micro_batch if > 0, else 1)")
+    p.add_argument("--activation-bytes", type=int, default=2, choices=(2, 4), help="bytes per activation element (2: bf16)")
     p.add_argument("--ks", type=_csv(int), default=(1, 5, 10, 20), help="k values of the estimation-overhead table")
     p.add_argument("--growth-models", type=_csv(str), default=tuple(P.PRESETS), help="models of the estimation-overhead table")
     p.add_argument("--json", default=None, help="write the full plan as JSON to this path ('-': stdout)")
@@ -140,7 +150,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     global_batch = args.global_batch or int(yaml_cfg.get("train", {}).get("global_batch", 1024))
     seq_len = args.seq_len or yaml_cfg.get("data", {}).get("seq_len")
     text, data = P.plan_table(model, layout, settings, hw, algorithms=args.algorithms, ks=args.ks, global_batch=global_batch,
-                              seq_len=int(seq_len) if seq_len else None, growth_models=args.growth_models, name=name)
+                              seq_len=int(seq_len) if seq_len else None, growth_models=args.growth_models, name=name,
+                              micro_batch=args.micro_batch or int(yaml_cfg.get("train", {}).get("micro_batch", 0)) or 1,
+                              activation_bytes=args.activation_bytes)
     print(text, flush=True)
     data["elapsed_s"] = time.perf_counter() - started
     data["startup_s"] = (_process_age_s() or 0.0) - data["elapsed_s"]
@@ -150,6 +162,67 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     elif args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(data, indent=1, default=str))
+    return 0
+
+
+# ============================================================================ export-hf
+def _export_hf_parser(sub) -> None:
+    p = sub.add_parser("export-hf", help="export a checkpoint to Hugging Face format (config.json + model.safetensors)",
+                       description="Write a checkpoint of our LLaMA as a transformers LlamaForCausalLM directory "
+                                   "(lanton_dist.export_hf); backends none, ddp, zero and fsdp2.")
+    p.add_argument("checkpoint", help="a checkpoints/step_N directory, the checkpoints directory or a run's out_dir (newest)")
+    p.add_argument("out_dir", help="the Hugging Face model directory to write")
+    p.add_argument("--dtype", default="float32", help="dtype of the exported weights: float32, bfloat16 or float16")
+    p.set_defaults(func=_cmd_export_hf)
+
+
+def _cmd_export_hf(args: argparse.Namespace) -> int:
+    from lanton_dist.export_hf import export_hf
+
+    try:
+        out, ckpt = export_hf(args.checkpoint, args.out_dir, args.dtype)
+    except ImportError as exc:
+        print(f"lanton-dist export-hf: error: {exc}", file=sys.stderr)
+        return 2
+    m = ckpt.model
+    print(f"exported {ckpt.path} (step {ckpt.step}, backend {ckpt.backend}; {m.n_layers}L d{m.dim} heads {m.n_heads}/"
+          f"{m.n_kv_heads} vocab {m.vocab_size}) to {out} ({args.dtype}): load with "
+          f"transformers.LlamaForCausalLM.from_pretrained({str(out)!r})")
+    return 0
+
+
+# ============================================================================ eval
+def _eval_parser(sub) -> None:
+    p = sub.add_parser("eval", help="loss and perplexity of a checkpoint on a data split (no training)",
+                       description="Evaluate a checkpoint on the data of CONFIG (lanton_dist.evaluate): every token of "
+                                   "one split in consecutive windows. Any --section.key override applies to CONFIG "
+                                   "(e.g. --data.source text --data.path other.txt); the model comes from the checkpoint.")
+    p.add_argument("config", help="a YAML run config (its data section is evaluated)")
+    p.add_argument("--checkpoint", required=True, help="a checkpoints/step_N directory, the checkpoints directory or a run's out_dir")
+    p.add_argument("--split", default="val", choices=("val", "train"))
+    p.add_argument("--batch-size", type=int, default=0, help="windows per forward (default: train.global_batch)")
+    p.add_argument("--max-batches", type=int, default=0, help="stop after this many batches (default 0: the whole split)")
+    p.add_argument("--json", default=None, help="result JSON path (default: <run dir>/eval_step<N>_<split>.json)")
+    p.set_defaults(func=_cmd_eval, takes_overrides=True)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from lanton_dist.config import ConfigError, load_run_config
+    from lanton_dist.evaluate import evaluate_checkpoint
+
+    try:
+        cfg = load_run_config(args.config, args.overrides)
+        result = evaluate_checkpoint(cfg, args.checkpoint, split=args.split, batch_size=args.batch_size,
+                                     max_batches=args.max_batches)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    print(result.line(), flush=True)
+    run_dir = Path(result.checkpoint).parent.parent
+    path = Path(args.json) if args.json else run_dir / f"eval_step{result.step}_{args.split}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    print(f"wrote {path}")
     return 0
 
 
@@ -250,6 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lanton-dist", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     _plan_parser(sub)
+    _export_hf_parser(sub)
+    _eval_parser(sub)
     _profile_parser(sub)
     _prepare_data_parser(sub)
     return parser
@@ -257,7 +332,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    if rest and not getattr(args, "takes_overrides", False):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.overrides = rest
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError) as exc:

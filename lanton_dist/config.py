@@ -304,6 +304,9 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "fp32"  # fp32 | bf16 (autocast on GPU)
     max_consecutive_skips: int = 5  # stop (exit 3) after this many skipped/non-finite steps in a row; 0: never
+    activation_checkpointing: bool = False  # recompute each transformer block in backward (not megatron)
+    compile: bool = False  # torch.compile every transformer block (not megatron)
+    compile_backend: str = "inductor"  # the torch.compile backend of train.compile (inductor | aot_eager | eager | ...)
 
 
 #: ``parallel.backend`` values, every one run by launch/train.py (:mod:`lanton_dist.trainer`).
@@ -453,6 +456,12 @@ def _check_parallel(cfg: RunConfig, data_parallel: int) -> None:
             raise ConfigError(f"parallel.{name} must be >= 1, got {getattr(p, name)}")
     _number("parallel.bucket_mb", p.bucket_mb, positive=True)
     _number("parallel.timeout_s", p.timeout_s, positive=True)
+    if not t.compile_backend:
+        raise ConfigError("train.compile_backend must name a torch.compile backend (e.g. inductor), got ''")
+    for key in ("activation_checkpointing", "compile"):
+        if getattr(t, key) and p.backend == "megatron":
+            raise ConfigError(f"train.{key} applies to lanton_dist's Transformer; parallel.backend megatron builds "
+                              "Megatron-core's GPTModel: set it false")
     if o.ns_split_tolerance is not None and p.backend != "zero":
         raise ConfigError(f"optim.ns_split_tolerance is implemented by the zero engine only, not parallel.backend {p.backend!r}")
     if p.backend == "deepspeed":

@@ -9,6 +9,12 @@ puts in the embed_head group; norm gains are vectors; the rest is hidden.
 
 Shapes: B batch, T sequence length, D ``dim``, H ``n_heads``, K ``n_kv_heads``,
 ``hd = D / H``, V ``vocab_size``.
+
+Memory and speed options (they change neither the parameters nor the results):
+``activation_checkpointing`` recomputes each block's activations in the backward pass
+(``torch.utils.checkpoint``, non-reentrant, one checkpoint per block: only each block's input
+is kept during the forward); :meth:`Transformer.compile_blocks` compiles every block with
+``torch.compile`` in place (parameter names and checkpoints unchanged).
 """
 from __future__ import annotations
 
@@ -17,8 +23,9 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from lanton_dist.config import ModelConfig, check_model_config  # noqa: F401  (re-exported)
+from lanton_dist.config import ConfigError, ModelConfig, check_model_config  # noqa: F401  (re-exported)
 
 
 class RMSNorm(nn.Module):
@@ -104,13 +111,16 @@ class Transformer(nn.Module):
 
     ``seed`` fixes the initialisation (independent of the global RNG): every weight matrix
     ~ N(0, init_std²), the residual output projections (``wo``, ``w_down``) scaled by
-    1/√(2·n_layers), norm gains 1.
+    1/√(2·n_layers), norm gains 1. ``activation_checkpointing``: recompute each block in the
+    backward pass instead of keeping its activations (module doc; only while gradients are
+    recorded).
     """
 
-    def __init__(self, cfg: ModelConfig, seed: int = 0) -> None:
+    def __init__(self, cfg: ModelConfig, seed: int = 0, *, activation_checkpointing: bool = False) -> None:
         super().__init__()
         check_model_config(cfg)
         self.cfg = cfg
+        self.activation_checkpointing = activation_checkpointing
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
@@ -140,9 +150,20 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence length {t} exceeds model.max_seq_len {self.cfg.max_seq_len}")
         cos, sin = self.rope_cos[:t], self.rope_sin[:t]
         x = self.tok_embeddings(tokens)
+        recompute = self.activation_checkpointing and torch.is_grad_enabled()
         for layer in self.layers:
-            x = layer(x, cos, sin)
+            x = checkpoint(layer, x, cos, sin, use_reentrant=False) if recompute else layer(x, cos, sin)
         return self.lm_head(self.norm(x)).float()
+
+    def compile_blocks(self, backend: str = "inductor") -> None:
+        """``torch.compile`` every block in place (``nn.Module.compile``: the module tree, the
+        parameter names and hence state dicts and checkpoints stay as they are). An unknown
+        ``backend`` is a :class:`~lanton_dist.config.ConfigError` naming ``train.compile_backend``."""
+        known = torch._dynamo.list_backends(exclude_tags=())
+        if backend not in known:
+            raise ConfigError(f"train.compile_backend {backend!r} is not a torch.compile backend; known: {known}")
+        for layer in self.layers:
+            layer.compile(backend=backend)
 
     def loss(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy (nats) of ``tokens`` ``(B, T)`` against ``targets`` ``(B, T)``."""

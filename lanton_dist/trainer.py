@@ -198,7 +198,10 @@ def train(cfg: RunConfig, *, optimizer_factory: OptimizerFactory | None = None, 
     if cfg.parallel.backend == "megatron":  # each rank builds its own stage and TP shard of Megatron's model
         backend = setup_megatron_backend(cfg, optimizer_factory)
     else:
-        backend = setup_backend(cfg, Transformer(cfg.model, seed=t_cfg.seed), optimizer_factory)
+        model = Transformer(cfg.model, seed=t_cfg.seed, activation_checkpointing=t_cfg.activation_checkpointing)
+        if t_cfg.compile:
+            model.compile_blocks(t_cfg.compile_backend)
+        backend = setup_backend(cfg, model, optimizer_factory)
     try:
         return _run(cfg, backend, data, out, log, stop, resume)
     finally:

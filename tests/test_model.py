@@ -126,3 +126,67 @@ def test_inconsistent_model_config_is_a_clear_error(change, message):
 def test_sequence_longer_than_max_seq_len_is_an_error():
     with pytest.raises(ValueError, match="max_seq_len"):
         Transformer(TINY)(tokens(1, TINY.max_seq_len + 1))
+
+
+# ---------------------------------------------------------------- activation checkpointing and compile
+def _loss_and_grads(model: Transformer, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    loss = model.loss(x[:, :-1], x[:, 1:])
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _saved_bytes(model: Transformer, x: torch.Tensor) -> int:
+    """Bytes of the distinct tensors autograd keeps for the backward of one loss."""
+    seen: dict[tuple[int, int], int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        seen[(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model.loss(x[:, :-1], x[:, 1:])
+    loss.backward()
+    return sum(seen.values())
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients_in_fp64():
+    cfg = dataclasses.replace(TINY, n_layers=3)
+    plain = Transformer(cfg, seed=4).double()
+    recomputed = Transformer(cfg, seed=4, activation_checkpointing=True).double()
+    x = tokens(3, 13)
+    loss_a, grads_a = _loss_and_grads(plain, x)
+    loss_b, grads_b = _loss_and_grads(recomputed, x)
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-13, atol=0)
+    for name, g in grads_a.items():
+        torch.testing.assert_close(grads_b[name], g, rtol=1e-12, atol=1e-15, msg=name)
+
+
+def test_activation_checkpointing_keeps_fewer_activations_for_backward():
+    cfg = dataclasses.replace(TINY, n_layers=4, max_seq_len=64)
+    x = tokens(4, 65)
+    plain = _saved_bytes(Transformer(cfg, seed=5), x)
+    recomputed = _saved_bytes(Transformer(cfg, seed=5, activation_checkpointing=True), x)
+    assert recomputed < 0.5 * plain, (recomputed, plain)
+
+
+def test_activation_checkpointing_is_off_without_grad():
+    model = Transformer(TINY, seed=6, activation_checkpointing=True)
+    x = tokens(2, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), Transformer(TINY, seed=6)(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager"])
+def test_compiled_blocks_give_the_same_loss_and_gradients_and_keep_parameter_names(backend):
+    torch._dynamo.reset()
+    plain = Transformer(TINY, seed=7)
+    compiled = Transformer(TINY, seed=7, activation_checkpointing=True)
+    compiled.compile_blocks(backend)
+    assert list(compiled.state_dict()) == list(plain.state_dict())
+    x = tokens(2, 13)
+    loss_a, grads_a = _loss_and_grads(plain, x)
+    loss_b, grads_b = _loss_and_grads(compiled, x)
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-6, atol=1e-6)
+    for name, g in grads_a.items():
+        torch.testing.assert_close(grads_b[name], g, rtol=1e-5, atol=1e-6, msg=name)

@@ -47,6 +47,8 @@ def test_sbatch_syntax(script):
     text = script.read_text()
     assert "#SBATCH --requeue" in text
     assert "#SBATCH --signal=B:USR1@" in text
+    assert "#SBATCH --mem=" in text
+    assert "source slurm/common.sh" in text and "lanton_run " in text  # output in the run dir, capped requeue
 
 
 def test_expand_nodelist():
@@ -163,9 +165,14 @@ def fake_slurm(tmp_path):
     return tmp_path, out_dir, env
 
 
+def _job_log(out_dir: Path, job_id: str = "555") -> str:
+    """What the job printed after the first line: it goes to ``<out_dir>/slurm-<job id>.out``."""
+    return (out_dir / f"slurm-{job_id}.out").read_text()
+
+
 def _usr1_once_started(tmp: Path, out_dir: Path, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
     """Run the 7B sbatch script under the fake Slurm, send USR1 once the fake srun started, and
-    return the finished process with its output."""
+    return the finished process with the job's output (Slurm's output file and the run dir's log)."""
     proc = subprocess.Popen(["bash", str(SCRIPTS[0]), "configs/llama-7b.yaml", "--train.out_dir", str(out_dir)],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 60
@@ -175,7 +182,7 @@ def _usr1_once_started(tmp: Path, out_dir: Path, env: dict[str, str]) -> tuple[s
         time.sleep(0.1)
     proc.send_signal(signal.SIGUSR1)
     out, _ = proc.communicate(timeout=60)
-    return proc, out
+    return proc, out + _job_log(out_dir)
 
 
 def test_sbatch_requeues_after_usr1(fake_slurm):
@@ -196,7 +203,7 @@ def test_sbatch_completed_run_is_not_requeued(fake_slurm):
     res = subprocess.run(["bash", str(SCRIPTS[0]), "configs/llama-7b.yaml", "--train.out_dir", str(out_dir)],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stdout + res.stderr
-    assert "training completed" in res.stdout
+    assert "training completed" in _job_log(out_dir)
     assert not (tmp / "scontrol.log").exists()
 
 
@@ -208,3 +215,43 @@ def test_sbatch_does_not_requeue_a_run_that_failed_after_a_stop_request(fake_slu
     assert proc.returncode == 3, out
     assert "exited with status 3 before completing (not requeued)" in out
     assert not (tmp / "scontrol.log").exists() and not list(out_dir.glob(".stop-*"))
+
+
+def test_sbatch_output_goes_to_the_run_directory_after_one_line(fake_slurm):
+    tmp, out_dir, env = fake_slurm
+    env["FAKE_MODE"] = "complete"
+    res = subprocess.run(["bash", str(SCRIPTS[0]), "configs/llama-7b.yaml", "--train.out_dir", str(out_dir)],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stdout + res.stderr
+    lines = (res.stdout + res.stderr).strip().splitlines()
+    assert len(lines) == 1 and lines[0].endswith(f"output continues in {out_dir}/slurm-555.out"), lines
+    log = _job_log(out_dir)
+    assert "restart 0 of at most 20: 2 nodes x 8 GPUs" in log and "training completed" in log
+
+
+def test_a_job_restarted_past_the_requeue_cap_does_not_start(fake_slurm):
+    tmp, out_dir, env = fake_slurm
+    env.update(FAKE_MODE="complete", SLURM_RESTART_COUNT="4", LANTON_MAX_REQUEUES="3")
+    res = subprocess.run(["bash", str(SCRIPTS[0]), "configs/llama-7b.yaml", "--train.out_dir", str(out_dir)],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 4
+    assert not (tmp / "started").exists() and not (out_dir / "COMPLETED").exists()
+    refused = [ln for ln in _job_log(out_dir).splitlines() if "past the cap" in ln]
+    assert len(refused) == 1 and "restart 4 is past the cap LANTON_MAX_REQUEUES=3: not starting" in refused[0]
+
+
+def test_a_clean_stop_at_the_requeue_cap_is_not_requeued(fake_slurm):
+    tmp, out_dir, env = fake_slurm
+    env.update(FAKE_MODE="wait", SLURM_RESTART_COUNT="3", LANTON_MAX_REQUEUES="3")
+    proc, out = _usr1_once_started(tmp, out_dir, env)
+    assert proc.returncode == 4, out
+    assert "requeue cap reached (3 restarts, LANTON_MAX_REQUEUES=3): not requeued" in out
+    assert not (tmp / "scontrol.log").exists() and not list(out_dir.glob(".stop-*"))
+
+
+def test_a_clean_stop_below_the_requeue_cap_is_requeued(fake_slurm):
+    tmp, out_dir, env = fake_slurm
+    env.update(FAKE_MODE="wait", SLURM_RESTART_COUNT="2", LANTON_MAX_REQUEUES="3")
+    proc, out = _usr1_once_started(tmp, out_dir, env)
+    assert proc.returncode == 0, out
+    assert (tmp / "scontrol.log").read_text().split() == ["requeue", "555"]

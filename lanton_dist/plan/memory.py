@@ -1,5 +1,5 @@
-"""Per-rank memory of one training setup: parameters, gradients, communication buffers and
-optimizer state (activations apart), and whether it fits the GPU.
+"""Per-rank memory of one training setup: parameters, gradients, communication buffers,
+optimizer state and activations, and whether it fits the GPU.
 
 ``zero1`` / ``zero2`` — what :class:`~lanton_dist.engine.ShardedLANTON` holds, checked byte for
 byte against a built engine on CPU at world 2 and 3 (``tests/test_plan_memory.py``):
@@ -30,6 +30,26 @@ they keep state for (:meth:`StrategyModel.owned`): their pieces of elementwise s
 Newton–Schulz algorithm, the hidden matrices they own, whole (the owner holds their momentum and
 Option I's previous gradient; :mod:`lanton_dist.engine.core`). Parameters and gradients are
 their pieces (:func:`~lanton_dist.plan.strategies.piece_elements`).
+
+Activations (:class:`ActivationSettings`, :func:`stage_activation_bytes`; an estimate, not
+measured) follow Korthikanti et al., "Reducing Activation Recomputation in Large Transformer
+Models" (2022), for sequence length ``s``, micro-batch ``b``, hidden size ``h``, ``a`` heads,
+tensor parallel ``t`` without sequence parallelism, 16-bit activations, per layer and micro-batch:
+
+* without recomputation: ``s·b·h·(10 + 24/t)`` bytes, plus ``5·a·s²·b/t`` for the attention
+  scores, softmax and its dropout mask when they are stored (``flash_attention=False``;
+  ``s·b·h·(34 + 5·a·s/h)`` at ``t = 1``). The fused attention kernels (FlashAttention, which
+  :func:`torch.nn.functional.scaled_dot_product_attention` runs on GPU) keep no ``s²`` term, the
+  default here. The 34 counts the dropout masks of a GPT block and a 4h MLP: for our LLaMA
+  (no dropout, SwiGLU) it is an upper bound;
+* with full recomputation (``train.activation_checkpointing``: one checkpoint per block): the
+  block input only, ``2·s·b·h`` bytes (not split over TP without sequence parallelism); the
+  block being recomputed adds one layer's activations without recomputation at the backward's peak.
+
+A pipeline stage ``i`` of ``p`` under 1F1B holds ``p − i`` micro-batches in flight of its
+``L/p`` layers (the first stage: ``L`` layers' worth), and the last stage the fp32 logits of one
+micro-batch for the loss, ``4·s·b·V/t`` bytes. ``activation_bytes`` scales the 16-bit figures
+(4: fp32 activations, ×2).
 """
 from __future__ import annotations
 
@@ -37,6 +57,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from lanton_dist.config import ModelConfig
 from lanton_dist.groups import Geometry, ParamSpec
 from lanton_dist.plan.predictions import StagePlan
 from lanton_dist.plan.strategies import piece_elements
@@ -109,3 +130,66 @@ def rank_memory(p: StepPlanner, st: StagePlan, d: int, t: int) -> RankMemory:
     if L.strategy == "deepspeed3":
         return RankMemory(shard * E, shard * 4, max(s.numel for s in st.local) * E, state, 0, state_extra)
     return RankMemory(local * E + shard * 4, shard * 4, local * E, state, 0, state_extra)
+
+
+# ---------------------------------------------------------------------------- activations
+@dataclass(frozen=True)
+class ActivationSettings:
+    """What the activation estimate assumes (module doc): ``micro_batch`` sequences of
+    ``seq_len`` tokens per forward, ``recompute`` (activation checkpointing of every block),
+    ``flash_attention`` (no stored ``s²`` scores), ``activation_bytes`` per element (2 = bf16)."""
+
+    seq_len: int
+    micro_batch: int = 1
+    recompute: bool = False
+    flash_attention: bool = True
+    activation_bytes: int = 2
+
+    def __post_init__(self) -> None:
+        for f in ("seq_len", "micro_batch"):
+            if not isinstance(getattr(self, f), int) or getattr(self, f) < 1:
+                raise ValueError(f"{f} must be an integer >= 1, got {getattr(self, f)!r}")
+        if self.activation_bytes not in (2, 4):
+            raise ValueError(f"activation_bytes must be 2 or 4, got {self.activation_bytes}")
+
+
+def layer_activation_bytes(m: ModelConfig, act: ActivationSettings, tp: int, recompute: bool) -> float:
+    """Bytes one transformer layer keeps for the backward of one micro-batch on one TP rank (module doc)."""
+    s, b, h, a = act.seq_len, act.micro_batch, m.dim, m.n_heads
+    if recompute:
+        sixteen_bit = 2 * s * b * h
+    else:
+        sixteen_bit = s * b * h * (10 + 24 / tp) + (0 if act.flash_attention else 5 * a * s * s * b / tp)
+    return sixteen_bit * act.activation_bytes / 2
+
+
+def stage_activation_bytes(m: ModelConfig, act: ActivationSettings, tp: int, pp: int) -> list[int]:
+    """Peak activation bytes of one rank of each pipeline stage (1F1B; module doc)."""
+    per_stage_layers = m.n_layers // pp
+    out = []
+    for i in range(pp):
+        held = (pp - i) * per_stage_layers * layer_activation_bytes(m, act, tp, act.recompute)
+        if act.recompute:  # the block being recomputed, at the backward's peak
+            held += layer_activation_bytes(m, act, tp, recompute=False)
+        if i == pp - 1:
+            held += 4 * act.seq_len * act.micro_batch * m.vocab_size / tp
+        out.append(int(held))
+    return out
+
+
+def stage_peaks(p: StepPlanner) -> list[int]:
+    """The largest :attr:`RankMemory.peak` over the ranks of each pipeline stage of ``p``."""
+    peaks = [0] * p.layout.pp
+    for s, d, t in p.ranks():
+        peaks[s] = max(peaks[s], p.rank_memory(s, d, t).peak)
+    return peaks
+
+
+def fit_with_activations(p: StepPlanner, act: ActivationSettings) -> dict[str, object]:
+    """Whether every rank of ``p`` holds its memory plus its stage's activations: ``total`` (the
+    largest per-rank sum), ``activations`` (that stage's), ``stage``, ``gpu_bytes``, ``fits``."""
+    acts = stage_activation_bytes(p.model, act, p.layout.tp, p.layout.pp)
+    totals = [peak + a for peak, a in zip(stage_peaks(p), acts)]
+    worst = max(range(len(totals)), key=lambda i: totals[i])
+    return {"total": totals[worst], "activations": acts[worst], "stage": worst, "recompute": act.recompute,
+            "gpu_bytes": p.hw.memory_bytes, "fits": totals[worst] <= p.hw.memory_bytes}

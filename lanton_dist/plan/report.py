@@ -1,15 +1,17 @@
-"""The ``lanton-dist plan`` report: the per-algorithm table of one model and layout, and the
-estimation-overhead table over model sizes and k."""
+"""The ``lanton-dist plan`` report: the per-algorithm table of one model and layout (memory with
+activations, with and without activation checkpointing, and for a setup that does not fit the
+smallest TP × PP that does), and the estimation-overhead table over model sizes and k."""
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import replace
+from dataclasses import asdict, replace
 from typing import Any
 
 from lanton_dist.config import ModelConfig
 from lanton_dist.names import ALGORITHMS
 from lanton_dist.plan.inputs import PRESETS, Hardware, OptimSettings, ParallelLayout
-from lanton_dist.plan.model import resolve_model
+from lanton_dist.plan.memory import ActivationSettings, fit_with_activations
+from lanton_dist.plan.model import check_tp, resolve_model
 from lanton_dist.plan.planner import StepPlanner
 from lanton_dist.plan.predictions import STRATEGY_MODELS
 
@@ -24,12 +26,20 @@ def human_bytes(n: float) -> str:
 def plan_table(model: str | ModelConfig, layout: ParallelLayout, optim: OptimSettings, hw: Hardware | None = None,
                algorithms: Iterable[str] = ALGORITHMS, ks: Iterable[int] = (1, 5, 10, 20),
                global_batch: int = 1024, seq_len: int | None = None, growth_models: Iterable[str] = tuple(PRESETS),
-               name: str | None = None) -> tuple[str, dict[str, Any]]:
+               name: str | None = None, micro_batch: int = 1, activation_bytes: int = 2) -> tuple[str, dict[str, Any]]:
     """The ``lanton-dist plan`` report: ``(text, json-able dict)`` for ``algorithms`` on one model
-    and layout, plus the estimation-overhead table over ``growth_models`` × ``ks``."""
+    and layout, plus the estimation-overhead table over ``growth_models`` × ``ks``. Activations
+    are those of ``micro_batch`` sequences of ``seq_len`` tokens in ``activation_bytes``-byte
+    elements (:mod:`lanton_dist.plan.memory`)."""
     hw = hw or Hardware()
     plans = {a: StepPlanner(model, layout, replace(optim, algorithm=a), hw, name=name) for a in algorithms}
     summaries = {a: p.summary(global_batch, seq_len) for a, p in plans.items()}
+    act = ActivationSettings(seq_len=seq_len or next(iter(plans.values())).model.max_seq_len, micro_batch=micro_batch,
+                             activation_bytes=activation_bytes)
+    for a, p in plans.items():
+        summaries[a]["memory"]["with_activations"] = {
+            "plain": fit_with_activations(p, act), "checkpointed": fit_with_activations(p, replace(act, recompute=True)),
+            "settings": asdict(act)}
     first = next(iter(summaries.values()))
     lines = []
     cfg = first["model_config"]
@@ -67,6 +77,8 @@ def plan_table(model: str | ModelConfig, layout: ParallelLayout, optim: OptimSet
                          f"{step['ns_imbalance']:>5.2f} {t['comm'] * 1e3:>8.2f} {t['ns'] * 1e3:>7.2f} {t['estimator'] * 1e3:>7.2f} "
                          f"{t['elementwise'] * 1e3:>7.2f} {t['total'] * 1e3:>7.2f}")
     lines += _layout_lines(first, summaries)
+    fit_search = _fit_search(plans, act)
+    lines += _fit_search_lines(fit_search, summaries, layout)
     lines.append(f"fwd+bwd estimate: {first['fwd_bwd_s'] * 1e3:.0f} ms per step ({first['tokens_per_step']} tokens, MFU {hw.mfu:g})")
     if "lanton" in summaries and "dmuon" in summaries:
         lt, dm = summaries["lanton"]["amortized_step_s"], summaries["dmuon"]["amortized_step_s"]
@@ -83,7 +95,7 @@ def plan_table(model: str | ModelConfig, layout: ParallelLayout, optim: OptimSet
         cells = " ".join(f"{c['extra_s_per_step'] * 1e3:>8.2f} ({c['extra_vs_training']:>6.2%})" for c in row["by_k"])
         lines.append(f"{row['model']:<10} {row['tp']:>3} x{row['pp']:>2} {cells}")
     data = {"plans": summaries, "estimation_growth": growth, "strategy": strat.name,
-            "strategy_description": strat.description}
+            "strategy_description": strat.description, "fit_search": fit_search}
     return "\n".join(lines), data
 
 
@@ -106,14 +118,87 @@ def _layout_lines(first: dict[str, Any], summaries: dict[str, dict[str, Any]]) -
                      f"{split['ns_s_whole'] * 1e3:.1f} -> {split['ns_s_split'] * 1e3:.1f} ms for {split['split_comm_s_max'] * 1e3:.1f} ms "
                      "of collectives; the ZeRO engine runs it with optim.ns_split_tolerance, DP teams only)")
     gpu = first["memory"]["gpu_bytes"]
-    lines.append(f"memory per rank (worst rank, activations apart; GPU {human_bytes(gpu)}):")
-    lines.append(f"{'algorithm':<9} {'params':>9} {'grads':>9} {'buffers':>9} {'state':>9} {'peak+':>9} {'total':>9}  fits")
+    st = first["memory"]["with_activations"]["settings"]
+    lines.append(f"memory per rank (worst rank; GPU {human_bytes(gpu)}); activations of micro-batch {st['micro_batch']} x "
+                 f"{st['seq_len']} tokens, {st['activation_bytes']}-byte, Korthikanti et al. (lanton_dist.plan.memory), "
+                 "without | with activation checkpointing:")
+    lines.append(f"{'algorithm':<9} {'params':>9} {'grads':>9} {'buffers':>9} {'state':>9} {'peak+':>9} {'no act.':>9} "
+                 f"{'activ.':>9} {'total':>9} {'fits':>4} | {'activ.':>9} {'total':>9} {'fits':>4}")
     for a, s in summaries.items():
         m = s["memory"]
         extra = m["peak"] - m["steady"]
+        plain, ckpt = m["with_activations"]["plain"], m["with_activations"]["checkpointed"]
         lines.append(f"{a:<9} {human_bytes(m['parameters']):>9} {human_bytes(m['gradients']):>9} {human_bytes(m['buffers']):>9} "
-                     f"{human_bytes(m['state']):>9} {human_bytes(extra):>9} {human_bytes(m['peak']):>9}  "
-                     + ("yes" if m["fits"] else "WARNING: does not fit"))
+                     f"{human_bytes(m['state']):>9} {human_bytes(extra):>9} {human_bytes(m['peak']):>9} "
+                     f"{human_bytes(plain['activations']):>9} {human_bytes(plain['total']):>9} {_yes(plain['fits']):>4} | "
+                     f"{human_bytes(ckpt['activations']):>9} {human_bytes(ckpt['total']):>9} {_yes(ckpt['fits']):>4}")
+    return lines
+
+
+def _yes(fits: bool) -> str:
+    return "yes" if fits else "NO"
+
+
+def candidate_layouts(model: ModelConfig, layout: ParallelLayout) -> list[ParallelLayout]:
+    """The other TP × PP splits of ``layout``'s ranks, smallest ``tp·pp`` first (larger TP first
+    at equal product: it stays inside a node): TP a power of two up to ``gpus_per_node`` that
+    the model splits over (:func:`~lanton_dist.plan.model.check_tp`), PP a divisor of ``n_layers``."""
+    out = []
+    tp = 1
+    while tp <= layout.gpus_per_node:
+        try:
+            check_tp(model, tp)
+        except ValueError:
+            tp *= 2
+            continue
+        for pp in range(1, model.n_layers + 1):
+            if model.n_layers % pp == 0 and layout.world % (tp * pp) == 0 and (tp, pp) != (layout.tp, layout.pp):
+                out.append(replace(layout, tp=tp, pp=pp))
+        tp *= 2
+    return sorted(out, key=lambda lay: (lay.tp * lay.pp, -lay.tp))
+
+
+def smallest_fitting_layout(planner: StepPlanner, act: ActivationSettings) -> dict[str, Any] | None:
+    """The first of :func:`candidate_layouts` of ``planner``'s model and ranks where every rank
+    holds its memory and activations (:func:`~lanton_dist.plan.memory.fit_with_activations`), with
+    that fit; None if none does."""
+    for lay in candidate_layouts(planner.model, planner.layout):
+        p = StepPlanner(planner.model, lay, planner.optim, planner.hw, name=planner.model_name)
+        fit = fit_with_activations(p, act)
+        if fit["fits"]:
+            return {"tp": lay.tp, "pp": lay.pp, "dp": lay.dp, **fit}
+    return None
+
+
+def _fit_search(plans: dict[str, StepPlanner], act: ActivationSettings) -> dict[str, dict[str, Any]]:
+    """For each algorithm whose run does not fit (without, then with activation checkpointing):
+    the smallest TP × PP that does (None: no split of these ranks fits)."""
+    out: dict[str, dict[str, Any]] = {}
+    for a, p in plans.items():
+        for label, settings in (("plain", act), ("checkpointed", replace(act, recompute=True))):
+            if not fit_with_activations(p, settings)["fits"]:
+                out.setdefault(a, {})[label] = smallest_fitting_layout(p, settings)
+    return out
+
+
+def _fit_search_lines(search: dict[str, dict[str, Any]], summaries: dict[str, dict[str, Any]], layout: ParallelLayout) -> list[str]:
+    """One line per algorithm that does not fit without activation checkpointing, or not with it either."""
+    lines = []
+    for a, by in search.items():
+        fits = summaries[a]["memory"]["with_activations"]
+        parts = []
+        for label, how in (("plain", "without"), ("checkpointed", "with")):
+            if label not in by:
+                parts.append(f"{how} activation checkpointing it fits ({human_bytes(fits[label]['total'])})")
+            elif by[label] is None:
+                parts.append(f"{how} activation checkpointing no TP x PP of these ranks fits (more nodes with zero3/fsdp2/"
+                             "deepspeed3, a smaller micro-batch or a larger GPU)")
+            else:
+                f = by[label]
+                parts.append(f"{how} activation checkpointing the smallest TP x PP that fits is TP {f['tp']} x PP {f['pp']} "
+                             f"(x DP {f['dp']}, {human_bytes(f['total'])})")
+        lines.append(f"WARNING: does not fit: {a} at TP {layout.tp} x PP {layout.pp} on {layout.world} ranks "
+                     f"({human_bytes(fits['plain']['total'])} per rank with activations): " + "; ".join(parts))
     return lines
 
 
