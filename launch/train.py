@@ -15,7 +15,10 @@ SIGUSR1/SIGTERM or ``$LANTON_STOP_FILE`` make every rank checkpoint at the end o
 step and exit (Slurm requeue: ``slurm/pretrain_llama.sbatch``); ``--train.resume true`` continues.
 
 Exit status: 0 when the run finished or stopped on request; 2 with one ``config error: …``
-line for a bad config (checked before anything is built); 3 when training diverged
+line for a bad config (checked before anything is built) or one ``data error: …`` line for
+data the run cannot use (:class:`lanton_dist.data.errors.DataError`: empty, not UTF-8, a JSONL
+line without its key, ids beyond ``model.vocab_size``, no validation documents; see
+docs/robustness_errors.md); 3 when training diverged
 (``train.max_consecutive_skips`` skipped steps in a row; no ``COMPLETED``).
 """
 from __future__ import annotations
@@ -27,6 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lanton_dist.config import ConfigError, load_run_config  # noqa: E402
+from lanton_dist.data.errors import DataError  # noqa: E402
 from lanton_dist.divergence import EXIT_DIVERGED, Diverged  # noqa: E402
 from lanton_dist.preemption import StopRequest  # noqa: E402
 from lanton_dist.trainer import train  # noqa: E402
@@ -64,6 +68,8 @@ def main(argv: list[str] | None = None) -> dict:
         summary = train(cfg, stop=StopRequest.from_environment())
     except ConfigError as e:
         _exit(2, f"config error: {e}")
+    except DataError as e:
+        _exit(2, f"data error: {e}")
     except Diverged as e:
         _exit(EXIT_DIVERGED, f"error: {e}")
     if summary.get("final_train_loss") is not None:
