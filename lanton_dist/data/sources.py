@@ -92,7 +92,7 @@ def _split(docs: Documents, cfg: DataConfig, vocab_size: int) -> TokenDataset:
         raise DataError(
             f"{cfg.source} data at {cfg.path}: {docs.n_docs} document(s) with data.val_fraction {cfg.val_fraction} leave "
             f"the {'training' if train.size == 0 else 'validation'} split empty; add documents"
-            + (" or split files further (data.sample_by paragraph|line)" if cfg.source == "text" else "")
+            + (" or split files further (data.sample_by paragraph|line)" if cfg.source == "text" and cfg.sample_by != "line" else "")
             + (_fraction_hint(docs.n_docs, cfg.val_fraction) if train.size else "")
         )
     # torch.from_numpy shares the memory: a memory-mapped dataset is not copied
