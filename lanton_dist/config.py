@@ -528,13 +528,22 @@ def _dotted(d: dict[str, Any], key: str) -> Any:
     return d
 
 
+def _unused_sample_by_ignored(cfg: dict[str, Any]) -> dict[str, Any]:
+    """``cfg`` (:func:`to_dict` form) with the default ``data.sample_by`` where its source does not
+    read it (every source but ``text``; checkpoints from before ``auto`` store ``document``)."""
+    data = cfg.get("data", {})
+    return cfg if data.get("source") == "text" else {**cfg, "data": {**data, "sample_by": DataConfig.sample_by}}
+
+
 def check_resume(saved: dict[str, Any], current: dict[str, Any], where: str) -> list[str]:
     """Compare the config stored with checkpoint ``where`` (``saved``) with this run's
     (``current``, both :func:`to_dict` form). Raise :class:`ConfigError` listing every
     :data:`RESUME_MUST_MATCH` entry that differs; return one warning per
     :data:`RESUME_MAY_CHANGE` entry that does. Keys added after the checkpoint was written
-    take their defaults there (a checkpoint that predates a key ran with its default)."""
-    saved = _merge(to_dict(RunConfig()), saved)
+    take their defaults there (a checkpoint that predates a key ran with its default).
+    ``data.sample_by`` is compared for ``text`` sources only, the one source that reads it."""
+    saved = _unused_sample_by_ignored(_merge(to_dict(RunConfig()), saved))
+    current = _unused_sample_by_ignored(current)
 
     def diff(keys: tuple[str, ...]) -> list[str]:
         return [f"{k}: checkpoint {_dotted(saved, k)!r}, now {_dotted(current, k)!r}"

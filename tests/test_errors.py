@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from lanton_dist.config import DataConfig, load_run_config
+from lanton_dist.config import ConfigError, DataConfig, RunConfig, check_resume, load_run_config, to_dict
 from lanton_dist.data import IndexedWriter, build_dataset, prepare_data, read_indexed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -157,3 +157,15 @@ def test_a_single_text_file_trains_with_the_default_config(tmp_path):
     summary = train(cfg, log=lambda _msg: None)
     assert summary["final_val_loss"] is not None
     assert json.loads((tmp_path / "run" / "config.json").read_text())["data"]["sample_by"] == "auto"
+
+
+def test_a_checkpoint_from_before_sample_by_auto_resumes_where_the_source_does_not_read_it():
+    old = to_dict(RunConfig())
+    old["data"]["sample_by"] = "document"  # the default a checkpoint written before `auto` stored
+    assert check_resume(old, to_dict(RunConfig()), "ckpt") == []  # stdlib: sample_by is not read
+    text_old = {**old, "data": {**old["data"], "source": "text", "path": "book.txt"}}
+    text_now = to_dict(RunConfig(data=DataConfig(source="text", path="book.txt")))
+    with pytest.raises(ConfigError, match="cannot resume from ckpt.*'sample_by': 'document'"):
+        check_resume(text_old, text_now, "ckpt")  # a text source: auto may split it differently
+    text_now["data"]["sample_by"] = "document"
+    assert check_resume(text_old, text_now, "ckpt") == []
