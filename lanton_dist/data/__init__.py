@@ -6,6 +6,8 @@ Sources (``DataConfig.source``): the built-in ``stdlib`` and ``synthetic`` corpo
 (:mod:`.builtin`); ``text`` and ``jsonl`` files (:mod:`.documents`, tokenized by
 :mod:`.tokenizer`: bytes, or a ``tokenizer.json``); ``indexed``/``megatron`` datasets
 (:mod:`.indexed`, the format ``lanton-dist prepare-data`` (:mod:`.prepare`) writes).
+Input the run cannot use is a :class:`~.errors.DataError` naming the file and the fix
+(``launch/train.py``: one ``data error:`` line, exit 2).
 
 Names load on first access (PEP 562): ``lanton-dist prepare-data`` and the document, tokenizer
 and indexed-format modules do not import torch.
