@@ -44,17 +44,16 @@ def die_with_parent(sig: signal.Signals = signal.SIGTERM) -> bool:
 
 
 class Launcher:
-    """One ``torchrun`` child and the stop file its trainers watch."""
+    """One child (``torchrun``: ``command``) in its own session, and the stop file its trainers watch."""
 
-    def __init__(self, torchrun_args: list[str], stop_file: Path) -> None:
+    def __init__(self, command: list[str], stop_file: Path) -> None:
         self.stop_file = stop_file
         self.signals_seen = 0
         env = {**os.environ, STOP_FILE_ENV: str(stop_file)}
-        self.proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *torchrun_args], env=env,
-                                     start_new_session=True, preexec_fn=die_with_parent)
+        self.proc = subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=die_with_parent)
 
     def handle(self, signum: int, frame: object) -> None:
-        """First SIGINT/SIGTERM: touch the stop file; later ones: SIGTERM to ``torchrun``."""
+        """Signal handler. First SIGINT/SIGTERM: touch the stop file; later ones: SIGTERM to the child."""
         self.signals_seen += 1
         name = signal.Signals(signum).name
         if self.signals_seen == 1:
@@ -66,7 +65,7 @@ class Launcher:
             self.proc.send_signal(signal.SIGTERM)
 
     def wait(self) -> int:
-        """``torchrun``'s exit status (``128 + n`` for death by signal ``n``)."""
+        """The child's exit status (``128 + n`` for death by signal ``n``)."""
         code = self.proc.wait()
         return 128 - code if code < 0 else code
 
@@ -79,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     given = os.environ.get(STOP_FILE_ENV)
     with tempfile.TemporaryDirectory(prefix="lanton-launcher-") as tmp:
         stop_file = Path(given) if given else Path(tmp) / "stop"
-        launcher = Launcher(args, stop_file)
+        launcher = Launcher([sys.executable, "-m", "torch.distributed.run", *args], stop_file)
         previous = {sig: signal.signal(sig, launcher.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             return launcher.wait()

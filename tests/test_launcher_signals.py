@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from lanton_dist.launcher import STOP_FILE_ENV, Launcher
 from lanton_dist.preemption import TORCHRUN_ENV, StopRequest, exit_with_launcher
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -144,3 +145,18 @@ def test_the_parent_death_signal_is_armed_only_under_torchrun(monkeypatch):
     env = {**os.environ, TORCHRUN_ENV: "test", "PYTHONPATH": str(ROOT)}
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "armed" in res.stdout, res.stderr
+
+
+def test_the_launcher_asks_through_the_stop_file_first_and_terminates_its_child_on_a_second_signal(tmp_path):
+    stop, seen = tmp_path / "stop", tmp_path / "seen"
+    child = f"import os, time; open({str(seen)!r}, 'w').write(os.environ[{STOP_FILE_ENV!r}]); time.sleep(120)"
+    launcher = Launcher([sys.executable, "-c", child], stop)
+    deadline = time.monotonic() + 60
+    while not (seen.exists() and seen.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert seen.read_text() == str(stop)  # the trainers watch the launcher's stop file
+    assert os.getsid(launcher.proc.pid) == launcher.proc.pid  # its own session: a terminal's Ctrl-C skips it
+    launcher.handle(signal.SIGINT, None)
+    assert stop.exists() and launcher.proc.poll() is None  # a request, not a kill: the trainers stop on their own
+    launcher.handle(signal.SIGTERM, None)
+    assert launcher.wait() == 128 + signal.SIGTERM
