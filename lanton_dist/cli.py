@@ -301,7 +301,8 @@ def _prepare_data_parser(sub) -> None:
     p.add_argument("--jsonl-key", default="text", help="the JSON field holding a document's text")
     p.add_argument("--tokenizer", default="", help="a Hugging Face tokenizer.json (needs the 'tokenizers' package); default: UTF-8 bytes")
     p.add_argument("--eod-token", default="", help="the tokenizer's end-of-document token (default: the first of <|endoftext|>, </s>, ...)")
-    p.add_argument("--sample-by", default="document", choices=SAMPLE_BY, help="text files: one document per file, paragraph or line")
+    p.add_argument("--sample-by", default="auto", choices=SAMPLE_BY,
+                   help="text files: one document per file, paragraph or line (auto: per file, or per paragraph of a single file)")
     p.set_defaults(func=_cmd_prepare_data)
 
 

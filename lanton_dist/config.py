@@ -253,8 +253,9 @@ def check_model_config(cfg: ModelConfig) -> None:
 
 #: ``data.source`` values (:mod:`lanton_dist.data`); ``megatron`` is another name for ``indexed``.
 DATA_SOURCES: tuple[str, ...] = ("stdlib", "synthetic", "text", "jsonl", "indexed", "megatron")
-#: ``data.sample_by`` values: what one document of a ``text`` source is.
-SAMPLE_BY: tuple[str, ...] = ("document", "paragraph", "line")
+#: ``data.sample_by`` values: what one document of a ``text`` source is (``auto``: a whole file
+#: when the path names several, else the one file's paragraphs, or its lines without a blank line).
+SAMPLE_BY: tuple[str, ...] = ("auto", "document", "paragraph", "line")
 
 
 @dataclass
@@ -269,7 +270,8 @@ class DataConfig:
     ``tokenizer``: a HF ``tokenizer.json`` for ``text``/``jsonl`` (empty: byte tokens, vocab
     256); ``eod_token``: its end-of-document token (empty: the first known one it has).
     ``sample_by``: one ``text`` document is a whole file (``document``), a blank-line
-    separated ``paragraph``, or a ``line``. The last ``val_fraction`` of the documents (by
+    separated ``paragraph``, a ``line``, or (``auto``) a whole file when ``path`` names several and a
+    paragraph of a single file (a line where it has no blank line). The last ``val_fraction`` of the documents (by
     count, in order) is the validation split for ``text``/``jsonl``/``indexed``, as Megatron
     splits; ``stdlib`` holds out files by a hash of their path.
     ``seed`` draws the training batches' windows and, unless ``val_seed`` is set, the
@@ -284,7 +286,7 @@ class DataConfig:
     text_key: str = "text"
     tokenizer: str = ""
     eod_token: str = ""
-    sample_by: str = "document"
+    sample_by: str = "auto"
 
 
 @dataclass
@@ -419,6 +421,13 @@ def _check_train(t: TrainConfig) -> None:
         raise ConfigError(f"train.dtype must be one of {DTYPES}, got {t.dtype!r}")
     if t.device not in DEVICES:
         raise ConfigError(f"train.device must be one of {DEVICES}, got {t.device!r}")
+    if t.device == "cuda":
+        import torch  # only here: the rest of the checks stay torch-free
+
+        if not torch.cuda.is_available():
+            raise ConfigError("train.device is cuda but this machine has no usable CUDA device (torch.cuda.is_available() "
+                              f"is False; torch {torch.__version__}, CUDA build {torch.version.cuda}): set train.device "
+                              "auto or cpu")
 
 
 def _check_data(d: DataConfig, model: ModelConfig) -> None:
@@ -443,6 +452,15 @@ def _check_data(d: DataConfig, model: ModelConfig) -> None:
             raise ConfigError(f"data.path is required for data.source {d.source}: a file, a directory or a glob")
         if not (os.path.exists(d.path) or glob.glob(d.path)):
             raise ConfigError(f"data.path {d.path!r} does not exist and matches no file")
+        if d.sample_by not in SAMPLE_BY:
+            raise ConfigError(f"data.sample_by must be one of {SAMPLE_BY}, got {d.sample_by!r}")
+        if d.source == "jsonl" and d.sample_by not in ("auto", "document"):
+            raise ConfigError(f"data.sample_by {d.sample_by!r} is for text files; a JSONL line is one document")
+        if d.tokenizer and not os.path.isfile(d.tokenizer):
+            raise ConfigError(f"data.tokenizer {d.tokenizer!r} does not exist (a Hugging Face tokenizer.json; empty: byte tokens)")
+        if d.tokenizer and importlib.util.find_spec("tokenizers") is None:
+            raise ConfigError(f"data.tokenizer {d.tokenizer}: reading a tokenizer.json needs the 'tokenizers' package "
+                              "(pip install 'lanton_dist[data]'); leave data.tokenizer empty for byte tokens")
     elif d.path:
         raise ConfigError(f"data.path is not read by data.source {d.source!r} (built-in corpus)")
 
@@ -487,7 +505,8 @@ def check_run_config(cfg: RunConfig, data_parallel: int = 1) -> None:
     out of range (non-finite or negative rates and weight decay, momentum coefficients outside
     ``[0, 1)`` for every algorithm), an Option II batch that does not split in two on each of
     the ``data_parallel`` ranks, a missing Megatron ``data.path``, ``logging.tensorboard``
-    without the package. Cheap and torch-free: the loop calls it before building a model or
+    without the package, ``train.device cuda`` without a GPU, a missing ``data.tokenizer``. Cheap
+    and torch-free (but for ``train.device cuda``): the loop calls it before building a model or
     a process group."""
     check_model_config(cfg.model)
     _check_train(cfg.train)
@@ -521,13 +540,22 @@ def _dotted(d: dict[str, Any], key: str) -> Any:
     return d
 
 
+def _unused_sample_by_ignored(cfg: dict[str, Any]) -> dict[str, Any]:
+    """``cfg`` (:func:`to_dict` form) with the default ``data.sample_by`` where its source does not
+    read it (every source but ``text``; checkpoints from before ``auto`` store ``document``)."""
+    data = cfg.get("data", {})
+    return cfg if data.get("source") == "text" else {**cfg, "data": {**data, "sample_by": DataConfig.sample_by}}
+
+
 def check_resume(saved: dict[str, Any], current: dict[str, Any], where: str) -> list[str]:
     """Compare the config stored with checkpoint ``where`` (``saved``) with this run's
     (``current``, both :func:`to_dict` form). Raise :class:`ConfigError` listing every
     :data:`RESUME_MUST_MATCH` entry that differs; return one warning per
     :data:`RESUME_MAY_CHANGE` entry that does. Keys added after the checkpoint was written
-    take their defaults there (a checkpoint that predates a key ran with its default)."""
-    saved = _merge(to_dict(RunConfig()), saved)
+    take their defaults there (a checkpoint that predates a key ran with its default).
+    ``data.sample_by`` is compared for ``text`` sources only, the one source that reads it."""
+    saved = _unused_sample_by_ignored(_merge(to_dict(RunConfig()), saved))
+    current = _unused_sample_by_ignored(current)
 
     def diff(keys: tuple[str, ...]) -> list[str]:
         return [f"{k}: checkpoint {_dotted(saved, k)!r}, now {_dotted(current, k)!r}"

@@ -290,7 +290,7 @@ def _run(cfg: RunConfig, backend: Backend, data: TokenDataset, out: Path, log: C
             }
             if logging_step:
                 norm = None if res.grad_norm is None else float(res.grad_norm)
-                rec.update(shape.log_fields(window.lap(step, tokens_per_step), norm, backend.device))
+                rec.update(shape.log_fields(window.lap(step, tokens_per_step), norm, backend.device), **window.progress(step, t_cfg.steps))
                 diag = diagnostics_summary(opt)
                 if diag is not None:
                     rec["lanton"] = diag

@@ -3,9 +3,10 @@ rate-factor heat map, written by the one training loop (:mod:`lanton_dist.traine
 backend, so each stack prints the same line and writes the same fields.
 
 Every ``train.log_every`` steps the main rank prints one line (plain ``print``-style text, so it
-lands in a Slurm log as well as on a terminal)::
+lands in a Slurm log as well as on a terminal; wrapped here)::
 
     step 40/300 | loss 2.3141 | lr 4.95e-02 | 21,733 tok/s | grad 0.812 | skipped 0 | mem 0.31 GiB (max RSS) | MFU n/a
+        | elapsed 0:01:02 | ETA 0:06:43
 
 (``lr``: the first parameter group's, ``hidden`` for LANTON; every group's is in the record) and
 the record of that step in ``metrics.jsonl`` carries the same numbers under :data:`LOG_FIELDS`:
@@ -20,6 +21,11 @@ the record of that step in ``metrics.jsonl`` carries the same numbers under :dat
   :func:`flops_per_token` (``6·N + 12·L·d·T``) and ``peak`` the dense bf16 FLOP/s of one device
   (``logging.peak_tflops``, else :data:`PEAK_TFLOPS` by CUDA device name); None (printed ``n/a``)
   on CPU or an unknown GPU without ``logging.peak_tflops``.
+* ``elapsed_s``: wall seconds since this process's training loop started (a resumed run counts
+  from its resume), evaluations and checkpoints included; ``eta_s``: the seconds the steps left
+  to ``train.steps`` take at the mean pace of the steps so far (:meth:`Throughput.progress`;
+  evaluations and checkpoints included, since they recur). Printed as ``H:MM:SS`` (``Nd H:MM:SS``
+  past a day).
 
 LANTON's per-layer diagnostics (H, α, rate factor of every layer) are recorded under
 ``layers`` at every estimation step (:func:`layer_record`: the values in force after that
@@ -40,7 +46,8 @@ import torch
 
 from lanton_dist.config import ModelConfig
 
-__all__ = ["LOG_FIELDS", "PEAK_TFLOPS", "MetricsLog", "RunShape", "Throughput", "TensorBoardLog", "flops_per_token", "format_line",
+__all__ = ["LOG_FIELDS", "PEAK_TFLOPS", "MetricsLog", "RunShape", "Throughput", "TensorBoardLog", "duration", "flops_per_token",
+           "format_line",
            "layer_record", "model_flops_per_token", "peak_memory", "peak_tflops", "plot_rate_factors", "read_metrics"]
 
 #: Dense bf16 tensor-core peak of one device in TFLOP/s, by a substring of
@@ -50,7 +57,7 @@ PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
     ("L40S", 362.0), ("L40", 181.0), ("A10G", 70.0), ("A10", 125.0), ("RTX 4090", 165.0), ("V100", 125.0),
 )
 #: The metrics.jsonl fields of a log line (besides step, loss, lr, skipped_steps).
-LOG_FIELDS: tuple[str, ...] = ("tokens_per_s", "grad_norm", "peak_mem_gib", "mem_kind", "mfu")
+LOG_FIELDS: tuple[str, ...] = ("tokens_per_s", "grad_norm", "peak_mem_gib", "mem_kind", "mfu", "elapsed_s", "eta_s")
 
 
 # ============================================================================ metrics.jsonl
@@ -134,10 +141,20 @@ def peak_memory(device: torch.device) -> tuple[float, str]:
 
 class Throughput:
     """Tokens per second over the window since the previous :meth:`lap` (wall clock, less the
-    time passed to :meth:`exclude`: evaluation and checkpoints)."""
+    time passed to :meth:`exclude`: evaluation and checkpoints), and the run's elapsed time and
+    ETA since it was made at ``step`` (:meth:`progress`)."""
 
     def __init__(self, step: int) -> None:
         self._step, self._t, self._excluded = step, time.perf_counter(), 0.0
+        self._start_step, self._t0 = step, self._t
+
+    def progress(self, step: int, steps: int) -> dict[str, float | None]:
+        """``elapsed_s``: wall seconds since construction (everything included); ``eta_s``: the
+        ``steps - step`` steps left at the mean seconds per step since construction (None
+        before the first step)."""
+        elapsed = time.perf_counter() - self._t0
+        done = step - self._start_step
+        return {"elapsed_s": elapsed, "eta_s": elapsed / done * max(steps - step, 0) if done > 0 else None}
 
     def exclude(self, seconds: float) -> None:
         """Leave ``seconds`` of the current window out of the rate."""
@@ -174,6 +191,14 @@ class RunShape:
         return {"tokens_per_s": tokens_per_s, "grad_norm": grad_norm, "peak_mem_gib": mem, "mem_kind": kind, "mfu": mfu}
 
 
+def duration(seconds: float) -> str:
+    """``H:MM:SS`` of ``seconds`` (rounded down), ``Nd H:MM:SS`` from a day on."""
+    s = int(max(seconds, 0.0))
+    days, s = divmod(s, 86400)
+    text = f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+    return f"{days}d {text}" if days else text
+
+
 def format_line(rec: dict[str, Any], steps: int) -> str:
     """The progress line of a step record (see the module doc): step, loss and lr; the
     :data:`LOG_FIELDS` when it has them (a log step); its validation loss when evaluated."""
@@ -186,6 +211,9 @@ def format_line(rec: dict[str, Any], steps: int) -> str:
     if "tokens_per_s" in rec:
         line += (f" | {rec['tokens_per_s']:,.0f} tok/s | grad {grad} | skipped {rec['skipped_steps']} | mem {mem} | "
                  f"MFU {mfu}")
+    if "elapsed_s" in rec:
+        eta = "n/a" if rec.get("eta_s") is None else duration(rec["eta_s"])
+        line += f" | elapsed {duration(rec['elapsed_s'])} | ETA {eta}"
     if rec.get("val_loss") is not None:
         line += f" | val {rec['val_loss']:.4f}"
     return line

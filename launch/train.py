@@ -11,11 +11,20 @@ LLaMA pretraining (TP × PP × DP) is ``parallel.backend: megatron``::
 
 (``slurm/launch.py`` builds the multi-node command; ``train.device cpu`` runs Megatron on a
 CPU-only machine through the CI/test shim :mod:`lanton_dist.integrations.megatron_cpu`.)
-SIGUSR1/SIGTERM or ``$LANTON_STOP_FILE`` make every rank checkpoint at the end of the current
-step and exit (Slurm requeue: ``slurm/pretrain_llama.sbatch``); ``--train.resume true`` continues.
+SIGUSR1, SIGTERM, SIGINT (Ctrl-C, also at ``torchrun``, which forwards it) or
+``$LANTON_STOP_FILE`` make every rank checkpoint at the end of the current step and exit 0
+without ``COMPLETED`` (Slurm requeue: ``slurm/pretrain_llama.sbatch``); ``--train.resume true``
+continues; a second Ctrl-C stops at once (exit 130). Under ``torchrun`` a trainer whose
+``torchrun`` dies gets SIGTERM (:func:`lanton_dist.preemption.exit_with_launcher`), so it
+checkpoints and exits too. ``python -m lanton_dist.launcher`` (``torchrun``'s arguments) makes
+SIGINT/SIGTERM at the launcher a stop request and exits 0 after the checkpoint, where ``torchrun``
+itself re-raises the signal (exit 1).
 
 Exit status: 0 when the run finished or stopped on request; 2 with one ``config error: …``
-line for a bad config (checked before anything is built); 3 when training diverged
+line for a bad config (checked before anything is built) or one ``data error: …`` line for
+data the run cannot use (:class:`lanton_dist.data.errors.DataError`: empty, not UTF-8, a JSONL
+line without its key, ids beyond ``model.vocab_size``, no validation documents; see
+docs/robustness_errors.md); 3 when training diverged
 (``train.max_consecutive_skips`` skipped steps in a row; no ``COMPLETED``).
 """
 from __future__ import annotations
@@ -27,8 +36,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lanton_dist.config import ConfigError, load_run_config  # noqa: E402
+from lanton_dist.data.errors import DataError  # noqa: E402
 from lanton_dist.divergence import EXIT_DIVERGED, Diverged  # noqa: E402
-from lanton_dist.preemption import StopRequest  # noqa: E402
+from lanton_dist.preemption import StopRequest, exit_with_launcher  # noqa: E402
 from lanton_dist.trainer import train  # noqa: E402
 
 USAGE = "usage: python launch/train.py [--config PATH] [--section.key VALUE | --section.key=VALUE ...]"
@@ -60,10 +70,16 @@ def main(argv: list[str] | None = None) -> dict:
     if path is not None and not Path(path).is_file():
         _exit(2, f"config error: config file not found: {path}")
     try:
-        cfg = load_run_config(path, overrides)
-        summary = train(cfg, stop=StopRequest.from_environment())
+        with StopRequest.from_environment() as stop:
+            exit_with_launcher()  # under torchrun: SIGTERM (the stop above) when torchrun dies
+            cfg = load_run_config(path, overrides)
+            summary = train(cfg, stop=stop)
+    except KeyboardInterrupt:
+        _exit(130, "interrupted by a second Ctrl-C: the current step was not checkpointed")
     except ConfigError as e:
         _exit(2, f"config error: {e}")
+    except DataError as e:
+        _exit(2, f"data error: {e}")
     except Diverged as e:
         _exit(EXIT_DIVERGED, f"error: {e}")
     if summary.get("final_train_loss") is not None:

@@ -10,8 +10,9 @@ import torch
 
 from lanton_dist.config import ConfigError, ModelConfig, RunConfig, check_run_config
 from lanton_dist.model import Transformer
-from lanton_dist.training_log import (RunShape, TensorBoardLog, Throughput, flops_per_token, format_line, peak_memory,
-                                      peak_tflops, plot_rate_factors)
+from lanton_dist import training_log
+from lanton_dist.training_log import (RunShape, TensorBoardLog, Throughput, duration, flops_per_token, format_line,
+                                      peak_memory, peak_tflops, plot_rate_factors)
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -64,6 +65,51 @@ def test_the_progress_line_names_every_field_and_says_n_a_for_unknowns():
     rec.update(grad_norm=0.8123, mfu=0.4321, mem_kind="cuda_allocated", val_loss=2.5)
     assert format_line(rec, 300).endswith("grad 0.8123 | skipped 1 | mem 0.31 GiB (CUDA peak) | MFU 43.2% | val 2.5000")
     assert format_line({"step": 3, "loss": 1.0, "lr": [0.1], "val_loss": 1.5}, 9) == "step 3/9 | loss 1.0000 | lr 1.000e-01 | val 1.5000"
+
+
+def test_elapsed_time_and_eta_come_from_the_mean_pace_since_the_loop_started(monkeypatch):
+    clock = iter([1000.0, 1060.0, 1300.0])  # construction; 2 steps later (30 s/step); 10 steps later
+    monkeypatch.setattr(training_log.time, "perf_counter", lambda: next(clock))
+    window = Throughput(step=100)  # a run resumed at step 100 of 300: its pace counts from here
+    assert window.progress(102, 300) == {"elapsed_s": 60.0, "eta_s": 30.0 * 198}
+    assert window.progress(110, 300) == {"elapsed_s": 300.0, "eta_s": 30.0 * 190}
+
+
+def test_eta_is_unknown_before_the_first_step_and_zero_at_the_end():
+    window = Throughput(step=5)
+    assert window.progress(5, 10)["eta_s"] is None
+    assert window.progress(10, 10)["eta_s"] == 0.0
+
+
+def test_durations_print_as_hours_minutes_seconds_and_days():
+    assert [duration(x) for x in (0.0, 59.9, 61, 3600 * 7 + 62, 86400 * 3 + 3661, -1.0)] == [
+        "0:00:00", "0:00:59", "0:01:01", "7:01:02", "3d 1:01:01", "0:00:00"]
+
+
+def test_the_progress_line_ends_with_the_elapsed_time_and_the_eta():
+    rec = {"step": 40, "loss": 2.0, "lr": [0.1], "skipped_steps": 0, "tokens_per_s": 1000.0, "grad_norm": 1.0,
+           "peak_mem_gib": 0.5, "mem_kind": "max_rss", "mfu": None, "elapsed_s": 62.0, "eta_s": 403.5}
+    assert format_line(rec, 300).endswith("| MFU n/a | elapsed 0:01:02 | ETA 0:06:43")
+    rec.update(eta_s=None, val_loss=1.5)
+    assert format_line(rec, 300).endswith("| MFU n/a | elapsed 0:01:02 | ETA n/a | val 1.5000")
+
+
+def test_a_training_run_logs_elapsed_time_and_eta_on_every_log_line(tmp_path):
+    from lanton_dist.config import load_run_config
+    from lanton_dist.trainer import read_metrics, train
+
+    cfg = load_run_config(None, ["--data.source", "synthetic", "--data.seq_len", "16", "--model.dim", "32",
+                                 "--model.n_layers", "1", "--model.ffn_dim", "64", "--model.n_heads", "2",
+                                 "--model.n_kv_heads", "2", "--train.steps", "4", "--train.log_every", "2",
+                                 "--train.global_batch", "2", "--train.eval_every", "0", "--train.out_dir", str(tmp_path)])
+    lines: list[str] = []
+    summary = train(cfg, log=lines.append)
+    progress = [ln for ln in lines if "tok/s" in ln]
+    assert len(progress) == 2 and all(" | elapsed " in ln and " | ETA " in ln for ln in progress), progress
+    assert progress[-1].endswith("ETA 0:00:00")
+    recs = [r for r in read_metrics(summary["metrics"]) if "tokens_per_s" in r]
+    assert [r["step"] for r in recs] == [2, 4]
+    assert 0 < recs[0]["elapsed_s"] <= recs[1]["elapsed_s"] and recs[0]["eta_s"] > 0 and recs[1]["eta_s"] == 0.0
 
 
 def test_rate_factor_heat_map_is_a_png_of_the_estimation_steps_and_absent_without_them(tmp_path):

@@ -6,6 +6,8 @@ Sources (``DataConfig.source``): the built-in ``stdlib`` and ``synthetic`` corpo
 (:mod:`.builtin`); ``text`` and ``jsonl`` files (:mod:`.documents`, tokenized by
 :mod:`.tokenizer`: bytes, or a ``tokenizer.json``); ``indexed``/``megatron`` datasets
 (:mod:`.indexed`, the format ``lanton-dist prepare-data`` (:mod:`.prepare`) writes).
+Input the run cannot use is a :class:`~.errors.DataError` naming the file and the fix
+(``launch/train.py``: one ``data error:`` line, exit 2).
 
 Names load on first access (PEP 562): ``lanton-dist prepare-data`` and the document, tokenizer
 and indexed-format modules do not import torch.
@@ -20,6 +22,7 @@ if TYPE_CHECKING:
     from lanton_dist.data.builtin import SYNTH_BRANCHING, markov_chain, stdlib_files, synthetic_tokens
     from lanton_dist.data.dataset import TokenDataset, unigram_baseline
     from lanton_dist.data.documents import Documents
+    from lanton_dist.data.errors import DataError
     from lanton_dist.data.indexed import IndexedWriter, read_indexed
     from lanton_dist.data.megatron import build_gpt_datasets
     from lanton_dist.data.prepare import prepare_data
@@ -32,6 +35,7 @@ _LAZY: dict[str, str] = {
     "TokenDataset": "lanton_dist.data.dataset",
     "unigram_baseline": "lanton_dist.data.dataset",
     "Documents": "lanton_dist.data.documents",
+    "DataError": "lanton_dist.data.errors",
     "IndexedWriter": "lanton_dist.data.indexed", "read_indexed": "lanton_dist.data.indexed",
     "build_gpt_datasets": "lanton_dist.data.megatron",
     "prepare_data": "lanton_dist.data.prepare",
@@ -39,7 +43,7 @@ _LAZY: dict[str, str] = {
     "build_dataset": "lanton_dist.data.sources",
     "load_tokenizer": "lanton_dist.data.tokenizer",
 }
-_SUBMODULES = frozenset({"builtin", "dataset", "documents", "indexed", "megatron", "prepare", "sources", "tokenizer"})
+_SUBMODULES = frozenset({"builtin", "dataset", "documents", "errors", "indexed", "megatron", "prepare", "sources", "tokenizer"})
 
 __all__ = sorted(_LAZY)
 

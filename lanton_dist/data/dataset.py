@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lanton_dist.data.errors import DataError
+
 SPLITS: dict[str, int] = {"train": 0, "val": 1}
 MIX = 0x9E3779B97F4A7C15  # golden-ratio constant for seed mixing
 _BINCOUNT_CHUNK = 1 << 24  # tokens per bincount in unigram_baseline (bounds its int64 copy)
@@ -40,7 +42,8 @@ class TokenDataset:
     def __post_init__(self) -> None:
         for name, t in (("train", self.train), ("validation", self.val)):
             if t.ndim != 1 or t.numel() < self.seq_len + 2:
-                raise ValueError(f"{self.source} {name} split has {t.numel()} tokens; need more than seq_len+1 = {self.seq_len + 1}")
+                raise DataError(f"{self.source} {name} split has {t.numel()} tokens; need more than data.seq_len+1 = "
+                                f"{self.seq_len + 1} (add data or lower data.seq_len)")
 
     def tokens(self, split: str) -> torch.Tensor:
         if split not in SPLITS:

@@ -3,6 +3,9 @@
 A corpus is :class:`Documents`: one ``(N,)`` token array in which every document is followed
 by the tokenizer's end-of-document token, and ``(n_docs + 1,)`` offsets of the document starts
 (so documents shorter than a training window are simply packed, as Megatron packs them).
+A document of ``text`` files is a whole file, a paragraph or a line (``sample_by``); the
+default ``auto`` makes it a whole file when there are several files and a paragraph (or line)
+of a single file, so one file still has documents to hold out.
 The validation split is the last ``val_fraction`` of the documents by count, with the rounding
 of Megatron's ``GPTDataset`` split (:func:`train_document_count`), so ``text``/``jsonl`` files
 and the indexed dataset ``prepare-data`` writes from them split identically.
@@ -19,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from lanton_dist.config import SAMPLE_BY
+from lanton_dist.data.errors import DataError
 from lanton_dist.data.tokenizer import Tokenizer
 
 FORMATS: dict[str, tuple[str, ...]] = {"text": (".txt",), "jsonl": (".jsonl", ".ndjson")}
@@ -29,7 +33,7 @@ def input_files(pattern: str, fmt: str) -> list[Path]:
     """The files of ``pattern``: a file, a directory (its ``FORMATS[fmt]`` files, recursively,
     sorted by relative path) or a glob (sorted; ``**`` recurses)."""
     if not pattern:
-        raise ValueError(f"{fmt} data needs a path: a file, a directory or a glob (data.path / --input)")
+        raise DataError(f"{fmt} data needs a path: a file, a directory or a glob (data.path / --input)")
     path = Path(pattern)
     if path.is_file():
         return [path]
@@ -37,30 +41,43 @@ def input_files(pattern: str, fmt: str) -> list[Path]:
         files = sorted((f for f in path.rglob("*") if f.is_file() and f.name.endswith(FORMATS[fmt])),
                        key=lambda f: f.relative_to(path).as_posix())
         if not files:
-            raise ValueError(f"directory {pattern} has no {'/'.join(FORMATS[fmt])} files")
+            raise DataError(f"directory {pattern} has no {'/'.join(FORMATS[fmt])} files")
         return files
     if glob.has_magic(pattern):
         files = sorted(Path(f) for f in glob.glob(pattern, recursive=True) if Path(f).is_file())
         if not files:
-            raise FileNotFoundError(f"{pattern} matches no files")
+            raise DataError(f"{pattern} matches no files")
         return files
-    raise FileNotFoundError(f"{pattern} does not exist")
+    raise DataError(f"{pattern} does not exist")
 
 
 def _read_text(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        raise ValueError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        raise DataError(f"{path} is not UTF-8 text ({exc.reason} at byte offset {exc.start}); convert it to UTF-8, "
+                        f"e.g. iconv -f latin1 -t utf-8") from None
 
 
-def text_documents(files: list[Path], sample_by: str = "document") -> Iterator[tuple[str, str]]:
-    """``(file, document)`` for the non-blank documents of plain-text ``files``: whole files, paragraphs or lines."""
+def text_documents(files: list[Path], sample_by: str = "auto") -> Iterator[tuple[str, str]]:
+    """``(file, document)`` for the non-blank documents of plain-text ``files``: whole files,
+    paragraphs or lines; ``auto``: whole files when there are several, else the one file's
+    paragraphs, or its lines when it has no blank-line paragraph break (so a single file
+    still leaves documents for a validation split)."""
     if sample_by not in SAMPLE_BY:
         raise ValueError(f"unknown sample_by {sample_by!r}; choose one of {SAMPLE_BY}")
+    if sample_by == "auto" and len(files) > 1:
+        sample_by = "document"
     for f in files:
         text = _read_text(f)
-        parts = [text] if sample_by == "document" else _PARAGRAPH.split(text) if sample_by == "paragraph" else text.splitlines()
+        if sample_by == "document":
+            parts = [text]
+        elif sample_by == "line":
+            parts = text.splitlines()
+        else:
+            parts = [p for p in _PARAGRAPH.split(text) if p.strip()]
+            if sample_by == "auto" and len(parts) < 2:
+                parts = text.splitlines()
         yield from ((str(f), p) for p in parts if p.strip())
 
 
@@ -73,19 +90,25 @@ def jsonl_documents(files: list[Path], text_key: str = "text") -> Iterator[tuple
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{f}:{lineno}: not a JSON line ({exc.msg})") from None
+                raise DataError(f"{f}:{lineno}: not a JSON line ({exc.msg})") from None
             if not isinstance(obj, dict) or not isinstance(obj.get(text_key), str):
-                raise ValueError(f"{f}:{lineno}: expected a JSON object with a string under {text_key!r}")
+                found = f"keys {sorted(obj)}" if isinstance(obj, dict) else f"a JSON {type(obj).__name__}"
+                raise DataError(f"{f}:{lineno}: expected a JSON object with a string under {text_key!r}, found {found} "
+                                f"(data.text_key / prepare-data --jsonl-key names the key)")
             if obj[text_key]:
                 yield f"{f}:{lineno}", obj[text_key]
 
 
-def documents(pattern: str, fmt: str, text_key: str = "text", sample_by: str = "document") -> Iterator[tuple[str, str]]:
+def documents(pattern: str, fmt: str, text_key: str = "text", sample_by: str = "auto") -> Iterator[tuple[str, str]]:
     """``(where, document)`` for the documents of ``pattern`` read as ``fmt`` (``text`` or ``jsonl``), in order."""
-    files = input_files(pattern, fmt)
+    return file_documents(input_files(pattern, fmt), fmt, text_key, sample_by)
+
+
+def file_documents(files: list[Path], fmt: str, text_key: str = "text", sample_by: str = "auto") -> Iterator[tuple[str, str]]:
+    """``(where, document)`` for the documents of ``files`` read as ``fmt``, in order."""
     if fmt == "text":
         return text_documents(files, sample_by)
-    if sample_by != "document":
+    if sample_by not in ("auto", "document"):
         raise ValueError(f"sample_by {sample_by!r} is for text files; a JSONL line is one document")
     return jsonl_documents(files, text_key)
 
@@ -96,7 +119,7 @@ def encoded_documents(docs: Iterator[tuple[str, str]], tokenizer: Tokenizer) -> 
         try:
             ids = tokenizer.encode(doc)
         except ValueError as exc:
-            raise ValueError(f"{where}: {exc}") from None
+            raise DataError(f"{where}: {exc}") from None
         yield np.concatenate([ids, np.array([tokenizer.eod], dtype=ids.dtype)])
 
 
@@ -119,10 +142,12 @@ class Documents:
         return self.tokens[:cut], self.tokens[cut:]
 
     @classmethod
-    def from_encoded(cls, encoded: Iterator[np.ndarray], dtype: type[np.integer]) -> Documents:
+    def from_encoded(cls, encoded: Iterator[np.ndarray], dtype: type[np.integer], origin: str = "the corpus") -> Documents:
+        """The documents of ``encoded`` (each already ending in its end-of-document token);
+        ``origin`` names the input in the error for an empty one."""
         arrays = list(encoded)
         if not arrays:
-            raise ValueError("the corpus has no documents (every file or line was empty)")
+            raise DataError(f"{origin}: no documents (every file or line is empty or blank)")
         starts = np.zeros(len(arrays) + 1, dtype=np.int64)
         np.cumsum([a.size for a in arrays], out=starts[1:])
         return cls(np.concatenate(arrays).astype(dtype, copy=False), starts)

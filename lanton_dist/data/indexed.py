@@ -20,6 +20,7 @@ from types import TracebackType
 import numpy as np
 
 from lanton_dist.data.documents import Documents
+from lanton_dist.data.errors import DataError
 
 HEADER: bytes = b"MMIDIDX\x00\x00"
 VERSION: int = 1
@@ -91,11 +92,11 @@ def read_indexed(prefix: str | Path) -> Documents:
             raise FileNotFoundError(f"indexed dataset {prefix}: {p} does not exist (give the prefix, without extension)")
     raw = idx_path.read_bytes()
     if len(raw) < _HEAD.size:
-        raise ValueError(f"{idx_path} is too short to be a Megatron index")
+        raise DataError(f"{idx_path} is too short to be a Megatron index")
     header, version, code, n_seq, n_doc_idx = _HEAD.unpack_from(raw)
     codes = {c: d for d, c in DTYPE_CODES.items()}
     if header != HEADER or version != VERSION or code not in codes:
-        raise ValueError(f"{idx_path} is not a Megatron index (header {header!r}, version {version}, dtype code {code})")
+        raise DataError(f"{idx_path} is not a Megatron index (header {header!r}, version {version}, dtype code {code})")
     dtype = np.dtype(codes[code])
     off = _HEAD.size
     lengths = np.frombuffer(raw, np.int32, n_seq, off).astype(np.int64)
@@ -105,10 +106,10 @@ def read_indexed(prefix: str | Path) -> Documents:
     np.cumsum(lengths, out=seq_starts[1:])
     n_tokens = int(seq_starts[-1])
     if not np.array_equal(pointers, seq_starts[:-1] * dtype.itemsize):
-        raise ValueError(f"{idx_path}: sequences are not stored back to back in {bin_path.name}; not supported")
+        raise DataError(f"{idx_path}: sequences are not stored back to back in {bin_path.name}; not supported")
     if n_doc_idx < 2 or doc_idx[0] != 0 or doc_idx[-1] != n_seq or (np.diff(doc_idx) < 0).any():
-        raise ValueError(f"{idx_path}: bad document indices (need 0 = d_0 <= d_1 <= ... = {n_seq} sequences)")
+        raise DataError(f"{idx_path}: bad document indices (need 0 = d_0 <= d_1 <= ... = {n_seq} sequences)")
     if bin_path.stat().st_size != n_tokens * dtype.itemsize:
-        raise ValueError(f"{bin_path} has {bin_path.stat().st_size} bytes; its index describes {n_tokens} {dtype.name} tokens")
+        raise DataError(f"{bin_path} has {bin_path.stat().st_size} bytes; its index describes {n_tokens} {dtype.name} tokens")
     tokens = np.memmap(bin_path, dtype=dtype, mode="c", shape=(n_tokens,)) if n_tokens else np.zeros(0, dtype)
     return Documents(tokens, seq_starts[doc_idx])

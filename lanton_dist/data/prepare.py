@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from lanton_dist.data.documents import FORMATS, documents, encoded_documents
+from lanton_dist.data.documents import FORMATS, encoded_documents, file_documents, input_files
 from lanton_dist.data.indexed import IndexedWriter
 from lanton_dist.data.tokenizer import load_tokenizer, token_dtype
 
@@ -44,10 +44,11 @@ def _is_jsonl(pattern: str) -> bool:
 
 
 def prepare_data(inputs: list[str], output: str | Path, fmt: str = "", text_key: str = "text", tokenizer: str = "",
-                 eod_token: str = "", sample_by: str = "document") -> PrepareStats:
+                 eod_token: str = "", sample_by: str = "auto") -> PrepareStats:
     """Tokenize the documents of ``inputs`` (files, directories or globs; ``fmt`` ``text``/``jsonl``,
     empty: from the suffixes) and write ``output.bin``/``output.idx``, one sequence per document,
-    each followed by the tokenizer's end-of-document token."""
+    each followed by the tokenizer's end-of-document token. ``sample_by`` as ``data.sample_by``
+    (``auto`` counts the files of all ``inputs`` together)."""
     if not inputs:
         raise ValueError("give at least one --input")
     fmt = fmt or input_format(inputs)
@@ -55,10 +56,10 @@ def prepare_data(inputs: list[str], output: str | Path, fmt: str = "", text_key:
         raise ValueError(f"unknown format {fmt!r}; choose one of {tuple(FORMATS)}")
     tok = load_tokenizer(tokenizer, eod_token)
     dtype = token_dtype(tok.vocab_size)
+    files = [f for pattern in inputs for f in input_files(pattern, fmt)]  # sample_by auto counts them all
     with IndexedWriter(output, dtype) as writer:
-        for pattern in inputs:
-            for ids in encoded_documents(documents(pattern, fmt, text_key, sample_by), tok):
-                writer.add_document(ids)
+        for ids in encoded_documents(file_documents(files, fmt, text_key, sample_by), tok):
+            writer.add_document(ids)
         if not writer.lengths:
             raise ValueError(f"{', '.join(inputs)}: no documents (every file or line was empty)")
     return PrepareStats(str(output), len(writer.lengths), writer.n_tokens, tok.vocab_size, tok.eod,

@@ -24,7 +24,8 @@ from lanton_dist.data.builtin import (
     synthetic_tokens,
 )
 from lanton_dist.data.dataset import TokenDataset
-from lanton_dist.data.documents import Documents, documents, encoded_documents
+from lanton_dist.data.documents import Documents, documents, encoded_documents, train_document_count
+from lanton_dist.data.errors import DataError
 from lanton_dist.data.indexed import read_indexed
 from lanton_dist.data.tokenizer import load_tokenizer, token_dtype
 
@@ -53,34 +54,46 @@ def build_dataset(cfg: DataConfig, vocab_size: int) -> TokenDataset:
         tok = load_tokenizer(cfg.tokenizer, cfg.eod_token)
         _check_vocab(tok.vocab_size, vocab_size, f"tokenizer {tok.name} has {tok.vocab_size} tokens")
         docs = Documents.from_encoded(encoded_documents(documents(cfg.path, cfg.source, cfg.text_key, cfg.sample_by), tok),
-                                      token_dtype(tok.vocab_size))
+                                      token_dtype(tok.vocab_size), f"{cfg.source} data at {cfg.path}")
         return _split(docs, cfg, tok.vocab_size)
     if cfg.source in INDEXED_SOURCES:
         if not cfg.path:
             raise ValueError(f"data.source {cfg.source} needs data.path: the prefix of an indexed dataset (<path>.bin/<path>.idx)")
         docs = read_indexed(cfg.path)
         if docs.tokens.dtype.kind not in "iu":
-            raise ValueError(f"indexed dataset {cfg.path} stores {docs.tokens.dtype.name} values, not token ids")
+            raise DataError(f"indexed dataset {cfg.path} stores {docs.tokens.dtype.name} values, not token ids")
         if docs.tokens.size and not 0 <= int(docs.tokens.min()) <= int(docs.tokens.max()) < vocab_size:
-            raise ValueError(f"indexed dataset {cfg.path} has token ids in [{docs.tokens.min()}, {docs.tokens.max()}]; "
-                             f"model.vocab_size is {vocab_size}")
+            raise DataError(f"indexed dataset {cfg.path} has token ids in [{docs.tokens.min()}, {docs.tokens.max()}]; "
+                            f"model.vocab_size is {vocab_size}: token ids must be < model.vocab_size "
+                            f"(set model.vocab_size >= {int(docs.tokens.max()) + 1}, or prepare the data with the "
+                            "model's tokenizer)")
         return _split(docs, cfg, vocab_size)
     raise ValueError(f"unknown data.source {cfg.source!r}; choose one of {SOURCES}")
 
 
 def _check_vocab(data_vocab: int, model_vocab: int, what: str) -> None:
+    """The data's ids reach ``data_vocab - 1``: refuse a model vocabulary that cannot hold them."""
     if model_vocab < data_vocab:
-        raise ValueError(f"{what} ({data_vocab} tokens); model.vocab_size is {model_vocab}")
+        raise DataError(f"{what}: token ids up to {data_vocab - 1}, but model.vocab_size is {model_vocab} (ids must be "
+                        f"< model.vocab_size): set model.vocab_size >= {data_vocab}")
+
+
+def _fraction_hint(n_docs: int, val_fraction: float) -> str:
+    """``", or set data.val_fraction >= V"`` for the smallest ``V`` (in thousandths) whose split
+    of ``n_docs`` documents leaves one on each side; empty when none does."""
+    v = next((k / 1000 for k in range(1, 1000) if 0 < train_document_count(n_docs, k / 1000) < n_docs), None)
+    return "" if v is None or v <= val_fraction else f", or set data.val_fraction >= {v:g}"
 
 
 def _split(docs: Documents, cfg: DataConfig, vocab_size: int) -> TokenDataset:
     """Megatron's document split of ``docs`` (at least one document on each side)."""
     train, val = docs.split(cfg.val_fraction)
     if train.size == 0 or val.size == 0:
-        raise ValueError(
-            f"{cfg.source} data at {cfg.path}: {docs.n_docs} document(s) with val_fraction {cfg.val_fraction} leave the "
-            f"{'training' if train.size == 0 else 'validation'} split empty; add documents"
-            + (" or split files further (data.sample_by paragraph|line)" if cfg.source == "text" else "")
+        raise DataError(
+            f"{cfg.source} data at {cfg.path}: {docs.n_docs} document(s) with data.val_fraction {cfg.val_fraction} leave "
+            f"the {'training' if train.size == 0 else 'validation'} split empty; add documents"
+            + (" or split files further (data.sample_by paragraph|line)" if cfg.source == "text" and cfg.sample_by != "line" else "")
+            + (_fraction_hint(docs.n_docs, cfg.val_fraction) if train.size else "")
         )
     # torch.from_numpy shares the memory: a memory-mapped dataset is not copied
     return TokenDataset(torch.from_numpy(train), torch.from_numpy(val), cfg.seq_len, cfg.seed, vocab_size, cfg.source,
