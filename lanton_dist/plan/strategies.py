@@ -144,10 +144,14 @@ def _stage_vectors(p: StepPlanner, st: StagePlan) -> int:
 
 def _engine_colls(p: StepPlanner, st: StagePlan, d: int, t: int, step: int) -> list[Collective]:
     """One layout and one scalar schedule per stage; a bucket's reduce/broadcast bytes depend
-    on the DP rank ``d``: computed once per (step, d)."""
+    on the DP rank ``d``: computed once per (kind of step, d) — the step matters only as
+    construction or not and estimation or not (any k), the settings only through the bytes,
+    the option and the algorithm."""
     sg, ng = _scalar_groups(p)
     gathers = ("param_gather_fwd", "param_gather_bwd") if p.layout.strategy == "zero3" else ("param_gather",)
-    return list(st.memo(("engine_colls", p.layout, p.optim, p.n_layers_total, step, d),
+    o = p.optim
+    kind = (step == 0, o.estimates(step), o.param_bytes, o.scalar_bytes, o.option, o.algorithm)
+    return list(st.memo(("engine_colls", p.layout, kind, p.n_layers_total, d),
                         lambda: engine_collectives(st.layout, step, p.optim, p.n_layers_total, _stage_vectors(p, st),
                                                    rank=d, scalar_group=sg, norm_group=ng, gather_phases=gathers)))
 
