@@ -157,3 +157,21 @@ def test_the_planner_answers_70b_on_1024_ranks_from_a_few_rank_classes(model, tp
     assert len(p.rank_classes) <= 64
     assert summary["step"]["ns_flops_max"] > 0
     assert seconds < 60.0      # generous for a shared machine; ~1 s measured
+
+
+def test_no_engine_module_imports_the_planner():
+    """Shared rules live in the engine (``engine/split_plan.py``); the planner imports them, never
+    the other way round (checked on every import statement, module or function level)."""
+    import ast
+    from pathlib import Path
+
+    engine = Path(__file__).resolve().parents[1] / "lanton_dist" / "engine"
+    offenders = []
+    for path in sorted(engine.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            if isinstance(node, ast.ImportFrom) and node.module == "lanton_dist":
+                names = [f"lanton_dist.{a.name}" for a in node.names]
+            offenders += [f"{path.name}: {n}" for n in names if n == "lanton_dist.plan" or n.startswith("lanton_dist.plan.")]
+    assert not offenders, offenders
