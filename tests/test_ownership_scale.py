@@ -90,8 +90,8 @@ def test_the_engine_and_the_planner_get_their_owners_from_one_ownership_computat
                                                   ("fsdp2", 2, 1, 12), ("ddp", 2, 1, 8)])
 def test_ranks_of_one_class_predict_alike_so_one_rank_per_class_gives_every_maximum(strategy, tp, pp, world):
     """Every member of a planner rank class issues its representative's collectives (as a
-    multiset) with the same NS/estimator FLOPs and owned elements, at every kind of step; and the
-    classes cover every rank once."""
+    multiset) with the same NS/estimator FLOPs, owned elements and memory, at every kind of step;
+    and the classes cover every rank once."""
     cfg = ModelConfig(vocab_size=96, dim=64, n_layers=4, n_heads=4, n_kv_heads=4, ffn_dim=176, max_seq_len=16)
     layout = ParallelLayout(nodes=1, gpus_per_node=world, tp=tp, pp=pp, strategy=strategy, bucket_mb=0.01)
     for optim in (OptimSettings(estimate_every=2, option="II"), OptimSettings(algorithm="adamw")):
@@ -105,8 +105,9 @@ def test_ranks_of_one_class_predict_alike_so_one_rank_per_class_gives_every_maxi
         assert [(group[0], len(group)) for group in members.values()] == p.rank_classes
         if p.strategy.rank_class is not None:
             assert len(members) < layout.world, "every rank its own class: the case checks nothing"
-        for step in (1, 2, 3):
-            for group in members.values():
+        for group in members.values():
+            assert all(p.rank_memory(*rank) == p.rank_memory(*group[0]) for rank in group[1:]), group[0]
+            for step in (1, 2, 3):
                 want = _prediction(p, *group[0], step)
                 for rank in group[1:]:
                     assert _prediction(p, *rank, step) == want, (rank, group[0], step)

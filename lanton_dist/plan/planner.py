@@ -237,15 +237,21 @@ class StepPlanner:
         :meth:`ranks` order as the representative, in that order. Summaries over ranks (maxima,
         means, the worst rank) visit one rank per class: at 1,024 ranks a handful of classes,
         not 1,024 ranks of hundreds of collectives each."""
+        return [(rep, n) for rep, n, _ in self._classes]
+
+    @cached_property
+    def _classes(self) -> list[list[Any]]:
+        """``[first member, members, last member]`` per rank class, in :meth:`ranks` order."""
         classes: dict[Any, list[Any]] = {}
         for s, d, t in self.ranks():
             key = self.rank_class_of(s, d, t)
             entry = classes.get(key)
             if entry is None:
-                classes[key] = [(s, d, t), 1]
+                classes[key] = [(s, d, t), 1, (s, d, t)]
             else:
                 entry[1] += 1
-        return [(rep, n) for rep, n in classes.values()]
+                entry[2] = (s, d, t)
+        return list(classes.values())
 
     def rank_class_of(self, stage: int, d: int, t: int) -> Any:
         """The class key of DP rank ``d``, TP rank ``t`` of ``stage`` (:attr:`rank_classes`)."""
@@ -297,8 +303,9 @@ class StepPlanner:
         return st.memo(("memory", self.layout.strategy, self.optim, d, t), lambda: rank_memory(self, st, d, t))
 
     def memory_summary(self) -> dict[str, Any]:
-        """The rank with the largest peak memory: its components, and whether it fits the GPU."""
-        worst = max(((self.rank_memory(s, d, t), (s, d, t)) for (s, d, t), _ in self.rank_classes), key=lambda x: (x[0].peak, x[1]))
+        """The rank with the largest peak memory (the last such rank): its components, and whether
+        it fits the GPU. One rank per class: its last member, as every member holds the same."""
+        worst = max(((self.rank_memory(*last), last) for _, _, last in self._classes), key=lambda x: (x[0].peak, x[1]))
         m, (s, d, t) = worst
         return asdict(m) | {"stage": s, "dp_rank": d, "tp_rank": t, "steady": m.steady, "peak": m.peak,
                             "gpu_bytes": self.hw.memory_bytes, "fits": m.peak <= self.hw.memory_bytes}
