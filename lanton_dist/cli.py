@@ -93,6 +93,9 @@ def _plan_parser(sub) -> None:
     p.add_argument("--option", default=None, choices=OPTIONS)
     p.add_argument("--estimator", default="ns", choices=ESTIMATORS)
     p.add_argument("--param-bytes", type=int, default=4, help="bytes per parameter/state element (4 = fp32)")
+    p.add_argument("--ns-split-tolerance", type=float, default=None,
+                   help="split Newton-Schulz the plan reports: per-rank NS target (1 + value)·mean (default: the YAML's "
+                        "optim.ns_split_tolerance, else 0.02)")
     p.add_argument("--hardware", default="h100", choices=sorted(P.HARDWARE))
     for name, help_ in (("matmul-tflops", "bf16 matmul TFLOP/s"), ("ns-efficiency", "NS rate / matmul rate"),
                         ("intra-gbps", "NVLink GB/s per GPU per direction"), ("inter-gbps", "network GB/s per GPU"),
@@ -139,7 +142,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
                               bucket_mb=args.bucket_mb)
     settings = P.OptimSettings(estimate_every=args.k or int(optim.get("estimate_every", 10)),
                                option=args.option or str(optim.get("option", "I")), nuclear_estimator=args.estimator,
-                               param_bytes=args.param_bytes)
+                               param_bytes=args.param_bytes, ns_split_tolerance=_split_tolerance(args, optim))
     hw = P.HARDWARE[args.hardware]
     overrides = {k: getattr(args, k) for k in ("matmul_tflops", "ns_efficiency", "intra_gbps", "inter_gbps", "comm_efficiency",
                                                "hbm_gbps", "mfu", "memory_gib") if getattr(args, k) is not None}
@@ -163,6 +166,16 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(data, indent=1, default=str))
     return 0
+
+
+def _split_tolerance(args: argparse.Namespace, optim: dict) -> float:
+    """``--ns-split-tolerance``, else the YAML's ``optim.ns_split_tolerance``, else the planner's default."""
+    from lanton_dist.engine.split_plan import SPLIT_TOLERANCE
+
+    for value in (args.ns_split_tolerance, optim.get("ns_split_tolerance")):
+        if value is not None:
+            return float(value)
+    return SPLIT_TOLERANCE
 
 
 # ============================================================================ export-hf

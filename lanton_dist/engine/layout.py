@@ -29,8 +29,11 @@ a stream cut into equal chunks of ``⌈bucket_numel / world⌉`` elements, split
 """
 from __future__ import annotations
 
+import heapq
+import itertools
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 from lanton_dist.engine.ownership import OwnershipPlan
 from lanton_dist.groups import Geometry, ParamSpec
@@ -53,7 +56,9 @@ class Piece:
 
 @dataclass(frozen=True)
 class Bucket:
-    """Bucket ``index``: rank r's chunk holds ``segments[r]`` elements; chunks lie in rank order."""
+    """Bucket ``index``: rank r's chunk holds ``segments[r]`` elements; chunks lie in rank order.
+    Derived figures (``uniform``, ``starts``, ``chunks``) are computed once: a bucket has one
+    segment per rank, so recomputing them per query would cost ``O(world)`` each time."""
 
     index: int
     segments: tuple[int, ...]
@@ -63,14 +68,24 @@ class Bucket:
     def numel(self) -> int:
         return sum(self.segments)
 
-    @property
+    @cached_property
     def uniform(self) -> bool:
         """All chunks equal: one reduce-scatter / all-gather moves the bucket."""
         return len(set(self.segments)) == 1
 
+    @cached_property
+    def starts(self) -> tuple[int, ...]:
+        """Where each rank's chunk starts in the bucket."""
+        return tuple(itertools.accumulate(self.segments[:-1], initial=0))
+
+    @cached_property
+    def chunks(self) -> tuple[tuple[int, int], ...]:
+        """``(rank, elements)`` of every non-empty chunk, in rank order."""
+        return tuple((r, n) for r, n in enumerate(self.segments) if n)
+
     def start_of(self, rank: int) -> int:
         """Where ``rank``'s chunk starts in the bucket."""
-        return sum(self.segments[:rank])
+        return self.starts[rank]
 
     def on_rank(self, rank: int) -> list[Piece]:
         return [p for p in self.pieces if p.rank == rank]
@@ -127,7 +142,11 @@ class Layout:
         """Parameter name → ``(start, stop)`` in the flat buffer (buckets end to end) when its
         pieces lie there back to back in element order — a tensor view of the buffer can then be
         the parameter (or its gradient) — else ``None`` (none in the layouts built here; kept as
-        the check the storage relies on)."""
+        the check the storage relies on). Computed once per layout; each call returns a copy."""
+        return dict(self._spans)
+
+    @cached_property
+    def _spans(self) -> dict[str, tuple[int, int] | None]:
         placed: dict[str, list[tuple[int, int, int]]] = {}
         for b, base in zip(self.buckets, self.bucket_starts):
             for p in b.pieces:
@@ -164,7 +183,10 @@ def _even(name: str, start: int, stop: int, world: int, index: int) -> Bucket:
 
 
 def _owned(specs: list[ParamSpec], plan: OwnershipPlan, world: int, cap: int, total: int) -> Layout:
-    load = list(plan.numel)   # elements each rank holds: its matrices first, then what it is given
+    # (elements held, rank): its matrices first, then what it is given; the even splits add the
+    # same to every rank, so they are left out (the least-held rank is the same either way)
+    fewest = [(n, r) for r, n in enumerate(plan.numel)]
+    heapq.heapify(fewest)
     buckets: list[Bucket] = []
     current: list[tuple[str, int, int]] = []   # (name, numel, rank) of the open bucket
 
@@ -184,18 +206,15 @@ def _owned(specs: list[ParamSpec], plan: OwnershipPlan, world: int, cap: int, to
             close()
             step = max(world, cap - cap % world)   # full buckets split with no padding: the tensor stays contiguous
             for a in range(0, s.numel, step):
-                b = _even(s.name, a, min(a + step, s.numel), world, len(buckets))
-                buckets.append(b)
-                for r, k in enumerate(b.segments):
-                    load[r] += k
+                buckets.append(_even(s.name, a, min(a + step, s.numel), world, len(buckets)))
             continue
         if current and sum(k for _, k, _ in current) + s.numel > cap:
             close()
         if hidden:
             r = plan.owner[s.name]
         else:
-            r = min(range(world), key=lambda q: (load[q], q))
-            load[r] += s.numel
+            n, r = heapq.heappop(fewest)
+            heapq.heappush(fewest, (n + s.numel, r))
         current.append((s.name, s.numel, r))
     close()
     return Layout(world, tuple(buckets), total, cap)

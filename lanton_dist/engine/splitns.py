@@ -1,9 +1,10 @@
 """Split Newton–Schulz in the ZeRO engine: the largest matrices' NS runs over a team of ranks.
 
-The algorithm, the plan and the collectives are :mod:`lanton_dist.plan.splitns`'s (one owner
-of the rule): :func:`~lanton_dist.plan.splitns.plan_split` over the engine's ownership plan
-picks the matrices and their teams, :func:`~lanton_dist.plan.splitns.split_batches` the order
-and batching, :class:`~lanton_dist.plan.splitns.SplitBatch` each member's columns and rows.
+The algorithm and the plan are :mod:`lanton_dist.engine.split_plan`'s (one owner of the rule,
+torch-free, which the planner imports too): :func:`~lanton_dist.engine.split_plan.plan_split`
+over the engine's ownership plan picks the matrices and their teams,
+:func:`~lanton_dist.engine.split_plan.split_batches` the order and batching,
+:class:`~lanton_dist.engine.split_plan.SplitBatch` each member's columns and rows.
 :class:`SplitNewtonSchulz` executes it as the core's polar function
 (:class:`~lanton_dist.engine.core.ShardedCore` ``polar=``): called on every rank at every
 stepped step with this rank's live whole hidden matrices, it runs every split batch whose
@@ -26,25 +27,16 @@ from the plan, so there is no host read in the step.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.distributed as dist
 
 from lanton_dist import lmo as lmo_mod
 from lanton_dist.engine.meter import Collectives
 from lanton_dist.engine.ownership import OwnershipPlan
+from lanton_dist.engine.split_plan import SplitBatch, SplitPlan, check_tolerance, plan_split, split_batches
 from lanton_dist.groups import Geometry, ParamSpec
 from lanton_dist.lmo import LMOConfig
 from lanton_dist.newton_schulz import default_ns_dtype, newton_schulz_columns
-from lanton_dist.plan.splitns import SplitBatch, SplitPlan, plan_split, split_batches
-
-
-def check_tolerance(tolerance: float) -> float:
-    """``tolerance`` as a float, or ``ValueError`` unless finite and ``>= 0``."""
-    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not (math.isfinite(tolerance) and tolerance >= 0):
-        raise ValueError(f"ns_split_tolerance must be a finite number >= 0 (None: no split), got {tolerance!r}")
-    return float(tolerance)
 
 
 class SplitNewtonSchulz:

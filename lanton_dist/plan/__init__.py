@@ -13,7 +13,8 @@ predicts, per rank and per step:
 * per-rank memory — parameters, gradients, communication buffers, optimizer state — and whether
   it fits the GPU (:mod:`.memory`; equal to what the ZeRO engine holds);
 * the engine layout's padding, and the NS imbalance with whole matrices and with large matrices'
-  Newton–Schulz split over teams of ranks (:mod:`.splitns`, the rule :mod:`lanton_dist.engine.splitns` runs);
+  Newton–Schulz split over teams of ranks (:mod:`lanton_dist.engine.split_plan`, the rule
+  :mod:`lanton_dist.engine.splitns` runs) at ``OptimSettings.ns_split_tolerance``;
 * the time these imply on given hardware (:class:`Hardware`).
 
 The plan is *not* re-implemented: owners come from
@@ -35,8 +36,8 @@ Modules (one concern each; all torch-free, so ``lanton-dist plan`` starts in a f
 * :mod:`.planner`     — :class:`StepPlanner`: tensor/pipeline parallelism, the time model and the
   estimation overhead.
 * :mod:`.memory`      — :class:`RankMemory` and :func:`rank_memory`, per strategy.
-* :mod:`.splitns`     — :func:`plan_split` / :class:`SplitPlan` / :func:`split_collectives`: split
-  Newton–Schulz (design, FLOPs and bytes).
+* :mod:`.splitns`     — :func:`split_collectives`: the collectives of split Newton–Schulz (its rule,
+  :func:`plan_split` / :class:`SplitPlan`, is the engine's :mod:`lanton_dist.engine.split_plan`).
 * :mod:`.report`      — :func:`plan_table` and :func:`estimation_growth`, the ``lanton-dist plan`` text.
 
 Option names (algorithms, estimators, options) come from :mod:`lanton_dist.names`, the scalar

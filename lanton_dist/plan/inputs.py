@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lanton_dist.config import ModelConfig
+from lanton_dist.engine.split_plan import SPLIT_TOLERANCE, check_tolerance
 from lanton_dist.names import ALGORITHMS, ESTIMATORS, OPTIONS, ZERO_LAYOUTS
 from lanton_dist.newton_schulz import DEFAULT_STEPS, ESTIMATE_REFINE_STEPS
 from lanton_dist.plan.predictions import STRATEGY_MODELS
@@ -140,6 +141,8 @@ class OptimSettings:
     (their ``overlap=True, defer_variance=True`` default). The ZeRO engine does so on ``cuda``
     only, where the owners' nuclear norms run on a side stream (:mod:`lanton_dist.engine.streams`);
     the planner books its all-reduce at the estimation step (the same bytes, one step earlier).
+    ``ns_split_tolerance``: the split Newton–Schulz the plan reports (the engine's
+    ``optim.ns_split_tolerance``; :func:`~lanton_dist.engine.split_plan.plan_split`).
     """
 
     algorithm: str = "lanton"
@@ -154,6 +157,7 @@ class OptimSettings:
     param_bytes: int = 4
     device: str = "cuda"
     defer_variance: bool = True
+    ns_split_tolerance: float = SPLIT_TOLERANCE
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
@@ -166,6 +170,7 @@ class OptimSettings:
             raise ValueError(f"unknown nuclear_estimator {self.nuclear_estimator!r}; choose one of {ESTIMATORS}")
         if self.param_bytes not in (2, 4, 8):
             raise ValueError(f"param_bytes must be 2, 4 or 8, got {self.param_bytes}")
+        check_tolerance(self.ns_split_tolerance)
         if self.device not in ("cuda", "cpu"):
             raise ValueError(f"device must be cuda or cpu, got {self.device!r}")
 

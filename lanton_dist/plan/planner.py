@@ -73,7 +73,7 @@ from lanton_dist.plan.inputs import Hardware, OptimSettings, ParallelLayout
 from lanton_dist.plan.model import check_tp, engine_order, llama_specs, local_spec, resolve_model, stage_specs
 from lanton_dist.plan.memory import RankMemory, rank_memory
 from lanton_dist.plan.predictions import STRATEGY_MODELS, Collective, RankStep, StagePlan
-from lanton_dist.plan.splitns import SplitPlan, plan_split, split_collectives
+from lanton_dist.plan.splitns import SplitPlan, batch_collectives, plan_split, split_batches
 
 #: Tensor reads + writes per owned element of one step's elementwise work (momentum/moments,
 #: gradient, parameter), per algorithm and geometry: LANTON/Scion read G, read+write B, read
@@ -168,8 +168,7 @@ class StepPlanner:
         q = self.ns_rank(st, d, t)
         ns = st.ownership.flops[q] if (self.optim.uses_ns and step >= 1) else 0
         est = self._estimator_flops(st, q) if self.optim.estimator_runs(step) else 0
-        owned = st.memo(("owned", self.layout.strategy, d, t), lambda: self.strategy.owned(self, st, d, t))
-        return RankStep(stage, d, t, step, colls, ns, est, owned)
+        return RankStep(stage, d, t, step, colls, ns, est, self._owned(st, d, t))
 
     def _estimator_flops(self, st: StagePlan, q: int) -> int:
         o = self.optim
@@ -190,18 +189,11 @@ class StepPlanner:
         ``variance_gather`` every Option II estimation step)."""
         L, E = self.layout, self.optim.param_bytes
         T = L.tp
-        mine_dp = st.memo(("tp_mine", d), lambda: [s for s in st.hidden if L.strategy == "ddp" or st.dp_plan.owner[s.name] == d])
+        mine_dp = self._mine_dp(st, d)
         out: list[Collective] = []
         estimating = self.optim.estimates(step)
         if L.tp_mode == "owner":
-            def sums() -> tuple[int, int, int]:
-                base = 0 if L.strategy == "ddp" else d * T
-                mine = [s for s in mine_dp if st.ownership.owner[s.name] - base == t]
-                return (sum(s.numel // T for s in mine_dp),      # my shards of every matrix my DP rank owns
-                        sum(s.numel // T for s in mine),         # ... of those I run Newton–Schulz for
-                        sum(s.numel for s in mine))              # the results I send back (whole matrices)
-
-            send, self_part, owned_full = st.memo(("tp_sums", d, t), sums)
+            send, self_part, owned_full = st.memo(("tp_sums", d, t), lambda: self._tp_sums(st, d, t))
             if estimating and self.optim.option == "II":
                 out.append(Collective("all_to_all", "variance_gather", "tp", T, send, E, self_part))
             out.append(Collective("all_to_all", "lmo_gather", "tp", T, send, E, self_part))
@@ -211,11 +203,77 @@ class StepPlanner:
                 out += [Collective("all_gather", phase, "tp", T, s.numel, E) for s in mine_dp]
         return out
 
+    def _mine_dp(self, st: StagePlan, d: int) -> list[ParamSpec]:
+        """The hidden matrices DP rank ``d``'s TP group runs Newton–Schulz for (all of them under ``ddp``)."""
+        def build() -> list[list[ParamSpec]]:
+            if self.layout.strategy == "ddp":
+                return [st.hidden] * self.layout.dp
+            out: list[list[ParamSpec]] = [[] for _ in range(self.layout.dp)]
+            for s in st.hidden:
+                out[st.dp_plan.owner[s.name]].append(s)
+            return out
+        return st.memo(("tp_mine", self.layout.strategy), build)[d]
+
+    def _tp_sums(self, st: StagePlan, d: int, t: int) -> tuple[int, int, int]:
+        """Owner mode, TP rank ``t`` of DP rank ``d``: elements of its shards of every matrix its
+        DP rank owns, of those it runs Newton–Schulz for, and of the whole results it sends back."""
+        T = self.layout.tp
+        mine_dp = self._mine_dp(st, d)
+        base = 0 if self.layout.strategy == "ddp" else d * T
+        mine = [s for s in mine_dp if st.ownership.owner[s.name] - base == t]
+        return sum(s.numel // T for s in mine_dp), sum(s.numel // T for s in mine), sum(s.numel for s in mine)
+
     def ranks(self) -> Iterable[tuple[int, int, int]]:
         for s in range(self.layout.pp):
             for d in range(self.layout.dp):
                 for t in range(self.layout.tp):
                     yield s, d, t
+
+    @cached_property
+    def rank_classes(self) -> list[tuple[tuple[int, int, int], int]]:
+        """``((stage, d, t), members)`` per class of ranks that predict alike — the same multiset
+        of collectives at every step (the strategy's ``rank_class``), NS and estimator FLOPs,
+        TP exchange, owned elements per geometry, TP rank — with its first member in
+        :meth:`ranks` order as the representative, in that order. Summaries over ranks (maxima,
+        means, the worst rank) visit one rank per class: at 1,024 ranks a handful of classes,
+        not 1,024 ranks of hundreds of collectives each."""
+        return [(rep, n) for rep, n, _ in self._classes]
+
+    @cached_property
+    def _classes(self) -> list[list[Any]]:
+        """``[first member, members, last member]`` per rank class, in :meth:`ranks` order."""
+        classes: dict[Any, list[Any]] = {}
+        for s, d, t in self.ranks():
+            key = self.rank_class_of(s, d, t)
+            entry = classes.get(key)
+            if entry is None:
+                classes[key] = [(s, d, t), 1, (s, d, t)]
+            else:
+                entry[1] += 1
+                entry[2] = (s, d, t)
+        return list(classes.values())
+
+    def rank_class_of(self, stage: int, d: int, t: int) -> Any:
+        """The class key of DP rank ``d``, TP rank ``t`` of ``stage`` (:attr:`rank_classes`)."""
+        st = self.stages[stage]
+        q = self.ns_rank(st, d, t)
+        by_class = self.strategy.rank_class
+        return (stage, t, by_class(self, st, d, t) if by_class else d, st.ownership.flops[q], self._estimator_flops(st, q),
+                self._tp_key(st, d, t), tuple(sorted(self._owned(st, d, t).items())))
+
+    def _owned(self, st: StagePlan, d: int, t: int) -> dict[str, int]:
+        """Elements (``d``, ``t``) updates per geometry (the strategy's ``owned``; per algorithm family)."""
+        return st.memo(("owned", self.layout.strategy, self.optim.uses_ns, d, t), lambda: self.strategy.owned(self, st, d, t))
+
+    def _tp_key(self, st: StagePlan, d: int, t: int) -> tuple[int, ...]:
+        """What :meth:`_tp_exchange` of (``d``, ``t``) depends on besides the step: the owner
+        mode's three sums, or the duplicated mode's gathered matrix sizes."""
+        L = self.layout
+        if L.tp == 1 or not self.optim.uses_ns:
+            return ()
+        if L.tp_mode == "owner":
+            return st.memo(("tp_sums", d, t), lambda: self._tp_sums(st, d, t))
+        return tuple(sorted(s.numel for s in self._mine_dp(st, d)))
 
     # ------------------------------------------------------------------ time and memory
     def collective_seconds(self, c: Collective) -> float:
@@ -245,8 +303,9 @@ class StepPlanner:
         return st.memo(("memory", self.layout.strategy, self.optim, d, t), lambda: rank_memory(self, st, d, t))
 
     def memory_summary(self) -> dict[str, Any]:
-        """The rank with the largest peak memory: its components, and whether it fits the GPU."""
-        worst = max(((self.rank_memory(s, d, t), (s, d, t)) for s, d, t in self.ranks()), key=lambda x: (x[0].peak, x[1]))
+        """The rank with the largest peak memory (the last such rank): its components, and whether
+        it fits the GPU. One rank per class: its last member, as every member holds the same."""
+        worst = max(((self.rank_memory(*last), last) for _, _, last in self._classes), key=lambda x: (x[0].peak, x[1]))
         m, (s, d, t) = worst
         return asdict(m) | {"stage": s, "dp_rank": d, "tp_rank": t, "steady": m.steady, "peak": m.peak,
                             "gpu_bytes": self.hw.memory_bytes, "fits": m.peak <= self.hw.memory_bytes}
@@ -255,12 +314,14 @@ class StepPlanner:
         """NS of stage ``stage`` with large matrices split over teams (:mod:`lanton_dist.plan.splitns`)."""
         st, L = self.stages[stage], self.layout
         group = L.tp if (L.tp > 1 and L.tp_mode == "owner") else 1
-        return st.memo(("split", self.optim.ns_steps), lambda: plan_split(st.hidden, st.ownership, self.optim.ns_steps, group))
+        o = self.optim
+        return st.memo(("split", o.ns_steps, o.ns_split_tolerance),
+                       lambda: plan_split(st.hidden, st.ownership, o.ns_steps, group, o.ns_split_tolerance))
 
     def split_summary(self) -> dict[str, Any]:
         """NS imbalance (max/mean per-rank NS FLOPs over every rank of every stage) of the
         whole-matrix plan and with split NS; the number of split matrices and the split's bytes per rank
-        (max, per step: :func:`~lanton_dist.plan.splitns.split_collectives`, in the NS dtype)."""
+        (max, per step: :func:`~lanton_dist.plan.splitns.split_collectives`, in the NS dtype; one pass over the batches)."""
         whole, split, n_split, sent, comm_t = [], [], 0, 0, 0.0
         E = self.optim.ns_bytes
         for s, st in enumerate(self.stages):
@@ -268,12 +329,16 @@ class StepPlanner:
             whole += list(plan.whole_flops)
             split += list(plan.flops)
             n_split += len(plan.teams)
-            for q in range(plan.ranks):
-                colls = split_collectives(plan, st.hidden, q, self.optim.ns_steps, E)
+            per_rank: dict[int, list[Collective]] = defaultdict(list)   # ranks in no team issue nothing
+            for batch in split_batches(plan, st.hidden):
+                for q in batch.ranks:
+                    per_rank[q] += batch_collectives(batch, q, self.optim.ns_steps, E)
+            for colls in per_rank.values():
                 sent = max(sent, sum(c.sent_bytes for c in colls))
                 comm_t = max(comm_t, sum(self.collective_seconds(c) for c in colls))
         mean = sum(whole) / len(whole) if whole else 0
         return {"ns_imbalance_whole": max(whole) / mean if mean else 1.0, "ns_imbalance_split": max(split) / mean if mean else 1.0,
+                "ns_split_tolerance": self.optim.ns_split_tolerance,
                 "split_matrices": n_split,
                 "split_bytes_per_rank_max": sent, "ns_flops_max_split": max(split) if split else 0,
                 "ns_s_whole": max(whole, default=0) / self.hw.ns_flops_per_s, "ns_s_split": max(split, default=0) / self.hw.ns_flops_per_s,
@@ -299,9 +364,9 @@ class StepPlanner:
         phase_bytes: dict[str, int] = defaultdict(int)
         phase_time: dict[str, float] = defaultdict(float)
         counts: dict[str, int] = defaultdict(int)
-        ns, est, state, peak, comm_t, elem_t = [], [], 0, 0, 0.0, 0.0
+        ns_max, ns_sum, ranks, est, state, peak, comm_t, elem_t = 0, 0, 0, 0, 0, 0, 0.0, 0.0
         worst: tuple[float, RankStep | None] = (-1.0, None)
-        for s, d, t in self.ranks():
+        for (s, d, t), members in self.rank_classes:
             rs = self.rank_step(s, d, t, step)
             st = self.stages[s]
             by_phase: dict[str, int] = defaultdict(int)
@@ -318,26 +383,26 @@ class StepPlanner:
             comm_t = max(comm_t, sum(times.values()))
             if sum(times.values()) > worst[0]:
                 worst = (sum(times.values()), rs)
-            ns.append(rs.ns_flops)
-            est.append(rs.estimator_flops)
+            ns_max, ns_sum, ranks = max(ns_max, rs.ns_flops), ns_sum + members * rs.ns_flops, ranks + members
+            est = max(est, rs.estimator_flops)
             sb, pk = self.state_bytes(rs.owned, st)
             state, peak = max(state, sb), max(peak, pk)
             acc = ELEMENTWISE_ACCESSES[opt.algorithm]
             elem_t = max(elem_t, sum(n * acc[g] * opt.param_bytes for g, n in rs.owned.items()) / (hw.hbm_gbps * 1e9))
-        ns_t = max(ns) / hw.ns_flops_per_s
-        est_t = estimator_seconds(max(est), opt, hw)
+        ns_t = ns_max / hw.ns_flops_per_s
+        est_t = estimator_seconds(est, opt, hw)
         tensor = {p: v for p, v in phase_bytes.items() if p not in SCALAR_PHASES}
         return {
             "step": step, "estimation": opt.estimates(step),
             "bytes_per_phase": dict(phase_bytes), "collectives_per_phase": dict(counts),
             "tensor_bytes": sum(tensor.values()), "scalar_bytes": sum(v for p, v in phase_bytes.items() if p in SCALAR_PHASES),
-            "ns_flops_max": max(ns), "ns_flops_mean": sum(ns) / len(ns),
-            "ns_imbalance": (max(ns) / (sum(ns) / len(ns))) if sum(ns) else 1.0,
-            "estimator_flops_max": max(est),
+            "ns_flops_max": ns_max, "ns_flops_mean": ns_sum / ranks,
+            "ns_imbalance": (ns_max / (ns_sum / ranks)) if ns_sum else 1.0,
+            "estimator_flops_max": est,
             "state_bytes_max": state, "state_peak_extra_bytes_max": peak,
             "worst_rank": None if worst[1] is None else {
                 "stage": worst[1].stage, "dp_rank": worst[1].dp_rank, "tp_rank": worst[1].tp_rank,
-                "collectives": [asdict(c) | {"sent_bytes": c.sent_bytes, "seconds": self.collective_seconds(c)}
+                "collectives": [vars(c) | {"sent_bytes": c.sent_bytes, "seconds": self.collective_seconds(c)}
                                 for c in worst[1].collectives]},
             "time_s": {"comm": comm_t, "comm_per_phase": dict(phase_time), "ns": ns_t, "estimator": est_t,
                        "elementwise": elem_t, "total": comm_t + ns_t + est_t + elem_t},
@@ -352,8 +417,8 @@ class StepPlanner:
         return k - 1, k, k + 1
 
     def same_collectives(self, a: int, b: int) -> bool:
-        """Whether steps ``a`` and ``b`` issue the same collectives and FLOPs on every rank."""
-        for s, d, t in self.ranks():
+        """Whether steps ``a`` and ``b`` issue the same collectives and FLOPs on every rank (one per class)."""
+        for (s, d, t), _ in self.rank_classes:
             x, y = self.rank_step(s, d, t, a), self.rank_step(s, d, t, b)
             if [c.key() for c in x.collectives] != [c.key() for c in y.collectives] or \
                     (x.ns_flops, x.estimator_flops) != (y.ns_flops, y.estimator_flops):

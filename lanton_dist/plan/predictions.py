@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
@@ -104,13 +104,20 @@ class StagePlan:
 @dataclass(frozen=True)
 class StrategyModel:
     """How one data-parallel strategy moves data. ``validated_by`` names what its predictions
-    were checked against (None: a model only). Register more with :func:`register_strategy`."""
+    were checked against (None: a model only). Register more with :func:`register_strategy`.
+
+    ``rank_class(planner, stage, dp_rank, tp_rank)`` (optional): a key such that ranks of a stage
+    with equal keys issue the same multiset of collectives at every step; the planner then
+    predicts one rank per class (with its own per-rank figures — NS work, TP exchange, owned
+    elements — added to the key), so a summary costs the number of classes, not of ranks.
+    ``None``: every rank is its own class."""
 
     name: str
     collectives: Callable[["StepPlanner", StagePlan, int, int, int], list[Collective]]
     owned: Callable[["StepPlanner", StagePlan, int, int], dict[str, int]]
     validated_by: str | None = None
     description: str = ""
+    rank_class: Callable[["StepPlanner", StagePlan, int, int], Hashable] | None = None
 
 
 STRATEGY_MODELS: dict[str, StrategyModel] = {}

@@ -113,10 +113,11 @@ def _layout_lines(first: dict[str, Any], summaries: dict[str, dict[str, Any]]) -
     split = next((s["ns_split"] for s in summaries.values() if s["ns_split"]), None)
     if split:
         lines.append(f"NS imbalance (max/mean over NS ranks): whole matrices {split['ns_imbalance_whole']:.3f}, with split NS "
-                     f"{split['ns_imbalance_split']:.3f} ({split['split_matrices']} matrices split, "
+                     f"{split['ns_imbalance_split']:.3f} at optim.ns_split_tolerance: {split['ns_split_tolerance']:g} "
+                     f"({split['split_matrices']} matrices split, "
                      f"{human_bytes(split['split_bytes_per_rank_max'])} per rank per step scatter/gather/Gram: NS "
                      f"{split['ns_s_whole'] * 1e3:.1f} -> {split['ns_s_split'] * 1e3:.1f} ms for {split['split_comm_s_max'] * 1e3:.1f} ms "
-                     "of collectives; the ZeRO engine runs it with optim.ns_split_tolerance, DP teams only)")
+                     "of collectives; off by default: the ZeRO engine runs it with that setting, DP teams only)")
     gpu = first["memory"]["gpu_bytes"]
     st = first["memory"]["with_activations"]["settings"]
     lines.append(f"memory per rank (worst rank; GPU {human_bytes(gpu)}); activations of micro-batch {st['micro_batch']} x "

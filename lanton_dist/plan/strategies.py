@@ -84,10 +84,9 @@ def engine_collectives(layout: Layout, step: int, optim: OptimSettings, n_layers
                 out.append(Collective(op, phase, group, W, b.numel, E))
                 continue
             gather = op == "all_gather"
-            for q, n in enumerate(b.segments):
-                if n:
-                    quiet = rank == ((q - 1) % W if gather else q)   # the rank that sends nothing
-                    out.append(Collective("broadcast" if gather else "reduce", phase, group, W, n, E, n if quiet else 0))
+            for q, n in b.chunks:
+                quiet = rank == ((q - 1) % W if gather else q)   # the rank that sends nothing
+                out.append(Collective("broadcast" if gather else "reduce", phase, group, W, n, E, n if quiet else 0))
         return out
 
     if step == 0:
@@ -145,29 +144,73 @@ def _stage_vectors(p: StepPlanner, st: StagePlan) -> int:
 
 def _engine_colls(p: StepPlanner, st: StagePlan, d: int, t: int, step: int) -> list[Collective]:
     """One layout and one scalar schedule per stage; a bucket's reduce/broadcast bytes depend
-    on the DP rank ``d``: computed once per (step, d)."""
+    on the DP rank ``d``: computed once per (kind of step, d) — the step matters only as
+    construction or not and estimation or not (any k), the settings only through the bytes,
+    the option and the algorithm."""
     sg, ng = _scalar_groups(p)
     gathers = ("param_gather_fwd", "param_gather_bwd") if p.layout.strategy == "zero3" else ("param_gather",)
-    return list(st.memo(("engine_colls", p.layout, p.optim, p.n_layers_total, step, d),
+    o = p.optim
+    kind = (step == 0, o.estimates(step), o.param_bytes, o.scalar_bytes, o.option, o.algorithm)
+    return list(st.memo(("engine_colls", p.layout, kind, p.n_layers_total, d),
                         lambda: engine_collectives(st.layout, step, p.optim, p.n_layers_total, _stage_vectors(p, st),
                                                    rank=d, scalar_group=sg, norm_group=ng, gather_phases=gathers)))
+
+
+def _engine_rank_class(p: StepPlanner, st: StagePlan, d: int, t: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Ranks issue the same engine collectives (as a multiset) when they hold the same chunk sizes
+    in the buckets of unequal chunks (a reduce of chunk q sends nothing from rank q) and so does
+    the next rank (a broadcast from chunk q sends nothing from rank q − 1): every other
+    collective is the same on every rank (:func:`engine_collectives`)."""
+    mine = _layout_chunks(st)
+    return mine[d], mine[(d + 1) % st.layout.world]
+
+
+def _layout_chunks(st: StagePlan) -> list[tuple[int, ...]]:
+    """Per DP rank, the sorted sizes of its chunks in the buckets of unequal chunks (one pass over the layout)."""
+    def build() -> list[tuple[int, ...]]:
+        out: list[list[int]] = [[] for _ in range(st.layout.world)]
+        for b in st.layout.buckets:
+            if not b.uniform:
+                for q, n in b.chunks:
+                    out[q].append(n)
+        return [tuple(sorted(x)) for x in out]
+    return st.memo("layout_chunks", build)
 
 
 def _engine_owned(p: StepPlanner, st: StagePlan, d: int, t: int) -> dict[str, int]:
     """Elements (DP rank ``d``, TP rank ``t``) keeps optimizer state for: its layout segment; with
     TP in ``owner`` mode, a hidden matrix's state is held whole by its TP owner instead
     (the Megatron adapter's ``TensorParallelExchange`` owner, :mod:`lanton_dist.engine.core`)."""
-    geo = {s.name: s.geometry for s in st.local}
     by_owner = p.layout.tp > 1 and p.layout.tp_mode == "owner" and p.optim.uses_ns
-    out: dict[str, int] = defaultdict(int)
-    for b in st.layout.buckets:
-        for pc in b.on_rank(d):
-            if not (by_owner and geo[pc.name] is Geometry.HIDDEN):
-                out[geo[pc.name].value] += pc.numel
+    out = defaultdict(int, _pieces_by_geometry(st, by_owner)[d])
     if by_owner:
         q = d * p.layout.tp + t
-        out[Geometry.HIDDEN.value] += sum(s.numel for s in st.hidden if st.ownership.owner[s.name] == q)
+        out[Geometry.HIDDEN.value] += _owned_hidden(st)[q]
     return dict(out)
+
+
+def _pieces_by_geometry(st: StagePlan, skip_hidden: bool) -> list[dict[str, int]]:
+    """Per DP rank, the elements of its layout pieces per geometry (hidden ones left out when
+    ``skip_hidden``): one pass over the layout's pieces."""
+    def build() -> list[dict[str, int]]:
+        geo = {s.name: s.geometry for s in st.local}
+        out: list[dict[str, int]] = [defaultdict(int) for _ in range(st.layout.world)]
+        for b in st.layout.buckets:
+            for pc in b.pieces:
+                if not (skip_hidden and geo[pc.name] is Geometry.HIDDEN):
+                    out[pc.rank][geo[pc.name].value] += pc.numel
+        return [dict(x) for x in out]
+    return st.memo(("pieces_by_geometry", skip_hidden), build)
+
+
+def _owned_hidden(st: StagePlan) -> list[int]:
+    """Elements of the whole hidden matrices each NS rank of ``st.ownership`` runs (and holds state for)."""
+    def build() -> list[int]:
+        out = [0] * st.ownership.world
+        for s in st.hidden:
+            out[st.ownership.owner[s.name]] += s.numel
+        return out
+    return st.memo("owned_hidden", build)
 
 
 def _ddp_colls(p: StepPlanner, st: StagePlan, d: int, t: int, step: int) -> list[Collective]:
@@ -368,11 +411,11 @@ def _ddp_scalar_colls(p: StepPlanner, st: StagePlan, d: int, t: int, step: int) 
 
 
 register_strategy(StrategyModel("zero1", _engine_colls, _engine_owned, "ShardedLANTON + CommMeter, world 2-4 (tests/test_plan.py)",
-                                "owner-aligned ZeRO-1 (ShardedLANTON); gradients stay whole until the step"))
+                                "owner-aligned ZeRO-1 (ShardedLANTON); gradients stay whole until the step", _engine_rank_class))
 register_strategy(StrategyModel("zero2", _engine_colls, _engine_owned, "ShardedLANTON + CommMeter, world 2-4 (tests/test_plan.py)",
-                                "owner-aligned ZeRO-2 (ShardedLANTON)"))
+                                "owner-aligned ZeRO-2 (ShardedLANTON)", _engine_rank_class))
 register_strategy(StrategyModel("zero3", _engine_colls, _engine_owned, None,
-                                "owner-aligned ZeRO-3: parameter all-gather before forward and backward"))
+                                "owner-aligned ZeRO-3: parameter all-gather before forward and backward", _engine_rank_class))
 register_strategy(StrategyModel("fsdp2", _fsdp_colls, _fsdp_owned,
                                 "LANTONFSDP2 + CommMeter, world 3, optimizer collectives (tests/test_plan.py); "
                                 "FSDP2's own fsdp_* all-gathers/reduce-scatters are modelled",
