@@ -178,9 +178,11 @@ def stage_activation_bytes(m: ModelConfig, act: ActivationSettings, tp: int, pp:
 
 
 def stage_peaks(p: StepPlanner) -> list[int]:
-    """The largest :attr:`RankMemory.peak` over the ranks of each pipeline stage of ``p``."""
+    """The largest :attr:`RankMemory.peak` over the ranks of each pipeline stage of ``p`` (one
+    representative per :attr:`~lanton_dist.plan.planner.StepPlanner.rank_classes` class: its
+    members hold alike)."""
     peaks = [0] * p.layout.pp
-    for s, d, t in p.ranks():
+    for (s, d, t), _ in p.rank_classes:
         peaks[s] = max(peaks[s], p.rank_memory(s, d, t).peak)
     return peaks
 
