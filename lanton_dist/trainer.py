@@ -50,7 +50,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from lanton_dist import checkpoint_dir
+from lanton_dist import checkpoint_dir, run_lock
 from lanton_dist.backends import Backend, OptimizerFactory, data_parallel_size, micro_slices, setup_backend
 from lanton_dist.config import ConfigError, RunConfig, check_run_config, to_dict
 from lanton_dist.data import TokenDataset, build_dataset, unigram_baseline
@@ -189,6 +189,13 @@ def train(cfg: RunConfig, *, optimizer_factory: OptimizerFactory | None = None, 
     :class:`~lanton_dist.divergence.Diverged` after ``train.max_consecutive_skips`` skipped steps.
     """
     check_run_config(cfg, data_parallel_size(cfg))
+    with run_lock.hold(cfg.train.out_dir, is_main=int(os.environ.get("RANK", "0")) == 0, say=log):
+        return _train_locked(cfg, optimizer_factory, log, stop)
+
+
+def _train_locked(cfg: RunConfig, optimizer_factory: OptimizerFactory | None, log: Callable[[str], None],
+                  stop: StopRequest | None) -> dict[str, Any]:
+    """:func:`train` while this run holds its directory's lock (:mod:`lanton_dist.run_lock`)."""
     t_cfg = cfg.train
     out = Path(t_cfg.out_dir)
     is_main = int(os.environ.get("RANK", "0")) == 0
