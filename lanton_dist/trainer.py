@@ -228,7 +228,9 @@ def _run(cfg: RunConfig, backend: Backend, data: TokenDataset, out: Path, log: C
     start = 0
     resumed_from = None
     if resume is not None:
-        path, loop = resume
+        path, loop = checkpoint_dir.intact_resume_point(
+            cfg, resume, rank=backend.rank, world=backend.world, log=log, say=say,
+            agree=functools.partial(any_rank, device=backend.device))
         if not backend.reshards and loop["world"] != backend.world:
             raise ConfigError(f"cannot resume from {path}: it was written by {loop['world']} {backend.name} ranks, this run "
                               f"has {backend.world}: {backend.name} checkpoints resume at the same world size (use "
@@ -347,7 +349,8 @@ def _save_checkpoint(backend: Backend, root: Path, step: int, sched: Any, cfg_di
 
     loop = {"step": step, "backend": backend.name, "world": backend.world, "config": cfg_dict,
             "scheduler": sched.state_dict(), "skipped_steps": backend.skipped_steps()}
-    return checkpoint_dir.save(root, step, write, loop, is_main=backend.is_main, barrier=backend.barrier, keep_last=keep)
+    return checkpoint_dir.save(root, step, write, loop, rank=backend.rank, world=backend.world, barrier=backend.barrier,
+                               keep_last=keep)
 
 
 def _summarize(cfg, backend, out, metrics_path, unigram, n_params, stop, wall, resumed_from, val_loss, stopped,
