@@ -122,8 +122,8 @@ class GoodCheckpoints:
             return False
         if bad_run:
             self.due = not final
-            self.say(f"step {step}: no checkpoint while {bad_run} bad step(s) in a row are open (the newest checkpoint "
-                     f"keeps the last good state: {self.newest_before(step) or 'none yet'})")
+            self.say(f"step {step}: no checkpoint while {bad_run} bad step(s) in a row are open (the last good state: "
+                     f"{self.newest_before(step - bad_run) or 'no checkpoint yet'})")
             return False
         self.due = False
         save(self.keep_last if final else None)
@@ -153,5 +153,5 @@ class GoodCheckpoints:
                     "loss): restart from step 0 with a lower learning rate.")
         else:
             tail = (f" The newest kept checkpoint, {kept}, predates it: resume from it with the same command plus "
-                    "--train.resume true, after lowering the learning rate.")
+                    "--train.resume true and a gentler schedule (schedule.* may change on resume, optim.* may not).")
         return Diverged(str(err) + tail, err.first, err.last)

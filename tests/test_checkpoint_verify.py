@@ -214,3 +214,35 @@ def test_a_full_disk_during_a_dcp_save_is_named_too(tmp_path, monkeypatch, backe
 
 def _raise_enospc(*args, **kwargs):
     raise OSError(errno.ENOSPC, "No space left on device")
+
+
+# ----------------------------------------------------------------------------- two ranks (torchrun, gloo)
+def _torchrun(out: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+           str(ROOT / "launch" / "train.py"), "--config", str(DEMO), *SMALL, "--parallel.backend", "zero",
+           "--train.out_dir", str(out), *args]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    return res
+
+
+@pytest.mark.slow
+def test_two_ranks_write_one_manifest_and_fall_back_together_from_a_damaged_shard(tmp_path):
+    """Each rank checksums half the files; rank 0 merges the parts into COMMITTED. On resume each
+    rank verifies its half: rank 1 finds rank 0's truncated shard, both ranks fall back to step 4,
+    and the run continues exactly as the uninterrupted one."""
+    _torchrun(tmp_path / "full")
+    run = tmp_path / "cut"
+    _torchrun(run, "--train.stop_after", "6")
+    ckpt = cd.step_dir(run / "checkpoints", 6)
+    assert sorted(cd.read_manifest(ckpt)) == [".metadata", "__0_0.distcp", "__1_0.distcp", "loop.json", "rng/rank0.pt",
+                                              "rng/rank1.pt"]
+    assert not (ckpt / ".manifest").exists() and cd.verify(ckpt) == []
+    _truncate(ckpt / "__0_0.distcp")  # entry 1 of the sorted manifest: rank 1's share
+    res = _torchrun(run, "--train.resume", "true")
+    assert f"{ckpt} is damaged: __0_0.distcp:" in res.stdout and "(found by rank 1)" in res.stdout, res.stdout[-3000:]
+    assert f"skipping {ckpt}: it failed verification" in res.stdout
+    assert f"resumed from {cd.step_dir(run / 'checkpoints', 4)} at step 4" in res.stdout
+    want = [r["loss"] for r in read_metrics(tmp_path / "full" / "metrics.jsonl")]
+    assert [r["loss"] for r in read_metrics(run / "metrics.jsonl")] == want

@@ -94,8 +94,10 @@ def test_a_finite_loss_explosion_stops_the_run_and_the_newest_kept_checkpoint_pr
     assert last.startswith("error: training diverged: steps 6-8 (3 in a row)")
     assert "(train.loss_spike_factor 5 × the median of the last 1 good losses)" in last
     assert last.endswith(f"The newest kept checkpoint, {ckpts / 'step_00000004'}, predates it: resume from it with the "
-                         "same command plus --train.resume true, after lowering the learning rate.")
-    assert "no checkpoint while 1 bad step(s) in a row are open" in res.stdout
+                         "same command plus --train.resume true and a gentler schedule (schedule.* may change on resume, "
+                         "optim.* may not).")
+    assert (f"step 6: no checkpoint while 1 bad step(s) in a row are open (the last good state: {ckpts / 'step_00000004'})"
+            in res.stdout)
     assert sorted(p.name for p in ckpts.iterdir()) == ["diverged-step_00000005", "step_00000002", "step_00000004"]
     assert not (run / "COMPLETED").exists()
 
@@ -156,8 +158,8 @@ def test_nan_losses_stop_the_run_and_keep_the_checkpoints_before_the_trouble_the
         trainer.train(_cfg(run, "--train.checkpoint_every", "1", "--train.max_consecutive_skips", "3"), log=said.append)
     assert (err.value.first, err.value.last) == (7, 9)
     assert str(err.value).endswith(f"The newest kept checkpoint, {run / 'checkpoints' / 'step_00000005'}, predates it: "
-                                   "resume from it with the same command plus --train.resume true, after lowering the "
-                                   "learning rate.")
+                                   "resume from it with the same command plus --train.resume true and a gentler schedule "
+                                   "(schedule.* may change on resume, optim.* may not).")
     assert _names(run / "checkpoints") == ["diverged-step_00000006", "step_00000004", "step_00000005"]
     assert sum("no checkpoint while" in m for m in said) == 2  # steps 7, 8 (the stop comes at 9 before its save)
     monkeypatch.undo()
