@@ -129,7 +129,8 @@ def commit(root: Path, step: int, loop_state: dict[str, Any], manifest: manifest
 
 def prune(root: Path, keep_last: int) -> None:
     """Delete all but the newest ``keep_last`` complete checkpoints and any unfinished saves
-    (rank 0 only, after a commit: no save is in progress)."""
+    (rank 0 only, when no save is in progress: after a commit, or when the loop has confirmed
+    its newest checkpoint, see :class:`~lanton_dist.divergence.GoodCheckpoints`)."""
     for _, old in complete_checkpoints(root)[:-keep_last]:
         shutil.rmtree(old)
     for p in root.iterdir():
