@@ -4,7 +4,8 @@ backend).
 Layout under ``<train.out_dir>/checkpoints``::
 
     step_00000500/            a complete checkpoint (renamed into place when finished)
-        COMMITTED             completion marker, written last: {"step": 500, "format": 1}
+        COMMITTED             completion marker, written last: {"step": 500, "format": 1,
+                              "manifest": {file: {"size", "crc32"}}} (:mod:`~lanton_dist.checkpoint_manifest`)
         loop.json             loop state: step, config, scheduler, backend, world size
         ...                   the backend's files (DCP shards + .metadata, state.pt, rng/, ...)
     .tmp-step_00000600/       a save in progress, or one cut short: never read
@@ -15,6 +16,12 @@ A save writes everything into ``.tmp-step_N``; when every rank has finished, ran
 SIGKILLs 30 s after SIGTERM) leaves only a ``.tmp-`` directory, and :func:`latest_complete`
 resumes from the newest ``step_N`` that has its marker, logging which one and why the newer
 entries were passed over. :func:`prune` keeps the newest ``keep_last`` complete checkpoints.
+On resume, :func:`intact_resume_point` verifies the chosen checkpoint against its manifest
+(split over the ranks) and falls back to the previous complete one, naming the damaged file
+and the reason; a checkpoint written before manifests existed loads unverified, with a note.
+A save that runs out of disk space raises :class:`OutOfSpace` (the path, the free bytes); the
+partial save is removed and the previous checkpoints are untouched (nothing is pruned before a
+commit).
 
 Nothing in a checkpoint directory is un-pickled by this package: loop state is JSON, tensors
 are read with ``torch.load(weights_only=True)``. The backends' own formats
@@ -23,6 +30,7 @@ libraries, which use pickle: a checkpoint directory is trusted input, like any t
 """
 from __future__ import annotations
 
+import errno
 import json
 import random
 import re
@@ -33,6 +41,7 @@ from typing import Any
 
 import torch
 
+from lanton_dist import checkpoint_manifest as manifest_
 from lanton_dist.config import ConfigError, RunConfig, check_resume, to_dict
 
 CHECKPOINTS = "checkpoints"
@@ -98,12 +107,15 @@ def latest_complete(root: Path, log: Callable[[str], None]) -> Path | None:
     return path
 
 
-def commit(root: Path, step: int, loop_state: dict[str, Any]) -> Path:
+def commit(root: Path, step: int, loop_state: dict[str, Any], manifest: manifest_.Manifest) -> Path:
     """Finish the save of ``step`` (rank 0 only, after every rank has written into
-    :func:`tmp_dir`): write ``loop.json`` and the marker, rename to :func:`step_dir`."""
+    :func:`tmp_dir`): write ``loop.json`` and the marker with ``manifest`` (the other files'
+    entries) plus ``loop.json``'s, rename to :func:`step_dir`."""
     tmp, final = tmp_dir(root, step), step_dir(root, step)
-    (tmp / LOOP_STATE).write_text(json.dumps({"format": FORMAT, **loop_state}, indent=1))
-    (tmp / MARKER).write_text(json.dumps({"step": step, "format": FORMAT}) + "\n")
+    loop = json.dumps({"format": FORMAT, **loop_state}, indent=1).encode()
+    (tmp / LOOP_STATE).write_bytes(loop)
+    manifest = {**manifest, LOOP_STATE: manifest_.entry_of(loop)}
+    (tmp / MARKER).write_text(json.dumps({"step": step, "format": FORMAT, "manifest": manifest}) + "\n")
     if final.exists():  # the same step saved again (a resumed run stopped at once): replace it
         old = root / f"{TMP_PREFIX}old-{final.name}"
         shutil.rmtree(old, ignore_errors=True)
@@ -117,7 +129,8 @@ def commit(root: Path, step: int, loop_state: dict[str, Any]) -> Path:
 
 def prune(root: Path, keep_last: int) -> None:
     """Delete all but the newest ``keep_last`` complete checkpoints and any unfinished saves
-    (rank 0 only, after a commit: no save is in progress)."""
+    (rank 0 only, when no save is in progress: after a commit, or when the loop has confirmed
+    its newest checkpoint, see :class:`~lanton_dist.divergence.GoodCheckpoints`)."""
     for _, old in complete_checkpoints(root)[:-keep_last]:
         shutil.rmtree(old)
     for p in root.iterdir():
@@ -125,26 +138,97 @@ def prune(root: Path, keep_last: int) -> None:
             shutil.rmtree(p)
 
 
-def save(root: Path, step: int, write: Callable[[Path], None], loop_state: dict[str, Any], *, is_main: bool,
-         barrier: Callable[[], None], keep_last: int) -> Path:
+class OutOfSpace(RuntimeError):
+    """A checkpoint save ran out of disk space (or quota); the message names the path and the free bytes."""
+
+
+_NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# what torch.save's zip writer says when a write fails (it drops the OS error)
+_NO_SPACE_TEXTS = ("No space left on device", "Disk quota exceeded", "unexpected pos")
+
+
+def _no_space(exc: BaseException) -> BaseException | None:
+    """The error in ``exc``'s chain (causes, contexts, DCP's per-rank ``failures``) that says the
+    disk is full — the OS error itself when there is one — or None."""
+    chain, stack = [], [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or any(e is c for c in chain):
+            continue
+        chain.append(e)
+        failures = getattr(e, "failures", None)  # DCP's CheckpointException: {rank: (exception, traceback)}
+        wrapped = [f[0] for f in failures.values() if isinstance(f, tuple) and f] if isinstance(failures, dict) else []
+        stack += [e.__cause__, e.__context__, *wrapped]
+    by_errno = [e for e in chain if isinstance(e, OSError) and e.errno in _NO_SPACE_ERRNOS]
+    by_text = [e for e in chain if any(t in str(e) for t in _NO_SPACE_TEXTS)]
+    return (by_errno or by_text or [None])[0]
+
+
+def save(root: Path, step: int, write: Callable[[Path], None], loop_state: dict[str, Any], *, rank: int, world: int,
+         barrier: Callable[[], None], keep_last: int | None) -> Path:
     """Atomically save checkpoint ``step``: collective over every rank of the job.
 
     ``write(directory)`` is called on every rank and writes that rank's files into the
-    temporary directory; ``loop_state`` (JSON-serialisable, rank 0's) becomes ``loop.json``.
-    Returns the final path.
+    temporary directory; then every rank checksums its share of the files
+    (:func:`~lanton_dist.checkpoint_manifest.manifest_part`) and rank 0 commits with the merged
+    manifest; ``loop_state`` (JSON-serialisable, rank 0's) becomes ``loop.json``. With
+    ``keep_last`` the older checkpoints are then pruned to that many (None: not now, see
+    :class:`~lanton_dist.divergence.GoodCheckpoints`). Returns the final path. Raises
+    :class:`OutOfSpace` when a write fails for lack of space (the partial save is removed).
     """
-    tmp = tmp_dir(root, step)
+    tmp, is_main = tmp_dir(root, step), rank == 0
     if is_main:
         shutil.rmtree(tmp, ignore_errors=True)  # left by a save cut short
         tmp.mkdir(parents=True)
     barrier()
-    write(tmp)
-    barrier()
-    if is_main:
-        commit(root, step, loop_state)
+    try:
+        write(tmp)
+        barrier()
+        part = manifest_.manifest_part(tmp, rank, world, skip=(MARKER, LOOP_STATE))
+        if world > 1:
+            manifest_.write_part(tmp, rank, part)
+            barrier()
+        if is_main:
+            commit(root, step, loop_state, manifest_.merge_parts(tmp, world) if world > 1 else part)
+    except BaseException as exc:  # DCP's CheckpointException is a BaseException
+        full = _no_space(exc)
+        if full is None:
+            raise
+        where = getattr(full, "filename", None) or tmp
+        free = shutil.disk_usage(root).free
+        if is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        newest = complete_checkpoints(root)
+        raise OutOfSpace(
+            f"no space left on device while saving checkpoint step {step}: writing {where} failed "
+            f"({(str(full).strip().splitlines() or [type(full).__name__])[-1]}); "
+            f"{free:,} bytes free on {root}'s file system; the partial save was removed, the newest complete "
+            f"checkpoint is {newest[-1][1] if newest else 'none'} (untouched): free space, then resume with "
+            "--train.resume true") from exc
+    if is_main and keep_last is not None:
         prune(root, keep_last)
     barrier()
     return step_dir(root, step)
+
+
+def read_manifest(path: Path) -> manifest_.Manifest | None:
+    """The manifest in complete checkpoint ``path``'s marker; None for a checkpoint written
+    before manifests existed. Raises ``ValueError`` for an unreadable marker."""
+    try:
+        marker = json.loads((path / MARKER).read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{MARKER}: unreadable ({exc})") from None
+    return marker.get("manifest") if isinstance(marker, dict) else None
+
+
+def verify(path: Path, rank: int = 0, world: int = 1) -> list[str]:
+    """Problems of this rank's share of complete checkpoint ``path`` (all of it with the
+    defaults); ``["no manifest ..."]`` is *not* a problem: see :func:`read_manifest`."""
+    try:
+        manifest = read_manifest(path)
+    except ValueError as exc:
+        return [str(exc)]
+    return [] if manifest is None else manifest_.check(path, manifest, rank, world)
 
 
 def read_loop_state(path: Path) -> dict[str, Any]:
@@ -189,21 +273,73 @@ def restore_scheduler(scheduler: torch.optim.lr_scheduler.LambdaLR, state: dict[
         group["lr"] = base * factor(step)
 
 
-def resume_point(cfg: RunConfig, say: Callable[[str], None]) -> tuple[Path, dict[str, Any]] | None:
-    """With ``train.resume``: the newest complete checkpoint under ``train.out_dir`` and its loop
-    state, after checking that its config matches this run's (:func:`~lanton_dist.config.check_resume`,
-    warnings through ``say``); None to start from step 0."""
-    if not cfg.train.resume:
+def _loop_of(path: Path, cfg: RunConfig, say: Callable[[str], None]) -> dict[str, Any] | None:
+    """The loop state of complete checkpoint ``path`` checked against its manifest entry and
+    against this run's config (warnings through ``say``); None, said why, when it is damaged."""
+    try:
+        manifest = read_manifest(path)
+        problems = manifest_.check(path, {LOOP_STATE: manifest[LOOP_STATE]}) if manifest and LOOP_STATE in manifest else []
+        if problems:
+            raise ValueError(problems[0])
+        loop = read_loop_state(path)
+    except ValueError as exc:  # also json.JSONDecodeError
+        say(f"resume: skipping {path}: {exc}")
         return None
-    root = root_of(cfg.train.out_dir)
-    path = latest_complete(root, say)
-    if path is None:
-        say(f"resume: no complete checkpoint in {root}, starting from step 0")
-        return None
-    loop = read_loop_state(path)
     for warning in check_resume(loop["config"], to_dict(cfg), str(path)):
         say(f"warning: {warning}")
     if loop["step"] > (cfg.train.stop_after or cfg.train.steps):
         raise ConfigError(f"cannot resume from {path}: its step {loop['step']} is past the stop step "
                           f"(train.stop_after {cfg.train.stop_after} / train.steps {cfg.train.steps})")
-    return path, loop
+    return loop
+
+
+def _no_intact(root: Path) -> ConfigError:
+    return ConfigError(f"train.resume: no intact checkpoint in {root}: every complete checkpoint is damaged (see the "
+                       "messages above; `lanton-dist verify-checkpoint DIR` shows them); move them away to start from step 0")
+
+
+def resume_point(cfg: RunConfig, say: Callable[[str], None]) -> tuple[Path, dict[str, Any]] | None:
+    """With ``train.resume``: the newest complete checkpoint under ``train.out_dir`` whose
+    ``loop.json`` is intact, and its loop state, after checking that its config matches this
+    run's (:func:`~lanton_dist.config.check_resume`, warnings through ``say``); None to start
+    from step 0. Per rank, before a model is built; the tensor files are verified later, by
+    every rank together (:func:`intact_resume_point`)."""
+    if not cfg.train.resume:
+        return None
+    root = root_of(cfg.train.out_dir)
+    if latest_complete(root, say) is None:
+        say(f"resume: no complete checkpoint in {root}, starting from step 0")
+        return None
+    for _, path in reversed(complete_checkpoints(root)):
+        loop = _loop_of(path, cfg, say)
+        if loop is not None:
+            return path, loop
+    raise _no_intact(root)
+
+
+def intact_resume_point(cfg: RunConfig, first: tuple[Path, dict[str, Any]], *, rank: int, world: int,
+                        agree: Callable[[bool], bool], log: Callable[[str], None],
+                        say: Callable[[str], None]) -> tuple[Path, dict[str, Any]]:
+    """Verify :func:`resume_point`'s checkpoint ``first`` against its manifest — collective:
+    every rank checks its share of the files, ``agree(local_bad)`` is the job-wide OR
+    (:func:`~lanton_dist.preemption.any_rank`) — and fall back to the previous complete
+    checkpoint until one is intact. The rank that finds a damaged file logs it (``log``: every
+    rank's logger; ``say``: rank 0's). A checkpoint without a manifest (written by an earlier
+    version) is loaded unverified, with a note. Raises ``ConfigError`` when none is intact."""
+    root = root_of(cfg.train.out_dir)
+    first_path, first_loop = first
+    for step, path in reversed(complete_checkpoints(root)):
+        if step > first_loop["step"]:
+            continue
+        loop = first_loop if path == first_path else _loop_of(path, cfg, say)
+        if loop is None:
+            continue
+        problems = verify(path, rank, world)
+        for problem in problems:
+            log(f"resume: {path} is damaged: {problem}" + (f" (found by rank {rank})" if rank else ""))
+        if not agree(bool(problems)):
+            if read_manifest(path) is None:
+                say(f"resume: {path} has no manifest (written before checkpoints carried one): loading it unverified")
+            return path, loop
+        say(f"resume: skipping {path}: it failed verification; falling back to the previous complete checkpoint")
+    raise _no_intact(root)

@@ -20,6 +20,10 @@ Subcommands
       processes, or N GPUs (nccl) with ``--device cuda``.
     * ``lanton-dist profile --report DIR_or_profile.json [--out DIR]`` re-renders a saved report.
 
+``lanton-dist verify-checkpoint DIR``
+                         checks a checkpoint (``step_N``) or every complete checkpoint of a run
+                         directory against the manifest in its ``COMMITTED`` marker (sizes, CRC-32):
+                         exit 0 intact, 1 damaged (file and reason printed), 2 no checkpoint.
 ``lanton-dist prepare-data --input FILES/DIR/GLOB [...] --output PREFIX``
                          tokenizes text (or ``.jsonl``: ``--jsonl-key``) files into the Megatron
                          indexed dataset ``PREFIX.bin``/``PREFIX.idx`` (:mod:`lanton_dist.data.prepare`)
@@ -332,6 +336,44 @@ def _cmd_prepare_data(args: argparse.Namespace) -> int:
     return 0
 
 
+# ============================================================================ verify-checkpoint
+def _verify_checkpoint_parser(sub) -> None:
+    p = sub.add_parser("verify-checkpoint", help="check a checkpoint's files against its manifest (size, CRC-32)",
+                       description="Verify one checkpoint directory (step_N) or every complete checkpoint of a run "
+                                   "directory (or its checkpoints/) against the manifest in each COMMITTED marker. "
+                                   "Exit 0: all intact; 1: a damaged file (each printed with the reason).")
+    p.add_argument("dir", help="a run's train.out_dir, its checkpoints/ directory, or one step_N checkpoint")
+    p.set_defaults(func=_cmd_verify_checkpoint)
+
+
+def _cmd_verify_checkpoint(args: argparse.Namespace) -> int:
+    from lanton_dist import checkpoint_dir as cd
+
+    target = Path(args.dir)
+    if not target.is_dir():
+        raise FileNotFoundError(f"{target}: no such directory")
+    if cd.is_complete(target):
+        found = [target]
+    else:
+        root = target if target.name == cd.CHECKPOINTS else cd.root_of(target)
+        found = [p for _, p in cd.complete_checkpoints(root)]
+        if not found:
+            raise FileNotFoundError(f"{target}: no complete checkpoint (a step_N directory with {cd.MARKER} and {cd.LOOP_STATE})")
+    damaged = 0
+    for path in found:
+        problems = cd.verify(path)
+        if problems:
+            damaged += 1
+            print(f"{path}: DAMAGED")
+            for problem in problems:
+                print(f"  {problem}")
+        elif (manifest := cd.read_manifest(path)) is None:
+            print(f"{path}: no manifest (written before checkpoints carried one): not verifiable")
+        else:
+            print(f"{path}: ok ({len(manifest)} files, sizes and CRC-32 match)")
+    return 1 if damaged else 0
+
+
 # ============================================================================ main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lanton-dist", description=__doc__.split("\n\n")[0])
@@ -341,6 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     _eval_parser(sub)
     _profile_parser(sub)
     _prepare_data_parser(sub)
+    _verify_checkpoint_parser(sub)
     return parser
 
 

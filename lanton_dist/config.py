@@ -301,6 +301,8 @@ class TrainConfig:
     out_dir: str = "runs/tiny"
     checkpoint_every: int = 0  # 0: only at the end of the run
     keep_checkpoints: int = 2  # complete checkpoints kept in out_dir/checkpoints (the newest ones)
+    loss_spike_factor: float = 5.0  # a finite loss above this × the running median is a bad step; 0: off
+    loss_spike_window: int = 50  # how many recent good steps' losses that median is over
     resume: bool = False
     stop_after: int = 0  # stop (checkpointed) after this many steps, as if preempted; 0: train.steps
     device: str = "auto"  # auto | cpu | cuda
@@ -417,6 +419,11 @@ def _check_train(t: TrainConfig) -> None:
             raise ConfigError(f"train.{name} must be >= 1, got {getattr(t, name)}")
     if t.stop_after > t.steps:
         raise ConfigError(f"train.stop_after ({t.stop_after}) cannot exceed train.steps ({t.steps})")
+    _number("train.loss_spike_factor", t.loss_spike_factor)
+    if 0 < t.loss_spike_factor <= 1:
+        raise ConfigError(f"train.loss_spike_factor must be 0 (off) or > 1, got {t.loss_spike_factor}")
+    if t.loss_spike_window < 1:
+        raise ConfigError(f"train.loss_spike_window must be >= 1, got {t.loss_spike_window}")
     if t.dtype not in DTYPES:
         raise ConfigError(f"train.dtype must be one of {DTYPES}, got {t.dtype!r}")
     if t.device not in DEVICES:

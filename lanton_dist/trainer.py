@@ -31,8 +31,13 @@ Checkpoints are atomic directories ``checkpoints/step_N`` (:mod:`lanton_dist.che
 Resuming (``train.resume: true``) loads the newest complete one: model, optimizer and
 scheduler state, the step (which is also the data position, since batches are functions of
 the step) and the RNG states — the continued run is bit-identical to an uninterrupted one.
-``train.max_consecutive_skips`` skipped steps in a row stop the run
-(:class:`~lanton_dist.divergence.Diverged`, no ``COMPLETED``).
+Each checkpoint's ``COMMITTED`` marker carries a manifest that resume verifies, falling back
+to the previous checkpoint when a file is damaged. ``train.max_consecutive_skips`` bad steps
+in a row (skipped, non-finite or a loss spike) stop the run
+(:class:`~lanton_dist.divergence.Diverged`, no ``COMPLETED``); around bad steps checkpoints are
+written, pruned and set aside by :class:`~lanton_dist.divergence.GoodCheckpoints`, so the newest
+kept one predates the trouble. Rank 0 holds the run directory's lock
+(:mod:`lanton_dist.run_lock`) for the whole run: a second run on it is refused.
 """
 from __future__ import annotations
 
@@ -50,11 +55,11 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from lanton_dist import checkpoint_dir
+from lanton_dist import checkpoint_dir, run_lock
 from lanton_dist.backends import Backend, OptimizerFactory, data_parallel_size, micro_slices, setup_backend
 from lanton_dist.config import ConfigError, RunConfig, check_run_config, to_dict
 from lanton_dist.data import TokenDataset, build_dataset, unigram_baseline
-from lanton_dist.divergence import DivergenceGuard
+from lanton_dist.divergence import Diverged, DivergenceGuard, GoodCheckpoints
 from lanton_dist.megatron_backend import setup_megatron_backend
 from lanton_dist.model import Transformer
 from lanton_dist.preemption import COMPLETED, StopRequest, any_rank
@@ -185,10 +190,19 @@ def train(cfg: RunConfig, *, optimizer_factory: OptimizerFactory | None = None, 
     nothing and evaluates the checkpoint, so ``final_val_loss`` is still reported.
 
     Raises :class:`~lanton_dist.config.ConfigError` for a config it cannot run or a resume
-    that does not match its checkpoint (both before a model is built), and
-    :class:`~lanton_dist.divergence.Diverged` after ``train.max_consecutive_skips`` skipped steps.
+    that does not match its checkpoint (both before a model is built; also
+    :class:`~lanton_dist.run_lock.RunLocked` when another run holds ``train.out_dir``),
+    :class:`~lanton_dist.divergence.Diverged` after ``train.max_consecutive_skips`` bad steps, and
+    :class:`~lanton_dist.checkpoint_dir.OutOfSpace` when a checkpoint save finds the disk full.
     """
     check_run_config(cfg, data_parallel_size(cfg))
+    with run_lock.hold(cfg.train.out_dir, is_main=int(os.environ.get("RANK", "0")) == 0, say=log):
+        return _train_locked(cfg, optimizer_factory, log, stop)
+
+
+def _train_locked(cfg: RunConfig, optimizer_factory: OptimizerFactory | None, log: Callable[[str], None],
+                  stop: StopRequest | None) -> dict[str, Any]:
+    """:func:`train` while this run holds its directory's lock (:mod:`lanton_dist.run_lock`)."""
     t_cfg = cfg.train
     out = Path(t_cfg.out_dir)
     is_main = int(os.environ.get("RANK", "0")) == 0
@@ -224,7 +238,9 @@ def _run(cfg: RunConfig, backend: Backend, data: TokenDataset, out: Path, log: C
     start = 0
     resumed_from = None
     if resume is not None:
-        path, loop = resume
+        path, loop = checkpoint_dir.intact_resume_point(
+            cfg, resume, rank=backend.rank, world=backend.world, log=log, say=say,
+            agree=functools.partial(any_rank, device=backend.device))
         if not backend.reshards and loop["world"] != backend.world:
             raise ConfigError(f"cannot resume from {path}: it was written by {loop['world']} {backend.name} ranks, this run "
                               f"has {backend.world}: {backend.name} checkpoints resume at the same world size (use "
@@ -267,7 +283,10 @@ def _run(cfg: RunConfig, backend: Backend, data: TokenDataset, out: Path, log: C
         say(f"step {start} | val {val_loss:.4f}")
 
     backend.model.train()
-    guard = DivergenceGuard(t_cfg.max_consecutive_skips, backend.skipped_steps())
+    guard = DivergenceGuard(t_cfg.max_consecutive_skips, backend.skipped_steps(), t_cfg.loss_spike_factor,
+                            t_cfg.loss_spike_window)
+    keeper = GoodCheckpoints(root, t_cfg.keep_checkpoints, is_main=backend.is_main, say=say)
+    save = functools.partial(_save_checkpoint, backend, root, sched=sched, cfg_dict=cfg_dict)
     stopped = False
     bar = _progress(stop, start, backend.is_main and sys.stderr.isatty(), cfg.optim.name)
     emit = bar.write if not bar.disable else say  # one line per log step, on a terminal or not
@@ -309,18 +328,21 @@ def _run(cfg: RunConfig, backend: Backend, data: TokenDataset, out: Path, log: C
             board.write(rec)
             if not math.isfinite(loss):
                 say(f"step {step}: non-finite loss {loss}")
-            guard.observe(step, rec["skipped_steps"], loss)  # same on every rank: the loss is global
-            saved = (t_cfg.checkpoint_every and step % t_cfg.checkpoint_every == 0) or step == stop
+            try:
+                guard.observe(step, rec["skipped_steps"], loss)  # same on every rank: the loss is global
+            except Diverged as err:
+                raise keeper.diverged(err) from None
+            t_save = time.perf_counter()
+            scheduled = bool(t_cfg.checkpoint_every and step % t_cfg.checkpoint_every == 0)
+            saved = keeper.after_step(step, guard.run, scheduled=scheduled, final=step == stop, save=functools.partial(save, step))
             if saved:
-                t_save = time.perf_counter()
-                _save_checkpoint(backend, root, step, sched, cfg_dict, t_cfg.keep_checkpoints)
                 window.exclude(time.perf_counter() - t_save)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}")
             if request is not None and step < stop and request.agreed(functools.partial(any_rank, device=backend.device)):
                 say(f"step {step}: stop requested: checkpointing and exiting")
                 if not saved:
-                    _save_checkpoint(backend, root, step, sched, cfg_dict, t_cfg.keep_checkpoints)
+                    keeper.after_step(step, guard.run, scheduled=False, final=True, save=functools.partial(save, step))
                 stopped, stop = True, step
                 break
     finally:
@@ -335,15 +357,18 @@ def _run(cfg: RunConfig, backend: Backend, data: TokenDataset, out: Path, log: C
                       say)
 
 
-def _save_checkpoint(backend: Backend, root: Path, step: int, sched: Any, cfg_dict: dict[str, Any], keep: int) -> Path:
-    """Checkpoint ``step`` atomically: the backend's files, every rank's RNG state, ``loop.json``."""
+def _save_checkpoint(backend: Backend, root: Path, step: int, keep: int | None, *, sched: Any,
+                     cfg_dict: dict[str, Any]) -> Path:
+    """Checkpoint ``step`` atomically: the backend's files, every rank's RNG state, ``loop.json``;
+    then prune to the newest ``keep`` (None: not now)."""
     def write(directory: Path) -> None:
         backend.save(directory)
         checkpoint_dir.save_rng(directory, backend.rank)
 
     loop = {"step": step, "backend": backend.name, "world": backend.world, "config": cfg_dict,
             "scheduler": sched.state_dict(), "skipped_steps": backend.skipped_steps()}
-    return checkpoint_dir.save(root, step, write, loop, is_main=backend.is_main, barrier=backend.barrier, keep_last=keep)
+    return checkpoint_dir.save(root, step, write, loop, rank=backend.rank, world=backend.world, barrier=backend.barrier,
+                               keep_last=keep)
 
 
 def _summarize(cfg, backend, out, metrics_path, unigram, n_params, stop, wall, resumed_from, val_loss, stopped,

@@ -35,6 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from lanton_dist.checkpoint_dir import OutOfSpace  # noqa: E402
 from lanton_dist.config import ConfigError, load_run_config  # noqa: E402
 from lanton_dist.data.errors import DataError  # noqa: E402
 from lanton_dist.divergence import EXIT_DIVERGED, Diverged  # noqa: E402
@@ -82,6 +83,8 @@ def main(argv: list[str] | None = None) -> dict:
         _exit(2, f"data error: {e}")
     except Diverged as e:
         _exit(EXIT_DIVERGED, f"error: {e}")
+    except OutOfSpace as e:  # a checkpoint save found the disk full: the previous checkpoint is intact
+        _exit(2, f"error: {e}")
     if summary.get("final_train_loss") is not None:
         val = summary["final_val_loss"]
         print(f"final train loss {summary['final_train_loss']:.4f} | final val loss "

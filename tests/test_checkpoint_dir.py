@@ -35,7 +35,14 @@ def _no_barrier() -> None:
 
 
 def _save(root: Path, step: int, write=lambda d: (d / "payload").write_text("x"), keep: int = 3) -> Path:
-    return cd.save(root, step, write, {"step": step}, is_main=True, barrier=_no_barrier, keep_last=keep)
+    return cd.save(root, step, write, {"step": step}, rank=0, world=1, barrier=_no_barrier, keep_last=keep)
+
+
+def _strip_manifest(ckpt: Path) -> None:
+    """Make ``ckpt`` look written by a version before manifests (marker without one)."""
+    marker = json.loads((ckpt / cd.MARKER).read_text())
+    marker.pop("manifest", None)
+    (ckpt / cd.MARKER).write_text(json.dumps(marker))
 
 
 class PlantedPickle:
@@ -158,6 +165,7 @@ def test_a_planted_pickle_in_a_checkpoint_is_never_executed(tmp_path):
 
     for name in ("state.pt", "rng/rank0.pt"):  # files we do read: torch.load(weights_only=True) refuses code
         ckpt = cd.step_dir(run / "checkpoints", 4)
+        _strip_manifest(ckpt)  # else the manifest would reject the changed file before anything reads it
         original = (ckpt / name).read_bytes()
         torch.save(PlantedPickle(marker), ckpt / name)
         with pytest.raises(pickle.UnpicklingError):

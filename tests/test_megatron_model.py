@@ -448,7 +448,9 @@ def test_megatron_run_stops_a_diverging_run_with_exit_3_and_no_completed(tmp_pat
                                        max_consecutive_skips=2), "--optim.lr.hidden", "1e30", returncode=3)
     assert "error: training diverged: steps 2-3 (2 in a row)" in res.stderr and "Traceback" not in res.stderr
     assert not (out / "COMPLETED").exists()
-    assert _complete_checkpoints(out) == ["step_00000001", "step_00000002"]
+    # step 1's weights gave step 2's bad loss: set aside, none predates the trouble (lanton_dist.divergence)
+    assert _complete_checkpoints(out) == [] and (out / "checkpoints" / "diverged-step_00000001").is_dir()
+    assert "No checkpoint predates the trouble" in res.stderr
 
 
 @pytest.mark.slow
