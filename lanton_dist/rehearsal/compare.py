@@ -1,0 +1,177 @@
+"""Rehearsed ranks beside the planner, and the cross-rank consistency check.
+
+* :func:`planner_for` — the :class:`~lanton_dist.plan.StepPlanner` of the rehearsed setup
+  (strategy ``zero2``: what :class:`~lanton_dist.engine.ShardedLANTON` is; device ``cpu``: on
+  meta the engine takes its non-CUDA path, the variance all-reduce at the estimation step).
+* :func:`sample_ranks` — 0, 1, the most loaded Newton–Schulz owner, a middle rank and the last.
+* :func:`compare_rank` — per rank: memory by kind (exact: parameters, gradients, buffers,
+  state, Option I's previous gradient, Option II's half buffer; the early owner steps'
+  transient is an upper bound in the planner, so measured ≤ planned) and, per step, the
+  ordered list of metered collectives against the planner's (op, phase, group size, elements,
+  element size, tensor bytes, sent bytes). Host milliseconds and construction seconds have no
+  planner figure (the planner models device time): reported, not compared.
+* :func:`consistency` — per rank a digest of its collective sequence restricted to what every
+  rank of a group must agree on (step, op, phase, group, group size, element size and, except
+  for all-to-alls whose splits are per rank, the element count): different digests are the
+  bug class that hangs NCCL; the first divergent collective is named. The objects each rank
+  gave ``all_gather_object`` are compared the same way (the fake backend cannot).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from lanton_dist.config import RunConfig
+from lanton_dist.plan import OptimSettings, ParallelLayout, StepPlanner, human_bytes
+
+#: Record fields compared with the planner (CommRecord minus step and group name).
+_KEY = (0, 1, 3, 4, 5, 6, 7)
+
+
+def planner_for(cfg: RunConfig, nodes: int, gpus_per_node: int) -> StepPlanner:
+    """The planner's model of the ZeRO engine for ``cfg`` on ``nodes × gpus_per_node`` ranks."""
+    o = cfg.optim
+    layout = ParallelLayout(nodes=nodes, gpus_per_node=gpus_per_node, strategy="zero2", bucket_mb=cfg.parallel.bucket_mb)
+    settings = OptimSettings(algorithm=o.name, estimate_every=o.estimate_every, option=o.option,
+                             nuclear_estimator=o.nuclear_estimator, ns_steps=o.ns_steps,
+                             skip_nonfinite=True, param_bytes=4, device="cpu")
+    return StepPlanner(cfg.model, layout, settings)
+
+
+def sample_ranks(planner: StepPlanner, which: str) -> dict[int, str]:
+    """``{rank: why}``: ``all`` ranks, or ``sample``: 0, 1, the most loaded owner (most
+    Newton–Schulz FLOPs), the middle rank and the last."""
+    world = planner.layout.world
+    if which == "all":
+        return {r: "" for r in range(world)}
+    if which != "sample":
+        raise ValueError(f"--ranks must be 'sample' or 'all', got {which!r}")
+    flops = planner.stages[0].ownership.flops
+    loaded = max(range(len(flops)), key=lambda r: (flops[r], -r))
+    out: dict[int, str] = {}
+    for r, why in ((0, "first"), (1, "second"), (loaded, "most loaded owner"), (world // 2, "middle"), (world - 1, "last")):
+        if r < world:
+            out[r] = ", ".join(x for x in (out.get(r), why) if x)
+    return dict(sorted(out.items()))
+
+
+@dataclass
+class RankComparison:
+    """One rank's rehearsal beside the planner; ``differences`` empty when they agree."""
+
+    rank: int
+    why: str
+    memory: dict[str, tuple[int, int]]            # kind → (rehearsed, planned)
+    steps: list[dict[str, Any]]                    # per step: count, bytes by phase, both sides
+    step_ms: list[float]
+    construction_s: float
+    skip_vote_reads: list[int]
+    differences: list[str] = field(default_factory=list)
+
+
+def _phases(records: list[list[Any]]) -> dict[str, list[int]]:
+    """phase → [count, sent bytes]."""
+    out: dict[str, list[int]] = {}
+    for r in records:
+        c = out.setdefault(r[1], [0, 0])
+        c[0] += 1
+        c[1] += r[7]
+    return out
+
+
+def compare_rank(planner: StepPlanner, result: dict[str, Any], why: str = "") -> RankComparison:
+    """``result`` (a :class:`~.driver.RankResult` as JSON) against the planner (module doc)."""
+    d = result["rank"]
+    mem = planner.rank_memory(0, d, 0)
+    got = result["memory"]
+    peak = (got["parameters"] + got["gradients"] + got["buffers"] + got["state"]
+            + max(got["buffers_peak_extra"], got["early_peak_extra"]) + got["prev_grad"])
+    memory = {"parameters": (got["parameters"], mem.parameters), "gradients": (got["gradients"], mem.gradients),
+              "buffers": (got["buffers"], mem.buffers), "state": (got["state"], mem.state),
+              "prev_grad": (got["prev_grad"], mem.state_peak_extra),
+              "half_buffer": (got["buffers_peak_extra"], mem.buffers_peak_extra),
+              "early_owner_steps": (got["early_peak_extra"], mem.early_peak_extra), "peak": (peak, mem.peak)}
+    out = RankComparison(d, why, memory, [], result["step_ms"], result["construction_s"], result["skip_vote_reads"])
+    for kind, (a, b) in memory.items():
+        bounded = kind in ("early_owner_steps", "peak")   # the planner's early extra is "at most every owned matrix"
+        if (a > b) if bounded else (a != b):
+            out.differences.append(f"rank {d}: {kind} {a} B rehearsed vs {b} B planned"
+                                   + (" (planned is an upper bound)" if bounded else ""))
+    for step, records in enumerate(result["collectives"]):
+        planned = planner.rank_step(0, d, 0, step).collectives
+        measured_keys = [tuple(r[i] for i in _KEY) for r in records]
+        planned_keys = [c.key() for c in planned]
+        pl_records = [[c.op, c.phase, c.group, c.group_size, c.numel, c.elem_size, c.tensor_bytes, c.sent_bytes] for c in planned]
+        out.steps.append({"step": step, "estimation": planner.optim.estimates(step), "count": (len(records), len(planned)),
+                          "phases": {"rehearsed": _phases(records), "planned": _phases(pl_records)}})
+        if measured_keys != planned_keys:
+            i = next((i for i, (a, b) in enumerate(zip(measured_keys, planned_keys)) if a != b),
+                     min(len(measured_keys), len(planned_keys)))
+            a = measured_keys[i] if i < len(measured_keys) else "nothing"
+            b = planned_keys[i] if i < len(planned_keys) else "nothing"
+            out.differences.append(f"rank {d} step {step}: collective #{i} is {a} rehearsed vs {b} planned "
+                                   f"({len(measured_keys)} vs {len(planned_keys)} collectives)")
+    return out
+
+
+def agreement_keys(result: dict[str, Any]) -> list[tuple[Any, ...]]:
+    """What every rank must issue identically, in order (module doc)."""
+    return [(s, r[0], r[1], r[2], r[3], None if r[0] == "all_to_all" else r[4], r[5])
+            for s, records in enumerate(result["collectives"]) for r in records]
+
+
+def sequence_digest(result: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(agreement_keys(result)).encode()).hexdigest()[:16]
+
+
+def consistency(results: list[dict[str, Any]]) -> list[str]:
+    """Differences between the sampled ranks' collective sequences and gathered objects
+    (empty: consistent). Each names the first divergent collective against the lowest rank."""
+    if not results:
+        return []
+    problems = []
+    ref = results[0]
+    ref_keys, ref_digest = agreement_keys(ref), sequence_digest(ref)
+    for res in results[1:]:
+        if sequence_digest(res) != ref_digest:
+            keys = agreement_keys(res)
+            i = next((i for i, (a, b) in enumerate(zip(ref_keys, keys)) if a != b), min(len(ref_keys), len(keys)))
+            a = ref_keys[i] if i < len(ref_keys) else "nothing"
+            b = keys[i] if i < len(keys) else "nothing"
+            problems.append(f"ranks {ref['rank']} and {res['rank']} diverge at collective #{i} "
+                            f"(step, op, phase, group, group size, elements, element size): {a} vs {b}")
+        if res["object_digests"] != ref["object_digests"]:
+            problems.append(f"ranks {ref['rank']} and {res['rank']} gave all_gather_object different objects "
+                            f"(digests {ref['object_digests']} vs {res['object_digests']})")
+    return problems
+
+
+def _ms(values: list[float]) -> str:
+    return " ".join(f"{v:.1f}" for v in values)
+
+
+def _phase_text(phase: str, rehearsed: list[int], planned: list[int]) -> str:
+    text = f"{phase} {rehearsed[0]}×/{human_bytes(rehearsed[1])}"
+    return text if rehearsed == planned else text + f" [planner {planned[0]}×/{human_bytes(planned[1])}]"
+
+
+def format_rank(c: RankComparison) -> str:
+    """The text block of one rank (rehearsed | planned | verdict)."""
+    lines = [f"rank {c.rank}" + (f" ({c.why})" if c.why else "")]
+    lines.append(f"  {'memory':<20}{'rehearsed':>14}{'planner':>14}")
+    for kind, (a, b) in c.memory.items():
+        ok = a <= b if kind in ("early_owner_steps", "peak") else a == b
+        lines.append(f"  {kind:<20}{human_bytes(a):>14}{human_bytes(b):>14}  {'ok' if ok else 'DIFFERS'}"
+                     + ("  (planned: upper bound)" if kind in ("early_owner_steps", "peak") else ""))
+    for s in c.steps:
+        name = "construction" if s["step"] == 0 else f"step {s['step']}" + (" (estimation)" if s["estimation"] else "")
+        a, b = s["count"]
+        rp, pp = s["phases"]["rehearsed"], s["phases"]["planned"]
+        phases = ", ".join(_phase_text(ph, rp.get(ph, [0, 0]), pp.get(ph, [0, 0])) for ph in sorted(set(rp) | set(pp)))
+        lines.append(f"  {name:<22} {a} collectives (planner {b}){': ' + phases if phases else ''}")
+    lines.append(f"  optimizer host ms per step: {_ms(c.step_ms)} (planner: not modelled)")
+    lines.append(f"  construction: {c.construction_s:.2f} s (planner: not modelled); "
+                 f"skip-vote host reads answered per step: {' '.join(map(str, c.skip_vote_reads))}")
+    return "\n".join(lines)
