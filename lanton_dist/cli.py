@@ -262,13 +262,16 @@ def _rehearse_options(p: argparse.ArgumentParser, **defaults) -> None:
     p.add_argument("--steps", type=int, **defaults.get("steps", {}), help="optimizer steps per rank (>= 3; step 2 estimates)")
     p.add_argument("--jobs", type=int, **defaults.get("jobs", {}), help="rank processes run at once")
     p.add_argument("--json", **defaults.get("json", {}), help="write the full report as JSON to this path ('-': stdout)")
+    p.add_argument("--model", **defaults.get("model", {}), help="a planner preset (llama-7b, llama-13b, llama-70b, ...) "
+                   "replacing the config's model section")
 
 
 def _rehearse_parser(sub) -> None:
     p = sub.add_parser("rehearse", help="build and step the real optimizer as sampled ranks of a fake world, vs the planner",
                        description="Rehearse a run on one CPU (lanton_dist.rehearsal): fake process group, meta parameters.")
     _rehearse_options(p, nodes={"default": 1}, gpus_per_node={"default": 8}, ranks={"default": "sample"},
-                      steps={"default": 3}, jobs={"default": 1}, json={"default": None})
+                      steps={"default": 3}, jobs={"default": 1}, json={"default": None},
+                      model={"default": None})
     p.add_argument("config", help="run config YAML (configs/*.yaml)")
     p.add_argument("overrides", nargs=argparse.REMAINDER,
                    help="--section.key=value overrides, as for training (e.g. --parallel.backend=zero), and the options above")
@@ -279,14 +282,16 @@ def _cmd_rehearse(args: argparse.Namespace) -> int:
     from lanton_dist.rehearsal import rehearse
 
     late = argparse.ArgumentParser(prog="lanton-dist rehearse", add_help=False, allow_abbrev=False)
-    _rehearse_options(late, **{k: {"default": argparse.SUPPRESS} for k in ("nodes", "gpus_per_node", "ranks", "steps", "jobs", "json")})
+    names = ("nodes", "gpus_per_node", "ranks", "steps", "jobs", "json", "model")
+    _rehearse_options(late, **{k: {"default": argparse.SUPPRESS} for k in names})
     opts, overrides = late.parse_known_args(args.overrides)
     for key, value in vars(opts).items():
         setattr(args, key, value)
     args.overrides = overrides
     if not Path(args.config).exists():
         raise FileNotFoundError(f"config {args.config} does not exist")
-    report = rehearse(args.config, list(args.overrides), args.nodes, args.gpus_per_node, args.ranks, args.steps, args.jobs)
+    report = rehearse(args.config, list(args.overrides), args.nodes, args.gpus_per_node, args.ranks, args.steps, args.jobs,
+                      args.model)
     print(report.text(), flush=True)
     if args.json == "-":
         print(json.dumps(report.to_json(), indent=1))

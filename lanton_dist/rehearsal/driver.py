@@ -19,7 +19,7 @@ skip-vote host reads the seam answered per step; and digests of the objects give
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -35,14 +35,16 @@ STACKS: tuple[str, ...] = ("zero",)
 @dataclass(frozen=True)
 class RankSpec:
     """What one rank process rehearses: the run config (path or None for the defaults) with
-    ``overrides`` (``key=value`` as on the training command line), the world and this rank,
-    and the number of optimizer steps (≥ 3)."""
+    ``overrides`` (``--section.key=value`` as on the training command line), the world and this
+    rank, the number of optimizer steps (≥ 3) and ``model``: a planner preset
+    (:data:`lanton_dist.plan.PRESETS`) replacing the config's ``model:`` section, or None."""
 
     config: str | None
     overrides: tuple[str, ...]
     world: int
     rank: int
     steps: int = 3
+    model: str | None = None
 
 
 @dataclass
@@ -67,8 +69,15 @@ def rehearsal_config(spec: RankSpec) -> RunConfig:
     """The run config as training would load it, with the rehearsal's two adjustments:
     ``estimate_every`` capped at 2 (so 3 steps hold a plain step, an estimation step and the
     step after it; records do not otherwise depend on k) and ``nuclear_estimator: auto``
-    resolved as on a GPU (``ns``; on a meta/CPU device ``auto`` would pick ``exact``)."""
+    resolved as on a GPU (``ns``; on a meta/CPU device ``auto`` would pick ``exact``); the
+    ``model`` preset, if given."""
     cfg = load_run_config(spec.config, list(spec.overrides))
+    if spec.model is not None:
+        from lanton_dist.plan import PRESETS
+
+        if spec.model not in PRESETS:
+            raise ValueError(f"unknown model preset {spec.model!r}; choose one of {sorted(PRESETS)}")
+        cfg.model = replace(PRESETS[spec.model])
     cfg.optim.estimate_every = min(cfg.optim.estimate_every, 2)
     if cfg.optim.nuclear_estimator == "auto":
         cfg.optim.nuclear_estimator = "ns"

@@ -98,15 +98,16 @@ class Report:
 
 
 def rehearse(config: str | None, overrides: list[str], nodes: int, gpus_per_node: int, ranks: str = "sample",
-             steps: int = 3, jobs: int = 1) -> Report:
-    """Rehearse ``config`` (+ ``overrides``) on ``nodes × gpus_per_node`` fake ranks (module doc)."""
+             steps: int = 3, jobs: int = 1, model: str | None = None) -> Report:
+    """Rehearse ``config`` (+ ``overrides``; ``model``: a planner preset replacing its model) on
+    ``nodes × gpus_per_node`` fake ranks (module doc)."""
     started = time.perf_counter()
     if nodes < 1 or gpus_per_node < 1:
         raise ValueError(f"--nodes and --gpus-per-node must be >= 1, got {nodes} and {gpus_per_node}")
     if steps < 3:
         raise ValueError(f"--steps must be >= 3 (a plain step, an estimation step and the step after), got {steps}")
     world = nodes * gpus_per_node
-    cfg = rehearsal_config(RankSpec(config, tuple(overrides), world, 0, steps))
+    cfg = rehearsal_config(RankSpec(config, tuple(overrides), world, 0, steps, model))
     if cfg.parallel.backend not in STACKS:
         raise ValueError(f"parallel.backend {cfg.parallel.backend!r} is not rehearsed yet; rehearsed: {', '.join(STACKS)} "
                          "(override it, e.g. parallel.backend=zero)")
@@ -115,10 +116,10 @@ def rehearse(config: str | None, overrides: list[str], nodes: int, gpus_per_node
     planner = planner_for(cfg, nodes, gpus_per_node)
     chosen = sample_ranks(planner, ranks)
     planner_s = time.perf_counter() - started
-    specs = [RankSpec(config, tuple(overrides), world, r, steps) for r in chosen]
+    specs = [RankSpec(config, tuple(overrides), world, r, steps, model) for r in chosen]
     results = run_ranks(specs, jobs)
     comparisons = [compare_rank(planner, res, chosen[res["rank"]]) for res in results]
-    name = Path(config).stem if config else "default model"
+    name = model or (Path(config).stem if config else "default model")
     notes = [SEAM_NOTE, *FAKE_BACKEND_NOTES,
              f"optim.estimate_every {load_run_config(config, list(overrides)).optim.estimate_every} is rehearsed as "
              f"{cfg.optim.estimate_every} (capped at 2, so step 2 estimates); "

@@ -1,0 +1,101 @@
+"""The rehearsal (lanton_dist.rehearsal, ``lanton-dist rehearse``): the real ZeRO engine built and
+stepped as sampled ranks of a fake 8- and 64-rank world with LLaMA-7B shapes on meta equals the
+planner (bytes held by kind, every metered collective of construction and three steps) and its
+ranks issue one collective sequence; a divergent sequence, a planner difference and bad input
+are caught with the documented exit codes."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lanton_dist.cli import main
+from lanton_dist.rehearsal import rehearse, run_ranks
+from lanton_dist.rehearsal.compare import consistency, planner_for
+from lanton_dist.rehearsal.driver import RankSpec, rehearsal_config
+from lanton_dist.rehearsal.fakeworld import meta_skip_vote
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = str(ROOT / "configs" / "llama-7b.yaml")
+ZERO = ["--parallel.backend=zero"]
+
+
+def _check_engine_report(data: dict, gpus: int) -> None:
+    """A report (``Report.to_json``) of LLaMA-7B on ``gpus`` engine ranks equals the planner."""
+    assert data["ok"], "\n".join(data["differences"] + data["inconsistencies"])
+    ranks = [r["rank"] for r in data["ranks"]]
+    assert {0, 1, gpus // 2, gpus - 1} <= set(ranks) and len(ranks) <= 5
+    assert any("most loaded owner" in r["why"] for r in data["ranks"])
+    assert len(set(data["digests"].values())) == 1
+    for r in data["ranks"]:
+        mem = r["memory"]
+        assert mem["parameters"][0] == mem["parameters"][1] >= 6_738_415_616 * 4
+        assert mem["state"][0] == mem["state"][1] > 0
+        assert mem["prev_grad"][0] == mem["prev_grad"][1] > 0       # Option I, before the estimation step
+        assert [s["count"][0] for s in r["steps"]] == [s["count"][1] for s in r["steps"]]
+        assert r["steps"][2]["estimation"] and "variance" in r["steps"][2]["phases"]["rehearsed"]
+        assert "variance" not in r["steps"][1]["phases"]["rehearsed"]
+        assert r["skip_vote_reads"] == [1, 1, 1]                    # the one seam, once per step
+        assert len(r["step_ms"]) == 3 and r["construction_s"] > 0
+
+
+@pytest.mark.slow
+def test_rehearsed_engine_ranks_equal_the_planner_and_issue_one_collective_sequence_at_64_ranks():
+    report = rehearse(CONFIG, ZERO, 8, 8, "sample", steps=3, jobs=2)
+    _check_engine_report(report.to_json(), 64)
+
+
+@pytest.mark.slow
+def test_cli_exits_0_when_the_rehearsal_equals_the_planner_at_8_ranks(tmp_path, capsys):
+    out_json = tmp_path / "report.json"
+    assert main(["rehearse", CONFIG, *ZERO, "--nodes", "1", "--gpus-per-node", "8", "--jobs", "2", "--json", str(out_json)]) == 0
+    out = capsys.readouterr().out
+    assert "OK: rehearsal equals the planner" in out and "skip/presence vote" in out
+    _check_engine_report(json.loads(out_json.read_text()), 8)
+
+
+@pytest.mark.slow
+def test_a_rank_with_another_collective_sequence_is_detected():
+    """Two ranks built with different bucket sizes (the bug class that hangs NCCL): the digests
+    differ and the first divergent collective is named."""
+    specs = [RankSpec(CONFIG, (*ZERO, "--parallel.bucket_mb=25"), 8, 0), RankSpec(CONFIG, (*ZERO, "--parallel.bucket_mb=10"), 8, 1)]
+    results = run_ranks(specs, jobs=2)
+    problems = consistency(results)
+    assert len(problems) == 1 and "ranks 0 and 1 diverge at collective #" in problems[0]
+    assert consistency([results[0], results[0] | {"rank": 1}]) == []
+
+
+def test_the_seam_answers_only_the_cores_skip_vote_read():
+    with meta_skip_vote() as log:
+        with pytest.raises((NotImplementedError, RuntimeError)):
+            torch.zeros(3, device="meta").tolist()     # any other host read of a meta tensor still fails
+        assert torch.ones(2).tolist() == [1.0, 1.0]
+    assert log.reads == []
+
+
+@pytest.mark.slow
+def test_cli_exits_1_where_the_rehearsal_differs_from_the_planner(monkeypatch, capsys):
+    """A planner of another bucket size stands in for a wrong prediction."""
+    import lanton_dist.rehearsal.runner as runner
+
+    monkeypatch.setattr(runner, "planner_for", lambda cfg, nodes, gpus: planner_for(
+        rehearsal_config(RankSpec(CONFIG, (*ZERO, "--parallel.bucket_mb=10"), nodes * gpus, 0)), nodes, gpus))
+    assert main(["rehearse", CONFIG, *ZERO, "--nodes", "1", "--gpus-per-node", "2"]) == 1
+    out = capsys.readouterr().out
+    assert "DIFFERS" in out and "collective #" in out
+
+
+@pytest.mark.parametrize("argv,message", [
+    ([CONFIG, "--nodes", "1"], "parallel.backend 'megatron' is not rehearsed yet"),
+    ([CONFIG, *ZERO, "--steps", "2"], "--steps must be >= 3"),
+    ([CONFIG, "--parallel.no_such_key=1"], "no_such_key"),
+    ([str(ROOT / "configs" / "missing.yaml")], "does not exist"),
+    ([CONFIG, *ZERO, "--model", "llama-8b"], "unknown model preset"),
+])
+def test_cli_refuses_bad_input_with_exit_2(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["rehearse", *argv])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
