@@ -20,7 +20,8 @@ The fake backend's own behaviour, handled here and never reported as ours
 
 1. ``all_gather_object`` returns W copies of the local object, so a same-model check can never
    fail on it: the rehearsal digests each rank's contributed objects and compares the digests
-   across the sampled ranks instead (:mod:`.compare`).
+   across the sampled ranks instead (:mod:`.compare`). Where an object differs by rank by
+   design (FSDP2's block layout), the stack supplies every rank's own (:func:`gathered_objects`).
 2. ``reduce_scatter`` leaves its outputs uninitialised: on meta tensors there are no values
    to read, and the rehearsal reads none (bytes and records only).
 3. An all-to-all with an empty input and a non-empty output is refused by the fake backend
@@ -31,7 +32,7 @@ from __future__ import annotations
 import hashlib
 import pickle
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,7 +44,8 @@ from lanton_dist.config import ModelConfig
 
 FAKE_BACKEND_NOTES: tuple[str, ...] = (
     "all_gather_object returns W copies of the local object: the same-model check cannot fail on the fake "
-    "backend, so each rank's contributed objects are digested and the digests compared across sampled ranks",
+    "backend, so each rank's contributed objects are digested and the digests compared across sampled ranks; "
+    "FSDP2's per-rank block layout is supplied for every rank as that rank computes it",
     "reduce_scatter leaves outputs uninitialised: meta tensors hold no values and the rehearsal reads none",
     "an all-to-all with empty input and non-empty output is refused by the fake backend (NCCL accepts it); "
     "the ZeRO engine issues no all-to-all",
@@ -109,13 +111,22 @@ def digest(obj: Any) -> str:
 
 
 @contextmanager
-def gathered_objects() -> Iterator[list[str]]:
-    """Record the digest of every object this rank passes to ``dist.all_gather_object``."""
+def gathered_objects(peers: Callable[[], Callable[[Any, int], Any] | None] = lambda: None) -> Iterator[list[str]]:
+    """Record the digest of every object this rank passes to ``dist.all_gather_object``.
+
+    ``peers()``: None, or ``contribution(obj, q)`` giving the object rank ``q`` passes in the
+    call where this rank passes ``obj``; when it reproduces this rank's own object (the call
+    it knows), the gathered list is every rank's contribution instead of the fake backend's W
+    copies of this rank's."""
     seen: list[str] = []
     real = dist.all_gather_object
 
     def recording(object_list: list[Any], obj: Any, group: Any = None) -> None:
         seen.append(digest(obj))
+        contribution = peers()
+        if contribution is not None and contribution(obj, dist.get_rank(group)) == obj:
+            object_list[:] = [contribution(obj, q) for q in range(dist.get_world_size(group))]
+            return None
         return real(object_list, obj, group=group)
 
     dist.all_gather_object = recording

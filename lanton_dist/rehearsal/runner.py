@@ -21,8 +21,9 @@ from typing import Any
 from lanton_dist.config import load_run_config
 from lanton_dist.rehearsal.compare import (RankComparison, compare_rank, consistency, format_rank, planner_for, sample_ranks,
                                            sequence_digest)
-from lanton_dist.rehearsal.driver import STACKS, RankSpec, rehearsal_config
+from lanton_dist.rehearsal.driver import RankSpec, rehearsal_config
 from lanton_dist.rehearsal.fakeworld import FAKE_BACKEND_NOTES, SEAM_NOTE
+from lanton_dist.rehearsal.stacks import STACKS
 
 _ROOT = str(Path(__file__).resolve().parents[2])
 
@@ -80,7 +81,7 @@ class Report:
         return not self.differences and not self.inconsistencies
 
     def text(self) -> str:
-        head = (f"rehearsal: {self.stack} engine, {self.model}, world {self.world} (fake process group, meta parameters), "
+        head = (f"rehearsal: parallel.backend {self.stack}, {self.model}, world {self.world} (fake process group, meta parameters), "
                 f"{len(self.ranks)} ranks rehearsed in {self.wall_s:.1f} s (planner {self.planner_s:.1f} s)")
         blocks = [head] + [format_rank(r) for r in self.ranks]
         digests = ", ".join(f"{r}: {d}" for r, d in self.digests.items())
@@ -110,10 +111,10 @@ def rehearse(config: str | None, overrides: list[str], nodes: int, gpus_per_node
     cfg = rehearsal_config(RankSpec(config, tuple(overrides), world, 0, steps, model))
     if cfg.parallel.backend not in STACKS:
         raise ValueError(f"parallel.backend {cfg.parallel.backend!r} is not rehearsed yet; rehearsed: {', '.join(STACKS)} "
-                         "(override it, e.g. parallel.backend=zero)")
+                         "(override it, e.g. --parallel.backend=zero)")
     if cfg.optim.ns_split_tolerance is not None:
         raise ValueError("optim.ns_split_tolerance is not rehearsed yet (the planner's split collectives are not compared)")
-    planner = planner_for(cfg, nodes, gpus_per_node)
+    planner = planner_for(cfg, nodes, gpus_per_node, STACKS[cfg.parallel.backend].strategy)
     chosen = sample_ranks(planner, ranks)
     planner_s = time.perf_counter() - started
     specs = [RankSpec(config, tuple(overrides), world, r, steps, model) for r in chosen]
