@@ -8,18 +8,23 @@
   state, Option I's previous gradient, Option II's half buffer; the early owner steps'
   transient is an upper bound in the planner, so measured ≤ planned) and, per step, the
   ordered list of metered collectives against the planner's (op, phase, group size, elements,
-  element size, tensor bytes, sent bytes). Host milliseconds and construction seconds have no
+  element size, tensor bytes, sent bytes; FSDP2: as multisets, its planner model does not
+  give the order of its pipelined exchange buckets). Host milliseconds and construction seconds have no
   planner figure (the planner models device time): reported, not compared.
-* :func:`consistency` — per rank a digest of its collective sequence restricted to what every
-  rank of a group must agree on (step, op, phase, group, group size, element size and, except
-  for all-to-alls whose splits are per rank, the element count): different digests are the
-  bug class that hangs NCCL; the first divergent collective is named. The objects each rank
+* :func:`consistency` — a rank's collective sequence restricted to what every rank of a group
+  must agree on (step, op, phase, group, group size, element size and, except for
+  all-to-alls whose splits are per rank, the element count), compared per process group
+  among the sampled ranks of the same group instance (Megatron: a DP group is one (stage, TP
+  rank), a TP group one (stage, DP rank), ``world`` everyone): a difference is the bug class
+  that hangs NCCL; the first divergent collective is named. :func:`sequence_digest` is the
+  digest of a rank's whole sequence, printed per rank. The objects the ranks of one DP group
   gave ``all_gather_object`` are compared the same way (the fake backend cannot).
 """
 from __future__ import annotations
 
 import hashlib
 import json
+from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +42,9 @@ _MEMORY_RULES: dict[str, dict[str, str]] = {
     "fsdp2": {"parameters": "=", "gradients": "=", "buffers": "model", "state": "=", "prev_grad": "=", "half_buffer": "model",
               "early_owner_steps": "=", "peak": "model"},
 }
+#: Strategies whose planner model gives the issue order of collectives; the others (FSDP2's
+#: pipelined exchange buckets) are compared as multisets per step, as tests/test_plan.py does.
+_ORDERED = {"zero2": True, "fsdp2": False}
 #: Planner phases of work the rehearsal does not run (FSDP2's own collectives).
 _NOT_REHEARSED_PHASES = ("fsdp_",)
 
@@ -45,7 +53,9 @@ def planner_for(cfg: RunConfig, nodes: int, gpus_per_node: int, strategy: str = 
     """The planner's model of ``strategy`` (``zero2``: the ZeRO engine; ``fsdp2``) for ``cfg`` on
     ``nodes × gpus_per_node`` ranks."""
     o = cfg.optim
-    layout = ParallelLayout(nodes=nodes, gpus_per_node=gpus_per_node, strategy=strategy, bucket_mb=cfg.parallel.bucket_mb)
+    tp, pp = (cfg.parallel.tp, cfg.parallel.pp) if cfg.parallel.backend == "megatron" else (1, 1)
+    layout = ParallelLayout(nodes=nodes, gpus_per_node=gpus_per_node, tp=tp, pp=pp, strategy=strategy,
+                            bucket_mb=cfg.parallel.bucket_mb)
     settings = OptimSettings(algorithm=o.name, estimate_every=o.estimate_every, option=o.option,
                              nuclear_estimator=o.nuclear_estimator, ns_steps=o.ns_steps,
                              skip_nonfinite=True, param_bytes=4, device="cpu")
@@ -60,13 +70,24 @@ def sample_ranks(planner: StepPlanner, which: str) -> dict[int, str]:
         return {r: "" for r in range(world)}
     if which != "sample":
         raise ValueError(f"--ranks must be 'sample' or 'all', got {which!r}")
-    flops = planner.stages[0].ownership.flops
-    loaded = max(range(len(flops)), key=lambda r: (flops[r], -r))
+    loaded = max(range(world), key=lambda r: (_ns_flops(planner, r), -r))
     out: dict[int, str] = {}
     for r, why in ((0, "first"), (1, "second"), (loaded, "most loaded owner"), (world // 2, "middle"), (world - 1, "last")):
         if r < world:
             out[r] = ", ".join(x for x in (out.get(r), why) if x)
     return dict(sorted(out.items()))
+
+
+def position(planner: StepPlanner, rank: int) -> tuple[int, int, int]:
+    """(pipeline stage, DP rank, TP rank) of global ``rank`` in Megatron's order (TP fastest, then DP, then PP)."""
+    L = planner.layout
+    return rank // (L.tp * L.dp), rank // L.tp % L.dp, rank % L.tp
+
+
+def _ns_flops(planner: StepPlanner, rank: int) -> int:
+    s, d, t = position(planner, rank)
+    st = planner.stages[s]
+    return st.ownership.flops[planner.ns_rank(st, d, t)]
 
 
 @dataclass
@@ -101,7 +122,8 @@ def _phases(records: list[list[Any]]) -> dict[str, list[int]]:
 def compare_rank(planner: StepPlanner, result: dict[str, Any], why: str = "") -> RankComparison:
     """``result`` (a :class:`~.driver.RankResult` as JSON) against the planner (module doc)."""
     d = result["rank"]
-    mem = planner.rank_memory(0, d, 0)
+    where = position(planner, d)
+    mem = planner.rank_memory(*where)
     got = result["memory"]
     peak = (got["parameters"] + got["gradients"] + got["buffers"] + got["state"]
             + max(got["buffers_peak_extra"], got["early_peak_extra"]) + got["prev_grad"])
@@ -113,17 +135,21 @@ def compare_rank(planner: StepPlanner, result: dict[str, Any], why: str = "") ->
     rules = _MEMORY_RULES[planner.layout.strategy]
     out = RankComparison(d, why, memory, [], result["step_ms"], result["construction_s"], result["skip_vote_reads"],
                          rules=rules)
+    if tuple(result["position"]) != where:
+        out.differences.append(f"rank {d}: (stage, DP rank, TP rank) {tuple(result['position'])} rehearsed vs {where} planned")
     for kind, (a, b) in memory.items():
         if not _memory_ok(rules[kind], a, b):
             out.differences.append(f"rank {d}: {kind} {a} B rehearsed vs {b} B planned"
                                    + (" (planned is an upper bound)" if rules[kind] == "<=" else ""))
     for step, records in enumerate(result["collectives"]):
-        planned = [c for c in planner.rank_step(0, d, 0, step).collectives if not c.phase.startswith(_NOT_REHEARSED_PHASES)]
+        planned = [c for c in planner.rank_step(*where, step).collectives if not c.phase.startswith(_NOT_REHEARSED_PHASES)]
         measured_keys = [tuple(r[i] for i in _KEY) for r in records]
         planned_keys = [c.key() for c in planned]
         pl_records = [[c.op, c.phase, c.group, c.group_size, c.numel, c.elem_size, c.tensor_bytes, c.sent_bytes] for c in planned]
         out.steps.append({"step": step, "estimation": planner.optim.estimates(step), "count": (len(records), len(planned)),
                           "phases": {"rehearsed": _phases(records), "planned": _phases(pl_records)}})
+        if not _ORDERED[planner.layout.strategy]:
+            measured_keys, planned_keys = sorted(measured_keys), sorted(planned_keys)
         if measured_keys != planned_keys:
             i = next((i for i, (a, b) in enumerate(zip(measured_keys, planned_keys)) if a != b),
                      min(len(measured_keys), len(planned_keys)))
@@ -144,25 +170,40 @@ def sequence_digest(result: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(agreement_keys(result)).encode()).hexdigest()[:16]
 
 
+def _instance(result: dict[str, Any], group: str) -> tuple[int, ...]:
+    """Which instance of ``group`` a rank is in, from its (stage, DP rank, TP rank): ``world``
+    is one group; a ``dp`` group is one (stage, TP rank); a ``tp`` group one (stage, DP rank)."""
+    s, d, t = result["position"]
+    return {"world": (), "dp": (s, t), "tp": (s, d)}.get(group, (s, d, t))
+
+
 def consistency(results: list[dict[str, Any]]) -> list[str]:
-    """Differences between the sampled ranks' collective sequences and gathered objects
-    (empty: consistent). Each names the first divergent collective against the lowest rank."""
-    if not results:
-        return []
+    """Differences between the collective sequences of sampled ranks that share a process
+    group (each group's collectives compared among the ranks of the same group instance) and
+    between the objects ranks of one data-parallel group gave ``all_gather_object`` (empty:
+    consistent). Each names the first divergent collective against the lowest such rank."""
+    lanes: dict[tuple[str, tuple[int, ...]], list[tuple[int, list[tuple[Any, ...]]]]] = defaultdict(list)
+    objects: dict[tuple[int, ...], list[dict[str, Any]]] = defaultdict(list)
+    for res in results:
+        keys = agreement_keys(res)
+        for group in dict.fromkeys(k[3] for k in keys):
+            lanes[(group, _instance(res, group))].append((res["rank"], [k for k in keys if k[3] == group]))
+        objects[_instance(res, "dp")].append(res)
     problems = []
-    ref = results[0]
-    ref_keys, ref_digest = agreement_keys(ref), sequence_digest(ref)
-    for res in results[1:]:
-        if sequence_digest(res) != ref_digest:
-            keys = agreement_keys(res)
-            i = next((i for i, (a, b) in enumerate(zip(ref_keys, keys)) if a != b), min(len(ref_keys), len(keys)))
-            a = ref_keys[i] if i < len(ref_keys) else "nothing"
-            b = keys[i] if i < len(keys) else "nothing"
-            problems.append(f"ranks {ref['rank']} and {res['rank']} diverge at collective #{i} "
-                            f"(step, op, phase, group, group size, elements, element size): {a} vs {b}")
-        if res["object_digests"] != ref["object_digests"]:
-            problems.append(f"ranks {ref['rank']} and {res['rank']} gave all_gather_object different objects "
-                            f"(digests {ref['object_digests']} vs {res['object_digests']})")
+    for (group, _), ranks in lanes.items():
+        ref_rank, ref = ranks[0]
+        for rank, keys in ranks[1:]:
+            if keys != ref:
+                i = next((i for i, (a, b) in enumerate(zip(ref, keys)) if a != b), min(len(ref), len(keys)))
+                a = ref[i] if i < len(ref) else "nothing"
+                b = keys[i] if i < len(keys) else "nothing"
+                problems.append(f"ranks {ref_rank} and {rank} diverge at their {group} collective #{i} "
+                                f"(step, op, phase, group, group size, elements, element size): {a} vs {b}")
+    for peers in objects.values():
+        for res in peers[1:]:
+            if res["object_digests"] != peers[0]["object_digests"]:
+                problems.append(f"ranks {peers[0]['rank']} and {res['rank']} (one data-parallel group) gave all_gather_object "
+                                f"different objects (digests {peers[0]['object_digests']} vs {res['object_digests']})")
     return problems
 
 

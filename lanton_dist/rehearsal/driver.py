@@ -22,7 +22,7 @@ from typing import Any
 
 from lanton_dist.config import RunConfig, load_run_config
 from lanton_dist.engine.meter import CommMeter, CommRecord
-from lanton_dist.rehearsal.fakeworld import gathered_objects, init_fake_world, meta_model, meta_skip_vote
+from lanton_dist.rehearsal.fakeworld import gathered_objects, init_fake_world, meta_skip_vote, nccl_all_to_all
 from lanton_dist.rehearsal.stacks import STACKS, reachable_bytes
 
 
@@ -54,6 +54,7 @@ class RankResult:
     collectives: list[list[list[Any]]]
     skip_vote_reads: list[int]
     object_digests: list[str] = field(default_factory=list)
+    position: list[int] = field(default_factory=lambda: [0, 0, 0])   # (pipeline stage, DP rank, TP rank)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -104,9 +105,9 @@ def run_rank(spec: RankSpec) -> RankResult:
                          "(override it, e.g. --parallel.backend=zero)")
     stack = STACKS[cfg.parallel.backend]()
     init_fake_world(spec.rank, spec.world)
-    model = meta_model(cfg.model)
+    model = stack.make_model(cfg)
     meter = _StepMeter()
-    with gathered_objects(lambda: getattr(stack, "peers", None)) as objects, meta_skip_vote() as votes:
+    with gathered_objects(lambda: stack.peers) as objects, meta_skip_vote() as votes, nccl_all_to_all():
         started = time.perf_counter()
         opt = stack.build(cfg, model, meter)
         construction_s = time.perf_counter() - started
@@ -134,4 +135,5 @@ def run_rank(spec: RankSpec) -> RankResult:
             opt.zero_grad(set_to_none=True)
             before = reachable_bytes(opt.core, set(), set())
     records = [meter.steps.get(s, []) for s in range(spec.steps + 1)]
-    return RankResult(spec.rank, spec.world, construction_s, step_ms, mem, records, reads, list(objects))
+    return RankResult(spec.rank, spec.world, construction_s, step_ms, mem, records, reads, list(objects),
+                      list(stack.position(spec.world)))

@@ -25,7 +25,8 @@ The fake backend's own behaviour, handled here and never reported as ours
 2. ``reduce_scatter`` leaves its outputs uninitialised: on meta tensors there are no values
    to read, and the rehearsal reads none (bytes and records only).
 3. An all-to-all with an empty input and a non-empty output is refused by the fake backend
-   (NCCL accepts it); the ZeRO engine issues no all-to-all.
+   (NCCL accepts it): :func:`nccl_all_to_all` completes it, as NCCL would (the call is still
+   metered and digested as issued).
 """
 from __future__ import annotations
 
@@ -47,8 +48,8 @@ FAKE_BACKEND_NOTES: tuple[str, ...] = (
     "backend, so each rank's contributed objects are digested and the digests compared across sampled ranks; "
     "FSDP2's per-rank block layout is supplied for every rank as that rank computes it",
     "reduce_scatter leaves outputs uninitialised: meta tensors hold no values and the rehearsal reads none",
-    "an all-to-all with empty input and non-empty output is refused by the fake backend (NCCL accepts it); "
-    "the ZeRO engine issues no all-to-all",
+    "an all-to-all with empty input and non-empty output is refused by the fake backend (NCCL accepts it): "
+    "the rehearsal completes it as NCCL would",
 )
 
 #: What the rehearsal does not cover because of :func:`meta_skip_vote`.
@@ -112,21 +113,23 @@ def digest(obj: Any) -> str:
 
 @contextmanager
 def gathered_objects(peers: Callable[[], Callable[[Any, int], Any] | None] = lambda: None) -> Iterator[list[str]]:
-    """Record the digest of every object this rank passes to ``dist.all_gather_object``.
+    """Record the digest of every object this rank passes to ``dist.all_gather_object`` (of
+    the whole gathered list where ``peers`` supplies it).
 
-    ``peers()``: None, or ``contribution(obj, q)`` giving the object rank ``q`` passes in the
-    call where this rank passes ``obj``; when it reproduces this rank's own object (the call
-    it knows), the gathered list is every rank's contribution instead of the fake backend's W
-    copies of this rank's."""
+    ``peers()``: None, or ``contribution(obj, q)``: the object rank ``q`` passes in the call
+    where this rank passes ``obj``, or None for a call it does not know. For a known call the
+    gathered list is every rank's contribution instead of the fake backend's W copies of this
+    rank's."""
     seen: list[str] = []
     real = dist.all_gather_object
 
     def recording(object_list: list[Any], obj: Any, group: Any = None) -> None:
-        seen.append(digest(obj))
         contribution = peers()
-        if contribution is not None and contribution(obj, dist.get_rank(group)) == obj:
+        if contribution is not None and contribution(obj, dist.get_rank(group)) is not None:
             object_list[:] = [contribution(obj, q) for q in range(dist.get_world_size(group))]
+            seen.append(digest(object_list))   # per-rank objects: what every rank receives must agree
             return None
+        seen.append(digest(obj))
         return real(object_list, obj, group=group)
 
     dist.all_gather_object = recording
@@ -134,3 +137,30 @@ def gathered_objects(peers: Callable[[], Callable[[Any, int], Any] | None] = lam
         yield seen
     finally:
         dist.all_gather_object = real
+
+
+class _Done:
+    """A completed collective."""
+
+    def wait(self, *_args: Any, **_kwargs: Any) -> bool:
+        return True
+
+
+@contextmanager
+def nccl_all_to_all() -> Iterator[None]:
+    """An ``all_to_all_single`` with an empty input and a non-empty output (a rank that sends
+    nothing but receives) completes as NCCL's does, instead of the fake backend's refusal
+    (it moves nothing either way on the fake backend)."""
+    real = dist.all_to_all_single
+
+    def all_to_all_single(output: torch.Tensor, input: torch.Tensor, *args: Any, async_op: bool = False,
+                          **kwargs: Any) -> Any:
+        if input.numel() == 0 and output.numel() > 0:
+            return _Done() if async_op else None
+        return real(output, input, *args, async_op=async_op, **kwargs)
+
+    dist.all_to_all_single = all_to_all_single
+    try:
+        yield
+    finally:
+        dist.all_to_all_single = real

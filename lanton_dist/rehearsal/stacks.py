@@ -20,14 +20,18 @@ parameter a gradient; values are not modelled), and ``held`` (bytes by kind afte
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from lanton_dist.config import RunConfig
 from lanton_dist.engine.meter import CommMeter
+from lanton_dist.groups import ParamSpec
 
 
 def storage_bytes(tensors: Any) -> dict[int, int]:
@@ -78,6 +82,17 @@ class Stack:
     """One training stack on a meta model (module doc). ``strategy``: its planner strategy."""
 
     strategy = ""
+    peers: Callable[[Any, int], Any] | None = None
+
+    def make_model(self, cfg: RunConfig) -> nn.Module:
+        """This rank's model on ``meta`` (the fake world is initialised)."""
+        from lanton_dist.rehearsal.fakeworld import meta_model
+
+        return meta_model(cfg.model)
+
+    def position(self, world: int) -> tuple[int, int, int]:
+        """This rank's (pipeline stage, data-parallel rank, tensor-parallel rank)."""
+        return 0, dist.get_rank(), 0
 
     def build(self, cfg: RunConfig, model: nn.Module, meter: CommMeter) -> Any:
         raise NotImplementedError
@@ -141,8 +156,11 @@ def peer_blocks(params: list[torch.Tensor], mesh: Any) -> Callable[[Any, int], A
     per parameter: rank ``q``'s contribution, computed as rank ``q`` computes it."""
     rule = _shard_rule(mesh)
 
-    def contribution(_mine: Any, q: int) -> Any:
+    def blocks(q: int) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
         return [(rule(p.shape, q)[1], rule(p.shape, q)[0]) for p in params]
+
+    def contribution(mine: Any, q: int) -> Any:
+        return blocks(q) if mine == blocks(dist.get_rank()) else None
 
     return contribution
 
@@ -164,7 +182,6 @@ class FSDP2Stack(Stack):
                                   shape=t.shape, stride=t.stride())
 
     def build(self, cfg: RunConfig, model: nn.Module, meter: CommMeter) -> Any:
-        import torch.distributed as dist
         from torch.distributed.device_mesh import init_device_mesh
 
         from lanton_dist.factory import param_groups
@@ -190,4 +207,62 @@ class FSDP2Stack(Stack):
         return storage_bytes([p.to_local() for p in model.parameters()])
 
 
-STACKS: dict[str, type[Stack]] = {"zero": EngineStack, "fsdp2": FSDP2Stack}
+_LAYER = re.compile(r"^(.*?decoder\.layers\.)(\d+)(\..*)$")
+
+
+class MegatronStack(EngineStack):
+    """:func:`lanton_dist.integrations.megatron.build_megatron_optimizer` on Megatron-core's GPT
+    model of this rank's pipeline stage and TP shard, built on ``meta`` with Megatron's parallel
+    state over the fake world (its CPU shim, :mod:`lanton_dist.integrations.megatron_cpu`).
+
+    The engine gathers every stage's logical parameter list once (``all_gather_object``):
+    :meth:`stage_specs` gives each rank's as that rank computes it — this stage's layers
+    renumbered, the embedding on the first stage, the final norm and output layer on the last
+    (their specs from a meta model holding both ends)."""
+
+    def make_model(self, cfg: RunConfig) -> nn.Module:
+        from lanton_dist.integrations import megatron_cpu
+        from lanton_dist.integrations.megatron_model import build_gpt_model, initialize_model_parallel, logical_param_specs
+
+        if not torch.cuda.is_available():
+            megatron_cpu.install()
+        initialize_model_parallel(cfg)
+        self.tp, self.pp = cfg.parallel.tp, cfg.parallel.pp
+        self.per_stage = cfg.model.n_layers // self.pp
+        with torch.device("meta"):
+            model = build_gpt_model(cfg)
+            ends = build_gpt_model(cfg, pre_process=True, post_process=True) if self.pp > 1 else model
+        self.ends = [i.spec for i in logical_param_specs(ends, cfg).values() if not _LAYER.match(i.spec.name)]
+        self.peers = self.stage_specs
+        return model
+
+    def position(self, world: int) -> tuple[int, int, int]:
+        from megatron.core import parallel_state as ps
+
+        return (ps.get_pipeline_model_parallel_rank(), ps.get_data_parallel_rank(), ps.get_tensor_model_parallel_rank())
+
+    def build(self, cfg: RunConfig, model: nn.Module, meter: CommMeter) -> Any:
+        from lanton_dist.integrations.megatron import build_megatron_optimizer
+
+        return build_megatron_optimizer(model, cfg, meter=meter)
+
+    def stage_specs(self, mine: Any, q: int) -> Any:
+        """Rank ``q``'s logical parameter list, given this rank's ``mine`` (None: not that call)."""
+        if not (isinstance(mine, list) and mine and all(isinstance(x, ParamSpec) for x in mine)
+                and any(_LAYER.match(x.name) for x in mine)):
+            return None
+        stage, mine_stage = q // (dist.get_world_size() // self.pp), dist.get_rank() // (dist.get_world_size() // self.pp)
+        shift = (stage - mine_stage) * self.per_stage
+        out = []
+        for x in mine:
+            m = _LAYER.match(x.name)
+            if m:
+                name = f"{m.group(1)}{int(m.group(2)) + shift}{m.group(3)}"
+                out.append(replace(x, name=name, blocks=tuple(replace(b, name=b.name.replace(x.name, name))
+                                                                for b in x.blocks)))
+        first = [x for x in self.ends if x.name.startswith("embedding.")]
+        last = [x for x in self.ends if not x.name.startswith("embedding.")]
+        return (first if stage == 0 else []) + out + (last if stage == self.pp - 1 else [])
+
+
+STACKS: dict[str, type[Stack]] = {"zero": EngineStack, "fsdp2": FSDP2Stack, "megatron": MegatronStack}
