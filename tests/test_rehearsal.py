@@ -57,6 +57,37 @@ def test_cli_exits_0_when_the_rehearsal_equals_the_planner_at_8_ranks(tmp_path, 
 
 
 @pytest.mark.slow
+def test_fsdp2_adapter_on_synthesised_shards_holds_and_sends_what_the_planner_predicts():
+    """LANTONFSDP2's exchange and core on FSDP2-shaped meta shards, 2 ranks: parameters,
+    gradients, state and Option I's previous gradient equal the planner's fsdp2 model, and
+    the metered collectives (all-to-alls of the LMO exchange, scalar phases) its multiset."""
+    report = rehearse(CONFIG, ["--parallel.backend=fsdp2"], 1, 2, "sample", jobs=2)
+    assert report.ok, "\n".join(report.differences + report.inconsistencies)
+    for r in report.ranks:
+        assert r.rules["buffers"] == "model"                   # FSDP2's own unit buffers are not run
+        assert r.memory["state"][0] == r.memory["state"][1] > 0
+        assert {"lmo_gather", "lmo_scatter"} <= set(r.steps[1]["phases"]["rehearsed"])
+
+
+@pytest.mark.slow
+def test_megatron_tp_pp_ranks_agree_and_differ_from_the_planner_only_in_dp_buckets_of_fused_weights():
+    """Megatron TP 2 × PP 2 (4 ranks, two stages): every rank's collectives agree within each
+    group instance and job-wide (the scalar all-reduces span both stages), memory by kind and
+    the TP exchange equal the planner's; the planner's DP buckets differ because it models
+    q/k/v and gate/up as separate parameters where Megatron fuses them (linear_qkv, linear_fc1)."""
+    report = rehearse(CONFIG, ["--parallel.tp=2", "--parallel.pp=2"], 1, 4, "sample", jobs=2)
+    assert report.inconsistencies == []
+    assert not report.ok
+    assert all(any(ph in d for ph in ("init_sync", "grad_reduce", "param_gather")) for d in report.differences)
+    for r in report.ranks:
+        assert all(a == b for kind, (a, b) in r.memory.items() if r.rules[kind] == "="), r.memory
+        for s in r.steps[1:]:
+            for phase in ("lmo_gather", "lmo_scatter", "finite", "norm"):
+                assert s["phases"]["rehearsed"][phase] == s["phases"]["planned"][phase], (r.rank, s["step"], phase)
+    assert {r.rank for r in report.ranks} == {0, 1, 2, 3}
+
+
+@pytest.mark.slow
 def test_a_rank_with_another_collective_sequence_is_detected():
     """Two ranks built with different bucket sizes (the bug class that hangs NCCL): the digests
     differ and the first divergent collective is named."""
@@ -88,7 +119,8 @@ def test_cli_exits_1_where_the_rehearsal_differs_from_the_planner(monkeypatch, c
 
 
 @pytest.mark.parametrize("argv,message", [
-    ([CONFIG, "--nodes", "1"], "parallel.backend 'megatron' is not rehearsed yet"),
+    ([CONFIG, "--parallel.backend=deepspeed"], "parallel.backend 'deepspeed' is not rehearsed yet"),
+    ([CONFIG, "--nodes", "1"], "not divisible by tp"),     # megatron TP 8 × PP 2 from the config on 8 GPUs
     ([CONFIG, *ZERO, "--steps", "2"], "--steps must be >= 3"),
     ([CONFIG, "--parallel.no_such_key=1"], "no_such_key"),
     ([str(ROOT / "configs" / "missing.yaml")], "does not exist"),
