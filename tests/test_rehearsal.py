@@ -13,8 +13,8 @@ import torch
 
 from lanton_dist.cli import main
 from lanton_dist.rehearsal import rehearse, run_ranks
-from lanton_dist.rehearsal.compare import consistency, planner_for
-from lanton_dist.rehearsal.driver import RankSpec, rehearsal_config
+from lanton_dist.rehearsal.compare import consistency
+from lanton_dist.rehearsal.driver import RankSpec
 from lanton_dist.rehearsal.fakeworld import meta_skip_vote
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,15 +87,20 @@ def test_megatron_tp_pp_ranks_agree_and_differ_from_the_planner_only_in_dp_bucke
     assert {r.rank for r in report.ranks} == {0, 1, 2, 3}
 
 
+@pytest.fixture(scope="module")
+def divergent_ranks() -> list[dict]:
+    """Ranks 0 and 1 of 8 built with different bucket sizes (25 and 10 MiB): the bug class
+    that hangs NCCL."""
+    return run_ranks([RankSpec(CONFIG, (*ZERO, "--parallel.bucket_mb=25"), 8, 0),
+                      RankSpec(CONFIG, (*ZERO, "--parallel.bucket_mb=10"), 8, 1)], jobs=2)
+
+
 @pytest.mark.slow
-def test_a_rank_with_another_collective_sequence_is_detected():
-    """Two ranks built with different bucket sizes (the bug class that hangs NCCL): the digests
-    differ and the first divergent collective is named."""
-    specs = [RankSpec(CONFIG, (*ZERO, "--parallel.bucket_mb=25"), 8, 0), RankSpec(CONFIG, (*ZERO, "--parallel.bucket_mb=10"), 8, 1)]
-    results = run_ranks(specs, jobs=2)
-    problems = consistency(results)
+def test_a_rank_with_another_collective_sequence_is_detected(divergent_ranks):
+    """The first divergent collective of the shared group is named; equal sequences pass."""
+    problems = consistency(divergent_ranks)
     assert len(problems) == 1 and "ranks 0 and 1 diverge at their dp collective #" in problems[0]
-    assert consistency([results[0], results[1] | {"collectives": results[0]["collectives"]}]) == []
+    assert consistency([divergent_ranks[0], divergent_ranks[1] | {"collectives": divergent_ranks[0]["collectives"]}]) == []
 
 
 def test_the_seam_answers_only_the_cores_skip_vote_read():
@@ -107,15 +112,16 @@ def test_the_seam_answers_only_the_cores_skip_vote_read():
 
 
 @pytest.mark.slow
-def test_cli_exits_1_where_the_rehearsal_differs_from_the_planner(monkeypatch, capsys):
-    """A planner of another bucket size stands in for a wrong prediction."""
+def test_cli_exits_1_where_the_rehearsal_differs_from_the_planner_or_ranks_disagree(divergent_ranks, monkeypatch, capsys):
+    """Rank 1 built with a 10 MiB bucket against the planner of the config's 25 MiB: its
+    collectives differ from the planner's and from rank 0's."""
     import lanton_dist.rehearsal.runner as runner
 
-    monkeypatch.setattr(runner, "planner_for", lambda cfg, nodes, gpus: planner_for(
-        rehearsal_config(RankSpec(CONFIG, (*ZERO, "--parallel.bucket_mb=10"), nodes * gpus, 0)), nodes, gpus))
-    assert main(["rehearse", CONFIG, *ZERO, "--nodes", "1", "--gpus-per-node", "2"]) == 1
+    monkeypatch.setattr(runner, "run_ranks", lambda specs, jobs: divergent_ranks)
+    assert main(["rehearse", CONFIG, *ZERO, "--nodes", "1", "--gpus-per-node", "8"]) == 1
     out = capsys.readouterr().out
-    assert "DIFFERS" in out and "collective #" in out
+    assert "DIFFERS" in out and "rank 1 step 1: collective #" in out and "diverge at their dp collective" in out
+    assert "rank 0 step" not in out
 
 
 @pytest.mark.parametrize("argv,message", [
