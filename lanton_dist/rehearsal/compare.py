@@ -50,8 +50,9 @@ _NOT_REHEARSED_PHASES = ("fsdp_",)
 
 
 def planner_for(cfg: RunConfig, nodes: int, gpus_per_node: int, strategy: str = "zero2") -> StepPlanner:
-    """The planner's model of ``strategy`` (``zero2``: the ZeRO engine; ``fsdp2``) for ``cfg`` on
-    ``nodes × gpus_per_node`` ranks."""
+    """The planner's model of ``strategy`` (``zero2``: the ZeRO engine, also under Megatron with
+    the config's TP/PP; ``fsdp2``) for ``cfg`` on ``nodes × gpus_per_node`` ranks; fp32
+    parameters (the rehearsed models are built in fp32, as training builds them)."""
     o = cfg.optim
     tp, pp = (cfg.parallel.tp, cfg.parallel.pp) if cfg.parallel.backend == "megatron" else (1, 1)
     layout = ParallelLayout(nodes=nodes, gpus_per_node=gpus_per_node, tp=tp, pp=pp, strategy=strategy,

@@ -23,7 +23,7 @@ from typing import Any
 from lanton_dist.config import RunConfig, load_run_config
 from lanton_dist.engine.meter import CommMeter, CommRecord
 from lanton_dist.rehearsal.fakeworld import gathered_objects, init_fake_world, meta_skip_vote, nccl_all_to_all
-from lanton_dist.rehearsal.stacks import STACKS, reachable_bytes
+from lanton_dist.rehearsal.stacks import reachable_bytes, stack_for
 
 
 @dataclass(frozen=True)
@@ -100,10 +100,7 @@ def run_rank(spec: RankSpec) -> RankResult:
     if spec.steps < 3:
         raise ValueError(f"rehearse: at least 3 steps are needed (plain, estimation, after), got {spec.steps}")
     cfg = rehearsal_config(spec)
-    if cfg.parallel.backend not in STACKS:
-        raise ValueError(f"parallel.backend {cfg.parallel.backend!r} is not rehearsed yet; rehearsed: {', '.join(STACKS)} "
-                         "(override it, e.g. --parallel.backend=zero)")
-    stack = STACKS[cfg.parallel.backend]()
+    stack = stack_for(cfg)
     init_fake_world(spec.rank, spec.world)
     model = stack.make_model(cfg)
     meter = _StepMeter()

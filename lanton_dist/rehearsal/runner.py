@@ -23,7 +23,7 @@ from lanton_dist.rehearsal.compare import (RankComparison, compare_rank, consist
                                            sequence_digest)
 from lanton_dist.rehearsal.driver import RankSpec, rehearsal_config
 from lanton_dist.rehearsal.fakeworld import FAKE_BACKEND_NOTES, SEAM_NOTE
-from lanton_dist.rehearsal.stacks import STACKS
+from lanton_dist.rehearsal.stacks import stack_for
 
 _ROOT = str(Path(__file__).resolve().parents[2])
 
@@ -109,12 +109,10 @@ def rehearse(config: str | None, overrides: list[str], nodes: int, gpus_per_node
         raise ValueError(f"--steps must be >= 3 (a plain step, an estimation step and the step after), got {steps}")
     world = nodes * gpus_per_node
     cfg = rehearsal_config(RankSpec(config, tuple(overrides), world, 0, steps, model))
-    if cfg.parallel.backend not in STACKS:
-        raise ValueError(f"parallel.backend {cfg.parallel.backend!r} is not rehearsed yet; rehearsed: {', '.join(STACKS)} "
-                         "(override it, e.g. --parallel.backend=zero)")
+    stack = stack_for(cfg)
     if cfg.optim.ns_split_tolerance is not None:
         raise ValueError("optim.ns_split_tolerance is not rehearsed yet (the planner's split collectives are not compared)")
-    planner = planner_for(cfg, nodes, gpus_per_node, STACKS[cfg.parallel.backend].strategy)
+    planner = planner_for(cfg, nodes, gpus_per_node, stack.strategy)
     chosen = sample_ranks(planner, ranks)
     planner_s = time.perf_counter() - started
     specs = [RankSpec(config, tuple(overrides), world, r, steps, model) for r in chosen]
@@ -125,9 +123,10 @@ def rehearse(config: str | None, overrides: list[str], nodes: int, gpus_per_node
              f"optim.estimate_every {load_run_config(config, list(overrides)).optim.estimate_every} is rehearsed as "
              f"{cfg.optim.estimate_every} (capped at 2, so step 2 estimates); "
              "nuclear_estimator auto is rehearsed as on a GPU (ns)",
-             "the engine runs its non-CUDA path on meta: no side stream, the variance all-reduce at the estimation step; "
-             "gradients come from one backward of Σ p.sum() (every parameter gets one)",
-             "host ms are the optimizer step's host work on meta tensors (no kernel runs); construction s include "
-             "ownership planning and the same-model check"]
+             "the engine runs its non-CUDA path on meta: no side stream, the variance all-reduce at the estimation step",
+             stack.note,
+             "host ms are the optimizer step's host work on meta tensors (no kernel runs, but PyTorch's meta-kernel "
+             "overhead, e.g. Python decompositions of isfinite, is included): compare across W, not with a GPU; "
+             "construction s include ownership planning and the same-model check"]
     return Report(world, name, cfg.parallel.backend, comparisons, consistency(results),
                   {res["rank"]: sequence_digest(res) for res in results}, time.perf_counter() - started, planner_s, notes)

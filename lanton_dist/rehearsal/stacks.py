@@ -17,6 +17,11 @@ parameter a gradient; values are not modelled), and ``held`` (bytes by kind afte
   FSDP modules' forward), HSDP and FSDP × TP meshes.
   The fake backend's ``all_gather_object`` would hand the adapter W copies of this rank's block
   layout; :func:`peer_blocks` supplies each rank's own (its mesh coordinate in torch's rule).
+* :class:`MegatronStack` (``megatron``): Megatron-core's GPT of this rank's stage and TP shard
+  on meta, and the engine with its TP exchange (``build_megatron_optimizer``); every stage's
+  logical parameter list supplied to the engine's job-wide gather (:meth:`MegatronStack.stage_specs`).
+
+:func:`stack_for` picks the stack of a config; :attr:`Stack.note` says what of it is not run.
 """
 from __future__ import annotations
 
@@ -82,6 +87,7 @@ class Stack:
     """One training stack on a meta model (module doc). ``strategy``: its planner strategy."""
 
     strategy = ""
+    note = ""                                          # what of this stack the rehearsal does not run
     peers: Callable[[Any, int], Any] | None = None
 
     def make_model(self, cfg: RunConfig) -> nn.Module:
@@ -121,6 +127,7 @@ class EngineStack(Stack):
     """The ZeRO engine (module doc)."""
 
     strategy = "zero2"
+    note = "gradients come from one backward of Σ p.sum() (every parameter gets one; the hooks fire in reverse order)"
 
     def build(self, cfg: RunConfig, model: nn.Module, meter: CommMeter) -> Any:
         from lanton_dist.engine import build_sharded_optimizer
@@ -169,6 +176,9 @@ class FSDP2Stack(Stack):
     """LANTONFSDP2 on synthesised FSDP2 shards (module doc)."""
 
     strategy = "fsdp2"
+    note = ("FSDP2 itself does not run (fully_shard refuses meta parameters): parameters and gradients are synthesised "
+            "Shard(0) DTensor shards; FSDP2's own all-gathers/reduce-scatters (fsdp_* phases), their buffers (hence the "
+            "peak), its presence hooks, HSDP and FSDP x TP are not rehearsed")
 
     def __init__(self) -> None:
         self.mesh: Any = None
@@ -220,6 +230,9 @@ class MegatronStack(EngineStack):
     renumbered, the embedding on the first stage, the final norm and output layer on the last
     (their specs from a meta model holding both ends)."""
 
+    note = ("Megatron's forward, backward and pipeline sends are not run or metered; gradients come from one backward "
+            "of Σ p.sum() over the stage's parameters")
+
     def make_model(self, cfg: RunConfig) -> nn.Module:
         from lanton_dist.integrations import megatron_cpu
         from lanton_dist.integrations.megatron_model import build_gpt_model, initialize_model_parallel, logical_param_specs
@@ -266,3 +279,11 @@ class MegatronStack(EngineStack):
 
 
 STACKS: dict[str, type[Stack]] = {"zero": EngineStack, "fsdp2": FSDP2Stack, "megatron": MegatronStack}
+
+
+def stack_for(cfg: RunConfig) -> Stack:
+    """The :class:`Stack` of ``cfg.parallel.backend`` (``ValueError`` for one not rehearsed)."""
+    if cfg.parallel.backend not in STACKS:
+        raise ValueError(f"parallel.backend {cfg.parallel.backend!r} is not rehearsed yet; rehearsed: {', '.join(STACKS)} "
+                         "(override it, e.g. --parallel.backend=zero)")
+    return STACKS[cfg.parallel.backend]()
