@@ -71,10 +71,12 @@ def test_fsdp2_adapter_on_synthesised_shards_holds_and_sends_what_the_planner_pr
 
 @pytest.mark.slow
 def test_megatron_tp_pp_ranks_agree_and_differ_from_the_planner_only_in_dp_buckets_of_fused_weights():
-    """Megatron TP 2 × PP 2 (4 ranks, two stages): every rank's collectives agree within each
+    """Megatron TP 2 × PP 2 (4 ranks, two stages, DP 1): every rank's collectives agree within each
     group instance and job-wide (the scalar all-reduces span both stages), memory by kind and
     the TP exchange equal the planner's; the planner's DP buckets differ because it models
-    q/k/v and gate/up as separate parameters where Megatron fuses them (linear_qkv, linear_fc1)."""
+    q/k/v and gate/up as separate parameters where Megatron fuses them (linear_qkv, linear_fc1).
+    (With DP 1 every matrix's DP owner is the rank itself; at DP > 1 the owners, hence state per
+    rank, differ too: docs/rehearsal.md.)"""
     report = rehearse(CONFIG, ["--parallel.tp=2", "--parallel.pp=2"], 1, 4, "sample", jobs=2)
     assert report.inconsistencies == []
     assert not report.ok
@@ -131,6 +133,7 @@ def test_cli_exits_1_where_the_rehearsal_differs_from_the_planner_or_ranks_disag
     ([CONFIG, "--parallel.no_such_key=1"], "no_such_key"),
     ([str(ROOT / "configs" / "missing.yaml")], "does not exist"),
     ([CONFIG, *ZERO, "--model", "llama-8b"], "unknown model preset"),
+    ([CONFIG, "--nodes", "2", "--model", "llama-1b"], "data.seq_len 4096 exceeds model.max_seq_len 2048"),
 ])
 def test_cli_refuses_bad_input_with_exit_2(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:

@@ -110,6 +110,7 @@ def rehearse(config: str | None, overrides: list[str], nodes: int, gpus_per_node
     world = nodes * gpus_per_node
     cfg = rehearsal_config(RankSpec(config, tuple(overrides), world, 0, steps, model))
     stack = stack_for(cfg)
+    stack.check(cfg, world)
     if cfg.optim.ns_split_tolerance is not None:
         raise ValueError("optim.ns_split_tolerance is not rehearsed yet (the planner's split collectives are not compared)")
     planner = planner_for(cfg, nodes, gpus_per_node, stack.strategy)

@@ -90,6 +90,9 @@ class Stack:
     note = ""                                          # what of this stack the rehearsal does not run
     peers: Callable[[Any, int], Any] | None = None
 
+    def check(self, cfg: RunConfig, world: int) -> None:
+        """``ValueError`` if ``cfg`` cannot run on ``world`` ranks (checked before any rank runs)."""
+
     def make_model(self, cfg: RunConfig) -> nn.Module:
         """This rank's model on ``meta`` (the fake world is initialised)."""
         from lanton_dist.rehearsal.fakeworld import meta_model
@@ -232,6 +235,11 @@ class MegatronStack(EngineStack):
 
     note = ("Megatron's forward, backward and pipeline sends are not run or metered; gradients come from one backward "
             "of Σ p.sum() over the stage's parameters")
+
+    def check(self, cfg: RunConfig, world: int) -> None:
+        from lanton_dist.integrations.megatron_model import check_parallel_layout
+
+        check_parallel_layout(cfg, world)
 
     def make_model(self, cfg: RunConfig) -> nn.Module:
         from lanton_dist.integrations import megatron_cpu
