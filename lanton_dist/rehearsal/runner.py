@@ -52,7 +52,8 @@ def run_ranks(specs: list[RankSpec], jobs: int = 1, timeout_s: float = 3600.0) -
                 proc.kill()
                 raise RuntimeError(f"rehearsal of rank {specs[i].rank} ran past {timeout_s:.0f} s") from None
             if proc.returncode != 0:
-                tail = "\n".join(err.strip().splitlines()[-15:])
+                tail = "\n".join(err.strip().splitlines()[-15:]) or \
+                    f"exit status {proc.returncode}" + (" (killed: out of memory?)" if proc.returncode == -9 else "")
                 raise RuntimeError(f"rehearsal of rank {specs[i].rank} of {specs[i].world} failed:\n{tail}")
             results[i] = json.loads(out_path.read_text())
     return [r for r in results if r is not None]
