@@ -37,6 +37,13 @@ Subcommands
                          split of CONFIG's data (overrides after CONFIG), one line and a JSON
                          file (:mod:`lanton_dist.evaluate`).
 
+``lanton-dist rehearse CONFIG [key=value ...] --nodes N --gpus-per-node G [--ranks sample|all]``
+                         builds the run's real optimizer (:mod:`lanton_dist.rehearsal`) as sampled
+                         ranks of a fake N·G-rank world on one CPU (meta parameters), steps it, and
+                         prints bytes held, collectives per step, host ms and construction s beside
+                         the planner, and whether the ranks' collective sequences agree; exit 1
+                         where they differ (docs/rehearsal.md).
+
 Bad input (unknown model, a world size not divisible by tp·pp, …) exits with status 2 and
 a one-line message; a profiled run that fails (or runs no optimizer step) exits with status 1.
 """
@@ -374,6 +381,55 @@ def _cmd_verify_checkpoint(args: argparse.Namespace) -> int:
     return 1 if damaged else 0
 
 
+# ============================================================================ rehearse
+def _rehearse_options(p: argparse.ArgumentParser, **defaults) -> None:
+    """The rehearse options (also accepted after CONFIG, among the overrides)."""
+    p.add_argument("--nodes", type=int, **defaults.get("nodes", {}))
+    p.add_argument("--gpus-per-node", type=int, **defaults.get("gpus_per_node", {}))
+    p.add_argument("--ranks", choices=("sample", "all"), **defaults.get("ranks", {}),
+                   help="sample: 0, 1, the most loaded owner, the middle and the last rank; all: every rank")
+    p.add_argument("--steps", type=int, **defaults.get("steps", {}), help="optimizer steps per rank (>= 3; step 2 estimates)")
+    p.add_argument("--jobs", type=int, **defaults.get("jobs", {}), help="rank processes run at once")
+    p.add_argument("--json", **defaults.get("json", {}), help="write the full report as JSON to this path ('-': stdout)")
+    p.add_argument("--model", **defaults.get("model", {}), help="a planner preset (llama-7b, llama-13b, llama-70b, ...) "
+                   "replacing the config's model section")
+
+
+def _rehearse_parser(sub) -> None:
+    p = sub.add_parser("rehearse", help="build and step the real optimizer as sampled ranks of a fake world, vs the planner",
+                       description="Rehearse a run on one CPU (lanton_dist.rehearsal): fake process group, meta parameters.")
+    _rehearse_options(p, nodes={"default": 1}, gpus_per_node={"default": 8}, ranks={"default": "sample"},
+                      steps={"default": 3}, jobs={"default": 1}, json={"default": None},
+                      model={"default": None})
+    p.add_argument("config", help="run config YAML (configs/*.yaml)")
+    p.add_argument("overrides", nargs=argparse.REMAINDER,
+                   help="--section.key=value overrides, as for training (e.g. --parallel.backend=zero), and the options above")
+    p.set_defaults(func=_cmd_rehearse)
+
+
+def _cmd_rehearse(args: argparse.Namespace) -> int:
+    from lanton_dist.rehearsal import rehearse
+
+    late = argparse.ArgumentParser(prog="lanton-dist rehearse", add_help=False, allow_abbrev=False)
+    names = ("nodes", "gpus_per_node", "ranks", "steps", "jobs", "json", "model")
+    _rehearse_options(late, **{k: {"default": argparse.SUPPRESS} for k in names})
+    opts, overrides = late.parse_known_args(args.overrides)
+    for key, value in vars(opts).items():
+        setattr(args, key, value)
+    args.overrides = overrides
+    if not Path(args.config).exists():
+        raise FileNotFoundError(f"config {args.config} does not exist")
+    report = rehearse(args.config, list(args.overrides), args.nodes, args.gpus_per_node, args.ranks, args.steps, args.jobs,
+                      args.model)
+    print(report.text(), flush=True)
+    if args.json == "-":
+        print(json.dumps(report.to_json(), indent=1))
+    elif args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report.to_json(), indent=1))
+    return 0 if report.ok else 1
+
+
 # ============================================================================ main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lanton-dist", description=__doc__.split("\n\n")[0])
@@ -384,6 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     _profile_parser(sub)
     _prepare_data_parser(sub)
     _verify_checkpoint_parser(sub)
+    _rehearse_parser(sub)
     return parser
 
 
