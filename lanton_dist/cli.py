@@ -447,9 +447,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if rest and not getattr(args, "takes_overrides", False):
+    if getattr(args, "takes_overrides", False):
+        args.overrides = rest
+    elif rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    args.overrides = rest
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError) as exc:
