@@ -219,7 +219,7 @@ class LANTONFSDP2(PieceOptimizer):
         deterministic; :func:`_blocks_of_every_rank`): nothing is communicated."""
         from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-        ranks = [dist.get_global_rank(self.coll.group, g) for g in range(self.world)]
+        ranks = dist.get_process_group_ranks(self.coll.group)  # global ranks, in group-rank order
         coords: dict[int, dict[int, tuple[int, ...]]] = {}  # id(mesh) → global rank → coordinate
         cache: dict[tuple[Any, ...], list[tuple[tuple[int, ...], tuple[int, ...]]]] = {}
         layouts, held = {}, {}
