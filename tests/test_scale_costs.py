@@ -217,6 +217,39 @@ def test_optimizer_step_host_work_does_not_grow_with_the_world(stack, fake_world
         assert large <= small * 1.25, calls
 
 
+def _exchange_calls(world: int) -> int:
+    """Torch calls of one gather → identity → scatter of 8 row-sharded 512 × 16 matrices (FSDP2's
+    layout: every rank holds 512/W rows of each) on rank 0 of ``world``, which owns 2 of them."""
+    from lanton_dist.engine import Collectives, CommMeter, LocalPiece
+    from lanton_dist.engine.exchange import AllToAllExchange
+    from lanton_dist.engine.ownership import OwnershipPlan
+    from lanton_dist.engine.ranges import row_ranges
+    from lanton_dist.groups import Geometry, ParamSpec
+
+    specs = [ParamSpec(f"w{i}", Geometry.HIDDEN, (512, 16)) for i in range(8)]
+    ranges = {s.name: row_ranges(s.shape, world) for s in specs}
+    plan = OwnershipPlan(world, {s.name: i % 4 for i, s in enumerate(specs)}, (0,) * world, (0,) * world)
+    ex = AllToAllExchange(specs, ranges, plan, Collectives(CommMeter()), bucket_mb=0.05)
+    pieces = [LocalPiece(s, 0, *ranges[s.name][0], torch.zeros(ranges[s.name][0][1] - ranges[s.name][0][0]))
+              for s in specs]
+    with _TorchCalls() as mode:
+        out = ex.apply(pieces, [pc.param for pc in pieces], lambda names, mats: mats, "lmo_gather", "lmo_scatter")
+    assert [o.numel() for o in out] == [pc.param.numel() for pc in pieces]
+    return mode.calls
+
+
+def test_exchange_host_work_is_per_piece_that_moves_not_per_rank(fake_world, monkeypatch):
+    """Rank 0 packs its 8 pieces, assembles its 2 owned matrices (one coalesced copy each
+    whatever W) and returns their pieces: the same torch calls at W = 16 and W = 256."""
+    calls = {}
+    for world in (SMALL, LARGE):
+        fake_world(world)
+        monkeypatch.setattr(dist, "all_to_all_single", _zeros_all_to_all)
+        calls[world] = _exchange_calls(world)
+        monkeypatch.undo()
+    assert calls[LARGE] == calls[SMALL] and calls[SMALL] > 0, calls
+
+
 # ---------------------------------------------------------------------------------------- mismatches
 def _mismatch_worker(rank, world):
     from lanton_dist.engine import build_sharded_optimizer
