@@ -13,8 +13,11 @@ the planner counts their bytes. Every collective runs in place on a bucket
 (:meth:`BucketStorage._collect`): a bucket of equal chunks is one reduce-scatter (its output
 this rank's chunk) and one all-gather; a bucket of unequal chunks (whole matrices on their
 owners) is one reduce to, and one broadcast from, each rank with a non-empty chunk, issued in
-rank order. The owned pieces' ``grad`` and ``param`` are views of this rank's chunks; after a
-reduce the other chunks of the gradient buffer are scratch.
+rank order; its per-rank chunks (:class:`~lanton_dist.engine.meter.Chunks`: a view per
+non-empty chunk, one shared empty view for the rest) are built once per buffer at
+construction, so a step does no Python work per rank (``docs/scale_costs.md``). The owned
+pieces' ``grad`` and ``param`` are views of this rank's chunks; after a reduce the other
+chunks of the gradient buffer are scratch.
 
 Gradient presence (``present``): a parameter has a gradient on this rank iff autograd
 accumulated one since the last step (a post-accumulate hook), or ``p.grad`` was assigned
@@ -45,7 +48,7 @@ import torch
 from torch import nn
 
 from lanton_dist.engine.layout import Layout, Piece
-from lanton_dist.engine.meter import Collectives, Handle
+from lanton_dist.engine.meter import Chunks, Collectives, Handle
 
 
 class BucketStorage:
@@ -63,10 +66,14 @@ class BucketStorage:
         self.param_buffer = torch.zeros(padded, device=device, dtype=dtype)
         self.half_buffer: torch.Tensor | None = None
         starts = layout.bucket_starts
-        self._chunks = [[(s + b.start_of(r), s + b.start_of(r) + n) for r, n in enumerate(b.segments)]
-                        for s, b in zip(starts, layout.buckets)]
         self._bucket_span = [(s, s + b.numel) for s, b in zip(starts, layout.buckets)]
-        self._own = [chunks[self.rank] for chunks in self._chunks]
+        self._uniform = [b.uniform for b in layout.buckets]
+        self._own = [(s + b.start_of(self.rank), s + b.start_of(self.rank) + b.segments[self.rank])
+                     for s, b in zip(starts, layout.buckets)]
+        # every uneven bucket's per-rank chunks, built once per buffer (not per collective)
+        self._grad_views = self._chunk_views(self.grad_buffer)
+        self._param_views = [None if c is None else c.on(self.param_buffer) for c in self._grad_views]
+        self._half_views: list[Chunks | None] = []
         self._placed: list[list[tuple[Piece, int]]] = [
             [(pc, s + b.start_of(pc.rank) + pc.offset) for pc in b.pieces] for s, b in zip(starts, layout.buckets)]
         self.buckets_of: dict[str, list[int]] = {}
@@ -255,12 +262,23 @@ class BucketStorage:
         chunks are equal, else one grouped call over the unequal chunks
         (:meth:`~lanton_dist.engine.meter.Collectives.reduce_chunks` / ``broadcast_chunks``)."""
         a, z = self._bucket_span[b]
-        if self.layout.buckets[b].uniform:
+        if self._uniform[b]:
             o, e = self._own[b]
             op = self.coll.all_gather if gather else self.coll.reduce_scatter
             return [op(buf[a:z], buf[o:e], phase) if gather else op(buf[o:e], buf[a:z], phase)]
-        chunks = [buf[o:e] for o, e in self._chunks[b]]
+        views = self._grad_views if buf is self.grad_buffer else self._param_views if buf is self.param_buffer else None
+        if buf is self.half_buffer:
+            views = self._half_views
+        if views is None:
+            raise RuntimeError("bucket collectives run on the gradient, parameter or half-batch buffer only")
+        chunks = views[b]
         return self.coll.broadcast_chunks(chunks, phase) if gather else self.coll.reduce_chunks(chunks, phase)
+
+    def _chunk_views(self, buf: torch.Tensor) -> list[Chunks | None]:
+        """The :class:`~lanton_dist.engine.meter.Chunks` of every uneven bucket of ``buf`` (None
+        for a uniform bucket): a view per non-empty chunk, one shared empty view for the rest."""
+        return [None if uniform else Chunks(buf, s, b.segments)
+                for s, b, uniform in zip(self.layout.bucket_starts, self.layout.buckets, self._uniform)]
 
     def reduce(self) -> None:
         """Reduce (mean) every bucket not launched by a hook yet, wait for all; the owned
@@ -300,6 +318,7 @@ class BucketStorage:
         extra gradient-size buffer, bucket layout) and clear the gradients, views kept."""
         self.collect()
         self.half_buffer = self.grad_buffer.clone()
+        self._half_views = [None if c is None else c.on(self.half_buffer) for c in self._grad_views]
         for b in range(len(self.layout.buckets)):
             self._copy_in(b, self.half_buffer)
         self.half_present = set(self.present)
@@ -316,6 +335,7 @@ class BucketStorage:
     def done(self) -> None:
         """After a step: the buffer's contents are spent (zeroed by the next backward or step)."""
         self.half_buffer = None
+        self._half_views = []
         self.half_present = set()
         self._reset_counts()
         self._stale = True

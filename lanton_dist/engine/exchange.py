@@ -29,6 +29,11 @@ nuclear norm runs once per matrix per step across the job) and the owner's resul
   a bucket to the bucket's largest (dion's scheme, for backends that need equal splits); the
   padding is real traffic and the meter counts it.
 
+Host work: the routing and the copies that pack and unpack each bucket are planned once (per
+bucket and element size); a step copies only the pieces that move, a matrix arriving from
+every rank in rank order is one copy, and no Python work is done per rank that sends or
+receives nothing (``docs/scale_costs.md``).
+
 Per rank and step the exchange sends its pieces of matrices owned elsewhere and, as owner,
 each other rank's piece of the result: ``Σ_X≠owned |piece_r(X)| + Σ_X owned (numel_X −
 |piece_r(X)|)`` elements, about 2 × the owned matrices' bytes — the all-to-all optimum.
@@ -60,19 +65,40 @@ from lanton_dist.engine.ranges import BlockLayout, Ranges, check_ranges
 from lanton_dist.groups import Geometry, ParamSpec
 
 
+#: One copy of a bucket's packing: ``(name, lo, hi, at)`` — elements ``[lo, hi)`` of the
+#: name's tensor and ``[at, at + hi − lo)`` of the bucket's flat buffer.
+_Copy = tuple[str, int, int, int]
+
+
+def _coalesced(copies: list[_Copy]) -> tuple[_Copy, ...]:
+    """``copies`` with each run of adjacent ranges of one tensor to adjacent buffer places merged
+    (a matrix arriving from every rank in rank order is ONE copy, whatever the world size)."""
+    out: list[_Copy] = []
+    for n, lo, hi, at in copies:
+        if out and out[-1][0] == n and out[-1][2] == lo and out[-1][3] + out[-1][2] - out[-1][1] == at:
+            out[-1] = (n, out[-1][1], hi, out[-1][3])
+        else:
+            out.append((n, lo, hi, at))
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class _BucketPlan:
-    """Static routing of one bucket for this rank (element counts; gather direction)."""
+    """Static routing of one bucket for this rank (element counts; gather direction), and the
+    copies that pack and unpack its buffers — non-empty ones only, so a step's host work is
+    per piece that moves, never per rank (``docs/scale_costs.md``)."""
 
     names: tuple[str, ...]
-    send: tuple[tuple[str, ...], ...]      # per destination owner: names whose piece I send
-    recv: tuple[tuple[tuple[str, int, int], ...], ...]  # per source: (name, start, stop) I receive as owner
     send_splits: tuple[int, ...]
     recv_splits: tuple[int, ...]
     back_send_splits: tuple[int, ...]       # scatter: per destination, its held pieces of my results
     back_recv_splits: tuple[int, ...]       # scatter: per source owner, my held pieces of its results
     padded: int                             # common split size when padding, else 0
     local: bool                             # every piece already sits on its owner: no collective
+    pack_gather: tuple[_Copy, ...]          # my held tensor [lo, hi) → gather send buffer
+    unpack_gather: tuple[_Copy, ...]        # gather recv buffer → owned matrix [lo, hi) (storage order)
+    pack_scatter: tuple[_Copy, ...]         # owned result [lo, hi) (storage order) → scatter send buffer
+    unpack_scatter: tuple[tuple[str, int, int], ...]  # (name, at, numel) of my held piece in the recv buffer
 
 
 class _Done:
@@ -174,20 +200,59 @@ class AllToAllExchange:
         return self._plans[key]
 
     def _route(self, names: tuple[str, ...]) -> _BucketPlan:
-        W, me = self.world, self.rank
-        send = tuple(tuple(n for n in names if self.plan.owner[n] == d) for d in range(W))
-        recv = tuple(tuple((n, *self.ranges[n][s]) for n in names if self.plan.owner[n] == me) for s in range(W))
+        """Routing and packing of one bucket (construction only: O(W · names) here, so that a
+        step does no work per rank)."""
+        W, me, owner = self.world, self.rank, self.plan.owner
+        by_owner: dict[int, list[str]] = {}
+        for n in names:
+            by_owner.setdefault(owner[n], []).append(n)
+        mine = by_owner.get(me, [])
+        send = tuple(tuple(by_owner.get(d, ())) for d in range(W))
         send_splits = tuple(sum(self._len(n, me) for n in send[d]) for d in range(W))
-        recv_splits = tuple(sum(b - a for _, a, b in recv[s]) for s in range(W))
-        back_send = tuple(sum(self._held_len(n, d) for n in names if self.plan.owner[n] == me) for d in range(W))
+        recv_splits = tuple(sum(self._len(n, s) for n in mine) for s in range(W))
+        back_send = tuple(sum(self._held_len(n, d) for n in mine) for d in range(W))
         back_recv = tuple(sum(self._held_len(n, me) for n in send[s]) for s in range(W))
         padded = 0
         if self.pad:
-            padded = max(sum(size(n, s) for n in names if self.plan.owner[n] == d)
-                         for size in (self._len, self._held_len) for s in range(W) for d in range(W))
-        local = all(self._held_len(n, r) == 0 for n in names for r in range(W) if r != self.plan.owner[n])
-        return _BucketPlan(names, send, recv, send_splits, recv_splits, back_send, back_recv, 0 if local else padded,
-                           local)
+            padded = max(sum(size(n, s) for n in group) for size in (self._len, self._held_len)
+                         for group in by_owner.values() for s in range(W))
+        local = all(self._held_len(n, r) == 0 for n in names for r in range(W) if r != owner[n])
+        padded = 0 if local else padded
+
+        def starts(splits: tuple[int, ...]) -> list[int]:
+            out, pos = [], 0
+            for k in splits:
+                out.append(pos)
+                pos += padded or k
+            return out
+
+        pack_gather, unpack_gather, pack_scatter, unpack_scatter = [], [], [], []
+        for d, at in enumerate(starts(send_splits)):
+            for n in send[d]:
+                (a, b), h = self.ranges[n][me], self.held[n][me][0]
+                if b > a:
+                    pack_gather.append((n, a - h, b - h, at))
+                at += b - a
+        for s, at in enumerate(starts(recv_splits)):
+            for n in mine:
+                a, b = self.ranges[n][s]
+                if b > a:
+                    unpack_gather.append((n, a, b, at))
+                at += b - a
+        for d, at in enumerate(starts(back_send)):
+            for n in mine:
+                a, b = self.held[n][d]
+                if b > a:
+                    pack_scatter.append((n, a, b, at))
+                at += b - a
+        for s, at in enumerate(starts(back_recv)):
+            for n in send[s]:
+                k = self._held_len(n, me)
+                unpack_scatter.append((n, at, k))
+                at += k
+        return _BucketPlan(names, send_splits, recv_splits, back_send, back_recv, padded, local,
+                           _coalesced(pack_gather), _coalesced(unpack_gather), _coalesced(pack_scatter),
+                           tuple(unpack_scatter))
 
     def _len(self, name: str, rank: int) -> int:
         a, b = self.ranges[name][rank]
@@ -222,21 +287,18 @@ class AllToAllExchange:
     def _splits(self, plan: _BucketPlan, splits: tuple[int, ...]) -> list[int]:
         return [plan.padded] * self.world if plan.padded else list(splits)
 
+    @staticmethod
+    def _buffer(plan: _BucketPlan, numel: int, like: torch.Tensor) -> torch.Tensor:
+        """A send buffer: zeros when padded (the padding is sent), else uninitialised (filled whole)."""
+        return (torch.zeros if plan.padded else torch.empty)(numel, dtype=like.dtype, device=like.device)
+
     @phases.announces()
     def _post_gather(self, plan: _BucketPlan, tensors: list[torch.Tensor], where: dict[str, int], phase: str) -> _Launched:
         ref = tensors[0]
         send_splits, recv_splits = self._splits(plan, plan.send_splits), self._splits(plan, plan.recv_splits)
-        send = torch.empty(sum(send_splits), dtype=ref.dtype, device=ref.device)
-        pos = 0
-        for d in range(self.world):
-            at = pos
-            for n in plan.send[d]:
-                (a, b), h = self.ranges[n][self.rank], self.held[n][self.rank][0]
-                t = tensors[where[n]].reshape(-1)[a - h : b - h]
-                send[at : at + t.numel()].copy_(t)
-                at += t.numel()
-            send[at : pos + send_splits[d]].zero_()
-            pos += send_splits[d]
+        send = self._buffer(plan, sum(send_splits), ref)
+        for n, lo, hi, at in plan.pack_gather:
+            send[at : at + hi - lo].copy_(tensors[where[n]].reshape(-1)[lo:hi])
         if plan.local:
             return _Launched(plan, send, _Done())
         recv = torch.empty(sum(recv_splits), dtype=ref.dtype, device=ref.device)
@@ -248,14 +310,8 @@ class AllToAllExchange:
         plan, recv = item.plan, item.recv
         owned = {n: torch.empty(self.specs[n].numel, dtype=recv.dtype, device=recv.device)
                  for n in plan.names if self.plan.owner[n] == self.rank}
-        splits = self._splits(plan, plan.recv_splits)
-        pos = 0
-        for s in range(self.world):
-            at = pos
-            for n, a, b in plan.recv[s]:
-                owned[n][a:b].copy_(recv[at : at + b - a])
-                at += b - a
-            pos += splits[s]
+        for n, lo, hi, at in plan.unpack_gather:
+            owned[n][lo:hi].copy_(recv[at : at + hi - lo])
         return {n: (self.orders[n].to_matrix(t) if n in self.orders else t).view(self.specs[n].shape)
                 for n, t in owned.items()}
 
@@ -263,18 +319,11 @@ class AllToAllExchange:
     def _post_scatter(self, plan: _BucketPlan, results: dict[str, torch.Tensor], like: torch.Tensor, phase: str):
         """Send each rank its piece of this rank's owner results; returns (recv buffer, handle)."""
         send_splits, recv_splits = self._splits(plan, plan.back_send_splits), self._splits(plan, plan.back_recv_splits)
-        send = torch.empty(sum(send_splits), dtype=like.dtype, device=like.device)
-        mine = [n for n in plan.names if self.plan.owner[n] == self.rank]
-        flat = {n: self.orders[n].to_flat(results[n]) if n in self.orders else results[n].reshape(-1) for n in mine}
-        pos = 0
-        for d in range(self.world):
-            at = pos
-            for n in mine:
-                a, b = self.held[n][d]
-                send[at : at + b - a].copy_(flat[n][a:b])
-                at += b - a
-            send[at : pos + send_splits[d]].zero_()
-            pos += send_splits[d]
+        send = self._buffer(plan, sum(send_splits), like)
+        flat = {n: self.orders[n].to_flat(results[n]) if n in self.orders else results[n].reshape(-1)
+                for n in plan.names if self.plan.owner[n] == self.rank}
+        for n, lo, hi, at in plan.pack_scatter:
+            send[at : at + hi - lo].copy_(flat[n][lo:hi])
         if plan.local:
             return send, _Done()
         recv = torch.empty(sum(recv_splits), dtype=like.dtype, device=like.device)
@@ -282,15 +331,8 @@ class AllToAllExchange:
 
     def _unpack_scatter(self, plan: _BucketPlan, recv: torch.Tensor, handle, out: dict[str, torch.Tensor]) -> None:
         handle.wait()
-        splits = self._splits(plan, plan.back_recv_splits)
-        pos = 0
-        for s in range(self.world):
-            at = pos
-            for n in plan.send[s]:
-                k = self._held_len(n, self.rank)
-                out[n] = recv[at : at + k]
-                at += k
-            pos += splits[s]
+        for n, at, k in plan.unpack_scatter:
+            out[n] = recv[at : at + k]
 
     # ------------------------------------------------------------------ MatrixExchange
     def launch_gather(self, pieces: list[LocalPiece], tensors: list[torch.Tensor], phase: str) -> PendingGather:

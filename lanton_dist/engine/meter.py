@@ -19,6 +19,10 @@ matrix shards to owners and back), and the scalar phases ``finite`` (the skip-st
 to a matrix's team and back) and ``ns_gram`` / ``ns_gram_gather`` (per quintic step, over the
 team). :data:`SCALAR_PHASES` are the small per-layer reductions; everything else is tensor traffic.
 
+:class:`CommMeter` holds bounded memory however many steps run: running totals per phase, the
+per-phase sums of the last ``summary_window`` steps and the full records of the last ``window``
+steps and of construction (``docs/scale_costs.md``).
+
 :class:`Collectives` also turns a failure on any rank into an error on every rank that
 names it: a rank that raises publishes ``rank R: <error>`` in the process group's store and
 peers whose collectives then fail (or time out) re-raise with that message.
@@ -26,7 +30,6 @@ peers whose collectives then fail (or time out) re-raise with that message.
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -98,25 +101,88 @@ def sent_bytes(op: str, numel: int, elem_size: int, world: int, self_numel: int 
     raise ValueError(f"unknown collective {op!r}")
 
 
-class CommMeter:
-    """Records :class:`CommRecord` per step. ``step`` is set by the engine before each step."""
+#: Steps whose full records a :class:`CommMeter` keeps by default (besides construction, step 0).
+RECORD_WINDOW = 32
+#: Steps whose per-phase sums a :class:`CommMeter` keeps by default (besides step 0).
+SUMMARY_WINDOW = 1024
 
-    def __init__(self) -> None:
-        self.records: list[CommRecord] = []
+_FIELDS = {"count": 0, "tensor_bytes": 1, "sent_bytes": 2}
+
+
+class CommMeter:
+    """Records :class:`CommRecord` per step. ``step`` is set by the engine before each step.
+
+    Memory is bounded, whatever the number of steps (``docs/scale_costs.md``):
+
+    * the running sums over all steps (count, ``tensor_bytes``, ``sent_bytes`` per phase):
+      :meth:`by_phase` / :meth:`tensor_bytes` / :meth:`scalar_bytes` with ``step=None``;
+    * the per-phase sums of the last ``summary_window`` steps that recorded something:
+      the same methods for one step;
+    * the full records of the last ``window`` such steps: :attr:`records`, :meth:`for_step`,
+      :meth:`to_json` (record-for-record comparisons with the planner).
+
+    Construction (step 0) is always kept whole (its collectives are bounded by the model). A
+    question about a step whose data was dropped raises ``KeyError`` naming the window — never
+    a silently empty answer. A step is "recorded" once its first collective arrives; steps
+    are evicted oldest first.
+    """
+
+    def __init__(self, window: int = RECORD_WINDOW, summary_window: int = SUMMARY_WINDOW) -> None:
+        if window < 1 or summary_window < window:
+            raise ValueError(f"need 1 <= window <= summary_window, got window={window}, summary_window={summary_window}")
+        self.window, self.summary_window = window, summary_window
         self.step = 0
+        self._records: dict[int, list[CommRecord]] = {}       # step → its records (≤ window + 1 steps)
+        self._sums: dict[int, dict[str, list[int]]] = {}     # step → phase → [count, tensor, sent]
+        self._total: dict[str, list[int]] = {}               # phase → [count, tensor, sent], all steps
+        self._dropped = {"records": 0, "sums": 0}             # steps below this lost their records / sums
 
     def add(self, record: CommRecord) -> None:
-        self.records.append(record)
+        step = record.step
+        recs = self._records.get(step)
+        if recs is None:
+            recs = self._records[step] = []
+            self._evict(self._records, self.window, "records")
+        recs.append(record)
+        sums = self._sums.get(step)
+        if sums is None:
+            sums = self._sums[step] = {}
+            self._evict(self._sums, self.summary_window, "sums")
+        for acc in (sums.setdefault(record.phase, [0, 0, 0]), self._total.setdefault(record.phase, [0, 0, 0])):
+            acc[0] += 1
+            acc[1] += record.tensor_bytes
+            acc[2] += record.sent_bytes
+
+    def _evict(self, kept: dict[int, Any], limit: int, kind: str) -> None:
+        """Drop the oldest steps of ``kept`` (never step 0) beyond ``limit``."""
+        while len(kept) - (0 in kept) > limit:
+            oldest = next(s for s in kept if s != 0)
+            del kept[oldest]
+            self._dropped[kind] = max(self._dropped[kind], oldest + 1)
+
+    def _kept(self, kept: dict[int, Any], step: int, kind: str, limit: int) -> Any:
+        if step in kept:
+            return kept[step]
+        if 0 < step < self._dropped[kind]:
+            raise KeyError(f"step {step}: the meter keeps the {kind} of the last {limit} steps only "
+                           f"(CommMeter(window=..., summary_window=...))")
+        return None
+
+    @property
+    def records(self) -> list[CommRecord]:
+        """Every kept record (construction and the last ``window`` steps), in order."""
+        return [r for recs in self._records.values() for r in recs]
 
     def for_step(self, step: int) -> list[CommRecord]:
-        return [r for r in self.records if r.step == step]
+        return list(self._kept(self._records, step, "records", self.window) or [])
 
     def by_phase(self, step: int | None = None, key: str = "sent_bytes") -> dict[str, int]:
-        """Sum of ``key`` per phase, over one step or all."""
-        out: dict[str, int] = defaultdict(int)
-        for r in self.records if step is None else self.for_step(step):
-            out[r.phase] += getattr(r, key)
-        return dict(out)
+        """Sum of ``key`` (``sent_bytes``, ``tensor_bytes`` or ``count``) per phase, over one step or all."""
+        if key not in _FIELDS:
+            raise ValueError(f"by_phase sums one of {sorted(_FIELDS)}, not {key!r}")
+        k = _FIELDS[key]
+        sums = self._total if step is None else (self._kept(self._sums, step, "sums", self.summary_window) or {})
+        return {phase: acc[k] for phase, acc in sums.items()}
 
     def tensor_bytes(self, step: int | None = None, key: str = "sent_bytes") -> int:
         """Bytes of the non-scalar phases (what the AdamW comparison is about)."""
@@ -129,7 +195,10 @@ class CommMeter:
         return [asdict(r) for r in self.records]
 
     def reset(self) -> None:
-        self.records.clear()
+        self._records.clear()
+        self._sums.clear()
+        self._total.clear()
+        self._dropped = {"records": 0, "sums": 0}
 
 
 class Handle:
@@ -149,6 +218,42 @@ class Handle:
             self._work = None
 
 
+class Chunks:
+    """One chunk per rank of a flat buffer, built once — a step's uneven collective
+    (:meth:`Collectives.reduce_chunks` / :meth:`Collectives.broadcast_chunks`) then does Python
+    work only per non-empty chunk, never per rank.
+
+    Rank ``q``'s chunk is ``buf[start + Σ segments[:q] :][: segments[q]]``. ``views``: the
+    ``world`` chunks in rank order, as torch's uneven collectives take them — a 1-D view per
+    non-empty chunk and ONE shared empty view for all the empty ones (so the memory is a list of
+    references, not a tensor per rank); ``nonempty``: ``(rank, view)`` of the non-empty ones.
+    """
+
+    def __init__(self, buf: torch.Tensor, start: int, segments: Sequence[int]) -> None:
+        self._spans: list[tuple[int, int, int]] = []  # (rank, offset, numel) of the non-empty chunks
+        pos = start
+        for q, n in enumerate(segments):
+            if n:
+                self._spans.append((q, pos, n))
+            pos += n
+        self._world, self._start = len(segments), start
+        self._place(buf)
+
+    def _place(self, buf: torch.Tensor) -> None:
+        self.views = [buf[self._start : self._start]] * self._world
+        self.nonempty = []
+        for q, at, n in self._spans:
+            self.views[q] = buf[at : at + n]
+            self.nonempty.append((q, self.views[q]))
+
+    def on(self, buf: torch.Tensor) -> "Chunks":
+        """The same chunks of another buffer of the same layout (Python work per non-empty chunk)."""
+        other = object.__new__(Chunks)
+        other._spans, other._world, other._start = self._spans, self._world, self._start
+        other._place(buf)
+        return other
+
+
 class Collectives:
     """Metered wrappers over ``torch.distributed`` for one process group (``None``: default group)."""
 
@@ -163,6 +268,12 @@ class Collectives:
         n, e = t.numel(), t.element_size()
         self.meter.add(CommRecord(self.meter.step, op, phase, self.name, self.world, n, e, n * e,
                                   sent_bytes(op, n, e, self.world, self_numel)))
+
+    def _process_group(self) -> dist.ProcessGroup:
+        """The process group object: uneven collectives call its methods directly, as torch's
+        Python wrappers do after checking every tensor of the list in Python (per rank, per call:
+        ~15 ms at W = 1,024 for each uneven bucket)."""
+        return self.group if self.group is not None else _dist().group.WORLD
 
     def _run(self, op: str, fn):
         try:
@@ -208,36 +319,40 @@ class Collectives:
             return Handle(self, None, "all_gather")
         return self._run("all_gather", lambda: _collective("_ALL_GATHER")(out, inp, group=self.group, async_op=True))
 
-    def reduce_chunks(self, chunks: Sequence[torch.Tensor], phase: str) -> list[Handle]:
-        """SUM-reduce ``chunks[q]`` onto group rank ``q``, for every ``q`` at once, in place
-        (``chunks``: one per rank, sizes every rank agrees on, possibly unequal or empty; the
-        other ranks' chunks are scratch after): ONE call, ``reduce_scatter`` with uneven inputs
-        (NCCL runs it as one group of per-rank reduces, gloo natively). Metered as one
-        ``reduce`` per non-empty chunk, which is what it moves."""
-        for q, c in enumerate(chunks):
-            if c.numel():
-                self._record("reduce", phase, c, self_numel=c.numel() if self.rank == q else 0)
+    def reduce_chunks(self, chunks: Chunks, phase: str) -> list[Handle]:
+        """SUM-reduce ``chunks.views[q]`` onto group rank ``q``, for every ``q`` at once, in place
+        (one chunk per rank, sizes every rank agrees on, possibly unequal or empty; the other
+        ranks' chunks are scratch after): ONE call, ``reduce_scatter`` with uneven inputs (NCCL
+        runs it as one group of per-rank reduces, gloo natively), on the process group object
+        (:meth:`_process_group`). Metered as one ``reduce`` per non-empty chunk, which is what it
+        moves; the Python work is per non-empty chunk."""
+        for q, c in chunks.nonempty:
+            self._record("reduce", phase, c, self_numel=c.numel() if self.rank == q else 0)
         if self.world == 1:
             return [Handle(self, None, "reduce")]
-        own = chunks[self.rank]
-        return [self._run("reduce", lambda: _dist().reduce_scatter(own, list(chunks), group=self.group, async_op=True))]
+        dist = _dist()
+        opts = dist.ReduceScatterOptions()
+        opts.reduceOp, opts.asyncOp = dist.ReduceOp.SUM, True
+        own, pg = chunks.views[self.rank], self._process_group()
+        return [self._run("reduce", lambda: pg.reduce_scatter([own], [chunks.views], opts))]
 
-    def broadcast_chunks(self, chunks: Sequence[torch.Tensor], phase: str) -> list[Handle]:
-        """Every rank's ``chunks[q]`` from group rank ``q``, in place (the inverse of
+    def broadcast_chunks(self, chunks: Chunks, phase: str) -> list[Handle]:
+        """Every rank's ``chunks.views[q]`` from group rank ``q``, in place (the inverse of
         :meth:`reduce_chunks`, same sizes): ONE ``all_gather`` with uneven outputs on NCCL (a
         group of broadcasts), one broadcast per non-empty chunk elsewhere (gloo has no uneven
         all-gather). Metered as one ``broadcast`` per non-empty chunk."""
-        for q, c in enumerate(chunks):
-            if c.numel():
-                self._record("broadcast", phase, c, self_numel=c.numel() if self.rank == (q - 1) % self.world else 0)
+        for q, c in chunks.nonempty:
+            self._record("broadcast", phase, c, self_numel=c.numel() if self.rank == (q - 1) % self.world else 0)
         if self.world == 1:
             return [Handle(self, None, "broadcast")]
         dist = _dist()
         if dist.get_backend(self.group) == "nccl":
-            own = chunks[self.rank]
-            return [self._run("broadcast", lambda: dist.all_gather(list(chunks), own, group=self.group, async_op=True))]
+            opts = dist.distributed_c10d.AllgatherOptions()
+            opts.asyncOp = True
+            own, pg = chunks.views[self.rank], self._process_group()
+            return [self._run("broadcast", lambda: pg.allgather([chunks.views], [own], opts))]
         return [self._run("broadcast", lambda q=q, c=c: dist.broadcast(c, group_src=q, group=self.group, async_op=True))
-                for q, c in enumerate(chunks) if c.numel()]
+                for q, c in chunks.nonempty]
 
     def all_to_all(self, out: torch.Tensor, inp: torch.Tensor, out_splits: list[int], in_splits: list[int], phase: str) -> Handle:
         """``all_to_all_single`` with explicit splits (first dim)."""

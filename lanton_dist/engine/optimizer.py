@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch.optim import Optimizer
 
 from lanton_dist import clipping
+from lanton_dist.engine.agree import check_same, params_device
 from lanton_dist.engine.checkpoint import core_state_dict, load_core_state
 from lanton_dist.engine.core import LocalPiece, ShardedCore
 from lanton_dist.engine.exchange import AllToAllExchange
@@ -178,13 +179,11 @@ class ShardedOptimizer(Optimizer):
         return [(s.name, s.shape, s.geometry.value, tuple(b.rows for b in s.blocks)) for s in specs]
 
     def _check_same_model(self, signature: list[Any], what: str) -> None:
-        """Raise on every rank if any rank of ``self.coll``'s group has another ``signature``
-        (one ``all_gather_object`` at construction). ``what`` names the mismatch."""
-        gathered: list[Any] = [None] * self.world
-        dist.all_gather_object(gathered, signature, group=self.coll.group)
-        for r, other in enumerate(gathered):
-            if other != signature:
-                raise ValueError(f"rank {self.rank}: rank {r} has a different {what}")
+        """Raise on every rank if any rank of ``self.coll``'s group has another ``signature``:
+        one all-reduce of its digest (:func:`~lanton_dist.engine.agree.check_same`, O(1) bytes
+        per rank); the error names the first rank and entry that differ. ``what`` names it."""
+        device = params_device(p for g in self._groups for p in g["params"])
+        check_same(signature, self.coll.group, device, what)
 
     # ------------------------------------------------------------------ sharded checkpoints (DCP)
     def dcp_state_dict(self) -> dict[str, Any]:

@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 
 from lanton_dist import lmo as lmo_mod
+from lanton_dist.engine.agree import distinct_union
 from lanton_dist.engine.buckets import BucketStorage
 from lanton_dist.engine.core import LocalExchange, LocalPiece, MatrixExchange, ShardedCore
 from lanton_dist.engine.layout import Layout, Piece, build_layout
@@ -157,7 +158,8 @@ class ShardedLANTON(ShardedOptimizer):
             polar = SplitNewtonSchulz(specs, self.plan, ns_split_tolerance, ns_steps, self.coll, device, dtype)
         core_specs = specs
         if logical is not None:
-            core_specs = self._job_specs([logical[s.name].spec if s.name in logical else s for s in specs], scalar_coll)
+            core_specs = self._job_specs([logical[s.name].spec if s.name in logical else s for s in specs], scalar_coll,
+                                         device)
         self._core_name = {s.name: (logical[s.name].spec.name if logical and s.name in logical else s.name)
                            for _, s, _ in self._params}
         group_of = {self._core_name[s.name]: gi for _, s, gi in self._params}
@@ -291,15 +293,13 @@ class ShardedLANTON(ShardedOptimizer):
                          "every pipeline stage needs the same hyper-parameters per geometry")
 
     @staticmethod
-    def _job_specs(local: list[ParamSpec], coll: Collectives) -> list[ParamSpec]:
-        """Every logical parameter of the whole job (all pipeline stages), sorted by name."""
-        gathered: list[Any] = [None] * coll.world
-        if coll.world > 1:
-            dist.all_gather_object(gathered, local, group=coll.group)
-        else:
-            gathered = [local]
+    def _job_specs(local: list[ParamSpec], coll: Collectives, device: torch.device) -> list[ParamSpec]:
+        """Every logical parameter of the whole job (all pipeline stages), sorted by name: the
+        distinct stage lists (:func:`~lanton_dist.engine.agree.distinct_union`, each received
+        once — not every rank's list), merged by name."""
+        lists = distinct_union(local, coll.group, device) if coll.world > 1 else [local]
         by_name: dict[str, ParamSpec] = {}
-        for specs in gathered:
+        for specs in lists:
             for s in specs:
                 if by_name.setdefault(s.name, s) != s:
                     raise ValueError(f"{s.name}: ranks disagree on its logical spec")

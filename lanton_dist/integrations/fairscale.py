@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lanton_dist.engine.agree import collective_device, params_device
 from lanton_dist.engine.core import LocalPiece
 from lanton_dist.engine.ownership import OwnershipPlan
 from lanton_dist.engine.optimizer import PieceOptimizer
@@ -89,12 +90,7 @@ class LANTONOSSShard(PieceOptimizer):
         super().__init__(full, cfg.name, process_group=group, meter=meter, overlap=overlap, defer_variance=False,
                          **lanton_options(cfg), **hyper_parameters(cfg))
         self._mine = mine
-        owners: list[list[str]] = [[] for _ in range(self.world)]
-        dist.all_gather_object(owners, sorted(mine), group=group)
-        owner = {n: r for r, names in enumerate(owners) for n in names}
-        missing = [s.name for s in self.specs if s.name not in owner]
-        if missing:
-            raise ValueError(f"OSS assigned no rank to {missing[:3]}")
+        owner = self._oss_owners(mine)
         numel = [0] * self.world
         for s in self.specs:
             numel[owner[s.name]] += s.numel
@@ -107,6 +103,21 @@ class LANTONOSSShard(PieceOptimizer):
         # OSS expects its wrapped optimizer to list this rank's parameters only.
         for g, lg in zip(self.param_groups, local_groups):
             g["params"] = list(lg["params"])
+
+    def _oss_owners(self, mine: dict[str, torch.Tensor]) -> dict[str, int]:
+        """The OSS owner of every parameter: ONE SUM all-reduce of two int64 per parameter (how
+        many ranks hold it, and their rank + 1) — O(parameters) bytes per rank, none per rank
+        of the group. Raises unless each parameter has exactly one owner."""
+        device = collective_device(params_device(mine.values()), self.coll.group)
+        held = torch.tensor([[1, self.rank + 1] if s.name in mine else [0, 0] for s in self.specs],
+                            dtype=torch.int64, device=device).reshape(-1, 2)
+        dist.all_reduce(held, group=self.coll.group)
+        owner = {}
+        for s, (count, rank1) in zip(self.specs, held.tolist()):
+            if count != 1:
+                raise ValueError(f"OSS assigned {s.name} to {count} ranks (each parameter needs exactly one)")
+            owner[s.name] = rank1 - 1
+        return owner
 
     # ------------------------------------------------------------------ pieces
     def _local_pieces(self) -> list[LocalPiece]:

@@ -23,7 +23,7 @@ Extra traffic over FSDP2+AdamW per step: ≈ 2 × the owned hidden bytes (the al
 optimum, exactly D-Muon's) plus scalar all-reduces (Option II: plus D on estimation steps).
 
 **2-D meshes.** Every parameter's layout is read from its DTensor placements (each rank's
-block: ``compute_local_shape_and_global_offset``, gathered once at construction) over the
+block: DTensor's shard arithmetic, derived locally for every rank at construction) over the
 job's process group (all ranks of the parameters' meshes):
 
 * HSDP (``fully_shard(mesh=("replicate", "shard"))``, placements ``(Replicate(), Shard(0))``):
@@ -133,6 +133,43 @@ def _job_group(params: list[tuple[str, torch.Tensor]], process_group: dist.Proce
     return process_group
 
 
+def _mesh_coordinates(mesh) -> dict[int, tuple[int, ...]]:
+    """Global rank → its coordinate in ``mesh`` (a DeviceMesh) — or, for a rank outside it, in
+    the copy of ``mesh`` that rank belongs to (a sliced or flattened mesh such as ``mesh["dp"]``
+    has one copy per coordinate of the other dims: torch's mesh layout over the root's ranks)."""
+    copies = mesh.mesh.reshape(1, *mesh.mesh.shape)
+    layout, rank_map = getattr(mesh, "_layout", None), getattr(mesh, "_rank_map", None)
+    if layout is not None and rank_map is not None:
+        copies = layout.remap_to_tensor(rank_map)
+    shape = tuple(mesh.mesh.shape)
+    out = {}
+    for copy in copies.reshape(copies.shape[0], -1).tolist():
+        for flat, rank in enumerate(copy):
+            coord, rest = [], flat
+            for size in reversed(shape):
+                coord.append(rest % size)
+                rest //= size
+            out[rank] = tuple(reversed(coord))
+    return out
+
+
+def _blocks_of_every_rank(shape: tuple[int, ...], mesh, placements, ranks: list[int],
+                          coords: dict[int, tuple[int, ...]]) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """``(global offset, local shape)`` of a DTensor of ``shape`` on ``mesh`` with ``placements``
+    for each of ``ranks`` (global ranks, in process-group order); ``((), (0,))`` — what DTensor
+    reports — for a rank outside the mesh."""
+    from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset
+
+    out = []
+    for r in ranks:
+        if r not in coords:
+            out.append(((), (0,)))
+            continue
+        local, offset = _compute_local_shape_and_global_offset(shape, tuple(mesh.mesh.shape), list(coords[r]), placements)
+        out.append((tuple(offset), tuple(local)))
+    return out
+
+
 class LANTONFSDP2(PieceOptimizer):
     """The sharded optimizer for an FSDP2 model (see module doc).
 
@@ -177,22 +214,31 @@ class LANTONFSDP2(PieceOptimizer):
                 self._presence_hooks.append(fsdp_module.register_forward_pre_hook(functools.partial(self._watch, owned)))
 
     def _mesh_layouts(self) -> tuple[dict[str, BlockLayout], dict[str, Ranges]]:
-        """Every rank's block of every parameter (one ``all_gather_object`` at construction):
-        the storage layouts and each rank's held range."""
+        """Every rank's block of every parameter — the storage layouts and each rank's held
+        range — derived locally from the placements (DTensor's shard arithmetic is
+        deterministic; :func:`_blocks_of_every_rank`): nothing is communicated."""
         from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-        mine = []
+        ranks = dist.get_process_group_ranks(self.coll.group)  # global ranks, in group-rank order
+        coords: dict[int, dict[int, tuple[int, ...]]] = {}  # id(mesh) → global rank → coordinate
+        cache: dict[tuple[Any, ...], list[tuple[tuple[int, ...], tuple[int, ...]]]] = {}
+        layouts, held = {}, {}
         for p, s in zip(self._params, self.specs):
             shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
             if math.prod(shape) != p.to_local().numel():
                 raise ValueError(f"{s.name}: local tensor has {p.to_local().numel()} elements, its placements "
                                  f"{tuple(p.placements)} give {tuple(shape)}: unsupported sharding")
-            mine.append((tuple(offset), tuple(shape)))
-        every: list[Any] = [None] * self.world
-        dist.all_gather_object(every, mine, group=self.coll.group)
-        layouts, held = {}, {}
-        for i, s in enumerate(self.specs):
-            layouts[s.name], held[s.name] = BlockLayout.from_blocks(s.name, s.shape, [r[i] for r in every])
+            mesh = p.device_mesh
+            if id(mesh) not in coords:
+                coords[id(mesh)] = _mesh_coordinates(mesh)
+            key = (tuple(p.shape), id(mesh), tuple(p.placements))
+            if key not in cache:
+                cache[key] = _blocks_of_every_rank(tuple(p.shape), mesh, p.placements, ranks, coords[id(mesh)])
+            every = cache[key]
+            if every[self.rank] != (tuple(offset), tuple(shape)):
+                raise RuntimeError(f"{s.name}: the block derived for rank {self.rank} {every[self.rank]} is not DTensor's "
+                                   f"{(tuple(offset), tuple(shape))} (torch's shard arithmetic changed?)")
+            layouts[s.name], held[s.name] = BlockLayout.from_blocks(s.name, s.shape, every)
             if not layouts[s.name].row_major and len(s.blocks) > 1:
                 raise ValueError(f"{s.name}: a fused weight ({len(s.blocks)} logical blocks) sharded along columns; "
                                  "its per-block rates need row-major pieces (shard it along dim 0)")
