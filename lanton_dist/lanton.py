@@ -291,7 +291,7 @@ class LANTON(Optimizer):
                 prev = self.state[p].get("prev_grad")
                 diffs.append(None if prev is None else grad - prev)
         hidden = [i for i, x in enumerate(live) if x[2].geometry is Geometry.HIDDEN and diffs[i] is not None]
-        norms = lmo_mod.hidden_dual_norms([live[i][2] for i in hidden], [diffs[i] for i in hidden], estimator)
+        norms = lmo_mod.hidden_dual_norms([live[i][2] for i in hidden], [diffs[i] for i in hidden], estimator, lmo=self.lmo)
         it = iter(norms)
         for i, (g, p, spec, _, _) in enumerate(live):
             if diffs[i] is None:
@@ -299,7 +299,7 @@ class LANTON(Optimizer):
             if spec.geometry is Geometry.HIDDEN:
                 dual = torch.stack([next(it) for _ in spec.blocks])
             else:
-                dual = lmo_mod.dual_norm(spec, diffs[i]).reshape(1)
+                dual = lmo_mod.dual_norm(spec, diffs[i], lmo=self.lmo).reshape(1)
             st = self.state[p]
             st["H"] = noise.update_tracker(st["H"], dual.to(st["H"].dtype) ** 2, g["beta2"])
             st["estimated"].fill_(True)

@@ -40,9 +40,10 @@ Reductions, all over the scalar group (every rank holding pieces):
   pre-clip norm stays in ``grad_norm`` for the log line.
 * ``norm`` — Σ B² of vector-group pieces (their RMS LMO needs ‖B‖₂), every step.
 * ``variance`` — on estimation steps, a ``(2L,)`` vector over all L logical layers of the
-  model: each layer's dual-norm contribution (owner's √(d_out/d_in)·‖D‖_* for hidden
-  blocks, partial Σ|D| or Σ D² for pieces) and a presence count, posted after the LMO (the
-  owners form Option I's hidden D in the owner step). After the SUM every rank
+  model: each layer's dual-norm contribution (owner's s·‖D‖_nuclear for hidden blocks,
+  partial c·Σ|D| or Σ D² for pieces; s and c the LMO's own scales,
+  :func:`lanton_dist.lmo.pair_scale`) and a presence count, posted after the LMO (the owners
+  form Option I's hidden D in the owner step). After the SUM every rank
   updates the replicated trackers H, the "estimated" mask E (H updated at least once) and
   the rate factors, so the group-wide max α costs no extra collective. The anchor runs over
   estimated layers only; the others run at factor 1. Option I compares with G_{t−1} only: a
@@ -672,12 +673,13 @@ class ShardedCore:
 
     @announces("dual_norms")
     def _dual_norms(self, names: list[str], mats: list[torch.Tensor]) -> list[list[torch.Tensor]]:
-        """Owner side of the variance: per parameter, √(d_out/d_in)·‖D_b‖_* of each of its blocks."""
+        """Owner side of the variance: per parameter, the dual norm s·‖D_b‖_nuclear of each of its
+        blocks (s the LMO's scale, :func:`lanton_dist.lmo.pair_scale`)."""
         if not names:
             return []
         with torch.no_grad():
             estimator = resolve_estimator(self.estimator_name, mats[0].device)
-            flat = iter(lmo_mod.hidden_dual_norms([self.specs[n] for n in names], mats, estimator))
+            flat = iter(lmo_mod.hidden_dual_norms([self.specs[n] for n in names], mats, estimator, lmo=self.lmo))
             return [[next(flat) for _ in self.specs[n].blocks] for n in names]
 
     def _fill_hidden_norms(self, vec: torch.Tensor, norms: dict[str, list[torch.Tensor]]) -> None:
@@ -779,7 +781,8 @@ class ShardedCore:
             if d is None or p.spec.geometry is Geometry.HIDDEN:
                 continue
             s = self.layer_start[p.name]
-            vec[s] += (lmo_mod.l1_partial(d) if p.spec.geometry is Geometry.EMBED_HEAD else lmo_mod.sq_partial(d)) * p.weight
+            part = lmo_mod.sign_dual_partial(p.spec, d, self.lmo) if p.spec.geometry is Geometry.EMBED_HEAD else lmo_mod.sq_partial(d)
+            vec[s] += part * p.weight
             vec[L + s] += p.weight
         if self.defer_variance or (side is not None and side.defers):
             self._deferred = (pending, vec)
