@@ -143,6 +143,7 @@ class LANTON(Optimizer):
         self.skip_nonfinite = skip_nonfinite
         self.clip_grad_norm = clipping.check_max_norm(clip_grad_norm)
         self.skipped_steps = 0
+        self._stashed = False  # stash_half_gradient() ran since the last step
         #: Global L2 norm of the gradient the last step used when it combined two half-batch
         #: gradients (Option II estimation step; pre-clip, a device tensor), else None: ``p.grad``
         #: then holds only the second half, so this is what a log line can report.
@@ -177,8 +178,11 @@ class LANTON(Optimizer):
         """Option II: keep the first half-batch's gradient and clear ``p.grad``.
 
         Weight each half's loss by 1/2: the step then uses G = g_A + g_B (the full-batch
-        mean) and D = 2(g_A − g_B) = ∇_A − ∇_B for the tracker.
+        mean) and D = 2(g_A − g_B) = ∇_A − ∇_B for the tracker. A parameter with a gradient in
+        one half only counts the other half as zeros; one with neither is skipped (the rule of
+        every sharded backend).
         """
+        self._stashed = True
         for g in self.param_groups:
             for p in g["params"]:
                 if p.grad is not None:
@@ -206,13 +210,17 @@ class LANTON(Optimizer):
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         loss = run_closure(closure)
         live = []
+        stashed, self._stashed = self._stashed, False
         for g, p, spec in self._entries():
             half = self.state[p].pop("half_grad", None) if p in self.state else None
-            if p.grad is None:
+            if p.grad is None and half is None:
                 continue
-            grad = p.grad if half is None else half + p.grad
-            diff2 = None if half is None else 2.0 * (half - p.grad)
-            live.append((g, p, spec, grad, diff2))
+            if not stashed:
+                live.append((g, p, spec, p.grad, None))
+                continue
+            first = half if half is not None else torch.zeros_like(p.grad)   # a missing half counts as zeros
+            second = p.grad if p.grad is not None else torch.zeros_like(half)
+            live.append((g, p, spec, first + second, 2.0 * (first - second)))
         sq = None
         combined = any(x[4] is not None for x in live)
         if (self.clip_grad_norm or combined) and live:
@@ -228,10 +236,9 @@ class LANTON(Optimizer):
         t = self.t + 1
         k = self.estimate_every
         estimate = self.noise_adaptive and noise.is_estimation_step(t, k)
-        missing = [x[2].name for x in live if x[4] is None] if estimate and self.option == "II" else []
-        if missing:  # checked before any state changes, so the step can be retried
+        if estimate and self.option == "II" and live and not stashed:  # before any state changes: retryable
             raise RuntimeError(
-                f"step {t} estimates with Option II but no half-batch gradient was stashed for {missing}: "
+                f"step {t} estimates with Option II but no half-batch gradient was stashed: "
                 "call stash_half_gradient() between the two half-batch backward passes"
             )
         for g in self.param_groups:
@@ -281,11 +288,6 @@ class LANTON(Optimizer):
         diffs = []
         for _, p, spec, grad, diff2 in live:
             if self.option == "II":
-                if diff2 is None:
-                    raise RuntimeError(
-                        f"step {self.t} estimates with Option II but no half-batch gradient was stashed "
-                        f"for {spec.name}: call stash_half_gradient() between the two half-batch backward passes"
-                    )
                 diffs.append(diff2)
             else:
                 prev = self.state[p].get("prev_grad")
