@@ -712,8 +712,9 @@ def test_state_after_training_holds_only_documented_tensors():
     got, _, opt, params = run_both(2, option="I", k=1)
     for p in params.values():
         st = opt.state[p]
-        assert set(st) <= {"momentum_buffer", "H", "lr_factor", "prev_grad", "estimated"}
+        assert set(st) <= {"momentum_buffer", "H", "lr_factor", "prev_grad", "estimated", "n_estimates"}
         assert st["estimated"].dtype == torch.bool
+        assert st["n_estimates"].dtype == torch.float32 and st["n_estimates"].tolist() == [1.0]
         assert st["H"].dtype == torch.float32 and st["H"].shape == (1,)
 
 
