@@ -255,3 +255,47 @@ def test_engine_runs_auto_alpha_bias_correction_and_the_head_rate_as_the_referen
     for r, res in enumerate(results):
         torch.testing.assert_close(res["restored"][0], res[True][1], rtol=0, atol=0)
         torch.testing.assert_close(res["restored"][1], res[True][2], rtol=0, atol=0)
+
+
+def _fairscale_resume_worker(rank, world, tmp):
+    import dataclasses
+    import os
+
+    from contract_cases import STACKS, STEPS, Run
+
+    @dataclasses.dataclass(frozen=True)
+    class OptionsRun(Run):
+        def optim(self) -> OptimConfig:
+            return OptimConfig(**OPTIONS_CFG)
+
+    run_ = OptionsRun("lanton", estimate_every=2, overlap=True)
+    build = STACKS["fairscale"].build
+    whole = build(rank, world, run_, torch.float64)
+    whole.train(0, STEPS)
+    first = build(rank, world, run_, torch.float64)
+    first.train(0, 4)
+    path = os.path.join(tmp, "oss")
+    if rank == 0:
+        os.makedirs(path, exist_ok=True)
+    torch.distributed.barrier()
+    first.save(path)
+    resumed = build(rank, world, run_, torch.float64)
+    resumed.load(path)
+    resumed.train(4, STEPS)
+    return whole.params(), resumed.params()
+
+
+@pytest.mark.slow
+def test_fairscale_resume_keeps_auto_alpha_and_estimate_counts_bit_exactly():
+    """Saved at step 4 (two estimates: α set, n = 2), resumed to step 10: bit for bit the
+    uninterrupted run (a reset α or count would change the factors)."""
+    import tempfile
+
+    pytest.importorskip("fairscale")
+    from distributed import run
+
+    with tempfile.TemporaryDirectory() as tmp:
+        results = run(_fairscale_resume_worker, 2, tmp, timeout_s=300)
+    for whole, resumed in results:
+        for n in whole:
+            assert torch.equal(whole[n], resumed[n]), n
