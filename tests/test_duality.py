@@ -112,7 +112,7 @@ def test_pair_scale_is_the_scale_of_both_the_direction_and_the_dual():
 
 
 # ------------------------------------------------------------------ every backend: the head's H
-pytestmark_slow = pytest.mark.slow
+slow = pytest.mark.slow
 H_STEPS = 6
 
 
@@ -141,7 +141,7 @@ def _reference_h() -> dict[str, float]:
     return _tracker_rows(opt.layer_diagnostics())
 
 
-@pytestmark_slow
+@slow
 @pytest.mark.parametrize("stack", ["engine", "fsdp2"])
 def test_sharded_backends_measure_every_layers_noise_as_the_reference_does(stack):
     """H of every layer (the LM head's sharded ℓ1 sum included) after 6 steps on 2 ranks equals
