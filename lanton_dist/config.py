@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from lanton_dist.names import ALGORITHMS
+from lanton_dist.names import ALGORITHMS, ALPHA_MODES
 
 T = TypeVar("T")
 
@@ -49,6 +49,16 @@ class GroupValues:
 
 
 @dataclass
+class RateValues(GroupValues):
+    """Base learning rates: one per geometry group, and ``head``, the LM head's own rate
+    (``None``: the embed_head rate, the head then shares the embedding's param group). The
+    head keeps the embed_head geometry (sign LMO, dual norm, rate-factor anchor group); only
+    its base rate differs, and schedules scale it like every other."""
+
+    head: float | None = None
+
+
+@dataclass
 class OptimConfig:
     """Optimizer choice and hyper-parameters (see :class:`lanton_dist.lanton.LANTON`).
 
@@ -57,18 +67,24 @@ class OptimConfig:
     adamw all three are. ``overrides`` maps fnmatch patterns of parameter names to a geometry.
     ``clip_grad_norm``: clip the global L2 norm of each step's gradient to this value, as
     ``torch.nn.utils.clip_grad_norm_`` (0: off; see :mod:`lanton_dist.engine.core`).
+    ``lr.head``: the LM head's own base rate (``None``: the embed_head rate; :class:`RateValues`).
+    ``alpha_mode``: ``fixed`` (``alpha`` as given) | ``auto`` (each geometry group's α from its
+    own first noise estimate: the median √H of its estimated layers; :mod:`lanton_dist.noise`).
+    ``bias_correction``: the rate factors read H/(1 − β₂ⁿ), n the layer's number of estimates.
     ``ns_split_tolerance``: ``parallel.backend zero`` only — split the Newton–Schulz of the
     largest matrices over teams of ranks until each rank's NS FLOPs are within
     ``(1 + value)·mean`` (:mod:`lanton_dist.engine.splitns`); ``None`` (default): whole matrices.
     """
 
     name: str = "lanton"
-    lr: GroupValues = field(default_factory=lambda: GroupValues(hidden=0.02, embed_head=0.002, vector=0.002))
+    lr: RateValues = field(default_factory=lambda: RateValues(hidden=0.02, embed_head=0.002, vector=0.002))
     weight_decay: float = 0.0
     beta1: float = 0.9
     beta2: float = 0.9
     alpha: GroupValues = field(default_factory=lambda: GroupValues(hidden=1.0, embed_head=1.0, vector=1.0))
     nesterov: bool = False
+    alpha_mode: str = "fixed"
+    bias_correction: bool = False
     estimate_every: int = 10
     option: str = "I"
     ratio_anchor: str = "max"
@@ -384,6 +400,8 @@ def _check_optim(o: OptimConfig) -> None:
     for geometry in ("hidden", "embed_head", "vector"):
         _number(f"optim.lr.{geometry}", o.lr.get(geometry))
         _number(f"optim.alpha.{geometry}", o.alpha.get(geometry))
+    if getattr(o.lr, "head", None) is not None:  # a plain GroupValues has no head rate
+        _number("optim.lr.head", o.lr.head)
     _number("optim.weight_decay", o.weight_decay)
     # every algorithm's momentum coefficients, whichever runs: a bad value is a typo either way
     for key in ("beta1", "beta2", "momentum"):
@@ -398,6 +416,8 @@ def _check_optim(o: OptimConfig) -> None:
         raise ConfigError(f"optim.estimate_every must be >= 1, got {o.estimate_every}")
     if o.ns_steps < 1:
         raise ConfigError(f"optim.ns_steps must be >= 1, got {o.ns_steps}")
+    if o.alpha_mode not in ALPHA_MODES:
+        raise ConfigError(f"optim.alpha_mode must be one of {ALPHA_MODES}, got {o.alpha_mode!r}")
     if o.option not in ("I", "II"):
         raise ConfigError(f"optim.option must be 'I' or 'II', got {o.option!r}")
     if o.ns_split_tolerance is not None:

@@ -38,7 +38,9 @@ def param_groups(
     specs: dict[str, ParamSpec] | None = None,
     orientation: dict[str, str] | None = None,
 ) -> list[dict[str, Any]]:
-    """One torch param group per non-empty geometry: ``params``, ``specs``, ``names``, ``lr``, ``alpha``.
+    """One torch param group per non-empty geometry: ``params``, ``specs``, ``names``, ``lr``,
+    ``alpha``, ``geometry`` (its label). With ``cfg.lr.head`` set, the LM head (role ``head``)
+    gets its own group, labelled ``head``, at that rate (its geometry stays embed_head).
 
     ``specs`` (name → ParamSpec) replaces classification, for integrations whose local
     parameters are shards of the logical ones. ``orientation`` declares storage orientations
@@ -46,20 +48,18 @@ def param_groups(
     """
     check_not_zero_init(list(model.named_parameters()))
     specs = specs or classify_parameters(model, cfg.overrides, fused, orientation)
+    params = dict(model.named_parameters())
+    head_lr = getattr(cfg.lr, "head", None)  # a plain GroupValues (no head rate) is accepted
     groups = []
     for geometry in Geometry:
-        names = [n for n, p in model.named_parameters() if n in specs and specs[n].geometry is geometry]
-        if not names:
-            continue
-        params = dict(model.named_parameters())
-        groups.append(dict(
-            params=[params[n] for n in names],
-            specs=[specs[n] for n in names],
-            names=names,
-            geometry=geometry.value,
-            lr=cfg.lr.get(geometry.value),
-            alpha=cfg.alpha.get(geometry.value),
-        ))
+        names = [n for n in params if n in specs and specs[n].geometry is geometry]
+        split = geometry is Geometry.EMBED_HEAD and head_lr is not None
+        head = [n for n in names if specs[n].role == "head"] if split else []
+        for label, members, lr in ((geometry.value, [n for n in names if n not in head], cfg.lr.get(geometry.value)),
+                                   ("head", head, head_lr)):
+            if members:
+                groups.append(dict(params=[params[n] for n in members], specs=[specs[n] for n in members],
+                                   names=members, geometry=label, lr=lr, alpha=cfg.alpha.get(geometry.value)))
     return groups
 
 
@@ -67,7 +67,8 @@ def hyper_parameters(cfg: OptimConfig) -> dict[str, Any]:
     """Per-group defaults of ``cfg.name`` (what every implementation — reference, engine,
     adapters — reads from its param groups)."""
     if cfg.name in ("lanton", "scion"):
-        return dict(weight_decay=cfg.weight_decay, beta1=cfg.beta1, beta2=cfg.beta2, nesterov=cfg.nesterov)
+        return dict(weight_decay=cfg.weight_decay, beta1=cfg.beta1, beta2=cfg.beta2, nesterov=cfg.nesterov,
+                    alpha_mode=cfg.alpha_mode, bias_correction=cfg.bias_correction)
     if cfg.name == "dmuon":
         return dict(weight_decay=cfg.weight_decay, momentum=cfg.momentum, nesterov=True,
                     adam_betas=tuple(cfg.adam_betas), adam_eps=cfg.adam_eps)

@@ -15,7 +15,11 @@ work). Points the spec marks [verify] — the paper's full text could not be rea
 options, with the spec's reading as default: momentum form (EMA, ``nesterov=False``),
 ``ratio_anchor='max'``, ``wd_lr='group'`` (η_t multiplies λ), ``sign_scale='scion'``
 (head sign scaled by 1/d_in). β₂'s value is not given in any readable source; 0.9 per
-estimation is ours.
+estimation is ours. Where the paper is silent: ``alpha_mode`` (``fixed`` | ``auto``: each
+geometry group's α from its own first estimate) and ``bias_correction`` (H/(1 − β₂ⁿ)), per
+group; their rule is :func:`lanton_dist.noise.rate_factors`, shared with the sharded core.
+Each layer's dual norm is the dual of its LMO's norm, scale included
+(:func:`lanton_dist.lmo.pair_scale`).
 
 ``delay_lr_factor=True`` makes step t use the rate factors computed at step t−1 — exactly
 what the sharded engine and adapters do when they overlap the variance reduction with the
@@ -50,11 +54,11 @@ from lanton_dist import clipping, noise
 from lanton_dist import lmo as lmo_mod
 from lanton_dist.groups import Geometry, ParamSpec, block_scale
 from lanton_dist.lmo import LMOConfig
-from lanton_dist.names import OPTIONS
+from lanton_dist.names import ALPHA_MODES, OPTIONS
 from lanton_dist.nuclear import resolve_estimator
 
 
-_EXACT_STATE = ("H", "lr_factor", "estimated")  # state that must not take the parameter's dtype
+_EXACT_STATE = ("H", "lr_factor", "estimated", "n_estimates")  # state that must not take the parameter's dtype
 
 
 def run_closure(closure: Callable[[], Any] | None) -> Any:
@@ -87,6 +91,8 @@ class LANTON(Optimizer):
         lr: scheduled rate η_t of the group (schedulers change ``group['lr']``).
         weight_decay: λ. beta1: momentum β₁. beta2: tracker β₂ (per estimation).
         alpha: noise floor α of α^ℓ = α/√(α²+H). nesterov: Nesterov momentum.
+        alpha_mode: ``"fixed"`` (α as given) | ``"auto"`` (:mod:`lanton_dist.noise`).
+        bias_correction: the factors read H/(1 − β₂ⁿ), n the layer's estimates.
         estimate_every: k ≥ 1. option: ``"I"`` or ``"II"``. noise_adaptive: False → Scion.
         ratio_anchor: ``"max"`` | ``"min"``. delay_lr_factor: see module doc.
         nuclear_estimator: ``auto`` | ``exact`` | ``ns`` | ``rsvd``.
@@ -104,6 +110,8 @@ class LANTON(Optimizer):
         beta2: float = 0.9,
         alpha: float = 1.0,
         nesterov: bool = False,
+        alpha_mode: str = "fixed",
+        bias_correction: bool = False,
         *,
         estimate_every: int = 10,
         option: str = "I",
@@ -130,7 +138,8 @@ class LANTON(Optimizer):
             if not 0.0 <= v < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {v}")
         resolve_estimator(nuclear_estimator, torch.device("cpu"))  # validates the name
-        defaults = dict(lr=lr, weight_decay=weight_decay, beta1=beta1, beta2=beta2, alpha=alpha, nesterov=nesterov, step=0)
+        defaults = dict(lr=lr, weight_decay=weight_decay, beta1=beta1, beta2=beta2, alpha=alpha, nesterov=nesterov,
+                        alpha_mode=alpha_mode, bias_correction=bool(bias_correction), step=0)
         super().__init__(params, defaults)
         self.estimate_every = estimate_every
         self.option = option
@@ -143,6 +152,9 @@ class LANTON(Optimizer):
         self.skip_nonfinite = skip_nonfinite
         self.clip_grad_norm = clipping.check_max_norm(clip_grad_norm)
         self.skipped_steps = 0
+        #: ``(N_GROUPS,)`` auto α of each geometry group (NaN: not set yet); None before the first estimate
+        self.alpha_auto: torch.Tensor | None = None
+        self._stashed = False  # stash_half_gradient() ran since the last step
         #: Global L2 norm of the gradient the last step used when it combined two half-batch
         #: gradients (Option II estimation step; pre-clip, a device tensor), else None: ``p.grad``
         #: then holds only the second half, so this is what a log line can report.
@@ -155,10 +167,13 @@ class LANTON(Optimizer):
         check_param_groups([group])
         if not group["alpha"] > 0:
             raise ValueError(f"alpha must be > 0, got {group['alpha']}")
+        if group["alpha_mode"] not in ALPHA_MODES:
+            raise ValueError(f"alpha_mode must be one of {ALPHA_MODES}, got {group['alpha_mode']!r}")
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
         sd["skipped_steps"] = self.skipped_steps
+        sd["alpha_auto"] = None if self.alpha_auto is None else self.alpha_auto.clone()
         return sd
 
     # ------------------------------------------------------------------ helpers
@@ -177,8 +192,11 @@ class LANTON(Optimizer):
         """Option II: keep the first half-batch's gradient and clear ``p.grad``.
 
         Weight each half's loss by 1/2: the step then uses G = g_A + g_B (the full-batch
-        mean) and D = 2(g_A − g_B) = ∇_A − ∇_B for the tracker.
+        mean) and D = 2(g_A − g_B) = ∇_A − ∇_B for the tracker. A parameter with a gradient in
+        one half only counts the other half as zeros; one with neither is skipped (the rule of
+        every sharded backend).
         """
+        self._stashed = True
         for g in self.param_groups:
             for p in g["params"]:
                 if p.grad is not None:
@@ -199,6 +217,7 @@ class LANTON(Optimizer):
             st["H"] = torch.zeros(n, dtype=acc, device=p.device)
             st["lr_factor"] = torch.ones(n, dtype=acc, device=p.device)
             st["estimated"] = torch.zeros(n, dtype=torch.bool, device=p.device)
+            st["n_estimates"] = torch.zeros(n, dtype=acc, device=p.device)
         return st
 
     # ------------------------------------------------------------------ step
@@ -206,13 +225,17 @@ class LANTON(Optimizer):
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         loss = run_closure(closure)
         live = []
+        stashed, self._stashed = self._stashed, False
         for g, p, spec in self._entries():
             half = self.state[p].pop("half_grad", None) if p in self.state else None
-            if p.grad is None:
+            if p.grad is None and half is None:
                 continue
-            grad = p.grad if half is None else half + p.grad
-            diff2 = None if half is None else 2.0 * (half - p.grad)
-            live.append((g, p, spec, grad, diff2))
+            if not stashed:
+                live.append((g, p, spec, p.grad, None))
+                continue
+            first = half if half is not None else torch.zeros_like(p.grad)   # a missing half counts as zeros
+            second = p.grad if p.grad is not None else torch.zeros_like(half)
+            live.append((g, p, spec, first + second, 2.0 * (first - second)))
         sq = None
         combined = any(x[4] is not None for x in live)
         if (self.clip_grad_norm or combined) and live:
@@ -228,10 +251,9 @@ class LANTON(Optimizer):
         t = self.t + 1
         k = self.estimate_every
         estimate = self.noise_adaptive and noise.is_estimation_step(t, k)
-        missing = [x[2].name for x in live if x[4] is None] if estimate and self.option == "II" else []
-        if missing:  # checked before any state changes, so the step can be retried
+        if estimate and self.option == "II" and live and not stashed:  # before any state changes: retryable
             raise RuntimeError(
-                f"step {t} estimates with Option II but no half-batch gradient was stashed for {missing}: "
+                f"step {t} estimates with Option II but no half-batch gradient was stashed: "
                 "call stash_half_gradient() between the two half-batch backward passes"
             )
         for g in self.param_groups:
@@ -281,17 +303,12 @@ class LANTON(Optimizer):
         diffs = []
         for _, p, spec, grad, diff2 in live:
             if self.option == "II":
-                if diff2 is None:
-                    raise RuntimeError(
-                        f"step {self.t} estimates with Option II but no half-batch gradient was stashed "
-                        f"for {spec.name}: call stash_half_gradient() between the two half-batch backward passes"
-                    )
                 diffs.append(diff2)
             else:
                 prev = self.state[p].get("prev_grad")
                 diffs.append(None if prev is None else grad - prev)
         hidden = [i for i, x in enumerate(live) if x[2].geometry is Geometry.HIDDEN and diffs[i] is not None]
-        norms = lmo_mod.hidden_dual_norms([live[i][2] for i in hidden], [diffs[i] for i in hidden], estimator)
+        norms = lmo_mod.hidden_dual_norms([live[i][2] for i in hidden], [diffs[i] for i in hidden], estimator, lmo=self.lmo)
         it = iter(norms)
         for i, (g, p, spec, _, _) in enumerate(live):
             if diffs[i] is None:
@@ -299,10 +316,11 @@ class LANTON(Optimizer):
             if spec.geometry is Geometry.HIDDEN:
                 dual = torch.stack([next(it) for _ in spec.blocks])
             else:
-                dual = lmo_mod.dual_norm(spec, diffs[i]).reshape(1)
+                dual = lmo_mod.dual_norm(spec, diffs[i], lmo=self.lmo).reshape(1)
             st = self.state[p]
             st["H"] = noise.update_tracker(st["H"], dual.to(st["H"].dtype) ** 2, g["beta2"])
             st["estimated"].fill_(True)
+            st["n_estimates"] += 1
 
     def _rate_factors(self, estimate: bool) -> dict[torch.Tensor, torch.Tensor]:
         """Per-parameter ``(n_blocks,)`` factors used this step; refreshes them on estimation steps."""
@@ -312,14 +330,24 @@ class LANTON(Optimizer):
         if estimate and entries:
             hs = torch.cat([self.state[p]["H"] for _, p, _ in entries])
             dev = hs.device
-            alphas = torch.cat([torch.full((len(s.blocks),), g["alpha"], dtype=hs.dtype, device=dev) for g, _, s in entries])
-            gids = torch.cat(
-                [torch.full((len(s.blocks),), noise.GEOMETRY_INDEX[s.geometry], dtype=torch.long, device=dev) for _, _, s in entries]
-            )
-            est = torch.cat([self.state[p]["estimated"] for _, p, _ in entries])
-            new = noise.lr_factors(noise.noise_alpha(hs, alphas), gids, self.ratio_anchor, est).split(
-                [len(s.blocks) for _, _, s in entries]
-            )
+
+            def per_layer(values, dtype):
+                return torch.tensor([v for (_, _, s), v in zip(entries, values) for _ in s.blocks], dtype=dtype, device=dev)
+
+            groups = [g for g, _, _ in entries]
+            auto = [g["alpha_mode"] == "auto" for g in groups]
+            bias = [bool(g["bias_correction"]) for g in groups]
+            if self.alpha_auto is None:
+                self.alpha_auto = torch.full((noise.N_GROUPS,), float("nan"), dtype=hs.dtype, device=dev)
+            factors, self.alpha_auto = noise.rate_factors(
+                hs, torch.cat([self.state[p]["n_estimates"] for _, p, _ in entries]),
+                torch.cat([self.state[p]["estimated"] for _, p, _ in entries]),
+                per_layer([noise.GEOMETRY_INDEX[s.geometry] for _, _, s in entries], torch.long),
+                per_layer([g["alpha"] for g in groups], hs.dtype), per_layer([g["beta2"] for g in groups], hs.dtype),
+                self.alpha_auto, anchor=self.ratio_anchor,
+                auto=per_layer(auto, torch.bool) if any(auto) else None,
+                bias=per_layer(bias, torch.bool) if any(bias) else None)
+            new = factors.split([len(s.blocks) for _, _, s in entries])
             used = {}
             for (_, p, _), f in zip(entries, new):
                 used[p] = self.state[p]["lr_factor"] if self.delay_lr_factor else f
@@ -328,24 +356,46 @@ class LANTON(Optimizer):
         return {p: self.state[p]["lr_factor"] for _, p, _ in entries}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """torch's, except that ``H``, ``lr_factor`` and ``estimated`` keep their dtypes: torch
-        casts every state tensor of a floating parameter to its dtype (bf16 rounding, bool → float).
+        """torch's, except that ``H``, ``lr_factor``, ``estimated`` and ``n_estimates`` keep their
+        dtypes (torch casts every state tensor of a floating parameter to its dtype: bf16
+        rounding, bool → float), and group keys a checkpoint predates (e.g. ``alpha_mode``) keep
+        this optimizer's values (torch would drop them).
 
         Checkpoints written before the ``estimated`` mask existed load with ``estimated = H > 0``
-        (a layer whose tracker is still exactly 0 is treated as never estimated)."""
+        (a layer whose tracker is still exactly 0 is treated as never estimated); before the
+        estimate counts existed, with n = ⌊t/k⌋ for estimated layers (an upper bound: bias
+        correction is then at most what it would have been); before ``alpha_auto``, unset
+        (the next estimation step sets it)."""
         saved = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         keep = {p: {k: v for k, v in state_dict["state"].get(i, {}).items() if k in _EXACT_STATE}
                 for i, p in zip(saved, params)}
+        current = [dict(g) for g in self.param_groups]
         super().load_state_dict(state_dict)
+        for g, cur in zip(self.param_groups, current):
+            for k, v in cur.items():
+                g.setdefault(k, v)
         self.skipped_steps = int(state_dict.get("skipped_steps", 0))
+        auto = state_dict.get("alpha_auto")
+        self.alpha_auto = None if auto is None else auto.to(device=params[0].device if params else auto.device, copy=True)
         for p, tensors in keep.items():
             for k, v in tensors.items():
                 self.state[p][k] = v.to(device=p.device, copy=True)
             if "H" in tensors and "estimated" not in tensors:
                 self.state[p]["estimated"] = self.state[p]["H"] > 0
+            if "H" in tensors and "n_estimates" not in tensors:
+                est = self.state[p]["estimated"]
+                self.state[p]["n_estimates"] = est.to(tensors["H"].dtype) * float(self.t // self.estimate_every)
 
     # ------------------------------------------------------------------ diagnostics
+    def _alpha_of(self, g: dict[str, Any], spec: ParamSpec) -> float:
+        """The α a layer of ``spec`` in group ``g`` uses: its group's auto α once set, else the configured one."""
+        if g["alpha_mode"] == "auto" and self.alpha_auto is not None:
+            a = float(self.alpha_auto[noise.GEOMETRY_INDEX[spec.geometry]])
+            if a == a:  # not NaN
+                return a
+        return g["alpha"]
+
     def layer_diagnostics(self) -> list[dict[str, Any]]:
         """Per logical layer: name, geometry, H, α^ℓ, rate factor and effective lr (for logging)."""
         rows = []
@@ -353,7 +403,8 @@ class LANTON(Optimizer):
             st = self.state.get(p, {})
             if "H" not in st:
                 continue
-            a = noise.noise_alpha(st["H"], g["alpha"])
+            used = noise.bias_corrected(st["H"], st["n_estimates"], g["beta2"]) if g["bias_correction"] else st["H"]
+            a = noise.noise_alpha(used, self._alpha_of(g, spec))
             for i, blk in enumerate(spec.blocks):
                 f = float(st["lr_factor"][i])
                 rows.append(

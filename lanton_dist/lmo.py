@@ -1,17 +1,24 @@
 """Linear minimization oracles and dual norms of the three geometry groups (spec table 1).
 
-For a layer with norm ‖·‖ and radius ρ, ``lmo(B) = argmin_{‖O‖≤ρ} ⟨B, O⟩`` so that
-``⟨G, lmo(G)⟩ = −ρ·‖G‖_*``:
+Each layer steps along ``O = lmo(B) = −c·u(B)``, u the unit direction of a base norm
+(polar factor, sign, B/‖B‖₂) and c the layer's scale; its dual norm is the dual of exactly the
+norm whose unit-ball LMO that is, every scale factor included, so that
+``⟨G, lmo(G)⟩ = −‖G‖_*`` (spec, "Rule for dual norms"):
 
 ===========  ==========================================  ==============================
 group        direction O = lmo(B)                        dual norm ‖G‖_*
 ===========  ==========================================  ==============================
-hidden       −s·polar(B), s = √(d_out/d_in) (spectral)   √(d_out/d_in)·‖G‖_nuclear
+hidden       −s·polar(B), s = √(d_out/d_in) (spectral)   s·‖G‖_nuclear
              or 0.2·√max(d_out, d_in) (moonlight)
-embed_head   −c·sign(B), c = 1 (embed); 1/d_in for the    Σ|G_ij|
-             head when ``sign_scale='scion'`` [verify]
+embed_head   −c·sign(B), c = 1 (embed); 1/d_in for the    c·Σ|G_ij|
+             head when ``sign_scale='scion'``
 vector       −√d·B/‖B‖₂                                  √d·‖G‖₂
 ===========  ==========================================  ==============================
+
+The scale c of each pair has one owner, :func:`pair_scale` (hidden: :func:`hidden_scale`, sign:
+:func:`sign_scale`, vector: :func:`vector_scale`); directions and dual norms both read it, so
+they cannot drift apart. Sharded ℓ1/ℓ2 sums are per-shard partials (:func:`sign_dual_partial`,
+:func:`sq_partial`) of the same scaled quantity.
 
 Hidden parameters act per logical :class:`~lanton_dist.groups.Block`; same-shape blocks
 are stacked and orthogonalised in one batched Newton–Schulz call. d_out, d_in and the blocks
@@ -86,6 +93,24 @@ def sign_scale(spec: ParamSpec, mode: str) -> float:
     return 1.0 / spec.d_in if (mode == "scion" and spec.role == "head") else 1.0
 
 
+def vector_scale(spec: ParamSpec) -> float:
+    """Scale of the RMS LMO of a vector: √d (d = ``spec.numel``)."""
+    return math.sqrt(spec.numel)
+
+
+def pair_scale(spec: ParamSpec, cfg: LMOConfig, block: Block | None = None) -> float:
+    """The scale c shared by a layer's LMO direction ``−c·u(B)`` and its dual norm
+    ``c·‖G‖_base`` (module table): hidden block ``block`` (default: the parameter's first) —
+    :func:`hidden_scale` of ``cfg.scale_mode``; embed_head — :func:`sign_scale` of
+    ``cfg.sign_scale``; vector — :func:`vector_scale`."""
+    if spec.geometry is Geometry.HIDDEN:
+        blk = block if block is not None else spec.blocks[0]
+        return hidden_scale(blk.d_out, spec.d_in, cfg.scale_mode)
+    if spec.geometry is Geometry.EMBED_HEAD:
+        return sign_scale(spec, cfg.sign_scale)
+    return vector_scale(spec)
+
+
 def polar_batched(mats: list[torch.Tensor], cfg: LMOConfig, refine_steps: int = 0) -> list[torch.Tensor]:
     """Newton–Schulz of each matrix, one batched call per distinct shape. Returns in input order."""
     out: list[torch.Tensor | None] = [None] * len(mats)
@@ -119,22 +144,26 @@ def scatter_block_direction(spec: ParamSpec, blk: Block, pol: torch.Tensor, out:
 
 
 def sign_direction(spec: ParamSpec, b: torch.Tensor, cfg: LMOConfig) -> torch.Tensor:
-    """O = −c·sign(B), elementwise: valid on any shard of ``b``."""
-    return torch.sign(b).mul_(-sign_scale(spec, cfg.sign_scale))
+    """O = −c·sign(B), elementwise: valid on any shard of ``b`` (c: :func:`pair_scale`)."""
+    return torch.sign(b).mul_(-pair_scale(spec, cfg))
 
 
 def vector_direction(b: torch.Tensor, norm: torch.Tensor, numel: int) -> torch.Tensor:
-    """O = −√d·B/‖B‖₂ with ``norm`` the whole tensor's ‖B‖₂ (so ``b`` may be a shard); 0 if B = 0."""
+    """O = −√d·B/‖B‖₂ with ``norm`` the whole tensor's ‖B‖₂ (so ``b`` may be a shard); 0 if B = 0.
+    √d is :func:`vector_scale` of a ``numel``-element vector."""
     scale = torch.where(norm > 0, -math.sqrt(numel) / norm.clamp_min(torch.finfo(norm.dtype).tiny), 0.0)
     return b * scale.to(b.dtype)
 
 
 def hidden_dual_norms(
-    specs: list[ParamSpec], diffs: list[torch.Tensor], estimator: Estimator, refine_steps: int | None = None
+    specs: list[ParamSpec], diffs: list[torch.Tensor], estimator: Estimator, refine_steps: int | None = None,
+    lmo: LMOConfig | None = None,
 ) -> list[torch.Tensor]:
-    """√(d_out/d_in)·‖D_b‖_* for every logical block b of every whole hidden parameter
-    (``diffs`` in storage layout), flattened in (parameter, block) order; fp32 scalars.
-    Same-shape blocks are estimated in one batch."""
+    """s·‖D_b‖_nuclear for every logical block b of every whole hidden parameter (``diffs`` in
+    storage layout), s the block's :func:`pair_scale` under ``lmo`` (default
+    :class:`LMOConfig`: spectral, √(d_out/d_in)), flattened in (parameter, block) order; fp32
+    scalars. Same-shape blocks are estimated in one batch."""
+    cfg = lmo or LMOConfig()
     blocks = [(k, blk) for k, spec in enumerate(specs) for blk in spec.blocks]
     mats = [blk.gather(specs[k].logical(diffs[k])) for k, blk in blocks]
     by_shape: dict[tuple[int, ...], list[int]] = defaultdict(list)
@@ -145,7 +174,7 @@ def hidden_dual_norms(
         nuc = nuclear_norm(torch.stack([mats[i] for i in idx]), estimator, refine_steps=refine_steps)
         for j, i in enumerate(idx):
             k, blk = blocks[i]
-            out[i] = nuc[j] * math.sqrt(blk.d_out / specs[k].d_in)
+            out[i] = nuc[j] * pair_scale(specs[k], cfg, blk)
     return out  # type: ignore[return-value]
 
 
@@ -159,18 +188,27 @@ def l1_partial(d: torch.Tensor) -> torch.Tensor:
     return _acc(d).abs().sum()
 
 
+def sign_dual_partial(spec: ParamSpec, d: torch.Tensor, lmo: LMOConfig) -> torch.Tensor:
+    """c·Σ|D| over this shard of an embed_head parameter (c: :func:`pair_scale`); its dual norm
+    is the sum over shards."""
+    return l1_partial(d) * pair_scale(spec, lmo)
+
+
 def sq_partial(d: torch.Tensor) -> torch.Tensor:
     """Σ D² over this shard (≥ fp32); ‖D‖₂² of the whole tensor is the sum over shards."""
     return _acc(d).pow(2).sum()
 
 
-def dual_norm(spec: ParamSpec, d: torch.Tensor, estimator: Estimator = "exact") -> torch.Tensor:
-    """The dual norm of a whole tensor ``d`` of parameter ``spec`` (sum over its blocks for hidden)."""
+def dual_norm(spec: ParamSpec, d: torch.Tensor, estimator: Estimator = "exact", lmo: LMOConfig | None = None) -> torch.Tensor:
+    """The dual norm of a whole tensor ``d`` of parameter ``spec`` under ``lmo`` (default
+    :class:`LMOConfig`), the dual of the norm :func:`direction` minimises over (sum over its
+    blocks for hidden): ``⟨d, direction(spec, d, lmo)⟩ = −dual_norm(spec, d, lmo)``."""
+    cfg = lmo or LMOConfig()
     if spec.geometry is Geometry.HIDDEN:
-        return torch.stack(hidden_dual_norms([spec], [d], estimator)).sum()
+        return torch.stack(hidden_dual_norms([spec], [d], estimator, lmo=cfg)).sum()
     if spec.geometry is Geometry.EMBED_HEAD:
-        return l1_partial(d)
-    return math.sqrt(spec.numel) * sq_partial(d).sqrt()
+        return sign_dual_partial(spec, d, cfg)
+    return vector_scale(spec) * sq_partial(d).sqrt()
 
 
 def direction(spec: ParamSpec, b: torch.Tensor, cfg: LMOConfig) -> torch.Tensor:

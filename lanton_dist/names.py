@@ -12,5 +12,7 @@ ALGORITHMS: tuple[str, ...] = ("lanton", "scion", "dmuon", "adamw")
 ESTIMATORS: tuple[str, ...] = ("exact", "ns", "rsvd")
 #: LANTON's gradient-noise estimators: Option I (previous step's gradient), II (two half batches).
 OPTIONS: tuple[str, ...] = ("I", "II")
+#: How LANTON's noise floor α is chosen per group (:mod:`lanton_dist.noise`): as configured, or from the first estimate.
+ALPHA_MODES: tuple[str, ...] = ("fixed", "auto")
 #: Bucket layouts of the ZeRO engine: ``owner`` (whole matrices on their owners) or ``plain``.
 ZERO_LAYOUTS: tuple[str, ...] = ("owner", "plain")

@@ -31,10 +31,12 @@ from lanton_dist.trainer import read_metrics, train  # noqa: E402
 
 DEMO_CONFIG = ROOT / "configs" / "llama-tiny-cpu.yaml"
 # Per-optimizer overrides of the demo config, tuned by short sweeps on this config (300 steps,
-# 2 CPU cores; see the config's comment). LANTON's rates are the config's own.
+# 2 CPU cores; see the config's comment). LANTON's rates (its LM head's own rate included) are
+# the config's own; D-Muon's head is an AdamW layer at its embed_head rate.
 DEMO_OVERRIDES: dict[str, list[str]] = {
     "lanton": ["--optim.name", "lanton"],
-    "dmuon": ["--optim.name", "dmuon", "--optim.lr.hidden", "0.01", "--optim.lr.embed_head", "0.05", "--optim.lr.vector", "0.05"],
+    "dmuon": ["--optim.name", "dmuon", "--optim.lr.hidden", "0.01", "--optim.lr.embed_head", "0.05", "--optim.lr.vector", "0.05",
+              "--optim.lr.head", "0.05"],
 }
 
 
@@ -55,7 +57,8 @@ def run_optimizer(name: str, *, steps: int, out: Path, config: Path = DEMO_CONFI
         summary = _torchrun(name, config, overrides, nproc, out / name)
     else:
         summary = train(cfg, log=lambda msg: print(f"[{name}] {msg}", flush=True))
-    summary["lr"] = {"hidden": cfg.optim.lr.hidden, "embed_head": cfg.optim.lr.embed_head, "vector": cfg.optim.lr.vector}
+    summary["lr"] = {"hidden": cfg.optim.lr.hidden, "embed_head": cfg.optim.lr.embed_head, "head": cfg.optim.lr.head,
+                     "vector": cfg.optim.lr.vector}
     summary["overrides"] = overrides
     return summary
 

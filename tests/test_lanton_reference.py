@@ -64,8 +64,9 @@ def spec_dual(spec: ParamSpec, d: torch.Tensor) -> float:
     if spec.geometry is HIDDEN:
         d_out, d_in = spec.shape
         return math.sqrt(d_out / d_in) * float(torch.linalg.svdvals(d.double()).sum())
-    if spec.geometry is EMBED_HEAD:
-        return float(d.double().abs().sum())
+    if spec.geometry is EMBED_HEAD:  # the dual of the sign LMO's norm, its radius included
+        radius = 1.0 / spec.shape[1] if spec.role == "head" else 1.0
+        return radius * float(d.double().abs().sum())
     return math.sqrt(d.numel()) * float(d.double().norm())
 
 
@@ -269,11 +270,12 @@ def test_option_I_k1_two_step_trace_by_hand():
     step(G2)
     B2 = {n: b1 * B1[n] + (1 - b1) * G2[n] for n in w0}
     # h2: D = diag(0, −4): ‖D‖_nuc = 4 → H = 0.1·16 = 1.6, α = 1/√(1 + 1.6) = 0.62017
-    # head: D = [[0, −2], [0, 0]]: ‖D‖₁ = 2 → H = 0.4, α = 0.5/√(0.25 + 0.4) = 0.62017
+    # head: D = [[0, −2], [0, 0]]: (1/d_in)·‖D‖₁ = 1 → H = 0.1, α = 0.5/√(0.25 + 0.1) = 0.84515
     # g2: D = [0, 0, −4]: √3·4 → H = 0.1·48 = 4.8, α = 2/√(4 + 4.8) = 0.67420
-    H2 = {"h1": 0.0, "h2": 1.6, "emb": 0.0, "head": 0.4, "g1": 0.0, "g2": 4.8}
+    H2 = {"h1": 0.0, "h2": 1.6, "emb": 0.0, "head": 0.1, "g1": 0.0, "g2": 4.8}
     a2 = {n: alpha[specs[n].geometry] / math.sqrt(alpha[specs[n].geometry] ** 2 + H2[n]) for n in w0}
     assert a2["h2"] == pytest.approx(0.620174, rel=1e-5) and a2["g2"] == pytest.approx(0.674200, rel=1e-5)
+    assert a2["head"] == pytest.approx(0.845154, rel=1e-5)
     # the quiet layer of each group has α = 1 (the max) → factor 1; the noisy one √(α/1)
     f2 = {"h1": 1.0, "h2": math.sqrt(a2["h2"]), "emb": 1.0, "head": math.sqrt(a2["head"]), "g1": 1.0, "g2": math.sqrt(a2["g2"])}
     assert f2["h2"] == pytest.approx(0.787511, rel=1e-5) and f2["g2"] == pytest.approx(0.821097, rel=1e-5)
@@ -710,8 +712,9 @@ def test_state_after_training_holds_only_documented_tensors():
     got, _, opt, params = run_both(2, option="I", k=1)
     for p in params.values():
         st = opt.state[p]
-        assert set(st) <= {"momentum_buffer", "H", "lr_factor", "prev_grad", "estimated"}
+        assert set(st) <= {"momentum_buffer", "H", "lr_factor", "prev_grad", "estimated", "n_estimates"}
         assert st["estimated"].dtype == torch.bool
+        assert st["n_estimates"].dtype == torch.float32 and st["n_estimates"].tolist() == [1.0]
         assert st["H"].dtype == torch.float32 and st["H"].shape == (1,)
 
 

@@ -57,11 +57,12 @@ def test_hidden_dual_norm_uses_the_requested_estimator(estimator):
     assert float(lmo.dual_norm(hidden(shape=(12, 20)), g, estimator)) == pytest.approx(math.sqrt(12 / 20) * nuc(g), rel=1e-4)
 
 
-@pytest.mark.parametrize("role", ["embed", "head"])
-def test_embed_head_dual_norm_is_l1(role):
+@pytest.mark.parametrize("role, sign_scale, scale", [("embed", "scion", 1.0), ("head", "unit", 1.0), ("head", "scion", 1 / 4)])
+def test_embed_head_dual_norm_is_l1_times_the_sign_lmo_radius(role, sign_scale, scale):
     g = rand(9, 4, seed=3)
     spec = ParamSpec("e", Geometry.EMBED_HEAD, (9, 4), role=role)
-    assert float(lmo.dual_norm(spec, g)) == pytest.approx(float(g.double().abs().sum()), rel=1e-6)
+    got = float(lmo.dual_norm(spec, g, lmo=LMOConfig(sign_scale=sign_scale)))
+    assert got == pytest.approx(scale * float(g.double().abs().sum()), rel=1e-6)
 
 
 @pytest.mark.parametrize("shape", [(7,), (3, 4, 2)])
@@ -156,7 +157,7 @@ def test_head_sign_lmo_has_radius_one_over_d_in():
     o = lmo.direction(spec, g, CFG)
     assert torch.equal(o, -torch.sign(g) / 4)
     assert float(o.abs().max()) == pytest.approx(1 / 4)
-    assert inner(g, o) == pytest.approx(-float(lmo.dual_norm(spec, g)) / 4, rel=1e-6)
+    assert inner(g, o) == pytest.approx(-float(lmo.dual_norm(spec, g, lmo=CFG)), rel=1e-6)
 
 
 def test_head_sign_lmo_with_unit_scale_has_radius_one():

@@ -94,6 +94,39 @@ def reference(situation: str, world: int, name: str = "lanton", frozen_side: boo
     return _params(model)
 
 
+# Option II: the side term in one half-batch only (``first`` / ``second``), or in the second
+# weighted 0 (``first_zero``: the same gradients with the missing half present as exact zeros).
+HALF_CASES = ("first", "second", "first_zero")
+
+
+def _option_two_cfg() -> OptimConfig:
+    return OptimConfig(name="lanton", estimate_every=1, option="II", nuclear_estimator="exact", weight_decay=0.1)
+
+
+def _option_two_step(model, opt, a: torch.Tensor, b: torch.Tensor, case: str) -> None:
+    """One Option II step from half-batches ``a`` and ``b`` (each loss weighted 1/2), the side
+    term in the half ``case`` names."""
+    assert opt.needs_two_half_batches()
+    (0.5 * model(a, a if case.startswith("first") else None)).backward()
+    opt.stash_half_gradient()
+    side = (b, 0.0) if case == "first_zero" else ((b, 1.0) if case == "second" else (None, 1.0))
+    (0.5 * model(b, *side)).backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+@functools.cache
+def reference_option_two(case: str, world: int) -> dict[str, torch.Tensor]:
+    """The reference on the global half-batches (every rank's first / second half of its rows)."""
+    model = SideBranch()
+    opt = build_optimizer(model, _option_two_cfg())
+    for x in batches(STEPS):
+        parts = [rows(x, r, world) for r in range(world)]
+        h = parts[0].shape[0] // 2
+        _option_two_step(model, opt, torch.cat([p[:h] for p in parts]), torch.cat([p[h:] for p in parts]), case)
+    return _params(model)
+
+
 def _train(rank, world, situation, forward, backward, step, participate=False):
     for t, x in enumerate(batches(STEPS)):
         mine = rows(x, rank, world)
@@ -106,6 +139,14 @@ def _engine_job(rank, world, tmp):
     from lanton_dist.engine import build_sharded_optimizer
 
     out = {"checkpoint": _engine_checkpoint_roundtrip(tmp)}
+    for case in ("first", "second"):
+        model = SideBranch()
+        opt = build_sharded_optimizer(model, _option_two_cfg(), overlap=False)
+        for x in batches(STEPS):
+            mine = rows(x, rank, world)
+            h = mine.shape[0] // 2
+            _option_two_step(model, opt, mine[:h], mine[h:], case)
+        out[("engine", f"option2-{case}")] = _params(model)
     for situation in SITUATIONS:
         for name in ("lanton", "dmuon", "adamw") if situation == "some_steps" else ("lanton",):
             model = SideBranch()
@@ -366,6 +407,28 @@ def test_backend_equals_the_reference_when_a_parameter_misses_gradients(backend,
         for r, res in enumerate(results):
             assert torch.equal(res[key]["side.weight"], start.side.weight) and torch.equal(res[key]["gain"], start.gain), \
                 f"{backend} rank {r}: a parameter without gradients changed"
+
+
+@pytest.mark.parametrize("case", ["first", "second"])
+def test_option_two_reference_counts_a_gradient_missing_in_one_half_batch_as_zeros(case):
+    """The side branch has a gradient in one half-batch only: it is stepped (not dropped, no
+    error), exactly as when the other half's gradient is present and zero."""
+    got = reference_option_two(case, 3)
+    start = SideBranch()
+    assert not torch.equal(got["side.weight"], start.side.weight) and not torch.equal(got["gain"], start.gain)
+    if case == "first":
+        zero = reference_option_two("first_zero", 3)
+        assert max_rel_err(got, zero) <= 1e-6
+    mirrored = reference_option_two("second" if case == "first" else "first", 3)
+    assert not torch.equal(got["side.weight"], mirrored["side.weight"])  # the halves are told apart
+
+
+@pytest.mark.parametrize("case", ["first", "second"])
+def test_option_two_engine_equals_the_reference_when_a_gradient_is_in_one_half_batch_only(case):
+    ref = reference_option_two(case, 3)
+    for r, res in enumerate(_results("engine")):
+        err = max_rel_err(res[("engine", f"option2-{case}")], ref)
+        assert err <= TOL, f"rank {r} {case}: rel err {err:.2e}"
 
 
 def test_deepspeed_initialize_passes_deepspeeds_own_arguments_through():

@@ -208,7 +208,7 @@ def test_metrics_plot_and_summary_are_written_and_parse(tmp_path):
     steps = [r for r in recs if "loss" in r]
     assert [r["step"] for r in steps] == list(range(1, 7))
     for r in steps:
-        assert set(r["lr"]) == {"hidden", "embed_head", "vector"}
+        assert set(r["lr"]) == {"hidden", "embed_head", "head", "vector"}  # the demo config gives the LM head its own rate
         assert r["tokens"] == r["step"] * 4 * 32 and r["step_time"] > 0 and r["skipped_steps"] == 0
         factor = warmup_cosine(r["step"] - 1, 2, 6, cfg.schedule.min_ratio)
         assert r["lr"]["hidden"] == pytest.approx(cfg.optim.lr.hidden * factor)

@@ -43,6 +43,8 @@ def core_state_dict(core: ShardedCore, pieces: list[LocalPiece]) -> dict[str, An
         "meta/H": sd["H"],
         "meta/F": sd["F"],
         "meta/E": sd["E"],
+        "meta/N": sd["N"],
+        "meta/A": sd["A"],
         "meta/steps": sd["steps"],
     }
     for (name, start, stop), st in sd["pieces"].items():
@@ -68,8 +70,9 @@ def load_core_state(core: ShardedCore, pieces: list[LocalPiece], path: str, extr
         "meta/t": torch.tensor(0), "meta/skipped": torch.tensor(0),
         "meta/H": torch.empty_like(core.H), "meta/F": torch.empty_like(core.F),
     }
-    if "meta/E" in meta:
-        request["meta/E"] = torch.empty_like(core.E)
+    for key, like in (("meta/E", core.E), ("meta/N", core.N), ("meta/A", core.A)):
+        if key in meta:  # absent from older checkpoints: core.load_state_dict's fallbacks
+            request[key] = torch.empty_like(like)
     if "meta/steps" in meta:
         request["meta/steps"] = torch.empty(len(core.specs), dtype=torch.long)
     wanted: dict[tuple[str, int, int], dict[str, str]] = defaultdict(dict)  # chunk -> state key -> request key
@@ -87,7 +90,8 @@ def load_core_state(core: ShardedCore, pieces: list[LocalPiece], path: str, extr
     dcp.load(request, checkpoint_id=path)
     stored = {chunk: {key: request[k] for key, k in keys.items()} for chunk, keys in wanted.items()}
     core.load_state_dict({"t": request["meta/t"], "skipped": request["meta/skipped"], "H": request["meta/H"],
-                          "F": request["meta/F"], "E": request.get("meta/E"), "steps": request.get("meta/steps"),
+                          "F": request["meta/F"], "E": request.get("meta/E"), "N": request.get("meta/N"),
+                          "A": request.get("meta/A"), "steps": request.get("meta/steps"),
                           "pieces": {**stored, **empty}}, pieces)
 
 

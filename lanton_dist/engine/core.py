@@ -40,9 +40,10 @@ Reductions, all over the scalar group (every rank holding pieces):
   pre-clip norm stays in ``grad_norm`` for the log line.
 * ``norm`` — Σ B² of vector-group pieces (their RMS LMO needs ‖B‖₂), every step.
 * ``variance`` — on estimation steps, a ``(2L,)`` vector over all L logical layers of the
-  model: each layer's dual-norm contribution (owner's √(d_out/d_in)·‖D‖_* for hidden
-  blocks, partial Σ|D| or Σ D² for pieces) and a presence count, posted after the LMO (the
-  owners form Option I's hidden D in the owner step). After the SUM every rank
+  model: each layer's dual-norm contribution (owner's s·‖D‖_nuclear for hidden blocks,
+  partial c·Σ|D| or Σ D² for pieces; s and c the LMO's own scales,
+  :func:`lanton_dist.lmo.pair_scale`) and a presence count, posted after the LMO (the owners
+  form Option I's hidden D in the owner step). After the SUM every rank
   updates the replicated trackers H, the "estimated" mask E (H updated at least once) and
   the rate factors, so the group-wide max α costs no extra collective. The anchor runs over
   estimated layers only; the others run at factor 1. Option I compares with G_{t−1} only: a
@@ -296,6 +297,8 @@ class ShardedCore:
         self.H = torch.zeros(self.n_layers, dtype=self.acc_dtype)
         self.F = torch.ones(self.n_layers, dtype=self.acc_dtype)
         self.E = torch.zeros(self.n_layers, dtype=torch.bool)  # layers with a noise estimate
+        self.N = torch.zeros(self.n_layers, dtype=self.acc_dtype)  # estimates of each layer (bias correction)
+        self.A = torch.full((noise.N_GROUPS,), float("nan"), dtype=self.acc_dtype)  # auto α per geometry group
         self.t = 0
         self.param_steps = {s.name: 0 for s in specs}  # steps each parameter was stepped (AdamW)
         self.skipped_steps = 0
@@ -469,12 +472,13 @@ class ShardedCore:
 
             {"t": int, "skipped": int,                       # steps taken / skipped
              "H", "F": (L,) acc dtype, "E": (L,) bool,       # trackers, rate factors, estimated
+             "N": (L,) acc dtype, "A": (3,) acc dtype,       # estimate counts, auto α (NaN: unset)
              "steps": (n_params,) int64,                     # stepped_counts()
              "pieces": {(name, start, stop): {key: 1-D tensor}}}  # chunks with state
 
         A chunk is a :meth:`state_slots` entry: an owned matrix whole, ``(name, 0, numel)``
         (row-major; non-owners have no chunk of it), or an elementwise piece.
-        ``H``/``F``/``E``/``steps`` are copies, replicated on every rank; the chunk tensors are
+        ``H``/``F``/``E``/``N``/``A``/``steps`` are copies, replicated on every rank; the chunk tensors are
         the live state (clone them to keep them past the next step)."""
         self.finish_variance()
         chunks = {}
@@ -483,7 +487,8 @@ class ShardedCore:
             if st:
                 chunks[(slot.name, slot.start, slot.stop)] = dict(st)
         return {"t": self.t, "skipped": self.skipped_steps, "H": self.H.clone(), "F": self.F.clone(),
-                "E": self.E.clone(), "steps": self.stepped_counts(), "pieces": chunks}
+                "E": self.E.clone(), "N": self.N.clone(), "A": self.A.clone(), "steps": self.stepped_counts(),
+                "pieces": chunks}
 
     def load_state_dict(self, sd: dict[str, Any], pieces: list[LocalPiece]) -> None:
         """Inverse of :meth:`state_dict`, resharding: ``sd["pieces"]`` may be chunks of another
@@ -493,7 +498,8 @@ class ShardedCore:
         state key, the elements of the chunks of its parameter that overlap it — all of them,
         or ``ValueError``; an empty piece gets an empty tensor under every key stored for its
         parameter. Non-owners keep no state of a hidden matrix. ``E`` absent or ``None``
-        (older checkpoints): ``H > 0``; ``steps`` absent or ``None``: every parameter stepped
+        (older checkpoints): ``H > 0``; ``N`` absent: ⌊t/k⌋ for estimated layers (an upper
+        bound); ``A`` absent: unset (the next estimation step sets it); ``steps`` absent or ``None``: every parameter stepped
         ``t`` times. Work still pending from the replaced step is dropped."""
         if sd["H"].numel() != self.n_layers:
             raise ValueError(f"checkpoint has {sd['H'].numel()} layers, this model has {self.n_layers}")
@@ -503,6 +509,9 @@ class ShardedCore:
         self.F.copy_(sd["F"])
         E = sd.get("E")
         self.E = self.H > 0 if E is None else E.to(device=self.H.device, dtype=torch.bool, copy=True)
+        N, A = sd.get("N"), sd.get("A")
+        self.N = self.E.to(self.N.dtype) * float(self.t // self.k) if N is None else N.to(self.N, copy=True)
+        self.A = torch.full_like(self.A, float("nan")) if A is None else A.to(self.A, copy=True)
         self._load_stepped_counts(sd.get("steps"))
         chunks: dict[str, list[tuple[int, int, dict[str, torch.Tensor]]]] = defaultdict(list)
         for (name, start, stop), st in sd["pieces"].items():
@@ -547,11 +556,18 @@ class ShardedCore:
         vals, present = vec[:L], vec[L:] > 0
         numel = self._vector_numel
         sq = torch.where(numel > 0, vals * numel, vals * vals)  # vectors: RMS² · n; others: the norm²
-        beta2 = self._lists.get("beta2", [self.param_groups[g]["beta2"] for g in self.layer_group], self.H.dtype, self.H.device)
-        alpha = self._lists.get("alpha", [self.param_groups[g]["alpha"] for g in self.layer_group], self.H.dtype, self.H.device)
+        groups = [self.param_groups[g] for g in self.layer_group]
+        beta2 = self._lists.get("beta2", [g["beta2"] for g in groups], self.H.dtype, self.H.device)
+        alpha = self._lists.get("alpha", [g["alpha"] for g in groups], self.H.dtype, self.H.device)
+        auto = [g["alpha_mode"] == "auto" for g in groups]
+        bias = [bool(g["bias_correction"]) for g in groups]
         self.H = torch.where(present, self.H * beta2 + sq * (1 - beta2), self.H)
+        self.N = self.N + present.to(self.N.dtype)
         self.E = self.E | present
-        self.F = noise.lr_factors(noise.noise_alpha(self.H, alpha), self.layer_gid, self.anchor, self.E)
+        self.F, self.A = noise.rate_factors(
+            self.H, self.N, self.E, self.layer_gid, alpha, beta2, self.A, anchor=self.anchor,
+            auto=self._lists.get("auto", auto, torch.bool, self.H.device) if any(auto) else None,
+            bias=self._lists.get("bias", bias, torch.bool, self.H.device) if any(bias) else None)
 
     # ------------------------------------------------------------------ algorithms
     def _lanton(self, live: list[LocalPiece]) -> None:
@@ -672,12 +688,13 @@ class ShardedCore:
 
     @announces("dual_norms")
     def _dual_norms(self, names: list[str], mats: list[torch.Tensor]) -> list[list[torch.Tensor]]:
-        """Owner side of the variance: per parameter, √(d_out/d_in)·‖D_b‖_* of each of its blocks."""
+        """Owner side of the variance: per parameter, the dual norm s·‖D_b‖_nuclear of each of its
+        blocks (s the LMO's scale, :func:`lanton_dist.lmo.pair_scale`)."""
         if not names:
             return []
         with torch.no_grad():
             estimator = resolve_estimator(self.estimator_name, mats[0].device)
-            flat = iter(lmo_mod.hidden_dual_norms([self.specs[n] for n in names], mats, estimator))
+            flat = iter(lmo_mod.hidden_dual_norms([self.specs[n] for n in names], mats, estimator, lmo=self.lmo))
             return [[next(flat) for _ in self.specs[n].blocks] for n in names]
 
     def _fill_hidden_norms(self, vec: torch.Tensor, norms: dict[str, list[torch.Tensor]]) -> None:
@@ -779,7 +796,8 @@ class ShardedCore:
             if d is None or p.spec.geometry is Geometry.HIDDEN:
                 continue
             s = self.layer_start[p.name]
-            vec[s] += (lmo_mod.l1_partial(d) if p.spec.geometry is Geometry.EMBED_HEAD else lmo_mod.sq_partial(d)) * p.weight
+            part = lmo_mod.sign_dual_partial(p.spec, d, self.lmo) if p.spec.geometry is Geometry.EMBED_HEAD else lmo_mod.sq_partial(d)
+            vec[s] += part * p.weight
             vec[L + s] += p.weight
         if self.defer_variance or (side is not None and side.defers):
             self._deferred = (pending, vec)
@@ -796,6 +814,7 @@ class ShardedCore:
     def _to(self, device: torch.device) -> None:
         if self.H.device != device:
             self.H, self.F, self.E = self.H.to(device), self.F.to(device), self.E.to(device)
+            self.N, self.A = self.N.to(device), self.A.to(device)
             self.layer_gid, self._vector_numel = self.layer_gid.to(device), self._vector_numel.to(device)
 
     def layer_diagnostics(self) -> list[dict[str, Any]]:
@@ -806,7 +825,10 @@ class ShardedCore:
             for b, blk in enumerate(s.blocks):
                 i = self.layer_start[name] + b
                 h = float(self.H[i])
+                used = h / (1 - g["beta2"] ** float(self.N[i])) if g.get("bias_correction") and self.N[i] > 0 else h
+                a = float(self.A[noise.GEOMETRY_INDEX[s.geometry]]) if g.get("alpha_mode") == "auto" else math.nan
+                a = g.get("alpha", 1.0) if a != a else a
                 rows.append(dict(name=blk.name, geometry=s.geometry.value, H=h,
-                                 alpha=g["alpha"] / math.sqrt(g["alpha"] ** 2 + h) if "alpha" in g else 1.0,
+                                 alpha=a / math.sqrt(a ** 2 + used) if "alpha" in g else 1.0,
                                  lr_factor=float(self.F[i]), lr=g["lr"] * float(self.F[i])))
         return rows

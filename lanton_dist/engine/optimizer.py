@@ -34,10 +34,11 @@ from lanton_dist.engine.ranges import BlockLayout, Ranges, check_ranges
 from lanton_dist.groups import ParamSpec
 from lanton_dist.lanton import check_param_groups
 from lanton_dist.lmo import LMOConfig
-from lanton_dist.names import ALGORITHMS
+from lanton_dist.names import ALGORITHMS, ALPHA_MODES
 
 #: Per-group hyper-parameter defaults of every sharded optimizer (the keys it accepts).
 DEFAULTS: dict[str, Any] = dict(lr=0.02, weight_decay=0.0, beta1=0.9, beta2=0.9, alpha=1.0, nesterov=False,
+                                alpha_mode="fixed", bias_correction=False,
                                 momentum=0.95, adam_betas=(0.9, 0.95), adam_eps=1e-8)
 
 
@@ -82,6 +83,8 @@ class ShardedOptimizer(Optimizer):
         for g in self.param_groups:
             if not g["alpha"] > 0:
                 raise ValueError(f"alpha must be > 0, got {g['alpha']}")
+            if g["alpha_mode"] not in ALPHA_MODES:
+                raise ValueError(f"alpha_mode must be one of {ALPHA_MODES}, got {g['alpha_mode']!r}")
         self._groups = list(self.param_groups)
         self.algorithm = algorithm
         self.meter = meter or CommMeter()

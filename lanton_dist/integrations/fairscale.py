@@ -144,7 +144,7 @@ class LANTONOSSShard(PieceOptimizer):
         # finish_variance inside waits for the already-posted all-reduce: no new collective
         sd = self._require_core().state_dict(self._local_pieces())
         meta = {"t": torch.tensor(sd["t"]), "skipped": torch.tensor(sd["skipped"]), "H": sd["H"], "F": sd["F"],
-                "E": sd["E"], "steps": sd["steps"]}
+                "E": sd["E"], "steps": sd["steps"], "N": sd["N"], "A": sd["A"]}
         by_name = {name: st for (name, _, _), st in sd["pieces"].items()}
         state, groups, i = {}, [], 0
         for g in self.param_groups:
@@ -189,13 +189,20 @@ class LANTONOSSShard(PieceOptimizer):
         self._first = False
         L = core.n_layers
         P = len(core.specs)
-        vec = torch.zeros(4 + 3 * L + P, dtype=core.acc_dtype)
-        if meta is not None:  # [loaded, t, skipped, H, F, E, has step counts, step counts]
+        G = core.A.numel()
+        x = 4 + 3 * L + P  # then: has N, N (L), auto α set (G), auto α (G; unset: 0, every set α is > 0)
+        vec = torch.zeros(x + 1 + L + 2 * G, dtype=core.acc_dtype)
+        if meta is not None:  # [loaded, t, skipped, H, F, E, has step counts, step counts, …]
             vec[0], vec[1], vec[2] = 1.0, float(meta["t"]), float(meta["skipped"])
             vec[3 : 3 + L], vec[3 + L : 3 + 2 * L] = meta["H"], meta["F"]
             vec[3 + 2 * L : 3 + 3 * L] = meta["E"] if "E" in meta else meta["H"] > 0  # older checkpoints: H > 0
             if "steps" in meta:
-                vec[3 + 3 * L], vec[4 + 3 * L :] = 1.0, meta["steps"]
+                vec[3 + 3 * L], vec[4 + 3 * L : x] = 1.0, meta["steps"]
+            if "N" in meta:  # older checkpoints: the core's fallbacks
+                vec[x], vec[x + 1 : x + 1 + L] = 1.0, meta["N"]
+                A = meta["A"].to(vec.dtype)
+                vec[x + 1 + L : x + 1 + L + G] = ~torch.isnan(A)
+                vec[x + 1 + L + G :] = torch.nan_to_num(A, nan=0.0)
         self.coll.all_reduce(vec, "finite", op=dist.ReduceOp.MAX).wait()
         if states and meta is None:
             raise ValueError(f"OSS loaded state without {_META!r}: not a LANTONOSSShard state dict")
@@ -204,7 +211,10 @@ class LANTONOSSShard(PieceOptimizer):
             core.load_state_dict(
                 {"t": round(float(vec[1])), "skipped": round(float(vec[2])), "H": vec[3 : 3 + L],
                  "F": vec[3 + L : 3 + 2 * L], "E": vec[3 + 2 * L : 3 + 3 * L] > 0.5,
-                 "steps": vec[4 + 3 * L :].round().long() if vec[3 + 3 * L] > 0.5 else None,
+                 "steps": vec[4 + 3 * L : x].round().long() if vec[3 + 3 * L] > 0.5 else None,
+                 "N": vec[x + 1 : x + 1 + L] if vec[x] > 0.5 else None,
+                 "A": torch.where(vec[x + 1 + L : x + 1 + L + G] > 0.5, vec[x + 1 + L + G :],
+                                  torch.full((G,), float("nan"), dtype=vec.dtype)) if vec[x] > 0.5 else None,
                  "pieces": {(pc.name, pc.start, pc.stop): states[pc.name] for pc in pieces if pc.name in states}},
                 pieces)
 
