@@ -93,6 +93,24 @@ def test_option_two_adds_one_gradient_reduce_scatter_on_estimation_steps_only():
             assert "grad_reduce_half" not in phases
 
 
+def _kept_differences_worker(rank, world):
+    cfg = OptimConfig(name="lanton", estimate_every=2, option="II", nuclear_estimator="exact")
+    model = make_model()
+    opt = build_sharded_optimizer(model, cfg)
+    kept = []
+    for step, x in enumerate(batches(4), start=1):
+        backward_step(model, opt, rows(x, rank, world))
+        kept.append(sum(pc.diff2 is not None for pc in opt.pieces))
+    return kept
+
+
+def test_option_two_keeps_no_half_batch_difference_after_its_estimation_step():
+    """D = ∇_A − ∇_B is consumed by the step that estimates: no piece holds it through the next
+    forward and backward (the planner counts no such buffer)."""
+    for kept in run(_kept_differences_worker, 2):
+        assert kept == [0, 0, 0, 0]
+
+
 def test_ownership_balances_newton_schulz_flops_deterministically():
     specs = list(classify_parameters(make_model()).values())
     a, b = plan_ownership(specs, 3), plan_ownership(list(reversed(specs)), 3)

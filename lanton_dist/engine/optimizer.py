@@ -177,6 +177,14 @@ class ShardedOptimizer(Optimizer):
             pc.grad = g + h
 
     @staticmethod
+    def _release_differences(pieces: Sequence[LocalPiece]) -> None:
+        """Drop Option II's ``diff2`` once the core step has consumed it (a deferred variance keeps
+        its own references): otherwise a copy of every piece would live through the next forward
+        and backward, memory the planner does not count."""
+        for pc in pieces:
+            pc.diff2 = None
+
+    @staticmethod
     def _signature(specs: Iterable[ParamSpec]) -> list[tuple[Any, ...]]:
         """What every rank must agree on about the model: names, shapes, geometries, blocks."""
         return [(s.name, s.shape, s.geometry.value, tuple(b.rows for b in s.blocks)) for s in specs]
@@ -292,7 +300,9 @@ class PieceOptimizer(ShardedOptimizer):
             half, self._half = self._half, None
             self._combine_halves(pieces, None if half is None else [half.get(pc.name) for pc in pieces])
             self.combined_sq = None if half is None else pieces_sq_sum(pieces)
-            return self._require_core().step(pieces, present)
+            stepped = self._require_core().step(pieces, present)
+            self._release_differences(pieces)
+            return stepped
 
     # ------------------------------------------------------------------ per-rank state (one file per rank)
     def local_state_dict(self) -> dict[str, Any]:

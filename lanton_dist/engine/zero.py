@@ -238,7 +238,9 @@ class ShardedLANTON(ShardedOptimizer):
             for pc, (b, place) in zip(self.pieces, self._placements):
                 pc.grad = self.storage.own_grad(b, place)
             self._combine_halves(self.pieces, halves)
-            if self.core.step(self.pieces, present):
+            stepped = self.core.step(self.pieces, present)
+            self._release_differences(self.pieces)
+            if stepped:
                 self._all_gather_params("param_gather")
             self.storage.done()
         return loss
