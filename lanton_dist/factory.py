@@ -37,10 +37,14 @@ def param_groups(
     fused: dict[str, tuple[Block, ...]] | None = None,
     specs: dict[str, ParamSpec] | None = None,
     orientation: dict[str, str] | None = None,
+    every_geometry: bool = False,
 ) -> list[dict[str, Any]]:
     """One torch param group per non-empty geometry: ``params``, ``specs``, ``names``, ``lr``,
     ``alpha``, ``geometry`` (its label). With ``cfg.lr.head`` set, the LM head (role ``head``)
     gets its own group, labelled ``head``, at that rate (its geometry stays embed_head).
+    ``every_geometry``: also an empty group for each label with no local parameter — a pipeline
+    stage that holds no embedding or head still carries those groups' hyper-parameters for the
+    layers other stages hold (the group-wide rate anchor runs over the whole model).
 
     ``specs`` (name → ParamSpec) replaces classification, for integrations whose local
     parameters are shards of the logical ones. ``orientation`` declares storage orientations
@@ -57,7 +61,7 @@ def param_groups(
         head = [n for n in names if specs[n].role == "head"] if split else []
         for label, members, lr in ((geometry.value, [n for n in names if n not in head], cfg.lr.get(geometry.value)),
                                    ("head", head, head_lr)):
-            if members:
+            if members or (every_geometry and (label != "head" or split)):
                 groups.append(dict(params=[params[n] for n in members], specs=[specs[n] for n in members],
                                    names=members, geometry=label, lr=lr, alpha=cfg.alpha.get(geometry.value)))
     return groups

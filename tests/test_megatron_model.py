@@ -387,6 +387,41 @@ def test_megatron_run_smoke_stop_and_resume(tmp_path, tp):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("head_rate", [None, "0.02"])
+def test_a_four_stage_pipeline_trains_though_its_middle_stages_hold_no_embedding_or_head(tmp_path, head_rate):
+    """PP = 4: stages 1 and 2 hold only hidden matrices and norms, yet the group-wide rate anchor
+    runs over the embedding and head other stages hold; their groups' hyper-parameters reach
+    every stage (also the LM head's own rate, ``optim.lr.head``)."""
+    out = tmp_path / "pp4"
+    extra = ("--optim.lr.head", head_rate) if head_rate else ()
+    train_megatron(_write_config(tmp_path / "pp4.yaml", out), "--parallel.pp", "4", "--model.n_layers", "4",
+                   "--train.steps", "4", *extra, nproc=4)
+    rows = _metrics(out)
+    losses = [rows[s]["loss"] for s in sorted(rows) if s > 0]
+    assert len(losses) == 4 and all(x == x and abs(x) < 1e9 for x in losses) and losses[-1] < losses[0], losses
+    assert (out / "COMPLETED").exists()
+
+
+def test_every_geometry_groups_carry_the_hyper_parameters_of_layers_other_stages_hold():
+    """``param_groups(..., every_geometry=True)`` on a stage with hidden matrices only: empty
+    embed_head (and, with ``lr.head``, head) groups at the config's rates."""
+    from torch import nn
+
+    from lanton_dist.factory import param_groups
+    from lanton_dist.groups import ParamSpec
+
+    stage = nn.Linear(8, 8, bias=False)
+    specs = {"weight": ParamSpec("layers.1.mlp.weight", Geometry.HIDDEN, (8, 8))}
+    cfg = tiny_cfg(optim__lr__head=0.02).optim
+    plain = param_groups(stage, cfg, specs=specs)
+    every = param_groups(stage, cfg, specs=specs, every_geometry=True)
+    assert [g["geometry"] for g in plain] == ["hidden"]
+    assert [g["geometry"] for g in every] == ["hidden", "embed_head", "head", "vector"]
+    by = {g["geometry"]: g for g in every}
+    assert by["head"]["lr"] == 0.02 and by["embed_head"]["lr"] == cfg.lr.embed_head and not by["head"]["params"]
+
+
+@pytest.mark.slow
 def test_megatron_run_reads_an_indexed_dataset(tmp_path):
     import numpy as np
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder

@@ -287,7 +287,14 @@ class ShardedLANTON(ShardedOptimizer):
                              "issues collectives torch.compile cannot trace")
 
     def _group_by_geometry(self, spec: ParamSpec) -> int:
-        """Param group of a layer held by another pipeline stage: the local group of its geometry."""
+        """Param group of a layer held by another pipeline stage: the local group labelled as its
+        geometry (``head`` for the LM head where such a group exists; groups may be empty, see
+        :func:`~lanton_dist.factory.param_groups`'s ``every_geometry``), else the first local group
+        holding a layer of its geometry."""
+        labels = [g.get("geometry") for g in self.param_groups]
+        for label in (("head",) if spec.role == "head" else ()) + (spec.geometry.value,):
+            if label in labels:
+                return labels.index(label)
         for gi, g in enumerate(self.param_groups):
             if any(s.geometry is spec.geometry for s in g["specs"]):
                 return gi

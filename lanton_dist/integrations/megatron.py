@@ -159,7 +159,7 @@ def build_megatron_optimizer(model: nn.Module, cfg: RunConfig, *, meter: CommMet
             info.spec, offset=(tp_rank * local.numel if info.is_sharded else 0),
             weight=0.0 if (replicated and tp_rank != 0) else 1.0,
         )
-    groups = param_groups(model, cfg.optim, specs=local_specs)
+    groups = param_groups(model, cfg.optim, specs=local_specs, every_geometry=True)
     tp_coll = Collectives(meter, ps.get_tensor_model_parallel_group(), "tp")
     first = next(p for g in groups for p in g["params"])
     exchange = TensorParallelExchange({i.global_name: i for i in infos.values()}, tp_coll, device=first.device,
