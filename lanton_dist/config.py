@@ -32,6 +32,10 @@ T = TypeVar("T")
 OPTIMIZERS: tuple[str, ...] = ALGORITHMS  # optim.name
 
 
+#: Command-line spellings of YAML's null for an optional key (``--optim.lr.head null``).
+NULLS: tuple[str, ...] = ("null", "Null", "NULL", "~", "none", "None")
+
+
 class ConfigError(ValueError):
     """A run config the training entry refuses before building anything; the message names the key."""
 
@@ -151,8 +155,8 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
+        if value is None or (isinstance(value, str) and value.strip() in NULLS):
+            return None  # an optional key is unset by YAML's null, also on the command line
         return _convert(args[0], value, where)
     if origin in (list, tuple):
         if isinstance(value, str):

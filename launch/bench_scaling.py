@@ -156,12 +156,18 @@ def make_widths(args: argparse.Namespace, extra: list[str]) -> list[Width]:
     return widths
 
 
+#: The study's protocol beyond the base config: the LM head in the embed_head group at its rate
+#: (scaled with the others by the multiplier), as its results were measured — not the demo
+#: config's LANTON-tuned ``lr.head``, which would also be an AdamW rate for D-Muon and AdamW.
+PROTOCOL: tuple[str, ...] = ("--optim.lr.head", "null")
+
+
 def make_spec(extra: list[str], name: str, mult: float, seed: int, w: Width, variant: str = "") -> RunSpec:
     """The run of ``name`` at ``mult`` × its base rates on ``seed`` at width ``w`` (a LANTON
     ``variant`` adds its overrides); ``extra``: the user's config overrides."""
     tag = f"{name}-{variant}" if variant else name
     return RunSpec(name, mult, seed, w.steps, w.eval_every, f"{w.name}_{tag}_x{mult:g}_s{seed}", BASE_LRS[name],
-                   (*w.overrides(), *extra, *VARIANTS.get(variant, ())))
+                   (*w.overrides(), *PROTOCOL, *extra, *VARIANTS.get(variant, ())))
 
 
 def own_variants(variants: list[str], w: Width, extra: list[str]) -> dict[str, bool]:

@@ -110,3 +110,13 @@ def test_a_checkpoint_config_written_before_a_key_existed_resumes_with_that_keys
     current["optim"]["clip_grad_norm"] = 1.0  # ...but it ran without clipping: turning it on is a change
     with pytest.raises(ConfigError, match="optim: checkpoint"):
         check_resume(saved, current, "old")
+
+
+def test_an_optional_key_is_unset_by_null_on_the_command_line():
+    """``--optim.lr.head null`` (or ``none``, ``~``) unsets a key the YAML sets, as YAML's null would."""
+    from lanton_dist.config import load_run_config
+
+    assert load_run_config(ROOT / "configs" / "llama-tiny-cpu.yaml").optim.lr.head == 1.0
+    for spelling in ("null", "none", "~"):
+        assert load_run_config(ROOT / "configs" / "llama-tiny-cpu.yaml", ["--optim.lr.head", spelling]).optim.lr.head is None
+    assert load_run_config(None, ["--optim.lr.head", "0.5"]).optim.lr.head == 0.5

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch.optim import Optimizer
 
 from lanton_dist import clipping
-from lanton_dist.engine.agree import check_same, params_device
+from lanton_dist.engine import agree
 from lanton_dist.engine.checkpoint import core_state_dict, load_core_state
 from lanton_dist.engine.core import LocalPiece, ShardedCore
 from lanton_dist.engine.exchange import AllToAllExchange
@@ -193,8 +193,8 @@ class ShardedOptimizer(Optimizer):
         """Raise on every rank if any rank of ``self.coll``'s group has another ``signature``:
         one all-reduce of its digest (:func:`~lanton_dist.engine.agree.check_same`, O(1) bytes
         per rank); the error names the first rank and entry that differ. ``what`` names it."""
-        device = params_device(p for g in self._groups for p in g["params"])
-        check_same(signature, self.coll.group, device, what)
+        device = agree.params_device(p for g in self._groups for p in g["params"])
+        agree.check_same(signature, self.coll.group, device, what)
 
     # ------------------------------------------------------------------ sharded checkpoints (DCP)
     def dcp_state_dict(self) -> dict[str, Any]:

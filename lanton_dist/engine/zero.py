@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 
 from lanton_dist import lmo as lmo_mod
-from lanton_dist.engine.agree import distinct_union
+from lanton_dist.engine import agree
 from lanton_dist.engine.buckets import BucketStorage
 from lanton_dist.engine.core import LocalExchange, LocalPiece, MatrixExchange, ShardedCore
 from lanton_dist.engine.layout import Layout, Piece, build_layout
@@ -306,7 +306,7 @@ class ShardedLANTON(ShardedOptimizer):
         """Every logical parameter of the whole job (all pipeline stages), sorted by name: the
         distinct stage lists (:func:`~lanton_dist.engine.agree.distinct_union`, each received
         once — not every rank's list), merged by name."""
-        lists = distinct_union(local, coll.group, device) if coll.world > 1 else [local]
+        lists = agree.distinct_union(local, coll.group, device) if coll.world > 1 else [local]
         by_name: dict[str, ParamSpec] = {}
         for specs in lists:
             for s in specs:

@@ -113,30 +113,55 @@ def digest(obj: Any) -> str:
 
 @contextmanager
 def gathered_objects(peers: Callable[[], Callable[[Any, int], Any] | None] = lambda: None) -> Iterator[list[str]]:
-    """Record the digest of every object this rank passes to ``dist.all_gather_object`` (of
-    the whole gathered list where ``peers`` supplies it).
+    """Record the digest of every object this rank contributes to a construction-time agreement:
+    ``dist.all_gather_object``, the engine's same-model check (:func:`lanton_dist.engine.agree.check_same`)
+    and its job-wide union of pipeline stages' parameter lists (:func:`~lanton_dist.engine.agree.distinct_union`)
+    — of the whole gathered list where ``peers`` supplies it.
 
     ``peers()``: None, or ``contribution(obj, q)``: the object rank ``q`` passes in the call
     where this rank passes ``obj``, or None for a call it does not know. For a known call the
-    gathered list is every rank's contribution instead of the fake backend's W copies of this
-    rank's."""
+    result is built from every rank's contribution instead of the fake backend's (which sees
+    only this rank's: W copies from ``all_gather_object``, this rank's list alone from the
+    union's all-reduce and broadcast rounds)."""
+    from lanton_dist.engine import agree
+
     seen: list[str] = []
-    real = dist.all_gather_object
+    real_gather, real_same, real_union = dist.all_gather_object, agree.check_same, agree.distinct_union
+
+    def everyone(obj: Any, group: Any) -> list[Any] | None:
+        contribution = peers()
+        if contribution is None or contribution(obj, dist.get_rank(group)) is None:
+            return None
+        return [contribution(obj, q) for q in range(dist.get_world_size(group))]
 
     def recording(object_list: list[Any], obj: Any, group: Any = None) -> None:
-        contribution = peers()
-        if contribution is not None and contribution(obj, dist.get_rank(group)) is not None:
-            object_list[:] = [contribution(obj, q) for q in range(dist.get_world_size(group))]
+        known = everyone(obj, group)
+        if known is not None:
+            object_list[:] = known
             seen.append(digest(object_list))   # per-rank objects: what every rank receives must agree
             return None
         seen.append(digest(obj))
-        return real(object_list, obj, group=group)
+        return real_gather(object_list, obj, group=group)
 
-    dist.all_gather_object = recording
+    def same(obj: Any, group: Any, device: Any, what: str) -> None:
+        seen.append(digest(obj))   # the digests of one group's ranks are compared across sampled ranks
+        return real_same(obj, group, device, what)
+
+    def union(local: Any, group: Any, device: Any) -> list[list[Any]]:
+        known = everyone(list(local), group)
+        if known is None:
+            seen.append(digest(list(local)))
+            return real_union(local, group, device)
+        distinct = {digest(x): list(x) for x in known}
+        out = [distinct[k] for k in sorted(distinct)]
+        seen.append(digest(out))
+        return out
+
+    dist.all_gather_object, agree.check_same, agree.distinct_union = recording, same, union
     try:
         yield seen
     finally:
-        dist.all_gather_object = real
+        dist.all_gather_object, agree.check_same, agree.distinct_union = real_gather, real_same, real_union
 
 
 class _Done:
